@@ -1,0 +1,58 @@
+"""`jaxepochs run --config experiments/NAME.py --workdir DIR [--config.a.b=value ...] [--quiet] [--overwrite]`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from jaxepochs import config as config_lib
+
+
+class UsageError(ValueError):
+    """A command line that cannot be run."""
+
+
+def _split_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    rest, overrides = [], {}
+    args = iter(argv)
+    for arg in args:
+        if arg.startswith("--config."):
+            key, sep, value = arg.removeprefix("--config.").partition("=")
+            if not sep:  # --config.a.b value
+                value = next(args, None)
+                if value is None:
+                    raise UsageError(f"{arg} needs a value: {arg}=VALUE.")
+            overrides[key] = value
+        else:
+            rest.append(arg)
+    return rest, overrides
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxepochs", description="Epoch-centric training with JAX.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="train one experiment", epilog="Override any field: --config.train.epochs=5")
+    run.add_argument("--config", required=True, help="experiment module, e.g. experiments/mnist1d_mlp.py")
+    run.add_argument("--workdir", required=True, help="directory for the run's outputs")
+    run.add_argument("--quiet", action="store_true", help="print nothing while training")
+    run.add_argument("--overwrite", action="store_true", help="replace a run already in the workdir")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        rest, overrides = _split_overrides(argv)
+        args = _parser().parse_args(rest)
+        config = config_lib.apply_overrides(config_lib.load_config_file(args.config), overrides)
+        from jaxepochs import train  # imports jax: after the cheap checks
+
+        train.train_and_evaluate(config, args.workdir, quiet=args.quiet, overwrite=args.overwrite)
+    except (ValueError, FloatingPointError) as e:  # our errors say what to fix; no traceback needed
+        print(f"jaxepochs: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""Experiment configs: the schema of known keys, loading `experiments/NAME.py`, and `--config.a.b=v` overrides.
+
+Every experiment's `get_config()` starts from `base_config()` and changes what it needs. `validate` checks a
+config against the schema, so a typo anywhere (a file, an override, the Python API) names the unknown key.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import pathlib
+from collections.abc import Iterable
+
+import ml_collections
+
+MODELS = ("mlp", "cnn")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be run; the message names the key and the fix."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every key jaxepochs knows, with its default."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "mnist1d"  # a built-in dataset (mnist1d, digits) or "tfds:<name>" for a prepared TFDS one
+    c.data.data_dir = ""  # empty: $TFDS_DATA_DIR, else ~/tensorflow_datasets
+    c.data.validation_fraction = 0.1  # held out of the training split, deterministically
+    c.data.split_seed = 0  # seeds the validation split; independent of `seed` so runs share one split
+    c.data.train_split = "train"  # TFDS split names, for tfds:<name> datasets
+    c.data.test_split = "test"
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "mlp"
+    c.model.hidden_sizes = (100, 100)  # mlp: empty is logistic regression
+    c.model.channels = (25, 25, 25)  # cnn
+    c.model.kernel_sizes = (5, 3, 3)  # cnn
+    c.model.strides = (2, 2, 2)  # cnn
+    c.model.padding = 1  # cnn: zeros on each side of every convolution
+    c.model.num_classes = 0  # 0: taken from the dataset
+
+    c.train = ml_collections.ConfigDict()
+    c.train.epochs = 150
+    c.train.batch_size = 100
+    c.train.eval_batch_size = 1000  # evaluation only; capped at the split size
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.name = "adam"
+    c.optimizer.learning_rate = 1e-2
+    c.optimizer.momentum = 0.9  # sgd only
+    c.optimizer.weight_decay = 1e-4  # adamw only
+    return c
+
+
+def _suggest(key: str, candidates: Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(candidates), n=1)
+    return f' Did you mean "{close[0]}"?' if close else ""
+
+
+def _check_keys(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict, prefix: str) -> None:
+    for key, value in config.items():
+        path = f"{prefix}{key}"
+        if key not in schema:
+            raise ConfigError(
+                f'Unknown config key "{path}".{_suggest(key, schema.keys())} '
+                f"Known keys here: {', '.join(sorted(schema.keys()))}."
+            )
+        if isinstance(schema[key], ml_collections.ConfigDict):
+            if not isinstance(value, ml_collections.ConfigDict):
+                raise ConfigError(f'Config key "{path}" is a section; set its fields, e.g. "{path}.<field>".')
+            _check_keys(value, schema[key], path + ".")
+
+
+def _fill_defaults(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict) -> None:
+    for key, default in schema.items():
+        if key not in config:
+            config[key] = default
+        elif isinstance(default, ml_collections.ConfigDict):
+            _fill_defaults(config[key], default)
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Returns a copy of `config` with defaults filled in; raises ConfigError naming any problem."""
+    schema = base_config()
+    config = ml_collections.ConfigDict(config.to_dict())
+    _check_keys(config, schema, "")
+    _fill_defaults(config, schema)
+
+    def fail(key, problem, fix):
+        raise ConfigError(f"config.{key} = {problem}. {fix}")
+
+    t, m, o, d = config.train, config.model, config.optimizer, config.data
+    if not isinstance(t.batch_size, int) or t.batch_size < 1:
+        fail("train.batch_size", f"{t.batch_size!r} is not a positive integer", "Use a batch size of 1 or more.")
+    if not isinstance(t.eval_batch_size, int) or t.eval_batch_size < 1:
+        fail("train.eval_batch_size", f"{t.eval_batch_size!r} is not a positive integer", "Use 1 or more.")
+    if not isinstance(t.epochs, int) or t.epochs < 0:
+        fail("train.epochs", f"{t.epochs!r} is negative", "Use 0 (evaluate only) or more epochs.")
+    if m.name not in MODELS:
+        fail("model.name", f'"{m.name}" is not a known model{_suggest(m.name, MODELS)}', f"Use one of {MODELS}.")
+    if m.name == "cnn":
+        n = len(m.channels)
+        if n == 0 or len(m.kernel_sizes) != n or len(m.strides) != n:
+            fail(
+                "model.channels/kernel_sizes/strides",
+                f"{tuple(m.channels)}/{tuple(m.kernel_sizes)}/{tuple(m.strides)}",
+                "Give one kernel size and one stride per convolution, and at least one convolution.",
+            )
+    if any(int(h) < 1 for h in m.hidden_sizes):
+        fail("model.hidden_sizes", f"{tuple(m.hidden_sizes)}", "Every hidden size must be 1 or more.")
+    if o.name not in OPTIMIZERS:
+        fail(
+            "optimizer.name",
+            f'"{o.name}" is not a known optimizer{_suggest(o.name, OPTIMIZERS)}',
+            f"Use one of {OPTIMIZERS}.",
+        )
+    if not o.learning_rate > 0:
+        fail("optimizer.learning_rate", f"{o.learning_rate!r}", "The learning rate must be positive.")
+    if not 0.0 <= d.validation_fraction < 1.0:
+        fail("data.validation_fraction", f"{d.validation_fraction!r}", "Use a fraction in [0, 1).")
+    return config
+
+
+def load_config_file(path: str | pathlib.Path) -> ml_collections.ConfigDict:
+    """Imports an experiment module by path and returns its validated `get_config()`."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ConfigError(f"No experiment module at {path}. Pass a file such as experiments/mnist1d_mlp.py.")
+    spec = importlib.util.spec_from_file_location(f"jaxepochs_experiment_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path} has no get_config(); an experiment module must define one.")
+    return validate(module.get_config())
+
+
+def _parse_value(text: str, current):
+    """Parses an override's text into the type of the field it replaces."""
+    if isinstance(current, str):
+        return text
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text
+    if isinstance(current, bool):
+        if isinstance(value, bool):
+            return value
+        if text.lower() in ("true", "false"):
+            return text.lower() == "true"
+    elif isinstance(current, float) and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    elif isinstance(current, int) and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    elif isinstance(current, tuple | list):
+        if isinstance(value, int | float):
+            value = (value,)
+        if isinstance(value, tuple | list):
+            return type(current)(value)
+    elif current is None:
+        return value
+    raise ConfigError(f'cannot read "{text}" as a {type(current).__name__}')
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, str]) -> ml_collections.ConfigDict:
+    """Applies {"train.epochs": "5", ...} as the CLI's `--config.train.epochs=5`, then validates."""
+    config = validate(config)
+    for dotted, text in overrides.items():
+        parent, node, parts = None, config, dotted.split(".")
+        for i, part in enumerate(parts):
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                known = node.keys() if isinstance(node, ml_collections.ConfigDict) else []
+                where = ".".join(parts[:i]) or "the config"
+                raise ConfigError(
+                    f'Unknown config key "{dotted}" in --config.{dotted}={text}: '
+                    f'"{part}" is not a field of {where}.{_suggest(part, known)}'
+                )
+            parent, node = node, node[part]
+        if isinstance(node, ml_collections.ConfigDict):
+            raise ConfigError(f"--config.{dotted} names a section; override one of its fields instead.")
+        try:
+            parent[parts[-1]] = _parse_value(text, node)
+        except ConfigError as e:
+            raise ConfigError(f"--config.{dotted}={text}: {e} (the field's current value is {node!r}).") from None
+    return validate(config)

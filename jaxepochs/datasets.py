@@ -1,0 +1,85 @@
+"""TFDS builders for the datasets jaxepochs ships, generated locally (no download) and written as array_record.
+
+Both write their examples in generation order (`disable_shuffling`), so index i of a split read back with
+`tfds.data_source` is example i of the source: the published MNIST-1D order is kept.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+MNIST1D_LENGTH = 40
+DIGITS_SPLIT_SEED = 0  # scikit-learn's train_test_split(random_state=...) for the 80/20 digits split
+
+
+class _ArrayBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Writes in-memory (x, label) arrays, in order."""
+
+    def _generate_examples(self, x, y):
+        for i, (xi, yi) in enumerate(zip(x, y, strict=True)):
+            yield i, {"x": xi.astype(np.float32), "label": int(yi)}
+
+
+class Mnist1d(_ArrayBuilder):
+    """MNIST-1D (Greydanus & Kobak): `mnist1d.data.make_dataset(get_dataset_args())`, 4000 train / 1000 test."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "make_dataset(get_dataset_args()) of the mnist1d package, default arguments."}
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="MNIST-1D: 1-D signals of length 40 in 10 classes, standardised by the generator.",
+            features=tfds.features.FeaturesDict(
+                {
+                    "x": tfds.features.Tensor(shape=(MNIST1D_LENGTH,), dtype=np.float32),
+                    "label": tfds.features.ClassLabel(num_classes=10),
+                }
+            ),
+            supervised_keys=("x", "label"),
+            disable_shuffling=True,
+            homepage="https://github.com/greydanus/mnist1d",
+        )
+
+    def _split_generators(self, dl_manager):
+        from mnist1d.data import get_dataset_args, make_dataset
+
+        data = make_dataset(get_dataset_args())
+        return {
+            "train": self._generate_examples(data["x"], data["y"]),
+            "test": self._generate_examples(data["x_test"], data["y_test"]),
+        }
+
+
+class Digits(_ArrayBuilder):
+    """scikit-learn's 8x8 handwritten digits (1797 images), split 80/20 with a fixed seed; pixels scaled to [0, 1]."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "sklearn.datasets.load_digits, train_test_split(test_size=0.2, random_state=0)."}
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="8x8 digit images from scikit-learn, flattened to 64 values in [0, 1].",
+            features=tfds.features.FeaturesDict(
+                {"x": tfds.features.Tensor(shape=(64,), dtype=np.float32), "label": tfds.features.ClassLabel(num_classes=10)}
+            ),
+            supervised_keys=("x", "label"),
+            disable_shuffling=True,
+            homepage="https://scikit-learn.org/stable/modules/generated/sklearn.datasets.load_digits.html",
+        )
+
+    def _split_generators(self, dl_manager):
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        x, y = load_digits(return_X_y=True)
+        x_train, x_test, y_train, y_test = train_test_split(
+            x / 16.0, y, test_size=0.2, random_state=DIGITS_SPLIT_SEED, stratify=y
+        )
+        return {"train": self._generate_examples(x_train, y_train), "test": self._generate_examples(x_test, y_test)}
+
+
+
+BUILTIN = {"mnist1d": Mnist1d, "digits": Digits}

@@ -1,0 +1,112 @@
+"""One epoch as one XLA program: on-device shuffle, `lax.scan` over every batch, metrics in the carry.
+
+An epoch uses every training example exactly once: ceil(N / B) steps, the last batch padded to B rows with
+index 0 and masked out, so its loss and gradient are those of the real rows alone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+SHUFFLE_STREAM, DROPOUT_STREAM = 0, 1  # fold_in tags: independent random streams from one run key
+
+
+class TrainState(NamedTuple):
+    params: Any  # model parameters
+    opt_state: Any  # optax state (inject_hyperparams: holds the learning rate)
+    step: jax.Array  # int32 [] optimizer steps taken
+    key: jax.Array  # PRNG key of the run; epochs and steps fold into it, it never advances
+
+
+class Metrics(NamedTuple):
+    """Sums over the examples seen; divided once, on the host, at the end of the epoch."""
+
+    loss_sum: jax.Array  # float32 []
+    correct: jax.Array  # float32 []
+    count: jax.Array  # float32 [] real (unmasked) examples
+
+    @staticmethod
+    def zeros() -> Metrics:
+        return Metrics(jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+
+    def __add__(self, other: Metrics) -> Metrics:  # type: ignore[override]
+        return Metrics(*(a + b for a, b in zip(self, other, strict=True)))
+
+    def means(self, prefix: str) -> dict[str, float]:
+        count = max(float(self.count), 1.0)
+        return {f"{prefix}_loss": float(self.loss_sum) / count, f"{prefix}_accuracy": float(self.correct) / count}
+
+
+ApplyFn = Callable[[Any, jax.Array], jax.Array]  # (params, x_b...) -> logits_bc
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    return math.ceil(num_examples / batch_size)
+
+
+def batch_indices(key: jax.Array, epoch: jax.Array, num_examples: int, batch_size: int, shuffle: bool = True):
+    """The epoch's example indices as [steps, B] and their mask: each index in [0, N) once, padding masked."""
+    steps = steps_per_epoch(num_examples, batch_size)
+    if shuffle:
+        order_n = jax.random.permutation(jax.random.fold_in(key, epoch), num_examples)
+    else:
+        order_n = jnp.arange(num_examples)
+    pad = steps * batch_size - num_examples
+    idx_sb = jnp.pad(order_n, (0, pad)).reshape(steps, batch_size)
+    mask_sb = (jnp.arange(steps * batch_size) < num_examples).reshape(steps, batch_size)
+    return idx_sb, mask_sb
+
+
+def masked_loss(apply_fn: ApplyFn, params, x_b, y_b, mask_b) -> tuple[jax.Array, Metrics]:
+    """Mean cross-entropy over the real rows of a batch, and the batch's metric sums."""
+    logits_bc = apply_fn(params, x_b)
+    losses_b = optax.softmax_cross_entropy_with_integer_labels(logits_bc, y_b)
+    weights_b = mask_b.astype(jnp.float32)
+    count = weights_b.sum()
+    loss_sum = (losses_b * weights_b).sum()
+    correct = ((jnp.argmax(logits_bc, -1) == y_b) * weights_b).sum()
+    return loss_sum / jnp.maximum(count, 1.0), Metrics(loss_sum, correct, count)
+
+
+def train_step(state: TrainState, batch, *, apply_fn: ApplyFn, tx: optax.GradientTransformation):
+    """One optimizer step on a (possibly padded) batch (x_b, y_b, mask_b). Pure; returns (state, Metrics)."""
+    x_b, y_b, mask_b = batch
+    grad_fn = jax.value_and_grad(lambda p: masked_loss(apply_fn, p, x_b, y_b, mask_b), has_aux=True)
+    (_, metrics), grads = grad_fn(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return TrainState(params, opt_state, state.step + 1, state.key), metrics
+
+
+def train_epoch(state: TrainState, x_n, y_n, epoch, *, apply_fn: ApplyFn, tx, batch_size: int):
+    """Shuffles with fold_in(key, epoch) and scans `train_step` over all ceil(N / B) batches."""
+    shuffle_key = jax.random.fold_in(state.key, SHUFFLE_STREAM)
+    idx_sb, mask_sb = batch_indices(shuffle_key, epoch, x_n.shape[0], batch_size)
+
+    def body(carry, step_input):
+        state, totals = carry
+        idx_b, mask_b = step_input
+        state, metrics = train_step(state, (x_n[idx_b], y_n[idx_b], mask_b), apply_fn=apply_fn, tx=tx)
+        return (state, totals + metrics), None
+
+    (state, totals), _ = jax.lax.scan(body, (state, Metrics.zeros()), (idx_sb, mask_sb))
+    return state, totals
+
+
+def eval_epoch(params, x_n, y_n, *, apply_fn: ApplyFn, batch_size: int) -> Metrics:
+    """Loss and accuracy sums over a whole split, in order, in one scan with the same padding and masking."""
+    idx_sb, mask_sb = batch_indices(None, 0, x_n.shape[0], batch_size, shuffle=False)
+
+    def body(totals, step_input):
+        idx_b, mask_b = step_input
+        _, metrics = masked_loss(apply_fn, params, x_n[idx_b], y_n[idx_b], mask_b)
+        return totals + metrics, None
+
+    totals, _ = jax.lax.scan(body, Metrics.zeros(), (idx_sb, mask_sb))
+    return totals
