@@ -5,8 +5,10 @@ The whole of each split lives on the device; an epoch permutes indices into it, 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
+import sys
 from typing import NamedTuple
 
 import ml_collections
@@ -35,15 +37,31 @@ def data_dir(config: ml_collections.ConfigDict) -> pathlib.Path:
     return pathlib.Path(chosen).expanduser()
 
 
+@contextlib.contextmanager
+def _absl_quiet():
+    """TFDS warns that a freshly generated dataset has no stored metadata yet; that is expected here."""
+    from absl import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+
+
 def _builder(name: str, directory: pathlib.Path):
     import tensorflow_datasets as tfds
 
     from jaxepochs import datasets
 
     if name in datasets.BUILTIN:
-        builder = datasets.BUILTIN[name](data_dir=str(directory), file_format="array_record")
-        if not builder.is_prepared():  # built locally, once: nothing is downloaded
-            builder.download_and_prepare(download_config=tfds.download.DownloadConfig(verify_ssl=False))
+        with _absl_quiet():
+            builder = datasets.BUILTIN[name](data_dir=str(directory), file_format="array_record")
+            if not builder.is_prepared():  # built locally, once: nothing is downloaded
+                print(f"jaxepochs: preparing {name} in {directory} (once)", file=sys.stderr)
+                tfds.disable_progress_bar()
+                builder.download_and_prepare()
         return builder
     if not name.startswith("tfds:"):
         known = ", ".join(sorted(datasets.BUILTIN))

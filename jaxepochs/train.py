@@ -48,13 +48,19 @@ class CompiledRun(NamedTuple):
 
 
 def init_state(model, tx, seed: int, example_x) -> epoch_lib.TrainState:
-    init_key, run_key = jax.random.split(jax.random.key(seed))
-    params = models.init_params(model, init_key, example_x)
-    return epoch_lib.TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), run_key)
+    """Parameters, optimizer state, step 0 and the run key, from `seed`: one compiled program, not one per op."""
+
+    @jax.jit
+    def init(seed, x_1f):
+        init_key, run_key = jax.random.split(jax.random.key(seed))
+        params = models.init_params(model, init_key, x_1f)
+        return epoch_lib.TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), run_key)
+
+    return init(jnp.asarray(seed, jnp.uint32), jnp.asarray(example_x[:1]))
 
 
 def compile_run(state, model, tx, splits: dict[str, tuple], batch_size: int, eval_batch_size: int) -> CompiledRun:
-    """Lowers and compiles the training epoch and one evaluation pass per split (their shapes differ)."""
+    """Lowers and compiles the training epoch and one evaluation pass per held-out split (their shapes differ)."""
     apply_fn = lambda params, x: model.apply({"params": params}, x)
     start = time.perf_counter()
     x_train, y_train = splits["train"]
@@ -62,7 +68,7 @@ def compile_run(state, model, tx, splits: dict[str, tuple], batch_size: int, eva
     compiled_train = train_fn.lower(state, x_train, y_train, jnp.asarray(1, jnp.int32)).compile()
     evaluate = {}
     for name, (x, y) in splits.items():
-        if x.shape[0] == 0:
+        if name == "train" or x.shape[0] == 0:
             continue
         eval_fn = jax.jit(
             functools.partial(
