@@ -96,13 +96,21 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
     t, m, o, d = config.train, config.model, config.optimizer, config.data
     if not isinstance(t.batch_size, int) or t.batch_size < 1:
-        fail("train.batch_size", f"{t.batch_size!r} is not a positive integer", "Use a batch size of 1 or more.")
+        fail(
+            "train.batch_size",
+            f"{t.batch_size!r} is not a positive integer",
+            "Use a batch size of 1 or more.",
+        )
     if not isinstance(t.eval_batch_size, int) or t.eval_batch_size < 1:
         fail("train.eval_batch_size", f"{t.eval_batch_size!r} is not a positive integer", "Use 1 or more.")
     if not isinstance(t.epochs, int) or t.epochs < 0:
         fail("train.epochs", f"{t.epochs!r} is negative", "Use 0 (evaluate only) or more epochs.")
     if m.name not in MODELS:
-        fail("model.name", f'"{m.name}" is not a known model{_suggest(m.name, MODELS)}', f"Use one of {MODELS}.")
+        fail(
+            "model.name",
+            f'"{m.name}" is not a known model{_suggest(m.name, MODELS)}',
+            f"Use one of {MODELS}.",
+        )
     if m.name == "cnn":
         n = len(m.channels)
         if n == 0 or len(m.kernel_sizes) != n or len(m.strides) != n:
@@ -163,7 +171,8 @@ def _parse_value(text: str, current):
             return type(current)(value)
     elif current is None:
         return value
-    raise ConfigError(f'cannot read "{text}" as a {type(current).__name__}')
+    kind = type(current).__name__
+    raise ConfigError(f'cannot read "{text}" as {"an" if kind[0] in "aeiou" else "a"} {kind}')
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, str]) -> ml_collections.ConfigDict:

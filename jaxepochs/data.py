@@ -50,7 +50,7 @@ def _absl_quiet():
         logging.set_verbosity(level)
 
 
-def _builder(name: str, directory: pathlib.Path):
+def _builder(name: str, directory: pathlib.Path, quiet: bool = False):
     import tensorflow_datasets as tfds
 
     from jaxepochs import datasets
@@ -59,7 +59,8 @@ def _builder(name: str, directory: pathlib.Path):
         with _absl_quiet():
             builder = datasets.BUILTIN[name](data_dir=str(directory), file_format="array_record")
             if not builder.is_prepared():  # built locally, once: nothing is downloaded
-                print(f"jaxepochs: preparing {name} in {directory} (once)", file=sys.stderr)
+                if not quiet:
+                    print(f"jaxepochs: preparing {name} in {directory} (once)", file=sys.stderr)
                 tfds.disable_progress_bar()
                 builder.download_and_prepare()
         return builder
@@ -91,6 +92,8 @@ def _read_split(builder, split: str, x_key: str, y_key: str) -> Split:
             "Set data.train_split / data.test_split."
         )
     source = builder.as_data_source(split=split)
+    if len(source) == 0:
+        raise DataError(f'Split "{split}" of {builder.name} is empty; choose a split that holds examples.')
     examples = source.__getitems__(list(range(len(source))))
     x = np.stack([np.asarray(e[x_key]) for e in examples])
     y = np.asarray([e[y_key] for e in examples])
@@ -128,10 +131,10 @@ def split_validation(train: Split, fraction: float, seed: int) -> tuple[Split, S
     return Split(train.x[train_idx], train.y[train_idx]), Split(train.x[val_idx], train.y[val_idx])
 
 
-def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
+def load_dataset(config: ml_collections.ConfigDict, quiet: bool = False) -> Dataset:
     """Reads `config.data` into checked train/val/test arrays; `config.model.num_classes` 0 means the dataset's."""
     d = config.data
-    builder = _builder(d.name, data_dir(d))
+    builder = _builder(d.name, data_dir(d), quiet)
     keys = builder.info.supervised_keys
     if not keys or len(keys) != 2:
         raise DataError(f"Dataset {d.name} has no (input, label) supervised_keys; jaxepochs needs a classifier.")

@@ -63,7 +63,10 @@ class Digits(_ArrayBuilder):
             builder=self,
             description="8x8 digit images from scikit-learn, flattened to 64 values in [0, 1].",
             features=tfds.features.FeaturesDict(
-                {"x": tfds.features.Tensor(shape=(64,), dtype=np.float32), "label": tfds.features.ClassLabel(num_classes=10)}
+                {
+                    "x": tfds.features.Tensor(shape=(64,), dtype=np.float32),
+                    "label": tfds.features.ClassLabel(num_classes=10),
+                }
             ),
             supervised_keys=("x", "label"),
             disable_shuffling=True,
@@ -78,8 +81,10 @@ class Digits(_ArrayBuilder):
         x_train, x_test, y_train, y_test = train_test_split(
             x / 16.0, y, test_size=0.2, random_state=DIGITS_SPLIT_SEED, stratify=y
         )
-        return {"train": self._generate_examples(x_train, y_train), "test": self._generate_examples(x_test, y_test)}
-
+        return {
+            "train": self._generate_examples(x_train, y_train),
+            "test": self._generate_examples(x_test, y_test),
+        }
 
 
 BUILTIN = {"mnist1d": Mnist1d, "digits": Digits}

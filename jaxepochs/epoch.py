@@ -40,7 +40,10 @@ class Metrics(NamedTuple):
 
     def means(self, prefix: str) -> dict[str, float]:
         count = max(float(self.count), 1.0)
-        return {f"{prefix}_loss": float(self.loss_sum) / count, f"{prefix}_accuracy": float(self.correct) / count}
+        return {
+            f"{prefix}_loss": float(self.loss_sum) / count,
+            f"{prefix}_accuracy": float(self.correct) / count,
+        }
 
 
 ApplyFn = Callable[[Any, jax.Array], jax.Array]  # (params, x_b...) -> logits_bc

@@ -52,7 +52,7 @@ def init_state(model, tx, seed: int, example_x) -> epoch_lib.TrainState:
 
     @jax.jit
     def init(seed, x_1f):
-        init_key, run_key = jax.random.split(jax.random.key(seed))
+        init_key, run_key = jax.random.split(jax.random.PRNGKey(seed))  # raw uint32[2]: checkpointable
         params = models.init_params(model, init_key, x_1f)
         return epoch_lib.TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), run_key)
 
@@ -71,9 +71,7 @@ def compile_run(state, model, tx, splits: dict[str, tuple], batch_size: int, eva
         if name == "train" or x.shape[0] == 0:
             continue
         eval_fn = jax.jit(
-            functools.partial(
-                epoch_lib.eval_epoch, apply_fn=apply_fn, batch_size=min(eval_batch_size, x.shape[0])
-            )
+            functools.partial(epoch_lib.eval_epoch, apply_fn=apply_fn, batch_size=min(eval_batch_size, x.shape[0]))
         )
         evaluate[name] = eval_fn.lower(state.params, x, y).compile()
     return CompiledRun(compiled_train, evaluate, time.perf_counter() - start)
@@ -111,12 +109,16 @@ def _best_epoch(history: list[dict]) -> tuple[int, str]:
 
 
 def train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, quiet: bool = False, overwrite: bool = False
+    config: ml_collections.ConfigDict,
+    workdir: str | pathlib.Path,
+    *,
+    quiet: bool = False,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Trains `config` for `train.epochs` epochs, writing config.json, metrics.jsonl, summary.json, curves.png."""
     run_start = time.perf_counter()
     config = config_lib.validate(config)
-    dataset = data_lib.load_dataset(config)
+    dataset = data_lib.load_dataset(config, quiet)
     _check_shapes(config, dataset)
     workdir = prepare_workdir(workdir, overwrite)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
@@ -147,7 +149,9 @@ def train_and_evaluate(
         for epoch in range(1, config.train.epochs + 1):
             epoch_start = time.perf_counter()
             new_state, train_totals = compiled.train_epoch(state, x_train, y_train, jnp.asarray(epoch, jnp.int32))
-            val_totals = compiled.evaluate["val"](new_state.params, *splits["val"]) if "val" in compiled.evaluate else None
+            val_totals = (
+                compiled.evaluate["val"](new_state.params, *splits["val"]) if "val" in compiled.evaluate else None
+            )
             train_totals = jax.device_get(train_totals)  # waits for the training pass only
             train_seconds = time.perf_counter() - epoch_start
             val_totals, lr = jax.device_get((val_totals, optim.learning_rate(new_state.opt_state)))
@@ -198,8 +202,9 @@ def train_and_evaluate(
     report.plot_curves(history, workdir / "curves.png", f"{dataset.name} {config.model.name}")
     if not quiet:
         progress.message(
-            f"test_loss {summary.get('test_loss', float('nan')):.4f}  test_accuracy "
-            f"{summary.get('test_accuracy', float('nan')):.4f}  ({summary['total_seconds']:.1f} s, outputs in {workdir})"
+            f"test_loss {summary.get('test_loss', float('nan')):.4f}  "
+            f"test_accuracy {summary.get('test_accuracy', float('nan')):.4f}  "
+            f"({summary['total_seconds']:.1f} s, outputs in {workdir})"
         )
     if stop_reason == "non_finite_loss":
         raise NonFiniteLossError(

@@ -1,0 +1,106 @@
+"""Test setup: two host CPU devices, no accelerator, and a per-session TFDS data dir.
+
+The environment variables must be set before jax is first imported, so they are set at the top of this file,
+which pytest imports before any test module.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["XLA_FLAGS"] = " ".join(
+    flag for flag in (os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=2") if flag
+)
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+EXPERIMENT = REPO / "experiments" / "mnist1d_mlp.py"
+
+# jax.monitoring records this event once per XLA backend compilation (jax._src.dispatch's
+# BACKEND_COMPILE_EVENT); test_epoch.py checks that a fresh jit records it, so a rename fails loudly.
+BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tfds_data_dir(tmp_path_factory) -> pathlib.Path:
+    """Points $TFDS_DATA_DIR at a fresh session directory: the built-in datasets are prepared there, once per
+    session, and the user's ~/tensorflow_datasets is never read or written."""
+    directory = tmp_path_factory.mktemp("tensorflow_datasets")
+    previous = os.environ.get("TFDS_DATA_DIR")
+    os.environ["TFDS_DATA_DIR"] = str(directory)
+    yield directory
+    if previous is None:
+        os.environ.pop("TFDS_DATA_DIR", None)
+    else:
+        os.environ["TFDS_DATA_DIR"] = previous
+
+
+@pytest.fixture(scope="session", autouse=True)
+def jax_compilation_cache(tmp_path_factory) -> pathlib.Path:
+    """A persistent compilation cache in a session directory, set before anything compiles: the many runs
+    here that build the same programs (same model and shapes, other seeds or epochs) compile them once.
+    Cache hits still record the backend-compile event, so compilation counts are unchanged by it."""
+    import jax
+
+    directory = tmp_path_factory.mktemp("jax_compilation_cache")
+    saved = {
+        name: getattr(jax.config, name)
+        for name in (
+            "jax_compilation_cache_dir",
+            "jax_persistent_cache_min_compile_time_secs",
+            "jax_persistent_cache_min_entry_size_bytes",
+        )
+    }
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    yield directory
+    for name, value in saved.items():
+        jax.config.update(name, value)
+
+
+class CompileCounter:
+    """Counts XLA backend compilations while active (a context manager)."""
+
+    def __init__(self):
+        self.count = 0
+
+    def _listener(self, event: str, duration: float, **kwargs) -> None:
+        if event == BACKEND_COMPILE_EVENT:
+            self.count += 1
+
+    def __enter__(self) -> CompileCounter:
+        import jax
+
+        jax.monitoring.register_event_duration_secs_listener(self._listener)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import jax
+
+        jax.monitoring.unregister_event_duration_listener(self._listener)
+
+
+@pytest.fixture
+def compile_counter():
+    """A factory of CompileCounter context managers."""
+    return CompileCounter
+
+
+def tiny_config(overrides: dict[str, str] | None = None):
+    """mnist1d with a small MLP, 2 epochs and batch 64 (3600 / 64 is not whole), plus `overrides` as on the
+    command line, e.g. {"train.epochs": "3"}."""
+    from jaxepochs.config import apply_overrides, base_config
+
+    defaults = {"model.hidden_sizes": "(16,)", "train.epochs": "2", "train.batch_size": "64"}
+    return apply_overrides(base_config(), {**defaults, **(overrides or {})})
+
+
+@pytest.fixture
+def make_config():
+    """tiny_config, for tests: make_config({"train.epochs": "1"})."""
+    return tiny_config

@@ -1,0 +1,209 @@
+"""End to end through `train_and_evaluate` on the built-in datasets: outputs, compilation, determinism."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import jax
+import pytest
+from conftest import tiny_config
+
+import jaxepochs
+
+ROW_KEYS = {
+    "epoch",
+    "steps",
+    "train_loss",
+    "train_accuracy",
+    "val_loss",
+    "val_accuracy",
+    "learning_rate",
+    "train_seconds",
+    "seconds",
+}
+SUMMARY_KEYS = {
+    "num_train_examples",
+    "steps_per_epoch",
+    "best_epoch",
+    "stopped_epoch",
+    "test_loss",
+    "test_accuracy",
+    "compile_seconds",
+    "total_seconds",
+}
+TIMINGS = ("train_seconds", "seconds")
+EPOCHS = 3
+
+
+def _rows(workdir) -> list[dict]:
+    text = (workdir / "metrics.jsonl").read_text()
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def _summary(workdir) -> dict:
+    return json.loads((workdir / "summary.json").read_text())
+
+
+def _losses(history: list[dict]) -> list[tuple]:
+    return [tuple(v for k, v in sorted(row.items()) if k not in TIMINGS) for row in history]
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+    """mnist1d, MLP 40-16-10, batch 64 (57 steps, the last one padded), seed 0, three epochs."""
+    workdir = tmp_path_factory.mktemp("base_run")
+    config = tiny_config({"train.epochs": str(EPOCHS)})
+    return config, workdir, jaxepochs.train_and_evaluate(config, workdir, quiet=True)
+
+
+def test_run_writes_its_outputs(base_run):
+    config, workdir, result = base_run
+    for name in ("config.json", "metrics.jsonl", "summary.json", "curves.png"):
+        assert (workdir / name).is_file(), name
+    png = (workdir / "curves.png").read_bytes()
+    assert len(png) > 1000 and png.startswith(b"\x89PNG")
+    assert json.loads((workdir / "config.json").read_text())["train"]["epochs"] == EPOCHS
+
+
+def test_metrics_rows(base_run):
+    config, workdir, result = base_run
+    rows = _rows(workdir)
+    assert len(rows) == EPOCHS
+    steps_per_epoch = math.ceil(3600 / 64)
+    for i, row in enumerate(rows, start=1):
+        assert ROW_KEYS <= set(row), ROW_KEYS - set(row)
+        assert row["epoch"] == i
+        assert row["steps"] == i * steps_per_epoch
+        assert row["learning_rate"] == pytest.approx(config.optimizer.learning_rate)
+        assert 0.0 <= row["train_accuracy"] <= 1.0 and 0.0 <= row["val_accuracy"] <= 1.0
+        assert all(math.isfinite(row[k]) for k in ("train_loss", "val_loss"))
+    assert rows == json.loads(json.dumps(result.history))  # the returned history is what was written
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]  # it learns
+
+
+def test_summary(base_run):
+    config, workdir, result = base_run
+    summary = _summary(workdir)
+    assert SUMMARY_KEYS <= set(summary), SUMMARY_KEYS - set(summary)
+    assert summary == json.loads(json.dumps(result.summary))
+    assert summary["num_train_examples"] == 3600
+    assert summary["steps_per_epoch"] == math.ceil(3600 / config.train.batch_size) == 57
+    rows = _rows(workdir)
+    assert summary["best_epoch"] == min(rows, key=lambda r: r["val_loss"])["epoch"]
+    assert summary["stopped_epoch"] == 0
+    assert summary["stop_reason"] == "completed"
+    assert summary["epochs_completed"] == EPOCHS
+    assert math.isfinite(summary["test_loss"])
+    assert 0.1 < summary["test_accuracy"] <= 1.0
+    for key in ("compile_seconds", "total_seconds"):
+        assert isinstance(summary[key], float) and summary[key] >= 0.0
+    assert summary["num_parameters"] == (40 * 16 + 16) + (16 * 10 + 10)
+
+
+def test_validation_fraction_splits_4000_into_3600_and_400(base_run):
+    config, workdir, result = base_run
+    assert config.data.validation_fraction == 0.1
+    summary = _summary(workdir)
+    assert (summary["num_train_examples"], summary["num_val_examples"]) == (3600, 400)
+    assert summary["num_test_examples"] == 1000
+
+
+def test_later_epochs_compile_nothing(tmp_path, compile_counter):
+    counts = {}
+    for epochs in (1, 4):
+        jax.clear_caches()  # both runs start from the same (empty) in-memory caches
+        with compile_counter() as counter:
+            result = jaxepochs.train_and_evaluate(
+                tiny_config({"train.epochs": str(epochs)}), tmp_path / f"epochs{epochs}", quiet=True
+            )
+        assert len(result.history) == epochs
+        counts[epochs] = counter.count
+    assert counts[1] >= 1
+    assert counts[4] == counts[1]
+
+
+def test_zero_epochs_evaluates_only(tmp_path):
+    result = jaxepochs.train_and_evaluate(tiny_config({"train.epochs": "0"}), tmp_path, quiet=True)
+    assert result.history == []
+    assert (tmp_path / "metrics.jsonl").read_text() == ""
+    summary = _summary(tmp_path)
+    assert summary["epochs_completed"] == 0
+    assert summary["stop_reason"] == "completed"
+    assert math.isfinite(summary["test_loss"]) and 0.0 <= summary["test_accuracy"] <= 1.0
+    assert math.isfinite(summary["val_loss"])
+    assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_same_seed_same_run_other_seed_other_run(base_run, tmp_path):
+    config, workdir, result = base_run
+    again = jaxepochs.train_and_evaluate(config, tmp_path / "again", quiet=True)
+    assert _losses(again.history) == _losses(result.history)
+    assert again.summary["test_loss"] == result.summary["test_loss"]
+
+    other_seed = tiny_config({"train.epochs": str(EPOCHS), "seed": "1"})
+    other = jaxepochs.train_and_evaluate(other_seed, tmp_path / "other", quiet=True)
+    assert [r["train_loss"] for r in other.history] != [r["train_loss"] for r in result.history]
+    assert other.summary["num_val_examples"] == result.summary["num_val_examples"]  # split_seed: same split
+
+
+def test_cnn_trains_on_mnist1d(tmp_path):
+    config = tiny_config(
+        {
+            "model.name": "cnn",
+            "model.channels": "(4, 4)",
+            "model.kernel_sizes": "(5, 3)",
+            "model.strides": "(2, 2)",
+            "train.epochs": "1",
+        }
+    )
+    result = jaxepochs.train_and_evaluate(config, tmp_path, quiet=True)
+    assert len(result.history) == 1
+    assert result.summary["model"] == "cnn"
+    # Length 40 -> (40 + 2 - 5) // 2 + 1 = 19 -> (19 + 2 - 3) // 2 + 1 = 10 positions of 4 channels.
+    assert result.summary["num_parameters"] == (5 * 1 * 4 + 4) + (3 * 4 * 4 + 4) + (10 * 4 * 10 + 10)
+    assert math.isfinite(result.history[0]["train_loss"])
+    assert result.summary["test_loss"] < math.log(10)  # better than uniform guessing
+
+
+def test_logistic_regression_on_digits(tmp_path):
+    config = tiny_config({"data.name": "digits", "model.hidden_sizes": "()", "train.epochs": "2"})
+    result = jaxepochs.train_and_evaluate(config, tmp_path, quiet=True)
+    summary = result.summary
+    assert summary["dataset"] == "digits"
+    assert summary["num_parameters"] == 64 * 10 + 10
+    assert summary["num_train_examples"] + summary["num_val_examples"] == 1437
+    assert summary["num_test_examples"] == 360
+    assert summary["test_accuracy"] > 0.7  # chance is 0.1; 0.84 here after two epochs
+    assert len(_rows(tmp_path)) == 2
+
+
+def test_used_workdir_needs_overwrite(base_run, tmp_path):
+    _, base_workdir, _ = base_run
+    workdir = tmp_path / "used"
+    shutil.copytree(base_workdir, workdir)
+    with pytest.raises(jaxepochs.WorkdirError, match="already holds a run"):
+        jaxepochs.train_and_evaluate(tiny_config({"train.epochs": "0"}), workdir, quiet=True)
+    assert len(_rows(workdir)) == EPOCHS  # untouched
+
+    config = tiny_config({"train.epochs": "0"})
+    result = jaxepochs.train_and_evaluate(config, workdir, quiet=True, overwrite=True)
+    assert result.summary["epochs_completed"] == 0
+    assert _rows(workdir) == []
+    assert _summary(workdir)["epochs_completed"] == 0
+
+
+def test_non_finite_loss_stops_and_keeps_outputs(tmp_path):
+    config = tiny_config({"optimizer.name": "sgd", "optimizer.learning_rate": "1e30"})
+    with pytest.raises(jaxepochs.NonFiniteLossError, match="non-finite"):
+        jaxepochs.train_and_evaluate(config, tmp_path, quiet=True)
+    assert (tmp_path / "metrics.jsonl").is_file()
+    summary = _summary(tmp_path)
+    assert summary["stop_reason"] == "non_finite_loss"
+    rows = _rows(tmp_path)
+    assert summary["epochs_completed"] == len(rows) < config.train.epochs
+    assert summary["stopped_epoch"] == len(rows) + 1
+    assert all(math.isfinite(row["train_loss"]) for row in rows)  # only good epochs are logged
+    # The kept state is the last good epoch's (here: the initial one), so it evaluates to finite numbers.
+    assert math.isfinite(summary["test_loss"])
