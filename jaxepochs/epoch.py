@@ -53,11 +53,33 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
     return math.ceil(num_examples / batch_size)
 
 
+def permutation(key: jax.Array, n: int) -> jax.Array:
+    """A uniformly random permutation of [0, n), int32 [n]: `jax.random.permutation`'s method, about 4x faster.
+
+    Both sort random keys, in enough rounds that ties (which keep the previous order) are negligible. Here
+    each round packs the random bits above the element's position into one uint32 and sorts that alone; XLA
+    sorts a single primitive array far faster than key-value pairs (on CPU: 0.6 ms against 2.7 ms for
+    n = 3600, a third of an MNIST-1D epoch). Rounds: ceil(3 log2(n) / random bits), as jax's exponent 3.
+    """
+    idx_bits = max(1, (n - 1).bit_length())
+    rand_bits = 32 - idx_bits
+    if rand_bits < 8:  # n > 2**24: too few random bits per round; jax's own is as good there
+        return jax.random.permutation(key, n)
+    rounds = max(1, math.ceil(3 * math.log2(max(n, 2)) / rand_bits))
+    bits_rn = jax.random.bits(key, (rounds, n), jnp.uint32)
+    position_n = jnp.arange(n, dtype=jnp.uint32)
+    low_mask = jnp.uint32((1 << idx_bits) - 1)
+    order_n = position_n
+    for r in range(rounds):
+        order_n = order_n[jnp.sort((bits_rn[r] << idx_bits) | position_n) & low_mask]
+    return order_n.astype(jnp.int32)
+
+
 def batch_indices(key: jax.Array, epoch: jax.Array, num_examples: int, batch_size: int, shuffle: bool = True):
     """The epoch's example indices as [steps, B] and their mask: each index in [0, N) once, padding masked."""
     steps = steps_per_epoch(num_examples, batch_size)
     if shuffle:
-        order_n = jax.random.permutation(jax.random.fold_in(key, epoch), num_examples)
+        order_n = permutation(jax.random.fold_in(key, epoch), num_examples)
     else:
         order_n = jnp.arange(num_examples)
     pad = steps * batch_size - num_examples

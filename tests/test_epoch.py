@@ -234,3 +234,24 @@ def test_one_epoch_reduces_the_loss_on_a_separable_problem():
     assert after_three["train_loss"] < after_one["train_loss"]
     assert after_three["train_accuracy"] >= 0.95
     assert totals.means("train")["train_accuracy"] >= 0.9
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 100, 3600, 70000])
+def test_permutation_is_a_permutation(n):
+    order = np.asarray(jax.jit(lambda k: epoch_lib.permutation(k, n))(jax.random.PRNGKey(n)))
+    assert order.dtype == np.int32
+    np.testing.assert_array_equal(np.sort(order), np.arange(n))
+
+
+def test_permutation_is_uniform():
+    """Every element lands in every position equally often (chi-square over 20,000 shuffles of 6 elements)."""
+    n, draws = 6, 20_000
+    keys = jax.random.split(jax.random.PRNGKey(0), draws)
+    orders = np.asarray(jax.jit(jax.vmap(lambda k: epoch_lib.permutation(k, n)))(keys))
+    counts = np.stack([np.bincount(orders[:, pos], minlength=n) for pos in range(n)])
+    expected = draws / n
+    chi2 = ((counts - expected) ** 2 / expected).sum()
+    assert chi2 < 60.0, counts  # 25 degrees of freedom: p < 1e-4 above ~60
+    # and whole permutations: all 720 orders appear, none more than twice as often as the mean
+    _, perm_counts = np.unique(orders, axis=0, return_counts=True)
+    assert len(perm_counts) == 720 and perm_counts.max() < 2 * draws / 720

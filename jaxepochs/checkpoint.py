@@ -1,0 +1,112 @@
+"""Checkpoints with orbax: everything a resumed run needs, saved asynchronously at epoch boundaries.
+
+A checkpoint (`WORKDIR/checkpoints/<epoch>/`) holds two items:
+- `arrays`: {"train": TrainState, "control": {"early_stopping": ..., "plateau": ...}, "best_params": params};
+- `meta`: JSON with the epoch, the history rows so far, steps_per_epoch and the model's input/class shapes.
+Resuming restores them exactly; the epoch's shuffle (`fold_in(key, epoch)`) and dropout keys
+(`fold_in(key, step)`) depend only on those, so a resumed run repeats an uninterrupted one bit for bit.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be restored; the message names it and says what to do."""
+
+
+def _abstract(tree):
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def _first_mismatch(saved_metadata, expected) -> str | None:
+    """The path, saved shape and expected shape of the first array that differs, or None."""
+    saved = dict(jax.tree_util.tree_flatten_with_path(saved_metadata)[0])
+    for path, leaf in jax.tree_util.tree_flatten_with_path(expected)[0]:
+        name = jax.tree_util.keystr(path)
+        if path not in saved:
+            return f"{name}: missing from the checkpoint"
+        got = tuple(getattr(saved[path], "shape", ()))
+        if got != tuple(leaf.shape):
+            return f"{name}: checkpoint has shape {got}, the model needs {tuple(leaf.shape)}"
+    return None
+
+
+class Checkpointer:
+    """Saves at epoch boundaries (asynchronously) and restores the newest good checkpoint."""
+
+    def __init__(self, workdir: pathlib.Path, max_to_keep: int = 3, asynchronous: bool = True):
+        self.directory = (pathlib.Path(workdir) / CHECKPOINT_DIR).absolute()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, enable_async_checkpointing=asynchronous, create=True
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def epochs(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def save(self, epoch: int, arrays: dict, meta: dict) -> None:
+        """Starts saving; returns once the arrays are copied off the device (the write continues)."""
+        if epoch in self._manager.all_steps():
+            return
+        args = ocp.args.Composite(arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta))
+        self._manager.save(epoch, args=args)
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def restore(self, epoch: int, like: dict) -> tuple[dict, dict]:
+        """Restores `epoch` into the structure of `like`; CheckpointError if it is corrupt or does not fit."""
+        where = self.directory / str(epoch)
+        try:
+            metadata = self._manager.item_metadata(epoch)
+            saved = metadata["arrays"] if metadata is not None else None
+        except Exception as e:  # orbax raises many types for unreadable files
+            raise CheckpointError(f"checkpoint {where} is unreadable ({type(e).__name__}: {e})") from e
+        if saved is not None:
+            mismatch = _first_mismatch(saved, like)
+            if mismatch:
+                raise CheckpointError(
+                    f"checkpoint {where} does not match the model: {mismatch}. It was written by a run with "
+                    "another model config; use another workdir or --restart."
+                )
+        args = ocp.args.Composite(arrays=ocp.args.StandardRestore(_abstract(like)), meta=ocp.args.JsonRestore())
+        try:
+            restored = self._manager.restore(epoch, args=args)
+        except Exception as e:
+            raise CheckpointError(f"checkpoint {where} is corrupt or truncated ({type(e).__name__}: {e})") from e
+        return restored.arrays, restored.meta
+
+    def restore_latest(self, like: dict, warn) -> tuple[int, dict, dict] | None:
+        """The newest checkpoint that restores, falling back past corrupt ones (saying so); None if none."""
+        errors = []
+        for epoch in reversed(self.epochs()):
+            try:
+                arrays, meta = self.restore(epoch, like)
+            except CheckpointError as e:
+                if "does not match the model" in str(e):
+                    raise
+                errors.append(str(e))
+                warn(f"{e}; falling back to the previous checkpoint.")
+                continue
+            return epoch, arrays, meta
+        if errors:
+            raise CheckpointError(
+                "no checkpoint in the workdir can be restored: " + "; ".join(errors) + ". Use --restart to start over."
+            )
+        return None
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def arrays_of(state, control: dict[str, Any], best_params) -> dict:
+    return {"train": state, "control": control, "best_params": best_params}
