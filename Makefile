@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/jaxepochs run --config experiments/mnist1d_mlp.py --workdir runs/mnist1d_mlp --overwrite
+	$(BIN)/jaxepochs run --config experiments/mnist1d_mlp.py --workdir runs/mnist1d_mlp --restart
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -26,14 +26,25 @@ def _abstract(tree):
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
+def _path_name(path) -> str:
+    """ "train.params.Dense_0.kernel": orbax's metadata keys NamedTuple fields by name, jax by attribute."""
+    parts = []
+    for entry in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(entry, attr):
+                parts.append(str(getattr(entry, attr)))
+                break
+    return ".".join(parts)
+
+
 def _first_mismatch(saved_metadata, expected) -> str | None:
     """The path, saved shape and expected shape of the first array that differs, or None."""
-    saved = dict(jax.tree_util.tree_flatten_with_path(saved_metadata)[0])
+    saved = {_path_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(saved_metadata)[0]}
     for path, leaf in jax.tree_util.tree_flatten_with_path(expected)[0]:
-        name = jax.tree_util.keystr(path)
-        if path not in saved:
+        name = _path_name(path)
+        if name not in saved:
             return f"{name}: missing from the checkpoint"
-        got = tuple(getattr(saved[path], "shape", ()))
+        got = tuple(getattr(saved[name], "shape", ()))
         if got != tuple(leaf.shape):
             return f"{name}: checkpoint has shape {got}, the model needs {tuple(leaf.shape)}"
     return None
@@ -47,7 +58,8 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, enable_async_checkpointing=asynchronous, create=True
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        handlers = {"arrays": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     def epochs(self) -> list[int]:
         return sorted(self._manager.all_steps())

@@ -1,4 +1,4 @@
-"""`jaxepochs run --config experiments/NAME.py --workdir DIR [--config.a.b=value ...] [--quiet] [--overwrite]`."""
+"""`jaxepochs run --config experiments/NAME.py --workdir DIR [--config.a.b=value ...] [--quiet] [--restart]`."""
 
 from __future__ import annotations
 
@@ -35,7 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--config", required=True, help="experiment module, e.g. experiments/mnist1d_mlp.py")
     run.add_argument("--workdir", required=True, help="directory for the run's outputs")
     run.add_argument("--quiet", action="store_true", help="print nothing while training")
-    run.add_argument("--overwrite", action="store_true", help="replace a run already in the workdir")
+    run.add_argument(
+        "--restart", action="store_true", help="discard a run already in the workdir (by default it is resumed)"
+    )
     return parser
 
 
@@ -47,10 +49,12 @@ def main(argv: list[str] | None = None) -> int:
         config = config_lib.apply_overrides(config_lib.load_config_file(args.config), overrides)
         from jaxepochs import train  # imports jax: after the cheap checks
 
-        train.train_and_evaluate(config, args.workdir, quiet=args.quiet, overwrite=args.overwrite)
+        train.train_and_evaluate(config, args.workdir, quiet=args.quiet, restart=args.restart)
     except (ValueError, FloatingPointError) as e:  # our errors say what to fix; no traceback needed
         print(f"jaxepochs: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
     return 0
 
 

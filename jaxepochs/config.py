@@ -14,8 +14,11 @@ from collections.abc import Iterable
 
 import ml_collections
 
+from jaxepochs import early_stopping as early_stopping_lib
+from jaxepochs import schedules
+
 MODELS = ("mlp", "cnn")
-OPTIMIZERS = ("adam", "adamw", "sgd")
+OPTIMIZERS = schedules.OPTIMIZERS
 
 
 class ConfigError(ValueError):
@@ -49,11 +52,31 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.batch_size = 100
     c.train.eval_batch_size = 1000  # evaluation only; capped at the split size
 
-    c.optimizer = ml_collections.ConfigDict()
-    c.optimizer.name = "adam"
-    c.optimizer.learning_rate = 1e-2
-    c.optimizer.momentum = 0.9  # sgd only
-    c.optimizer.weight_decay = 1e-4  # adamw only
+    c.optimizer = schedules.optimizer_config()  # name, learning_rate, momentum, weight_decay, clip_norm, schedule
+
+    c.early_stopping = (
+        ml_collections.ConfigDict()
+    )  # Keras's EarlyStopping, plus Prechelt's rules; see early_stopping.py
+    c.early_stopping.enabled = False
+    c.early_stopping.monitor = "val_loss"
+    c.early_stopping.mode = "auto"  # auto, min, max
+    c.early_stopping.min_delta = 0.0
+    c.early_stopping.patience = 0
+    c.early_stopping.baseline = ml_collections.config_dict.placeholder(float)  # None: no baseline
+    c.early_stopping.start_from_epoch = 0
+    c.early_stopping.restore_best = False  # end with the best epoch's parameters
+    c.early_stopping.rule = "patience"  # patience (Keras), gl, pq, up (Prechelt 1998)
+    c.early_stopping.alpha = ml_collections.config_dict.placeholder(float)  # gl / pq threshold; None: default
+    c.early_stopping.k = 5  # strip length (pq, up)
+    c.early_stopping.strips = 1  # s of UP_s
+    c.early_stopping.stop_on_nonfinite = True  # divergence guard: stop at a NaN/inf monitored value
+    c.early_stopping.divergence_threshold = ml_collections.config_dict.placeholder(float)
+
+    c.checkpoint = ml_collections.ConfigDict()  # orbax; rerunning in the workdir resumes from the newest one
+    c.checkpoint.enabled = True
+    c.checkpoint.every_epochs = 0  # 0: by time (every_seconds); always at the end, at a stop and at Ctrl-C
+    c.checkpoint.every_seconds = 30.0
+    c.checkpoint.max_to_keep = 3
     return c
 
 
@@ -131,7 +154,30 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         fail("optimizer.learning_rate", f"{o.learning_rate!r}", "The learning rate must be positive.")
     if not 0.0 <= d.validation_fraction < 1.0:
         fail("data.validation_fraction", f"{d.validation_fraction!r}", "Use a fraction in [0, 1).")
+    try:
+        schedules.validate_schedule(o.schedule, t.epochs)
+        if config.early_stopping.enabled:
+            make_early_stopping(config.early_stopping, has_validation=d.validation_fraction > 0)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    k = config.checkpoint
+    if k.every_epochs < 0 or k.every_seconds < 0 or k.max_to_keep < 1:
+        fail(
+            "checkpoint",
+            f"every_epochs={k.every_epochs}, every_seconds={k.every_seconds}, max_to_keep={k.max_to_keep}",
+            "Use every_epochs >= 0, every_seconds >= 0 and max_to_keep >= 1.",
+        )
     return config
+
+
+def make_early_stopping(es_config: ml_collections.ConfigDict, has_validation: bool = True):
+    """The EarlyStopping of an `early_stopping` section; ValueError naming the key and the valid choices."""
+    available = early_stopping_lib.TRAINER_METRICS if has_validation else ("train_loss", "train_accuracy")
+    fields = {key: value for key, value in es_config.items() if key != "enabled"}
+    try:
+        return early_stopping_lib.EarlyStopping(**fields, known_monitors=available)
+    except ValueError as e:
+        raise ConfigError(f"config.early_stopping: {e}") from None
 
 
 def load_config_file(path: str | pathlib.Path) -> ml_collections.ConfigDict:

@@ -69,6 +69,11 @@ class Progress:
         self._bar.set_postfix(shown, refresh=False)
         self._bar.update(1)
 
+    def skip(self, epochs: int) -> None:
+        """Counts epochs done before a resume."""
+        if self._bar is not None and epochs:
+            self._bar.update(epochs)
+
     def message(self, text: str) -> None:
         if self._quiet:
             return

@@ -1,14 +1,17 @@
-"""The host loop: compile the epoch once, run it `train.epochs` times, log, and write the run's outputs.
+"""The host loop: compile the epoch once, run it `train.epochs` times, log, checkpoint, and write the outputs.
 
-The host touches each epoch once: it dispatches the compiled training epoch and the validation pass, then
-fetches a handful of scalars. Everything per batch runs on the device.
+The host touches each epoch once: it dispatches the compiled training epoch and the validation pass, fetches a
+handful of scalars, advances early stopping and reduce-on-plateau (tiny compiled updates), and now and then
+starts an asynchronous checkpoint. Everything per batch runs on the device.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import math
 import pathlib
+import shutil
 import time
 from typing import Any, NamedTuple
 
@@ -17,24 +20,28 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxepochs import checkpoint as checkpoint_lib
 from jaxepochs import config as config_lib
 from jaxepochs import data as data_lib
+from jaxepochs import early_stopping as early_stopping_lib
 from jaxepochs import epoch as epoch_lib
-from jaxepochs import models, optim, report
+from jaxepochs import models, report, schedules
 
-RUN_FILES = ("metrics.jsonl", "summary.json")  # their presence means the workdir holds a run
+RUN_FILES = ("metrics.jsonl", "summary.json", "curves.png", "run.json")
+TIMING_KEYS = ("train_seconds", "seconds")  # the only fields of a metrics row that differ between equal runs
+RESUMABLE_KEYS = ("train.epochs", "checkpoint.", "data.data_dir")  # may change on resume (prefixes)
 
 
 class WorkdirError(ValueError):
-    """The workdir already holds a run."""
+    """The workdir holds a run that this one cannot continue."""
 
 
 class NonFiniteLossError(FloatingPointError):
-    """Training produced a NaN/inf loss; the outputs of the last good epoch were written before raising."""
+    """Training produced a NaN/inf loss; the last good epoch was checkpointed and the outputs written."""
 
 
 class TrainResult(NamedTuple):
-    state: epoch_lib.TrainState  # after the last good epoch
+    state: epoch_lib.TrainState  # after the last good epoch (the best one's parameters with restore_best)
     history: list[dict]  # one row per epoch, as in metrics.jsonl
     summary: dict  # as in summary.json
 
@@ -70,25 +77,55 @@ def compile_run(state, model, tx, splits: dict[str, tuple], batch_size: int, eva
     for name, (x, y) in splits.items():
         if name == "train" or x.shape[0] == 0:
             continue
-        eval_fn = jax.jit(
-            functools.partial(epoch_lib.eval_epoch, apply_fn=apply_fn, batch_size=min(eval_batch_size, x.shape[0]))
-        )
+        eval_batch = min(eval_batch_size, x.shape[0])
+        eval_fn = jax.jit(functools.partial(epoch_lib.eval_epoch, apply_fn=apply_fn, batch_size=eval_batch))
         evaluate[name] = eval_fn.lower(state.params, x, y).compile()
     return CompiledRun(compiled_train, evaluate, time.perf_counter() - start)
 
 
-def prepare_workdir(workdir: str | pathlib.Path, overwrite: bool) -> pathlib.Path:
-    workdir = pathlib.Path(workdir)
-    used = [name for name in RUN_FILES if (workdir / name).exists()]
-    if used and not overwrite:
-        raise WorkdirError(
-            f"{workdir} already holds a run ({', '.join(used)}). Choose a new --workdir, or pass --overwrite "
-            "(overwrite=True) to replace it."
-        )
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple | list) else value
+    return out
+
+
+def prepare_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict, restart: bool) -> bool:
+    """Makes `workdir` ready; True when it holds a run of the same config to resume."""
+    used = any((workdir / name).exists() for name in (*RUN_FILES, "config.json", checkpoint_lib.CHECKPOINT_DIR))
+    if used and restart:
+        shutil.rmtree(workdir / checkpoint_lib.CHECKPOINT_DIR, ignore_errors=True)
+        for name in (*RUN_FILES, "config.json"):
+            (workdir / name).unlink(missing_ok=True)
+        used = False
+    if used:
+        if not (workdir / "config.json").exists():
+            raise WorkdirError(
+                f"{workdir} holds run outputs but no config.json, so it cannot be resumed. Use a new --workdir, "
+                "or --restart (restart=True) to discard them."
+            )
+        old = _flat(json.loads((workdir / "config.json").read_text()))
+        new = _flat(json.loads(config.to_json_best_effort()))
+        differing = [
+            k for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_KEYS)
+        ]
+        if differing:
+            shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differing[:8])
+            raise WorkdirError(
+                f"{workdir} holds a run with another config ({shown}). Use a new --workdir, or --restart "
+                "(restart=True) to discard that run. Only train.epochs, checkpoint.* and data.data_dir may change when resuming."
+            )
+        if not config.checkpoint.enabled or not (workdir / checkpoint_lib.CHECKPOINT_DIR).exists():
+            raise WorkdirError(
+                f"{workdir} holds a run without checkpoints to resume from. Use a new --workdir, or --restart "
+                "(restart=True) to start over."
+            )
     workdir.mkdir(parents=True, exist_ok=True)
-    for name in RUN_FILES:
-        (workdir / name).unlink(missing_ok=True)
-    return workdir
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    return used
 
 
 def _check_shapes(config, dataset: data_lib.Dataset) -> None:
@@ -100,12 +137,44 @@ def _check_shapes(config, dataset: data_lib.Dataset) -> None:
         )
 
 
-def _best_epoch(history: list[dict]) -> tuple[int, str]:
-    key = "val_loss" if history and "val_loss" in history[0] else "train_loss"
-    finite = [row for row in history if row.get(key) is not None and math.isfinite(row[key])]
-    if not finite:
-        return 0, key
-    return min(finite, key=lambda row: row[key])["epoch"], key
+def _tracker(config, has_validation: bool) -> tuple[early_stopping_lib.EarlyStopping, bool]:
+    """The early-stopping rule, and whether it may stop the run; disabled, it only tracks the best epoch."""
+    if config.early_stopping.enabled:
+        return config_lib.make_early_stopping(config.early_stopping, has_validation), True
+    # Never stops (a stopped state freezes, and the best epoch must keep being tracked).
+    monitor = "val_loss" if has_validation else "train_loss"
+    return early_stopping_lib.EarlyStopping(monitor=monitor, patience=2**30, stop_on_nonfinite=False), False
+
+
+def load(workdir: str | pathlib.Path, epoch: int | str | None = None) -> epoch_lib.TrainState:
+    """The train state of a run's checkpoint: the newest (None), "best" (its best epoch's parameters) or epoch N."""
+    workdir = pathlib.Path(workdir)
+    if not (workdir / "run.json").exists():
+        raise WorkdirError(f"{workdir} holds no jaxepochs run (no run.json); pass the --workdir of a run.")
+    config = config_lib.validate(ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text())))
+    run = json.loads((workdir / "run.json").read_text())
+    model = models.make_model(config.model, run["num_classes"])
+    tx = schedules.make_optimizer(config.optimizer, run["steps_per_epoch"], config.train.epochs)
+    state = init_state(model, tx, config.seed, np.zeros([1, *run["input_shape"]], np.float32))
+    tracker, _ = _tracker(config, run["num_val_examples"] > 0)
+    like = checkpoint_lib.arrays_of(state, _control(tracker, config), state.params)
+    ckpt = checkpoint_lib.Checkpointer(workdir)
+    try:
+        saved = ckpt.epochs()
+        if not saved:
+            raise WorkdirError(f"{workdir} has no checkpoints.")
+        chosen = saved[-1] if epoch in (None, "best") else int(epoch)
+        if chosen not in saved:
+            raise WorkdirError(f"{workdir} has no checkpoint of epoch {epoch}; it has epochs {saved}.")
+        arrays, _ = ckpt.restore(chosen, like)
+    finally:
+        ckpt.close()
+    state = arrays["train"]
+    return state._replace(params=arrays["best_params"]) if epoch == "best" else state
+
+
+def _control(tracker, config) -> dict:
+    return {"early_stopping": tracker.init(), "plateau": schedules.plateau_init(config.optimizer)}
 
 
 def train_and_evaluate(
@@ -113,18 +182,34 @@ def train_and_evaluate(
     workdir: str | pathlib.Path,
     *,
     quiet: bool = False,
-    overwrite: bool = False,
+    restart: bool = False,
 ) -> TrainResult:
-    """Trains `config` for `train.epochs` epochs, writing config.json, metrics.jsonl, summary.json, curves.png."""
+    """Trains `config` for `train.epochs` epochs in `workdir`, resuming a run already there.
+
+    Writes config.json, run.json, metrics.jsonl, summary.json, curves.png and checkpoints/.
+    """
     run_start = time.perf_counter()
     config = config_lib.validate(config)
     dataset = data_lib.load_dataset(config, quiet)
     _check_shapes(config, dataset)
-    workdir = prepare_workdir(workdir, overwrite)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    workdir = pathlib.Path(workdir)
+    resuming = prepare_workdir(workdir, config, restart)
+    progress = report.Progress(config.train.epochs, quiet)
 
+    batch_size = config.train.batch_size
+    steps_per_epoch = epoch_lib.steps_per_epoch(dataset.train.y.shape[0], batch_size)
+    has_validation = dataset.val.y.shape[0] > 0
+    report.write_json(
+        workdir / "run.json",
+        {
+            "steps_per_epoch": steps_per_epoch,
+            "num_classes": dataset.num_classes,
+            "input_shape": list(dataset.train.x.shape[1:]),
+            "num_val_examples": int(dataset.val.y.shape[0]),
+        },
+    )
     model = models.make_model(config.model, dataset.num_classes)
-    tx = optim.make_optimizer(config.optimizer)
+    tx = schedules.make_optimizer(config.optimizer, steps_per_epoch, config.train.epochs)
     try:
         state = init_state(model, tx, config.seed, dataset.train.x)
     except (ValueError, TypeError) as e:
@@ -132,52 +217,111 @@ def train_and_evaluate(
             f"model.name={config.model.name} cannot take {dataset.name}'s inputs of shape "
             f"{dataset.train.x.shape[1:]}: {e}"
         ) from e
+    tracker, may_stop = _tracker(config, has_validation)
+    control = _control(tracker, config)
+    best_params = state.params
+    history: list[dict] = []
+    ckpt = checkpoint_lib.Checkpointer(workdir, config.checkpoint.max_to_keep) if config.checkpoint.enabled else None
+    if resuming and ckpt is not None:
+        restored = ckpt.restore_latest(checkpoint_lib.arrays_of(state, control, best_params), progress.message)
+        if restored is not None:
+            done, arrays, meta = restored
+            state, control, best_params = arrays["train"], arrays["control"], arrays["best_params"]
+            history = meta["history"]
+            progress.message(f"Resuming {workdir} from the checkpoint of epoch {done}.")
+
     splits = {
         name: (jnp.asarray(split.x), jnp.asarray(split.y))
         for name, split in (("train", dataset.train), ("val", dataset.val), ("test", dataset.test))
     }
-    batch_size = config.train.batch_size
     compiled = compile_run(state, model, tx, splits, batch_size, config.train.eval_batch_size)
-    steps_per_epoch = epoch_lib.steps_per_epoch(dataset.train.y.shape[0], batch_size)
+    scalar = np.float32(0)  # the per-epoch control updates, compiled before the first epoch too
+    tracker_update = jax.jit(tracker.update).lower(control["early_stopping"], scalar, scalar).compile()
+    if control["plateau"] is not None:
+        plateau_update = jax.jit(schedules.plateau_update).lower(control["plateau"], scalar).compile()
+    monitor = tracker.monitor
+    plateau_monitor = config.optimizer.schedule.monitor
 
-    history: list[dict] = []
-    stop_reason = "completed"
+    def save(epoch: int) -> None:
+        if ckpt is not None and epoch > 0:
+            meta = {"epoch": epoch, "history": history}
+            ckpt.save(epoch, checkpoint_lib.arrays_of(state, control, best_params), meta)
+
+    stop_reason, interrupted = "completed", False
     log = report.MetricsLog(workdir / "metrics.jsonl")
-    progress = report.Progress(config.train.epochs, quiet)
+    for row in history:  # rows past the resumed checkpoint are dropped: they will be recomputed identically
+        log.write(row)
+    progress.skip(len(history))
     x_train, y_train = splits["train"]
+    last_save = time.perf_counter()
     try:
-        for epoch in range(1, config.train.epochs + 1):
+        for epoch in range(len(history) + 1, config.train.epochs + 1):
+            if may_stop and bool(control["early_stopping"].should_stop):
+                break  # a resumed run that had already stopped early
             epoch_start = time.perf_counter()
             new_state, train_totals = compiled.train_epoch(state, x_train, y_train, jnp.asarray(epoch, jnp.int32))
-            val_totals = (
-                compiled.evaluate["val"](new_state.params, *splits["val"]) if "val" in compiled.evaluate else None
-            )
+            val_totals = compiled.evaluate["val"](new_state.params, *splits["val"]) if has_validation else None
             train_totals = jax.device_get(train_totals)  # waits for the training pass only
             train_seconds = time.perf_counter() - epoch_start
-            val_totals, lr = jax.device_get((val_totals, optim.learning_rate(new_state.opt_state)))
+            val_totals, lr = jax.device_get((val_totals, schedules.learning_rate_of(new_state.opt_state)))
             row = {"epoch": epoch, "steps": epoch * steps_per_epoch, **train_totals.means("train")}
             if val_totals is not None:
                 row.update(val_totals.means("val"))
             row["learning_rate"] = float(lr)
-            row["train_seconds"] = train_seconds
             if not math.isfinite(row["train_loss"]):
                 stop_reason = "non_finite_loss"
                 progress.message(f"epoch {epoch}: training loss is {row['train_loss']}; stopping.")
                 break
             state = new_state
+            es_state = tracker_update(
+                control["early_stopping"], np.float32(row[monitor]), np.float32(row["train_loss"])
+            )
+            if int(es_state.best_epoch) == epoch:
+                best_params = state.params
+            control = {**control, "early_stopping": es_state}
+            if control["plateau"] is not None:
+                plateau = plateau_update(control["plateau"], np.float32(row[plateau_monitor]))
+                state = state._replace(opt_state=schedules.with_plateau_scale(state.opt_state, plateau))
+                control = {**control, "plateau": plateau}
+            row["train_seconds"] = train_seconds
             row["seconds"] = time.perf_counter() - epoch_start
             log.write(row)
             history.append(row)
             progress.update(row)
+            if may_stop and bool(es_state.should_stop):
+                stop_reason = early_stopping_lib.stop_reason_name(es_state.stop_reason)
+                break
+            every = config.checkpoint.every_epochs
+            due = epoch % every == 0 if every else time.perf_counter() - last_save >= config.checkpoint.every_seconds
+            if due:
+                save(epoch)
+                last_save = time.perf_counter()
+    except KeyboardInterrupt:
+        interrupted = True
+        stop_reason = "interrupted"
     finally:
         log.close()
         progress.close()
+        save(len(history))  # the last good epoch: at the end, at a stop, at Ctrl-C, before a NaN
+        if ckpt is not None:
+            ckpt.close()
+    if interrupted:
+        progress.message(
+            f"Interrupted after epoch {len(history)}; checkpoint saved in {workdir}. Run the same command again "
+            "to resume."
+        )
+        raise KeyboardInterrupt
 
+    es_state = control["early_stopping"]
+    restored_best = bool(config.early_stopping.enabled and config.early_stopping.restore_best and history)
+    if restored_best:
+        state = state._replace(params=best_params)
+        progress.message(f"Restored the parameters of epoch {int(es_state.best_epoch)}, the best by {monitor}.")
     final = {}
     for name in ("val", "test"):
         if name in compiled.evaluate:
             final.update(jax.device_get(compiled.evaluate[name](state.params, *splits[name])).means(name))
-    best_epoch, best_key = _best_epoch(history)
+    best_epoch = int(es_state.best_epoch)
     summary = {
         "dataset": dataset.name,
         "model": config.model.name,
@@ -189,26 +333,33 @@ def train_and_evaluate(
         "steps_per_epoch": steps_per_epoch,
         "epochs_completed": len(history),
         "best_epoch": best_epoch,
-        "best_epoch_metric": best_key,
-        "stopped_epoch": len(history) + 1 if stop_reason != "completed" else 0,
+        "best_epoch_metric": monitor,
+        "best_value": float(es_state.best_value) if best_epoch else None,
+        "stopped_epoch": int(es_state.stop_epoch) if stop_reason not in ("completed", "non_finite_loss") else 0,
         "stop_reason": stop_reason,
+        "restored_best": restored_best,
         **final,
         "compile_seconds": compiled.compile_seconds,
         "train_seconds": sum(row["train_seconds"] for row in history),
         "total_seconds": time.perf_counter() - run_start,
         "platform": jax.devices()[0].platform,
     }
+    if stop_reason == "non_finite_loss":
+        summary["non_finite_epoch"] = len(history) + 1
+        summary["stopped_epoch"] = len(history) + 1
     report.write_json(workdir / "summary.json", summary)
     report.plot_curves(history, workdir / "curves.png", f"{dataset.name} {config.model.name}")
-    if not quiet:
-        progress.message(
-            f"test_loss {summary.get('test_loss', float('nan')):.4f}  "
-            f"test_accuracy {summary.get('test_accuracy', float('nan')):.4f}  "
-            f"({summary['total_seconds']:.1f} s, outputs in {workdir})"
-        )
+    if stop_reason not in ("completed", "non_finite_loss"):
+        progress.message(f"Stopped early at epoch {summary['stopped_epoch']} ({stop_reason}); best epoch {best_epoch}.")
+    progress.message(
+        f"test_loss {summary.get('test_loss', float('nan')):.4f}  "
+        f"test_accuracy {summary.get('test_accuracy', float('nan')):.4f}  "
+        f"({summary['total_seconds']:.1f} s, outputs in {workdir})"
+    )
     if stop_reason == "non_finite_loss":
         raise NonFiniteLossError(
-            f"Training loss became non-finite in epoch {len(history) + 1}; the run stopped and kept the state of "
-            f"epoch {len(history)} (outputs in {workdir}). Lower optimizer.learning_rate or add gradient clipping."
+            f"Training loss became non-finite in epoch {len(history) + 1}; the run stopped and kept the state and "
+            f"checkpoint of epoch {len(history)} (outputs in {workdir}). Lower optimizer.learning_rate or set "
+            "optimizer.clip_norm."
         )
     return TrainResult(state, history, summary)

@@ -237,7 +237,7 @@ def test_cli_used_workdir(tmp_path, capsys):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "summary.json").write_text("{}")
     assert cli.main(_cli(tmp_path, "--config.train.epochs=0")) == 2
-    assert "already holds a run" in capsys.readouterr().err
+    assert "holds run outputs but no config.json" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("hidden, parameters", [("(16,)", (40 * 16 + 16) + (16 * 10 + 10)), ("()", 40 * 10 + 10)])

@@ -179,16 +179,22 @@ def test_logistic_regression_on_digits(tmp_path):
     assert len(_rows(tmp_path)) == 2
 
 
-def test_used_workdir_needs_overwrite(base_run, tmp_path):
-    _, base_workdir, _ = base_run
+def test_used_workdir_resumes_or_needs_restart(base_run, tmp_path):
+    config, base_workdir, base_result = base_run
     workdir = tmp_path / "used"
     shutil.copytree(base_workdir, workdir)
-    with pytest.raises(jaxepochs.WorkdirError, match="already holds a run"):
-        jaxepochs.train_and_evaluate(tiny_config({"train.epochs": "0"}), workdir, quiet=True)
-    assert len(_rows(workdir)) == EPOCHS  # untouched
+    # Another config (not just train.epochs): refused, naming the differing key, and nothing is touched.
+    with pytest.raises(jaxepochs.WorkdirError, match=r"another config \(seed: 0 -> 1\).*--restart"):
+        jaxepochs.train_and_evaluate(tiny_config({"train.epochs": str(EPOCHS), "seed": "1"}), workdir, quiet=True)
+    assert len(_rows(workdir)) == EPOCHS
 
-    config = tiny_config({"train.epochs": "0"})
-    result = jaxepochs.train_and_evaluate(config, workdir, quiet=True, overwrite=True)
+    # The same config: the finished run resumes at its end and trains nothing more.
+    result = jaxepochs.train_and_evaluate(config, workdir, quiet=True)
+    assert [r["train_loss"] for r in result.history] == [r["train_loss"] for r in base_result.history]
+    assert result.summary["test_loss"] == base_result.summary["test_loss"]
+
+    # --restart discards it.
+    result = jaxepochs.train_and_evaluate(tiny_config({"train.epochs": "0"}), workdir, quiet=True, restart=True)
     assert result.summary["epochs_completed"] == 0
     assert _rows(workdir) == []
     assert _summary(workdir)["epochs_completed"] == 0
