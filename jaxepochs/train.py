@@ -116,7 +116,8 @@ def prepare_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict, re
             shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differing[:8])
             raise WorkdirError(
                 f"{workdir} holds a run with another config ({shown}). Use a new --workdir, or --restart "
-                "(restart=True) to discard that run. Only train.epochs, checkpoint.* and data.data_dir may change when resuming."
+                "(restart=True) to discard that run. Only train.epochs, checkpoint.* and data.data_dir may change "
+                "when resuming."
             )
         if not config.checkpoint.enabled or not (workdir / checkpoint_lib.CHECKPOINT_DIR).exists():
             raise WorkdirError(
