@@ -12,6 +12,8 @@ import json
 import math
 import pathlib
 import shutil
+import signal
+import threading
 import time
 from typing import Any, NamedTuple
 
@@ -248,7 +250,17 @@ def train_and_evaluate(
             meta = {"epoch": epoch, "history": history}
             ckpt.save(epoch, checkpoint_lib.arrays_of(state, control, best_params), meta)
 
-    stop_reason, interrupted = "completed", False
+    stop_reason, aborted = "completed", False
+    stop_requested: list[bool] = []
+
+    def on_sigint(signum, frame):  # Ctrl-C: finish the epoch in flight, checkpoint it, stop; twice: abort
+        if stop_requested:
+            raise KeyboardInterrupt
+        stop_requested.append(True)
+        progress.message("Ctrl-C: stopping after this epoch (press again to abort without saving).")
+
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous_handler = signal.signal(signal.SIGINT, on_sigint) if in_main_thread else None
     log = report.MetricsLog(workdir / "metrics.jsonl")
     for row in history:  # rows past the resumed checkpoint are dropped: they will be recomputed identically
         log.write(row)
@@ -292,21 +304,27 @@ def train_and_evaluate(
             if may_stop and bool(es_state.should_stop):
                 stop_reason = early_stopping_lib.stop_reason_name(es_state.stop_reason)
                 break
+            if stop_requested:
+                stop_reason = "interrupted"
+                break
             every = config.checkpoint.every_epochs
             due = epoch % every == 0 if every else time.perf_counter() - last_save >= config.checkpoint.every_seconds
             if due:
                 save(epoch)
                 last_save = time.perf_counter()
-    except KeyboardInterrupt:
-        interrupted = True
-        stop_reason = "interrupted"
+    except KeyboardInterrupt:  # a second Ctrl-C: the state may be half-updated, so it is not saved
+        aborted = True
+        raise
     finally:
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous_handler)
         log.close()
         progress.close()
-        save(len(history))  # the last good epoch: at the end, at a stop, at Ctrl-C, before a NaN
+        if not aborted:
+            save(len(history))  # the last good epoch: at the end, at a stop, at Ctrl-C, before a NaN
         if ckpt is not None:
             ckpt.close()
-    if interrupted:
+    if stop_reason == "interrupted":
         progress.message(
             f"Interrupted after epoch {len(history)}; checkpoint saved in {workdir}. Run the same command again "
             "to resume."
