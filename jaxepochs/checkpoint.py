@@ -108,6 +108,8 @@ class Checkpointer:
                 errors.append(str(e))
                 warn(f"{e}; falling back to the previous checkpoint.")
                 continue
+            for unreadable in [e for e in self.epochs() if e > epoch]:
+                self._manager.delete(unreadable)  # the resumed run saves these epochs again
             return epoch, arrays, meta
         if errors:
             raise CheckpointError(

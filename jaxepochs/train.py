@@ -121,7 +121,12 @@ def prepare_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict, re
                 "(restart=True) to discard that run. Only train.epochs, checkpoint.* and data.data_dir may change "
                 "when resuming."
             )
-        if not config.checkpoint.enabled or not (workdir / checkpoint_lib.CHECKPOINT_DIR).exists():
+        if not config.checkpoint.enabled:
+            raise WorkdirError(
+                f"{workdir} holds a run, and checkpoint.enabled=False cannot resume it. Enable checkpoints, use a "
+                "new --workdir, or --restart (restart=True) to start over."
+            )
+        if not (workdir / checkpoint_lib.CHECKPOINT_DIR).exists():
             raise WorkdirError(
                 f"{workdir} holds a run without checkpoints to resume from. Use a new --workdir, or --restart "
                 "(restart=True) to start over."
@@ -226,7 +231,11 @@ def train_and_evaluate(
     history: list[dict] = []
     ckpt = checkpoint_lib.Checkpointer(workdir, config.checkpoint.max_to_keep) if config.checkpoint.enabled else None
     if resuming and ckpt is not None:
-        restored = ckpt.restore_latest(checkpoint_lib.arrays_of(state, control, best_params), progress.message)
+        try:
+            restored = ckpt.restore_latest(checkpoint_lib.arrays_of(state, control, best_params), progress.message)
+        except checkpoint_lib.CheckpointError:
+            ckpt.close()
+            raise
         if restored is not None:
             done, arrays, meta = restored
             state, control, best_params = arrays["train"], arrays["control"], arrays["best_params"]
@@ -247,7 +256,7 @@ def train_and_evaluate(
 
     def save(epoch: int) -> None:
         if ckpt is not None and epoch > 0:
-            meta = {"epoch": epoch, "history": history}
+            meta = {"epoch": epoch, "history": list(history)}  # a copy: orbax writes it later
             ckpt.save(epoch, checkpoint_lib.arrays_of(state, control, best_params), meta)
 
     stop_reason, aborted = "completed", False
