@@ -248,7 +248,13 @@ def train_and_evaluate(
     }
     compiled = compile_run(state, model, tx, splits, batch_size, config.train.eval_batch_size)
     scalar = np.float32(0)  # the per-epoch control updates, compiled before the first epoch too
-    tracker_update = jax.jit(tracker.update).lower(control["early_stopping"], scalar, scalar).compile()
+
+    def tracker_step(es_state, value, train_value):
+        # Also packs what the host reads into one int32[3]: one transfer, not one per field (~0.3 ms on CPU).
+        es_state = tracker.update(es_state, value, train_value)
+        return es_state, jnp.stack([es_state.best_epoch, es_state.should_stop.astype(jnp.int32), es_state.stop_reason])
+
+    tracker_update = jax.jit(tracker_step).lower(control["early_stopping"], scalar, scalar).compile()
     if control["plateau"] is not None:
         plateau_update = jax.jit(schedules.plateau_update).lower(control["plateau"], scalar).compile()
     monitor = tracker.monitor
@@ -277,8 +283,9 @@ def train_and_evaluate(
     x_train, y_train = splits["train"]
     last_save = time.perf_counter()
     try:
-        for epoch in range(len(history) + 1, config.train.epochs + 1):
-            if may_stop and bool(control["early_stopping"].should_stop):
+        first_epoch = len(history) + 1
+        for epoch in range(first_epoch, config.train.epochs + 1):
+            if epoch == first_epoch and may_stop and bool(control["early_stopping"].should_stop):
                 break  # a resumed run that had already stopped early
             epoch_start = time.perf_counter()
             new_state, train_totals = compiled.train_epoch(state, x_train, y_train, jnp.asarray(epoch, jnp.int32))
@@ -295,10 +302,11 @@ def train_and_evaluate(
                 progress.message(f"epoch {epoch}: training loss is {row['train_loss']}; stopping.")
                 break
             state = new_state
-            es_state = tracker_update(
+            es_state, es_host = tracker_update(
                 control["early_stopping"], np.float32(row[monitor]), np.float32(row["train_loss"])
             )
-            if int(es_state.best_epoch) == epoch:
+            best_epoch, should_stop, stop_code = (int(v) for v in jax.device_get(es_host))
+            if best_epoch == epoch:
                 best_params = state.params
             control = {**control, "early_stopping": es_state}
             if control["plateau"] is not None:
@@ -310,8 +318,8 @@ def train_and_evaluate(
             log.write(row)
             history.append(row)
             progress.update(row)
-            if may_stop and bool(es_state.should_stop):
-                stop_reason = early_stopping_lib.stop_reason_name(es_state.stop_reason)
+            if may_stop and should_stop:
+                stop_reason = early_stopping_lib.stop_reason_name(stop_code)
                 break
             if stop_requested:
                 stop_reason = "interrupted"
