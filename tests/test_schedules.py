@@ -192,7 +192,8 @@ def test_optimizer_section_without_schedule_keys_is_a_constant_rate():
 
 def test_zero_epochs_builds_every_schedule():
     for name in ("constant", "warmup_cosine", "one_cycle", "one_cycle_linear", "exponential"):
-        S.make_optimizer(opt_cfg(schedule=sched_cfg(name=name)), 3, 0).init(jnp.zeros(()))
+        state = S.make_optimizer(opt_cfg(schedule=sched_cfg(name=name)), 3, 0).init(jnp.zeros(()))
+        assert np.isfinite(float(S.learning_rate_of(state))), name
 
 
 def plateau_scales(plateau_state, values_per_epoch):
