@@ -1,4 +1,5 @@
-"""`jaxepochs run --config experiments/NAME.py --workdir DIR [--config.a.b=value ...] [--quiet] [--restart]`."""
+"""`jaxepochs run --config experiments/NAME.py --workdir DIR [--config.a.b=value ...] [--quiet] [--restart]`
+and `jaxepochs reproduce NAME|all --workdir DIR [--seeds K] [--quick]`."""
 
 from __future__ import annotations
 
@@ -38,6 +39,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--restart", action="store_true", help="discard a run already in the workdir (by default it is resumed)"
     )
+    rep = sub.add_parser("reproduce", help="rerun a published result over seeds and judge it")
+    rep.add_argument("name", help='a reference in experiments/references (e.g. "mnist1d") or "all"')
+    rep.add_argument("--workdir", required=True, help="directory for the runs, report.md and curves.png")
+    rep.add_argument("--seeds", type=int, default=3, help="seeds per experiment (default 3)")
+    rep.add_argument("--quick", action="store_true", help="1 seed, a few epochs: checks directions only")
+    rep.add_argument("--quiet", action="store_true", help="print nothing but errors")
     return parser
 
 
@@ -46,6 +53,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rest, overrides = _split_overrides(argv)
         args = _parser().parse_args(rest)
+        if args.command == "reproduce":
+            if overrides:
+                raise UsageError("reproduce takes no --config.* overrides; the references fix each recipe.")
+            from jaxepochs import reproduce
+
+            names = reproduce.available() if args.name == "all" else [args.name]
+            failed = 0
+            for name in names:
+                workdir = args.workdir if len(names) == 1 else f"{args.workdir}/{name}"
+                rows = reproduce.reproduce(name, workdir, seeds=args.seeds, quick=args.quick, quiet=args.quiet)
+                failed += sum(not row["passed"] for row in rows)
+            return 1 if failed else 0
         config = config_lib.apply_overrides(config_lib.load_config_file(args.config), overrides)
         from jaxepochs import train  # imports jax: after the cheap checks
 

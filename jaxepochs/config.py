@@ -17,7 +17,7 @@ import ml_collections
 from jaxepochs import early_stopping as early_stopping_lib
 from jaxepochs import schedules
 
-MODELS = ("mlp", "cnn")
+MODELS = ("mlp", "cnn", "gru")
 OPTIMIZERS = schedules.OPTIMIZERS
 
 
@@ -45,12 +45,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.kernel_sizes = (5, 3, 3)  # cnn
     c.model.strides = (2, 2, 2)  # cnn
     c.model.padding = 1  # cnn: zeros on each side of every convolution
+    c.model.residual = False  # mlp: hidden layers after the first add their input (h = h + relu(W h)), as MNIST-1D's
+    c.model.gru_hidden = 6  # gru: hidden size per direction
+    c.model.bidirectional = True  # gru
     c.model.num_classes = 0  # 0: taken from the dataset
 
     c.train = ml_collections.ConfigDict()
     c.train.epochs = 150
     c.train.batch_size = 100
     c.train.eval_batch_size = 1000  # evaluation only; capped at the split size
+    c.train.log_test = False  # also evaluate the test split every epoch (test_loss, test_accuracy in metrics.jsonl)
 
     c.optimizer = schedules.optimizer_config()  # name, learning_rate, momentum, weight_decay, clip_norm, schedule
 

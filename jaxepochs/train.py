@@ -281,6 +281,7 @@ def train_and_evaluate(
         log.write(row)
     progress.skip(len(history))
     x_train, y_train = splits["train"]
+    log_test = config.train.log_test and "test" in compiled.evaluate
     last_save = time.perf_counter()
     try:
         first_epoch = len(history) + 1
@@ -290,12 +291,16 @@ def train_and_evaluate(
             epoch_start = time.perf_counter()
             new_state, train_totals = compiled.train_epoch(state, x_train, y_train, jnp.asarray(epoch, jnp.int32))
             val_totals = compiled.evaluate["val"](new_state.params, *splits["val"]) if has_validation else None
+            test_totals = compiled.evaluate["test"](new_state.params, *splits["test"]) if log_test else None
             train_totals = jax.device_get(train_totals)  # waits for the training pass only
             train_seconds = time.perf_counter() - epoch_start
-            val_totals, lr = jax.device_get((val_totals, schedules.learning_rate_of(new_state.opt_state)))
+            val_totals, test_totals, lr = jax.device_get(
+                (val_totals, test_totals, schedules.learning_rate_of(new_state.opt_state))
+            )
             row = {"epoch": epoch, "steps": epoch * steps_per_epoch, **train_totals.means("train")}
-            if val_totals is not None:
-                row.update(val_totals.means("val"))
+            for totals, prefix in ((val_totals, "val"), (test_totals, "test")):
+                if totals is not None:
+                    row.update(totals.means(prefix))
             row["learning_rate"] = float(lr)
             if not math.isfinite(row["train_loss"]):
                 stop_reason = "non_finite_loss"

@@ -1,0 +1,184 @@
+"""`jaxepochs reproduce NAME`: rerun a published result over seeds, overlay the published points, judge each.
+
+Published numbers live in `experiments/references/NAME.json` (value, unit, what it was measured on, source,
+tolerance and why); none are in code. Each referenced experiment runs once per seed, sequentially, into
+`WORKDIR/runs/<experiment>/seed<k>/` (rerunning resumes finished runs instantly). The workdir gets `report.md`
+(published value, our mean ± std, difference, pass/fail), `curves.png` (our mean curves with their spread, the
+published points on top) and `histories/<experiment>_seed<k>.jsonl`.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+
+import numpy as np
+
+from jaxepochs import config as config_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+REFERENCES = REPO / "experiments" / "references"
+QUICK = {"seeds": 1, "epochs": 8}  # --quick: the direction of every gap, not the published values
+
+
+def available() -> list[str]:
+    return sorted(path.stem for path in REFERENCES.glob("*.json"))
+
+
+def load_reference(name: str) -> dict:
+    path = REFERENCES / f"{name}.json"
+    if not path.is_file():
+        raise ValueError(f'No published reference "{name}". Available: {", ".join(available())}.')
+    return json.loads(path.read_text())
+
+
+def _experiments(reference: dict) -> list[str]:
+    names = [v["experiment"] for v in reference["values"]] + [c["experiment"] for c in reference["curves"]]
+    return list(dict.fromkeys(names))
+
+
+def _run_seeds(experiment: str, reference: dict, workdir: pathlib.Path, seeds: int, epochs: int | None, quiet: bool):
+    from jaxepochs import train
+
+    overrides = dict(reference.get("overrides", {}))
+    if epochs is not None:
+        overrides["train.epochs"] = str(epochs)
+    histories = []
+    for seed in range(seeds):
+        config = config_lib.apply_overrides(
+            config_lib.load_config_file(REPO / "experiments" / f"{experiment}.py"), {**overrides, "seed": str(seed)}
+        )
+        if not quiet:
+            print(f"reproduce: {experiment} seed {seed} ({config.train.epochs} epochs)", flush=True)
+        result = train.train_and_evaluate(config, workdir / "runs" / experiment / f"seed{seed}", quiet=True)
+        histories.append(result.history)
+        target = workdir / "histories" / f"{experiment}_seed{seed}.jsonl"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(workdir / "runs" / experiment / f"seed{seed}" / "metrics.jsonl", target)
+    return histories
+
+
+def _curve(histories: list[list[dict]], metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Steps [E] and the metric per seed [S, E] (runs of one experiment share their step counts)."""
+    steps = np.array([row["steps"] for row in histories[0]])
+    return steps, np.array([[row[metric] for row in history] for history in histories])
+
+
+def _at_step(steps: np.ndarray, values_se: np.ndarray, step: int) -> np.ndarray:
+    """Per-seed value at the last logged step not after `step` (test metrics are logged once per epoch)."""
+    index = int(np.searchsorted(steps, step, side="right")) - 1
+    return values_se[:, max(index, 0)]
+
+
+def judge(reference: dict, histories: dict[str, list[list[dict]]], quick: bool) -> list[dict]:
+    """One row per published number: published, our mean and std, difference, tolerance, pass."""
+    rows = []
+    if quick:  # the direction of the gaps, which even a few epochs show
+        order = reference.get("quick_order", [])
+        finals = {name: float(np.mean([h[-1]["test_accuracy"] for h in histories[name]])) for name in order}
+        for better, worse in zip(order, order[1:], strict=False):
+            rows.append(
+                {
+                    "what": f"{better} > {worse} (test_accuracy)",
+                    "published": "ordering",
+                    "mean": finals[better],
+                    "std": 0.0,
+                    "difference": finals[better] - finals[worse],
+                    "tolerance": 0.0,
+                    "passed": finals[better] > finals[worse],
+                }
+            )
+        return rows
+    for value in reference["values"]:
+        steps, values_se = _curve(histories[value["experiment"]], value["metric"])
+        ours = values_se[:, -1]
+        rows.append(_row(f"{value['label']} {value['metric']} (final)", value["value"], ours, value["tolerance"]))
+    for curve in reference["curves"]:
+        steps, values_se = _curve(histories[curve["experiment"]], curve["metric"])
+        for step, published in zip(curve["steps"], curve["values"], strict=True):
+            ours = _at_step(steps, values_se, step)
+            rows.append(
+                _row(f"{curve['experiment']} {curve['metric']} @ {step} steps", published, ours, curve["tolerance"])
+            )
+    return rows
+
+
+def _row(what: str, published: float, ours: np.ndarray, tolerance: float) -> dict:
+    mean, std = float(np.mean(ours)), float(np.std(ours))
+    return {
+        "what": what,
+        "published": published,
+        "mean": mean,
+        "std": std,
+        "difference": mean - published,
+        "tolerance": tolerance,
+        "passed": abs(mean - published) <= tolerance,
+    }
+
+
+def write_report(path: pathlib.Path, reference: dict, rows: list[dict], seeds: int, quick: bool) -> None:
+    lines = [f"# Reproduction: {reference['title']}", "", f"Recipe: {reference['recipe']}.", ""]
+    lines.append(f"Seeds: {seeds}{' (quick: directions only, not published values)' if quick else ''}.")
+    lines += [
+        "",
+        "| result | published | ours (mean ± std) | difference | tolerance | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        published = r["published"] if isinstance(r["published"], str) else f"{r['published']:.3f}"
+        verdict = "pass" if r["passed"] else "FAIL"
+        lines.append(
+            f"| {r['what']} | {published} | {r['mean']:.3f} ± {r['std']:.3f} | {r['difference']:+.3f} | "
+            f"±{r['tolerance']:.3f} | {verdict} |"
+        )
+    passed = sum(r["passed"] for r in rows)
+    lines += ["", f"**{passed} of {len(rows)} pass.**", "", f"Tolerance: {reference.get('tolerance_why', '')}", ""]
+    lines.append("Sources: " + "; ".join(sorted({v["source"] for v in reference["values"] + reference["curves"]})))
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot(path: pathlib.Path, reference: dict, histories: dict[str, list[list[dict]]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for curve in reference["curves"]:
+        if curve["experiment"] not in histories:
+            continue
+        steps, values_se = _curve(histories[curve["experiment"]], curve["metric"])
+        mean, std = values_se.mean(0), values_se.std(0)
+        (line,) = ax.plot(steps, mean, label=f"{curve['experiment']} (ours, mean of {values_se.shape[0]})")
+        ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+        ax.scatter(curve["steps"], curve["values"], color=line.get_color(), marker="x", s=60, zorder=3)
+    ax.scatter([], [], color="k", marker="x", label="published (notebook)")
+    ax.set_xlabel("optimizer steps")
+    ax.set_ylabel("test accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(reference["name"])
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def reproduce(name: str, workdir: str | pathlib.Path, seeds: int = 3, quick: bool = False, quiet: bool = False):
+    """Runs every experiment `name`'s reference names over `seeds` seeds; returns the judged rows."""
+    reference = load_reference(name)
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if quick:
+        seeds = QUICK["seeds"]
+    if seeds < 1:
+        raise ValueError(f"--seeds {seeds}: use 1 or more seeds.")
+    epochs = QUICK["epochs"] if quick else None
+    names = reference.get("quick_order", []) if quick else _experiments(reference)
+    histories = {exp: _run_seeds(exp, reference, workdir, seeds, epochs, quiet) for exp in names}
+    rows = judge(reference, histories, quick)
+    write_report(workdir / "report.md", reference, rows, seeds, quick)
+    plot(workdir / "curves.png", reference, histories)
+    if not quiet:
+        print((workdir / "report.md").read_text())
+    return rows
