@@ -1,4 +1,4 @@
-"""MNIST-1D, MLP 40-100-100-10, Adam 1e-2, batch 100: the default experiment (the MNIST-1D reference recipe).
+"""MNIST-1D, residual MLP 40-100-100-10, Adam 1e-2, batch 100: the default experiment (the MNIST-1D reference).
 
     jaxepochs run --config experiments/mnist1d_mlp.py --workdir runs/mnist1d_mlp     # or: make run
 
@@ -14,6 +14,7 @@ def get_config():
     config.data.name = "mnist1d"
     config.model.name = "mlp"
     config.model.hidden_sizes = (100, 100)
+    config.model.residual = True  # the reference: h = relu(W1 x); h = h + relu(W2 h)
     config.train.epochs = 150
     config.train.batch_size = 100
     config.optimizer.name = "adam"

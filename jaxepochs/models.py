@@ -1,4 +1,8 @@
-"""Models (flax linen): an MLP (no hidden layers is logistic regression) and a 1-D CNN for sequences."""
+"""Models (flax linen): an MLP (no hidden layers is logistic regression), a 1-D CNN and a GRU for sequences.
+
+These are MNIST-1D's reference models (greydanus/mnist1d, notebooks/models.py): the MLP with `residual=True`,
+the CNN and the bidirectional GRU.
+"""
 
 from __future__ import annotations
 
@@ -11,14 +15,22 @@ import ml_collections
 
 
 class MLP(nn.Module):
+    """Dense layers with ReLU, then a linear layer; parameters Dense_0, Dense_1, ... in order.
+
+    With `residual`, every hidden layer after the first whose width equals its input's adds that input,
+    h = h + relu(W h + b), as MNIST-1D's MLP; a layer that changes the width has no residual.
+    """
+
     hidden_sizes: Sequence[int]
     num_classes: int
+    residual: bool = False
 
     @nn.compact
     def __call__(self, x_bf: jax.Array) -> jax.Array:
         h = x_bf.reshape(x_bf.shape[0], -1)
-        for width in self.hidden_sizes:
-            h = nn.relu(nn.Dense(width)(h))
+        for i, width in enumerate(self.hidden_sizes):
+            out = nn.relu(nn.Dense(width)(h))
+            h = h + out if self.residual and i > 0 and h.shape[-1] == width else out
         return nn.Dense(self.num_classes)(h)
 
 
@@ -44,13 +56,40 @@ class CNN1D(nn.Module):
         return nn.Dense(self.num_classes)(h.reshape(h.shape[0], -1))
 
 
+class GRU1D(nn.Module):
+    """A GRU over the sequence's time steps (both directions if `bidirectional`), then a linear layer on the
+    outputs of every step, flattened: MNIST-1D's GRU ([B, 40] -> [B, 40, 1] -> [B, 40, 2 * hidden] -> [B, C])."""
+
+    hidden: int
+    bidirectional: bool
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, x_bl: jax.Array) -> jax.Array:
+        if x_bl.ndim not in (2, 3):
+            raise ValueError(
+                f"model.name=gru takes sequences of shape [length] or [length, channels] per example; "
+                f"got {x_bl.shape[1:]}. Use model.name=mlp for this input."
+            )
+        h = x_bl[..., None] if x_bl.ndim == 2 else x_bl  # [B, L, C]
+        forward = nn.RNN(nn.GRUCell(self.hidden, name="forward"))
+        if self.bidirectional:
+            backward = nn.RNN(nn.GRUCell(self.hidden, name="backward"))
+            h = nn.Bidirectional(forward, backward)(h)  # [B, L, 2H]: the backward outputs in input order
+        else:
+            h = forward(h)  # [B, L, H]
+        return nn.Dense(self.num_classes)(h.reshape(h.shape[0], -1))
+
+
 def make_model(model_config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
     m = model_config
     if m.name == "mlp":
-        return MLP(tuple(int(h) for h in m.hidden_sizes), num_classes)
+        return MLP(tuple(int(h) for h in m.hidden_sizes), num_classes, residual=bool(m.residual))
     if m.name == "cnn":
         return CNN1D(tuple(m.channels), tuple(m.kernel_sizes), tuple(m.strides), int(m.padding), num_classes)
-    raise ValueError(f'Unknown model "{m.name}"; use mlp or cnn.')
+    if m.name == "gru":
+        return GRU1D(int(m.gru_hidden), bool(m.bidirectional), num_classes)
+    raise ValueError(f'Unknown model "{m.name}"; use mlp, cnn or gru.')
 
 
 def init_params(model: nn.Module, key: jax.Array, example_x: jax.Array):
