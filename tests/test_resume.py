@@ -30,9 +30,10 @@ from jaxepochs.checkpoint import CheckpointError
 
 SUBPROCESS_WAIT = 120.0  # generous: a loaded 2-core machine starts jax slowly
 CLI_EPOCHS = 100  # at ~0.15 s an epoch when checkpointing every epoch: still running when the test stops it
-# The experiment file is base_config() with the same values, so these overrides give tiny_config's config.
+# With these overrides the experiment file gives tiny_config's config (base_config with the same values).
 CLI_OVERRIDES = {
     "model.hidden_sizes": "(16,)",
+    "model.residual": "False",
     "train.batch_size": "64",
     "train.epochs": str(CLI_EPOCHS),
     "checkpoint.every_epochs": "1",
@@ -272,7 +273,7 @@ def test_non_finite_loss_keeps_the_last_good_epoch(tmp_path, capsys):
     capsys.readouterr()
     argv = ["run", "--config", str(EXPERIMENT), "--workdir", str(workdir), "--quiet"]
     argv += [f"--config.{k}={v}" for k, v in {**NAN_OVERRIDES, "model.hidden_sizes": "(16,)"}.items()]
-    argv += ["--config.train.batch_size=64"]
+    argv += ["--config.train.batch_size=64", "--config.model.residual=False"]
     assert cli.main(argv) == 2
     assert f"jaxepochs: error: Training loss became non-finite in epoch {good + 1}" in capsys.readouterr().err
     assert _rows(workdir) == rows  # restored from the checkpoint, timings too
