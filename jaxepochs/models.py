@@ -34,6 +34,16 @@ class MLP(nn.Module):
         return nn.Dense(self.num_classes)(h)
 
 
+def _as_sequence(x_bl: jax.Array, model_name: str) -> jax.Array:
+    """[B, L] or [B, L, C] as [B, L, C]; a clear error for other inputs (images, say)."""
+    if x_bl.ndim not in (2, 3):
+        raise ValueError(
+            f"model.name={model_name} takes sequences of shape [length] or [length, channels] per example; "
+            f"got {x_bl.shape[1:]}. Use model.name=mlp for this input."
+        )
+    return x_bl[..., None] if x_bl.ndim == 2 else x_bl
+
+
 class CNN1D(nn.Module):
     """Stacked 1-D convolutions with ReLU, then a linear layer on the flattened features."""
 
@@ -45,12 +55,7 @@ class CNN1D(nn.Module):
 
     @nn.compact
     def __call__(self, x_bl: jax.Array) -> jax.Array:
-        if x_bl.ndim not in (2, 3):
-            raise ValueError(
-                f"model.name=cnn takes sequences of shape [length] or [length, channels] per example; "
-                f"got {x_bl.shape[1:]}. Use model.name=mlp for this input."
-            )
-        h = x_bl[..., None] if x_bl.ndim == 2 else x_bl  # [B, L, C]
+        h = _as_sequence(x_bl, "cnn")  # [B, L, C]
         for ch, k, s in zip(self.channels, self.kernel_sizes, self.strides, strict=True):
             h = nn.relu(nn.Conv(ch, (k,), strides=(s,), padding=[(self.padding, self.padding)])(h))
         return nn.Dense(self.num_classes)(h.reshape(h.shape[0], -1))
@@ -66,12 +71,7 @@ class GRU1D(nn.Module):
 
     @nn.compact
     def __call__(self, x_bl: jax.Array) -> jax.Array:
-        if x_bl.ndim not in (2, 3):
-            raise ValueError(
-                f"model.name=gru takes sequences of shape [length] or [length, channels] per example; "
-                f"got {x_bl.shape[1:]}. Use model.name=mlp for this input."
-            )
-        h = x_bl[..., None] if x_bl.ndim == 2 else x_bl  # [B, L, C]
+        h = _as_sequence(x_bl, "gru")  # [B, L, C]
         forward = nn.RNN(nn.GRUCell(self.hidden, name="forward"))
         if self.bidirectional:
             backward = nn.RNN(nn.GRUCell(self.hidden, name="backward"))
