@@ -37,6 +37,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.split_seed = 0  # seeds the validation split; independent of `seed` so runs share one split
     c.data.train_split = "train"  # TFDS split names, for tfds:<name> datasets
     c.data.test_split = "test"
+    c.data.label_noise = 0.0  # fraction of training labels redrawn uniformly over the classes (seeded by split_seed)
+    c.data.args = mnist1d_args()  # mnist1d only: the generator's get_dataset_args(); a variant is its own TFDS config
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "mlp"
@@ -49,6 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.gru_hidden = 6  # gru: hidden size per direction
     c.model.bidirectional = True  # gru
     c.model.num_classes = 0  # 0: taken from the dataset
+    c.model.init = "flax"  # mlp: flax's initialisers, or "torch" (nn.Linear's uniform +-1/sqrt(fan_in))
 
     c.train = ml_collections.ConfigDict()
     c.train.epochs = 150
@@ -82,6 +85,27 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.every_seconds = 30.0
     c.checkpoint.max_to_keep = 3
     return c
+
+
+# mnist1d.data.get_dataset_args() of mnist1d 0.0.2+, less its download url (tests check they agree).
+MNIST1D_ARGS = {
+    "num_samples": 5000,
+    "train_split": 0.8,
+    "template_len": 12,
+    "padding": (36, 60),
+    "scale_coeff": 0.4,
+    "max_translation": 48,
+    "corr_noise_scale": 0.25,
+    "iid_noise_scale": 2e-2,
+    "shear_scale": 0.75,
+    "shuffle_seq": False,
+    "final_seq_length": 40,
+    "seed": 42,
+}
+
+
+def mnist1d_args() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(MNIST1D_ARGS))
 
 
 def _suggest(key: str, candidates: Iterable[str]) -> str:
@@ -146,6 +170,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                 f"{tuple(m.channels)}/{tuple(m.kernel_sizes)}/{tuple(m.strides)}",
                 "Give one kernel size and one stride per convolution, and at least one convolution.",
             )
+    if m.init not in ("flax", "torch"):
+        fail("model.init", f'"{m.init}"{_suggest(m.init, ("flax", "torch"))}', 'Use "flax" or "torch".')
     if any(int(h) < 1 for h in m.hidden_sizes):
         fail("model.hidden_sizes", f"{tuple(m.hidden_sizes)}", "Every hidden size must be 1 or more.")
     if o.name not in OPTIMIZERS:
@@ -158,6 +184,18 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         fail("optimizer.learning_rate", f"{o.learning_rate!r}", "The learning rate must be positive.")
     if not 0.0 <= d.validation_fraction < 1.0:
         fail("data.validation_fraction", f"{d.validation_fraction!r}", "Use a fraction in [0, 1).")
+    if not 0.0 <= d.label_noise <= 1.0:
+        fail("data.label_noise", f"{d.label_noise!r}", "Use a fraction of labels in [0, 1].")
+    if d.name != "mnist1d" and d.args.to_dict() != mnist1d_args().to_dict():
+        fail("data.args", f"{d.args.to_dict()}", f'data.args configures the mnist1d generator; data.name is "{d.name}".')
+    if d.name == "mnist1d":
+        a = d.args
+        if a.num_samples < 10 or not 0.0 < a.train_split < 1.0:
+            fail(
+                "data.args",
+                f"num_samples={a.num_samples}, train_split={a.train_split}",
+                "Use num_samples >= 10 (one per class) and train_split in (0, 1).",
+            )
     try:
         schedules.validate_schedule(o.schedule, t.epochs)
         if config.early_stopping.enabled:

@@ -50,17 +50,22 @@ def _absl_quiet():
         logging.set_verbosity(level)
 
 
-def _builder(name: str, directory: pathlib.Path, quiet: bool = False):
+def _builder(name: str, directory: pathlib.Path, quiet: bool = False, mnist1d_args: dict | None = None):
     import tensorflow_datasets as tfds
 
     from jaxepochs import datasets
 
     if name in datasets.BUILTIN:
+        kwargs = {}
+        if name == "mnist1d" and mnist1d_args:
+            variant = datasets.mnist1d_config(mnist1d_args)
+            kwargs["config"] = "default" if variant.name == "default" else variant  # TFDS: a known one by name
         with _absl_quiet():
-            builder = datasets.BUILTIN[name](data_dir=str(directory), file_format="array_record")
+            builder = datasets.BUILTIN[name](data_dir=str(directory), file_format="array_record", **kwargs)
             if not builder.is_prepared():  # built locally, once: nothing is downloaded
                 if not quiet:
-                    print(f"jaxepochs: preparing {name} in {directory} (once)", file=sys.stderr)
+                    which = f" ({builder.builder_config.description})" if kwargs.get("config") != "default" else ""
+                    print(f"jaxepochs: preparing {name}{which} in {directory} (once)", file=sys.stderr)
                 tfds.disable_progress_bar()
                 builder.download_and_prepare()
         return builder
@@ -120,6 +125,17 @@ def check_split(split: Split, num_classes: int, what: str) -> None:
         raise DataError(f"{what}: inputs contain NaN or inf; clean the data before training.")
 
 
+def add_label_noise(split: Split, fraction: float, num_classes: int, seed: int) -> Split:
+    """Redraws each label with probability `fraction`, uniformly over the classes (it may land on itself), as
+    the MNIST-1D double-descent notebook does; seeded, so every run of a config sees the same noisy labels."""
+    if fraction == 0:
+        return split
+    rng = np.random.default_rng([seed, 0x6E6F6973])  # a stream apart from the validation split's
+    redraw_n = rng.random(split.y.shape[0]) < fraction
+    y = np.where(redraw_n, rng.integers(0, num_classes, split.y.shape[0]), split.y).astype(np.int32)
+    return Split(split.x, y)
+
+
 def split_validation(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:
     """Holds out round(fraction * N) training examples (at least 1 if fraction > 0), chosen by `seed`."""
     n = train.y.shape[0]
@@ -134,7 +150,7 @@ def split_validation(train: Split, fraction: float, seed: int) -> tuple[Split, S
 def load_dataset(config: ml_collections.ConfigDict, quiet: bool = False) -> Dataset:
     """Reads `config.data` into checked train/val/test arrays; `config.model.num_classes` 0 means the dataset's."""
     d = config.data
-    builder = _builder(d.name, data_dir(d), quiet)
+    builder = _builder(d.name, data_dir(d), quiet, d.args.to_dict() if d.name == "mnist1d" else None)
     keys = builder.info.supervised_keys
     if not keys or len(keys) != 2:
         raise DataError(f"Dataset {d.name} has no (input, label) supervised_keys; jaxepochs needs a classifier.")
@@ -146,5 +162,6 @@ def load_dataset(config: ml_collections.ConfigDict, quiet: bool = False) -> Data
     num_classes = config.model.num_classes or dataset_classes
     check_split(full_train, num_classes, f"{d.name} {d.train_split} split")
     check_split(test, num_classes, f"{d.name} {d.test_split} split")
+    full_train = add_label_noise(full_train, d.label_noise, num_classes, d.split_seed)
     train, val = split_validation(full_train, d.validation_fraction, d.split_seed)
     return Dataset(d.name, train, val, test, num_classes)

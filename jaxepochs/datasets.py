@@ -6,10 +6,15 @@ Both write their examples in generation order (`disable_shuffling`), so index i 
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+
 import numpy as np
 import tensorflow_datasets as tfds
 
-MNIST1D_LENGTH = 40
+from jaxepochs.config import MNIST1D_ARGS
+
 DIGITS_SPLIT_SEED = 0  # scikit-learn's train_test_split(random_state=...) for the 80/20 digits split
 
 
@@ -21,11 +26,29 @@ class _ArrayBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             yield i, {"x": xi.astype(np.float32), "label": int(yi)}
 
 
+@dataclasses.dataclass(eq=False)
+class Mnist1dConfig(tfds.core.BuilderConfig):
+    args: dict = dataclasses.field(default_factory=dict)  # the fields of get_dataset_args() (no url)
+
+
+def mnist1d_config(args: dict) -> Mnist1dConfig:
+    """The TFDS config of generator arguments `args`: "default" for the published ones, else named by a hash."""
+    args = {k: list(v) if isinstance(v, tuple | list) else v for k, v in args.items()}
+    default = {k: list(v) if isinstance(v, tuple) else v for k, v in MNIST1D_ARGS.items()}
+    if args == default:
+        return Mnist1dConfig(name="default", args=args, description="get_dataset_args(), unchanged")
+    changed = {k: v for k, v in args.items() if default.get(k) != v}
+    digest = hashlib.sha1(json.dumps(args, sort_keys=True).encode()).hexdigest()[:10]
+    return Mnist1dConfig(name=f"args_{digest}", args=args, description=f"get_dataset_args() with {changed}")
+
+
 class Mnist1d(_ArrayBuilder):
-    """MNIST-1D (Greydanus & Kobak): `mnist1d.data.make_dataset(get_dataset_args())`, 4000 train / 1000 test."""
+    """MNIST-1D (Greydanus & Kobak): `mnist1d.data.make_dataset(args)`; the default config is
+    `get_dataset_args()` (4000 train / 1000 test), and any other arguments are their own config."""
 
     VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "make_dataset(get_dataset_args()) of the mnist1d package, default arguments."}
+    RELEASE_NOTES = {"1.0.0": "make_dataset(get_dataset_args()) of the mnist1d package, or other arguments."}
+    BUILDER_CONFIGS = [mnist1d_config(MNIST1D_ARGS)]
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
@@ -33,7 +56,7 @@ class Mnist1d(_ArrayBuilder):
             description="MNIST-1D: 1-D signals of length 40 in 10 classes, standardised by the generator.",
             features=tfds.features.FeaturesDict(
                 {
-                    "x": tfds.features.Tensor(shape=(MNIST1D_LENGTH,), dtype=np.float32),
+                    "x": tfds.features.Tensor(shape=(self.builder_config.args["final_seq_length"],), dtype=np.float32),
                     "label": tfds.features.ClassLabel(num_classes=10),
                 }
             ),
@@ -45,7 +68,10 @@ class Mnist1d(_ArrayBuilder):
     def _split_generators(self, dl_manager):
         from mnist1d.data import get_dataset_args, make_dataset
 
-        data = make_dataset(get_dataset_args())
+        args = get_dataset_args()
+        for key, value in self.builder_config.args.items():
+            setattr(args, key, list(value) if isinstance(value, tuple) else value)
+        data = make_dataset(args)
         return {
             "train": self._generate_examples(data["x"], data["y"]),
             "test": self._generate_examples(data["x_test"], data["y_test"]),

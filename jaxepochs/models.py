@@ -6,12 +6,27 @@ the CNN and the bidirectional GRU.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+
+
+INITS = ("flax", "torch")
+
+
+def dense(width: int, fan_in: int, init: str) -> nn.Dense:
+    """A Dense layer initialised as flax does (LeCun normal weights, zero biases) or as PyTorch's nn.Linear
+    (weights and biases uniform in +-1/sqrt(fan_in)), for reproducing PyTorch recipes whose dynamics depend
+    on the initial scale (double descent, say)."""
+    if init == "flax":
+        return nn.Dense(width)
+    bound = 1.0 / math.sqrt(fan_in)
+    uniform = lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+    return nn.Dense(width, kernel_init=uniform, bias_init=uniform)
 
 
 class MLP(nn.Module):
@@ -24,14 +39,15 @@ class MLP(nn.Module):
     hidden_sizes: Sequence[int]
     num_classes: int
     residual: bool = False
+    initializer: str = "flax"  # or "torch": see `dense`
 
     @nn.compact
     def __call__(self, x_bf: jax.Array) -> jax.Array:
         h = x_bf.reshape(x_bf.shape[0], -1)
         for i, width in enumerate(self.hidden_sizes):
-            out = nn.relu(nn.Dense(width)(h))
+            out = nn.relu(dense(width, h.shape[-1], self.initializer)(h))
             h = h + out if self.residual and i > 0 and h.shape[-1] == width else out
-        return nn.Dense(self.num_classes)(h)
+        return dense(self.num_classes, h.shape[-1], self.initializer)(h)
 
 
 def _as_sequence(x_bl: jax.Array, model_name: str) -> jax.Array:
@@ -84,7 +100,7 @@ class GRU1D(nn.Module):
 def make_model(model_config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
     m = model_config
     if m.name == "mlp":
-        return MLP(tuple(int(h) for h in m.hidden_sizes), num_classes, residual=bool(m.residual))
+        return MLP(tuple(int(h) for h in m.hidden_sizes), num_classes, residual=bool(m.residual), initializer=m.init)
     if m.name == "cnn":
         return CNN1D(tuple(m.channels), tuple(m.kernel_sizes), tuple(m.strides), int(m.padding), num_classes)
     if m.name == "gru":

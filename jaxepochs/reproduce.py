@@ -38,25 +38,33 @@ def _experiments(reference: dict) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _run_seeds(experiment: str, reference: dict, workdir: pathlib.Path, seeds: int, epochs: int | None, quiet: bool):
+def run_seeds(
+    run_id: str, experiment: str, overrides: dict, workdir: pathlib.Path, seeds: int, quiet: bool
+) -> list:
+    """Trains `experiment` with `overrides` once per seed into WORKDIR/runs/<run_id>/seed<k>/ (a finished run
+    resumes instantly) and copies each history to WORKDIR/histories/<run_id>_seed<k>.jsonl; TrainResults."""
     from jaxepochs import train
 
-    overrides = dict(reference.get("overrides", {}))
-    if epochs is not None:
-        overrides["train.epochs"] = str(epochs)
-    histories = []
+    results = []
     for seed in range(seeds):
         config = config_lib.apply_overrides(
             config_lib.load_config_file(REPO / "experiments" / f"{experiment}.py"), {**overrides, "seed": str(seed)}
         )
         if not quiet:
-            print(f"reproduce: {experiment} seed {seed} ({config.train.epochs} epochs)", flush=True)
-        result = train.train_and_evaluate(config, workdir / "runs" / experiment / f"seed{seed}", quiet=True)
-        histories.append(result.history)
-        target = workdir / "histories" / f"{experiment}_seed{seed}.jsonl"
+            print(f"reproduce: {run_id} seed {seed} ({config.train.epochs} epochs)", flush=True)
+        result = train.train_and_evaluate(config, workdir / "runs" / run_id / f"seed{seed}", quiet=True)
+        results.append(result)
+        target = workdir / "histories" / f"{run_id}_seed{seed}.jsonl"
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(workdir / "runs" / experiment / f"seed{seed}" / "metrics.jsonl", target)
-    return histories
+        shutil.copyfile(workdir / "runs" / run_id / f"seed{seed}" / "metrics.jsonl", target)
+    return results
+
+
+def _run_seeds(experiment: str, reference: dict, workdir: pathlib.Path, seeds: int, epochs: int | None, quiet: bool):
+    overrides = dict(reference.get("overrides", {}))
+    if epochs is not None:
+        overrides["train.epochs"] = str(epochs)
+    return [r.history for r in run_seeds(experiment, experiment, overrides, workdir, seeds, quiet)]
 
 
 def _curve(histories: list[list[dict]], metric: str) -> tuple[np.ndarray, np.ndarray]:
@@ -93,18 +101,18 @@ def judge(reference: dict, histories: dict[str, list[list[dict]]], quick: bool) 
     for value in reference["values"]:
         steps, values_se = _curve(histories[value["experiment"]], value["metric"])
         ours = values_se[:, -1]
-        rows.append(_row(f"{value['label']} {value['metric']} (final)", value["value"], ours, value["tolerance"]))
+        rows.append(row(f"{value['label']} {value['metric']} (final)", value["value"], ours, value["tolerance"]))
     for curve in reference["curves"]:
         steps, values_se = _curve(histories[curve["experiment"]], curve["metric"])
         for step, published in zip(curve["steps"], curve["values"], strict=True):
             ours = _at_step(steps, values_se, step)
             rows.append(
-                _row(f"{curve['experiment']} {curve['metric']} @ {step} steps", published, ours, curve["tolerance"])
+                row(f"{curve['experiment']} {curve['metric']} @ {step} steps", published, ours, curve["tolerance"])
             )
     return rows
 
 
-def _row(what: str, published: float, ours: np.ndarray, tolerance: float) -> dict:
+def row(what: str, published: float, ours: np.ndarray, tolerance: float) -> dict:
     mean, std = float(np.mean(ours)), float(np.std(ours))
     return {
         "what": what,
@@ -117,7 +125,10 @@ def _row(what: str, published: float, ours: np.ndarray, tolerance: float) -> dic
     }
 
 
-def write_report(path: pathlib.Path, reference: dict, rows: list[dict], seeds: int, quick: bool) -> None:
+def write_report(
+    path: pathlib.Path, reference: dict, rows: list[dict], seeds: int, quick: bool, extra: list[str] = ()
+) -> None:
+    """report.md: the recipe, the judged table, the tolerance and why, `extra` Markdown lines, the sources."""
     lines = [f"# Reproduction: {reference['title']}", "", f"Recipe: {reference['recipe']}.", ""]
     lines.append(f"Seeds: {seeds}{' (quick: directions only, not published values)' if quick else ''}.")
     lines += [
@@ -134,7 +145,9 @@ def write_report(path: pathlib.Path, reference: dict, rows: list[dict], seeds: i
         )
     passed = sum(r["passed"] for r in rows)
     lines += ["", f"**{passed} of {len(rows)} pass.**", "", f"Tolerance: {reference.get('tolerance_why', '')}", ""]
-    lines.append("Sources: " + "; ".join(sorted({v["source"] for v in reference["values"] + reference["curves"]})))
+    lines += [*extra, ""] if extra else []
+    sources = {v["source"] for v in reference.get("values", []) + reference.get("curves", []) if "source" in v}
+    lines.append("Sources: " + "; ".join(sorted(sources | set(reference.get("sources", [])))))
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -173,6 +186,15 @@ def reproduce(name: str, workdir: str | pathlib.Path, seeds: int = 3, quick: boo
         seeds = QUICK["seeds"]
     if seeds < 1:
         raise ValueError(f"--seeds {seeds}: use 1 or more seeds.")
+    kind = reference.get("kind", "benchmark")
+    if kind == "double_descent":
+        from jaxepochs import double_descent
+
+        return double_descent.reproduce(reference, workdir, seeds, quick, quiet)
+    if kind == "grokking":
+        from jaxepochs import grokking
+
+        return grokking.reproduce(reference, workdir, seeds, quick, quiet)
     epochs = QUICK["epochs"] if quick else None
     names = reference.get("quick_order", []) if quick else _experiments(reference)
     histories = {exp: _run_seeds(exp, reference, workdir, seeds, epochs, quiet) for exp in names}
