@@ -17,7 +17,7 @@ import ml_collections
 from jaxepochs import early_stopping as early_stopping_lib
 from jaxepochs import schedules
 
-MODELS = ("mlp", "cnn", "gru")
+MODELS = ("mlp", "cnn", "gru", "transformer")
 OPTIMIZERS = schedules.OPTIMIZERS
 
 
@@ -39,6 +39,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.test_split = "test"
     c.data.label_noise = 0.0  # fraction of training labels redrawn uniformly over the classes (seeded by split_seed)
     c.data.args = mnist1d_args()  # mnist1d only: the generator's get_dataset_args(); a variant is its own TFDS config
+    c.data.modular = ml_collections.ConfigDict()  # modular_addition only: (a + b) mod p, each setting a TFDS config
+    c.data.modular.modulus = 113
+    c.data.modular.train_fraction = 0.3  # of the p * p pairs; the rest are the test split
+    c.data.modular.seed = 0  # which pairs are for training
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "mlp"
@@ -51,6 +55,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.gru_hidden = 6  # gru: hidden size per direction
     c.model.bidirectional = True  # gru
     c.model.num_classes = 0  # 0: taken from the dataset
+    c.model.d_model = 128  # transformer: one layer on token inputs (modular_addition); see models.Transformer1L
+    c.model.num_heads = 4  # transformer: heads of d_model / num_heads each
+    c.model.d_mlp = 512  # transformer: hidden units of its ReLU MLP
+    c.model.vocab_size = 0  # transformer: tokens are 0..vocab_size-1; 0 means num_classes + 1
     c.model.init = "flax"  # mlp: flax's initialisers, or "torch" (nn.Linear's uniform +-1/sqrt(fan_in))
 
     c.train = ml_collections.ConfigDict()
@@ -58,6 +66,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.batch_size = 100
     c.train.eval_batch_size = 1000  # evaluation only; capped at the split size
     c.train.log_test = False  # also evaluate the test split every epoch (test_loss, test_accuracy in metrics.jsonl)
+    c.train.test_every = 1  # with log_test: evaluate the test split every this many epochs (and after the last)
+    c.train.epochs_per_call = 1  # epochs per compiled call (multi_epoch.py): > 1 for long runs of short epochs
 
     c.optimizer = schedules.optimizer_config()  # name, learning_rate, momentum, weight_decay, clip_norm, schedule
 
@@ -156,6 +166,15 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         fail("train.eval_batch_size", f"{t.eval_batch_size!r} is not a positive integer", "Use 1 or more.")
     if not isinstance(t.epochs, int) or t.epochs < 0:
         fail("train.epochs", f"{t.epochs!r} is negative", "Use 0 (evaluate only) or more epochs.")
+    for key in ("test_every", "epochs_per_call"):
+        if not isinstance(t[key], int) or t[key] < 1:
+            fail(f"train.{key}", f"{t[key]!r} is not a positive integer", "Use 1 or more.")
+    if t.epochs_per_call > 1 and o.schedule.name == "reduce_on_plateau":
+        fail(
+            "train.epochs_per_call",
+            f"{t.epochs_per_call} with optimizer.schedule.name=reduce_on_plateau",
+            "reduce_on_plateau decides on the host after every epoch; use train.epochs_per_call=1 with it.",
+        )
     if m.name not in MODELS:
         fail(
             "model.name",
@@ -187,7 +206,20 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if not 0.0 <= d.label_noise <= 1.0:
         fail("data.label_noise", f"{d.label_noise!r}", "Use a fraction of labels in [0, 1].")
     if d.name != "mnist1d" and d.args.to_dict() != mnist1d_args().to_dict():
-        fail("data.args", f"{d.args.to_dict()}", f'data.args configures the mnist1d generator; data.name is "{d.name}".')
+        fail("data.args", f"{d.args.to_dict()}", f'It configures the mnist1d generator, but data.name is "{d.name}".')
+    q = d.modular
+    if d.name == "modular_addition" and (q.modulus < 2 or not 0.0 < q.train_fraction < 1.0):
+        fail(
+            "data.modular",
+            f"modulus={q.modulus}, train_fraction={q.train_fraction}",
+            "Use a modulus of 2 or more and a train_fraction in (0, 1).",
+        )
+    if m.name == "transformer" and (m.d_model % m.num_heads or min(m.d_model, m.num_heads, m.d_mlp) < 1):
+        fail(
+            "model.d_model/num_heads/d_mlp",
+            f"{m.d_model}/{m.num_heads}/{m.d_mlp}",
+            "Use positive sizes with d_model divisible by num_heads.",
+        )
     if d.name == "mnist1d":
         a = d.args
         if a.num_samples < 10 or not 0.0 < a.train_split < 1.0:

@@ -50,21 +50,26 @@ def _absl_quiet():
         logging.set_verbosity(level)
 
 
-def _builder(name: str, directory: pathlib.Path, quiet: bool = False, mnist1d_args: dict | None = None):
+def _builder(name: str, directory: pathlib.Path, quiet: bool = False, data_config=None):
     import tensorflow_datasets as tfds
 
     from jaxepochs import datasets
 
     if name in datasets.BUILTIN:
         kwargs = {}
-        if name == "mnist1d" and mnist1d_args:
-            variant = datasets.mnist1d_config(mnist1d_args)
+        if data_config is not None and name == "mnist1d":
+            variant = datasets.mnist1d_config(data_config.args.to_dict())
             kwargs["config"] = "default" if variant.name == "default" else variant  # TFDS: a known one by name
+        if data_config is not None and name == "modular_addition":
+            m = data_config.modular
+            variant = datasets.modular_config(m.modulus, m.train_fraction, m.seed)
+            known = [c.name for c in datasets.ModularAddition.BUILDER_CONFIGS]
+            kwargs["config"] = variant.name if variant.name in known else variant
         with _absl_quiet():
             builder = datasets.BUILTIN[name](data_dir=str(directory), file_format="array_record", **kwargs)
             if not builder.is_prepared():  # built locally, once: nothing is downloaded
                 if not quiet:
-                    which = f" ({builder.builder_config.description})" if kwargs.get("config") != "default" else ""
+                    which = f" ({builder.builder_config.name})" if builder.builder_config else ""
                     print(f"jaxepochs: preparing {name}{which} in {directory} (once)", file=sys.stderr)
                 tfds.disable_progress_bar()
                 builder.download_and_prepare()
@@ -102,9 +107,11 @@ def _read_split(builder, split: str, x_key: str, y_key: str) -> Split:
     examples = source.__getitems__(list(range(len(source))))
     x = np.stack([np.asarray(e[x_key]) for e in examples])
     y = np.asarray([e[y_key] for e in examples])
-    if np.issubdtype(x.dtype, np.integer):  # images: uint8 pixels to [0, 1]
-        x = x.astype(np.float32) / float(np.iinfo(x.dtype).max)
-    return Split(x.astype(np.float32), y.astype(np.int32))
+    if x.dtype == np.uint8:  # images: pixels to [0, 1]
+        x = x.astype(np.float32) / 255.0
+    # Other integer inputs are tokens, kept as int32 for an embedding.
+    x = x.astype(np.int32) if np.issubdtype(x.dtype, np.integer) else x.astype(np.float32)
+    return Split(x, y.astype(np.int32))
 
 
 def check_split(split: Split, num_classes: int, what: str) -> None:
@@ -150,7 +157,7 @@ def split_validation(train: Split, fraction: float, seed: int) -> tuple[Split, S
 def load_dataset(config: ml_collections.ConfigDict, quiet: bool = False) -> Dataset:
     """Reads `config.data` into checked train/val/test arrays; `config.model.num_classes` 0 means the dataset's."""
     d = config.data
-    builder = _builder(d.name, data_dir(d), quiet, d.args.to_dict() if d.name == "mnist1d" else None)
+    builder = _builder(d.name, data_dir(d), quiet, d)
     keys = builder.info.supervised_keys
     if not keys or len(keys) != 2:
         raise DataError(f"Dataset {d.name} has no (input, label) supervised_keys; jaxepochs needs a classifier.")

@@ -113,4 +113,61 @@ class Digits(_ArrayBuilder):
         }
 
 
-BUILTIN = {"mnist1d": Mnist1d, "digits": Digits}
+@dataclasses.dataclass(eq=False)
+class ModularConfig(tfds.core.BuilderConfig):
+    modulus: int = 113
+    train_fraction: float = 0.3
+    seed: int = 0
+
+
+def modular_config(modulus: int, train_fraction: float, seed: int) -> ModularConfig:
+    name = f"p{modulus}_train{train_fraction:g}_seed{seed}".replace(".", "_")
+    return ModularConfig(name=name, modulus=modulus, train_fraction=train_fraction, seed=seed)
+
+
+class ModularAddition(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """(a + b) mod p for every pair a, b in [0, p): the tokens [a, b, =] (= is token p) and the label a + b mod p.
+
+    A seeded permutation of the p * p pairs puts the first round(train_fraction * p * p) into `train`, the rest
+    into `test`, as in grokking studies (Power et al. 2022; Nanda et al. 2023: p = 113, 30% for training).
+    """
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "All p * p pairs, split by a seeded permutation."}
+    BUILDER_CONFIGS = [modular_config(113, 0.3, 0)]
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        p = self.builder_config.modulus
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=f"Modular addition mod {p}: tokens [a, b, {p}] -> (a + b) mod {p}.",
+            features=tfds.features.FeaturesDict(
+                {
+                    "x": tfds.features.Tensor(shape=(3,), dtype=np.int32),
+                    "label": tfds.features.ClassLabel(num_classes=p),
+                }
+            ),
+            supervised_keys=("x", "label"),
+            disable_shuffling=True,
+        )
+
+    def _split_generators(self, dl_manager):
+        c = self.builder_config
+        p = c.modulus
+        a_n, b_n = np.divmod(np.arange(p * p), p)
+        order_n = np.random.default_rng(c.seed).permutation(p * p)
+        n_train = int(round(c.train_fraction * p * p))
+        x_n3 = np.stack([a_n, b_n, np.full_like(a_n, p)], axis=1).astype(np.int32)
+        y_n = (a_n + b_n) % p
+        train, test = order_n[:n_train], order_n[n_train:]
+        return {
+            "train": self._generate_examples(x_n3[train], y_n[train]),
+            "test": self._generate_examples(x_n3[test], y_n[test]),
+        }
+
+    def _generate_examples(self, x_n3, y_n):
+        for i, (x, y) in enumerate(zip(x_n3, y_n, strict=True)):
+            yield i, {"x": x, "label": int(y)}
+
+
+BUILTIN = {"mnist1d": Mnist1d, "digits": Digits, "modular_addition": ModularAddition}

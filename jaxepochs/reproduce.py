@@ -38,9 +38,7 @@ def _experiments(reference: dict) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def run_seeds(
-    run_id: str, experiment: str, overrides: dict, workdir: pathlib.Path, seeds: int, quiet: bool
-) -> list:
+def run_seeds(run_id: str, experiment: str, overrides: dict, workdir: pathlib.Path, seeds: int, quiet: bool) -> list:
     """Trains `experiment` with `overrides` once per seed into WORKDIR/runs/<run_id>/seed<k>/ (a finished run
     resumes instantly) and copies each history to WORKDIR/histories/<run_id>_seed<k>.jsonl; TrainResults."""
     from jaxepochs import train
@@ -139,9 +137,10 @@ def write_report(
     for r in rows:
         published = r["published"] if isinstance(r["published"], str) else f"{r['published']:.3f}"
         verdict = "pass" if r["passed"] else "FAIL"
+        tolerance = r.get("tolerance_text") or f"±{r['tolerance']:.3f}"
         lines.append(
             f"| {r['what']} | {published} | {r['mean']:.3f} ± {r['std']:.3f} | {r['difference']:+.3f} | "
-            f"±{r['tolerance']:.3f} | {verdict} |"
+            f"{tolerance} | {verdict} |"
         )
     passed = sum(r["passed"] for r in rows)
     lines += ["", f"**{passed} of {len(rows)} pass.**", "", f"Tolerance: {reference.get('tolerance_why', '')}", ""]

@@ -81,6 +81,8 @@ def optimizer_config() -> ml_collections.ConfigDict:
     o.name = "adam"  # one of OPTIMIZERS
     o.learning_rate = 1e-2  # the peak rate; schedules scale it
     o.momentum = 0.9  # sgd only
+    o.b1 = 0.9  # adam, adamw: decay of the first moment
+    o.b2 = 0.999  # adam, adamw: decay of the second moment
     o.weight_decay = 1e-4  # adamw only
     o.clip_norm = 0.0  # clip gradients to this global norm before the optimizer; 0 = off
     o.schedule = schedule_config()
@@ -256,12 +258,12 @@ def _clipped(tx: optax.GradientTransformation, clip_norm: float) -> optax.Gradie
     return optax.chain(optax.clip_by_global_norm(clip_norm), tx) if clip_norm > 0 else tx
 
 
-def _adam(learning_rate, clip_norm):
-    return _clipped(optax.adam(learning_rate), clip_norm)
+def _adam(learning_rate, b1, b2, clip_norm):
+    return _clipped(optax.adam(learning_rate, b1=b1, b2=b2), clip_norm)
 
 
-def _adamw(learning_rate, weight_decay, clip_norm):
-    return _clipped(optax.adamw(learning_rate, weight_decay=weight_decay), clip_norm)
+def _adamw(learning_rate, b1, b2, weight_decay, clip_norm):
+    return _clipped(optax.adamw(learning_rate, b1=b1, b2=b2, weight_decay=weight_decay), clip_norm)
 
 
 def _sgd(learning_rate, momentum, clip_norm):
@@ -287,10 +289,11 @@ def make_optimizer(
     shape = make_schedule(o.get("schedule"), 1.0, steps_per_epoch, total_epochs)
     lr = EpochSchedule(shape, float(o.learning_rate))
     inject = functools.partial(optax.inject_hyperparams, static_args="clip_norm")
+    betas = {"b1": float(o.get("b1", 0.9)), "b2": float(o.get("b2", 0.999))}
     if o.name == "adam":
-        return inject(_adam)(learning_rate=lr, clip_norm=clip_norm)
+        return inject(_adam)(learning_rate=lr, **betas, clip_norm=clip_norm)
     if o.name == "adamw":
-        return inject(_adamw)(learning_rate=lr, weight_decay=o.weight_decay, clip_norm=clip_norm)
+        return inject(_adamw)(learning_rate=lr, **betas, weight_decay=o.weight_decay, clip_norm=clip_norm)
     return inject(_sgd)(learning_rate=lr, momentum=o.momentum, clip_norm=clip_norm)
 
 

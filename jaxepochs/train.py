@@ -27,7 +27,7 @@ from jaxepochs import config as config_lib
 from jaxepochs import data as data_lib
 from jaxepochs import early_stopping as early_stopping_lib
 from jaxepochs import epoch as epoch_lib
-from jaxepochs import models, report, schedules
+from jaxepochs import models, multi_epoch, report, schedules
 
 RUN_FILES = ("metrics.jsonl", "summary.json", "curves.png", "run.json")
 TIMING_KEYS = ("train_seconds", "seconds")  # the only fields of a metrics row that differ between equal runs
@@ -54,6 +54,7 @@ class CompiledRun(NamedTuple):
     train_epoch: Any  # (state, x_n, y_n, epoch) -> (state, Metrics)
     evaluate: dict[str, Any]  # split name -> (params, x_n, y_n) -> Metrics
     compile_seconds: float
+    run_epochs: Any = None  # train.epochs_per_call > 1: multi_epoch's (carry, splits, first, last) program
 
 
 def init_state(model, tx, seed: int, example_x) -> epoch_lib.TrainState:
@@ -68,21 +69,51 @@ def init_state(model, tx, seed: int, example_x) -> epoch_lib.TrainState:
     return init(jnp.asarray(seed, jnp.uint32), jnp.asarray(example_x[:1]))
 
 
-def compile_run(state, model, tx, splits: dict[str, tuple], batch_size: int, eval_batch_size: int) -> CompiledRun:
-    """Lowers and compiles the training epoch and one evaluation pass per held-out split (their shapes differ)."""
+def compile_run(
+    state, model, tx, splits: dict[str, tuple], batch_size: int, eval_batch_size: int, multi: dict | None = None
+) -> CompiledRun:
+    """Lowers and compiles the training epoch and one evaluation pass per held-out split (their shapes differ);
+    with `multi` (multi_epoch.make_run_epochs' tracker, may_stop, epochs_per_call, test_every, log_test, and
+    the carry to compile for), the many-epoch program instead of the training epoch."""
     apply_fn = lambda params, x: model.apply({"params": params}, x)
     start = time.perf_counter()
+    eval_sizes = {
+        name: min(eval_batch_size, x.shape[0]) for name, (x, _) in splits.items() if name != "train" and x.shape[0]
+    }
+    evaluate = {}
+    for name, size in eval_sizes.items():
+        eval_fn = jax.jit(functools.partial(epoch_lib.eval_epoch, apply_fn=apply_fn, batch_size=size))
+        evaluate[name] = eval_fn.lower(state.params, *splits[name]).compile()
+    one = jnp.asarray(1, jnp.int32)
+    if multi is not None:
+        fused_sizes = {name: size for name, size in eval_sizes.items() if name == "val" or multi["log_test"]}
+        run_epochs = multi_epoch.make_run_epochs(
+            apply_fn=apply_fn,
+            tx=tx,
+            batch_size=batch_size,
+            eval_batch_sizes=fused_sizes,
+            tracker=multi["tracker"],
+            may_stop=multi["may_stop"],
+            epochs_per_call=multi["epochs_per_call"],
+            test_every=multi["test_every"],
+        )
+        used = {name: splits[name] for name in ("train", *fused_sizes)}
+        compiled = jax.jit(run_epochs).lower(multi["carry"], used, one, one).compile()
+        return CompiledRun(None, evaluate, time.perf_counter() - start, compiled)
     x_train, y_train = splits["train"]
     train_fn = jax.jit(functools.partial(epoch_lib.train_epoch, apply_fn=apply_fn, tx=tx, batch_size=batch_size))
-    compiled_train = train_fn.lower(state, x_train, y_train, jnp.asarray(1, jnp.int32)).compile()
-    evaluate = {}
-    for name, (x, y) in splits.items():
-        if name == "train" or x.shape[0] == 0:
-            continue
-        eval_batch = min(eval_batch_size, x.shape[0])
-        eval_fn = jax.jit(functools.partial(epoch_lib.eval_epoch, apply_fn=apply_fn, batch_size=eval_batch))
-        evaluate[name] = eval_fn.lower(state.params, x, y).compile()
+    compiled_train = train_fn.lower(state, x_train, y_train, one).compile()
     return CompiledRun(compiled_train, evaluate, time.perf_counter() - start)
+
+
+def _row(epoch: int, steps: int, train, val, test, lr) -> dict:
+    """One metrics.jsonl row from an epoch's metric sums (val/test None, or count 0, when not evaluated)."""
+    row = {"epoch": epoch, "steps": steps, **train.means("train")}
+    for totals, prefix in ((val, "val"), (test, "test")):
+        if totals is not None and float(totals.count) > 0:
+            row.update(totals.means(prefix))
+    row["learning_rate"] = float(lr)
+    return row
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -138,6 +169,14 @@ def prepare_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict, re
 
 def _check_shapes(config, dataset: data_lib.Dataset) -> None:
     n_train = dataset.train.y.shape[0]
+    if config.model.name == "transformer" and np.issubdtype(dataset.train.x.dtype, np.integer):
+        vocab = config.model.vocab_size or dataset.num_classes + 1
+        top = max(int(dataset.train.x.max()), int(dataset.test.x.max()))
+        if top >= vocab:
+            raise config_lib.ConfigError(
+                f"{dataset.name} has token ids up to {top}, but the transformer's vocabulary is 0..{vocab - 1}. "
+                f"Set model.vocab_size to at least {top + 1}."
+            )
     if config.train.batch_size > n_train:
         raise config_lib.ConfigError(
             f"config.train.batch_size = {config.train.batch_size} is larger than the {n_train} training "
@@ -246,7 +285,18 @@ def train_and_evaluate(
         name: (jnp.asarray(split.x), jnp.asarray(split.y))
         for name, split in (("train", dataset.train), ("val", dataset.val), ("test", dataset.test))
     }
-    compiled = compile_run(state, model, tx, splits, batch_size, config.train.eval_batch_size)
+    epochs_per_call = config.train.epochs_per_call
+    multi = None
+    if epochs_per_call > 1:
+        multi = {
+            "tracker": tracker,
+            "may_stop": may_stop,
+            "epochs_per_call": epochs_per_call,
+            "test_every": config.train.test_every,
+            "log_test": config.train.log_test,
+            "carry": multi_epoch.Carry(state, control["early_stopping"], best_params),
+        }
+    compiled = compile_run(state, model, tx, splits, batch_size, config.train.eval_batch_size, multi)
     scalar = np.float32(0)  # the per-epoch control updates, compiled before the first epoch too
 
     def tracker_step(es_state, value, train_value):
@@ -285,55 +335,106 @@ def train_and_evaluate(
     last_save = time.perf_counter()
     try:
         first_epoch = len(history) + 1
-        for epoch in range(first_epoch, config.train.epochs + 1):
-            if epoch == first_epoch and may_stop and bool(control["early_stopping"].should_stop):
-                break  # a resumed run that had already stopped early
-            epoch_start = time.perf_counter()
-            new_state, train_totals = compiled.train_epoch(state, x_train, y_train, jnp.asarray(epoch, jnp.int32))
-            val_totals = compiled.evaluate["val"](new_state.params, *splits["val"]) if has_validation else None
-            test_totals = compiled.evaluate["test"](new_state.params, *splits["test"]) if log_test else None
-            train_totals = jax.device_get(train_totals)  # waits for the training pass only
-            train_seconds = time.perf_counter() - epoch_start
-            val_totals, test_totals, lr = jax.device_get(
-                (val_totals, test_totals, schedules.learning_rate_of(new_state.opt_state))
-            )
-            row = {"epoch": epoch, "steps": epoch * steps_per_epoch, **train_totals.means("train")}
-            for totals, prefix in ((val_totals, "val"), (test_totals, "test")):
-                if totals is not None:
-                    row.update(totals.means(prefix))
-            row["learning_rate"] = float(lr)
-            if not math.isfinite(row["train_loss"]):
-                stop_reason = "non_finite_loss"
-                progress.message(f"epoch {epoch}: training loss is {row['train_loss']}; stopping.")
-                break
-            state = new_state
-            es_state, es_host = tracker_update(
-                control["early_stopping"], np.float32(row[monitor]), np.float32(row["train_loss"])
-            )
-            best_epoch, should_stop, stop_code = (int(v) for v in jax.device_get(es_host))
-            if best_epoch == epoch:
-                best_params = state.params
-            control = {**control, "early_stopping": es_state}
-            if control["plateau"] is not None:
-                plateau = plateau_update(control["plateau"], np.float32(row[plateau_monitor]))
-                state = state._replace(opt_state=schedules.with_plateau_scale(state.opt_state, plateau))
-                control = {**control, "plateau": plateau}
-            row["train_seconds"] = train_seconds
-            row["seconds"] = time.perf_counter() - epoch_start
-            log.write(row)
-            history.append(row)
-            progress.update(row)
-            if may_stop and should_stop:
-                stop_reason = early_stopping_lib.stop_reason_name(stop_code)
-                break
-            if stop_requested:
-                stop_reason = "interrupted"
-                break
-            every = config.checkpoint.every_epochs
-            due = epoch % every == 0 if every else time.perf_counter() - last_save >= config.checkpoint.every_seconds
-            if due:
-                save(epoch)
-                last_save = time.perf_counter()
+        if compiled.run_epochs is not None:  # train.epochs_per_call > 1: many epochs per compiled call
+            fused = ("train", *(("val",) if has_validation else ()), *(("test",) if log_test else ()))
+            fused_splits = {name: splits[name] for name in fused}
+            epoch, saved_epoch = first_epoch, len(history)
+            already_stopped = may_stop and bool(control["early_stopping"].should_stop)
+            while epoch <= config.train.epochs and not already_stopped:
+                call_start = time.perf_counter()
+                carry = multi_epoch.Carry(state, control["early_stopping"], best_params)
+                carry, rows = compiled.run_epochs(
+                    carry, fused_splits, jnp.asarray(epoch, jnp.int32), jnp.asarray(config.train.epochs, jnp.int32)
+                )
+                rows = jax.device_get(rows)
+                seconds = (time.perf_counter() - call_start) / max(int(rows.ran), 1)
+                state, best_params = carry.state, carry.best_params
+                control = {**control, "early_stopping": carry.es_state}
+                for i in range(int(rows.ran)):
+                    pick = lambda metrics, i=i: jax.tree.map(lambda a: a[i], metrics)
+                    row = _row(
+                        epoch + i,
+                        (epoch + i) * steps_per_epoch,
+                        pick(rows.train),
+                        pick(rows.val) if has_validation else None,
+                        pick(rows.test) if log_test else None,
+                        rows.learning_rate[i],
+                    )
+                    if not math.isfinite(row["train_loss"]):
+                        stop_reason = "non_finite_loss"
+                        progress.message(f"epoch {epoch + i}: training loss is {row['train_loss']}; stopping.")
+                        break
+                    row["train_seconds"] = row["seconds"] = seconds
+                    log.write(row)
+                    history.append(row)
+                    progress.update(row)
+                epoch = len(history) + 1
+                if stop_reason == "non_finite_loss":
+                    break
+                if may_stop and bool(carry.es_state.should_stop):
+                    stop_reason = early_stopping_lib.stop_reason_name(int(carry.es_state.stop_reason))
+                    break
+                if stop_requested:
+                    stop_reason = "interrupted"
+                    break
+                every = config.checkpoint.every_epochs
+                # Checkpoints fall at call boundaries: every_epochs counts from the last save.
+                due = (
+                    len(history) - saved_epoch >= every
+                    if every
+                    else time.perf_counter() - last_save >= config.checkpoint.every_seconds
+                )
+                if due:
+                    save(len(history))
+                    last_save, saved_epoch = time.perf_counter(), len(history)
+        else:
+            for epoch in range(first_epoch, config.train.epochs + 1):
+                if epoch == first_epoch and may_stop and bool(control["early_stopping"].should_stop):
+                    break  # a resumed run that had already stopped early
+                epoch_start = time.perf_counter()
+                new_state, train_totals = compiled.train_epoch(state, x_train, y_train, jnp.asarray(epoch, jnp.int32))
+                val_totals = compiled.evaluate["val"](new_state.params, *splits["val"]) if has_validation else None
+                test_due = log_test and (epoch % config.train.test_every == 0 or epoch == config.train.epochs)
+                test_totals = compiled.evaluate["test"](new_state.params, *splits["test"]) if test_due else None
+                train_totals = jax.device_get(train_totals)  # waits for the training pass only
+                train_seconds = time.perf_counter() - epoch_start
+                val_totals, test_totals, lr = jax.device_get(
+                    (val_totals, test_totals, schedules.learning_rate_of(new_state.opt_state))
+                )
+                row = _row(epoch, epoch * steps_per_epoch, train_totals, val_totals, test_totals, lr)
+                if not math.isfinite(row["train_loss"]):
+                    stop_reason = "non_finite_loss"
+                    progress.message(f"epoch {epoch}: training loss is {row['train_loss']}; stopping.")
+                    break
+                state = new_state
+                es_state, es_host = tracker_update(
+                    control["early_stopping"], np.float32(row[monitor]), np.float32(row["train_loss"])
+                )
+                best_epoch, should_stop, stop_code = (int(v) for v in jax.device_get(es_host))
+                if best_epoch == epoch:
+                    best_params = state.params
+                control = {**control, "early_stopping": es_state}
+                if control["plateau"] is not None:
+                    plateau = plateau_update(control["plateau"], np.float32(row[plateau_monitor]))
+                    state = state._replace(opt_state=schedules.with_plateau_scale(state.opt_state, plateau))
+                    control = {**control, "plateau": plateau}
+                row["train_seconds"] = train_seconds
+                row["seconds"] = time.perf_counter() - epoch_start
+                log.write(row)
+                history.append(row)
+                progress.update(row)
+                if may_stop and should_stop:
+                    stop_reason = early_stopping_lib.stop_reason_name(stop_code)
+                    break
+                if stop_requested:
+                    stop_reason = "interrupted"
+                    break
+                every = config.checkpoint.every_epochs
+                since_save = time.perf_counter() - last_save
+                due = epoch % every == 0 if every else since_save >= config.checkpoint.every_seconds
+                if due:
+                    save(epoch)
+                    last_save = time.perf_counter()
     except KeyboardInterrupt:  # a second Ctrl-C: the state may be half-updated, so it is not saved
         aborted = True
         raise

@@ -126,3 +126,45 @@ def test_gru_jitted_epoch_gives_finite_loss():
 def test_gru_trains_end_to_end(tmp_path):
     result = jaxepochs.train_and_evaluate(tiny_config({"model.name": "gru", "train.epochs": "1"}), tmp_path, quiet=True)
     assert math.isfinite(result.summary["test_loss"])
+
+
+def _full_causal_transformer(p, tokens_bt, num_heads):
+    """Every position through a causal one-layer transformer (Nanda et al.'s model), logits at the last."""
+    h = p["embed"][tokens_bt] + p["pos_embed"]
+    q, k, v = (jnp.einsum("btd,dhk->bthk", h, p[name]) for name in ("query", "key", "value"))
+    d_head = q.shape[-1]
+    scores = jnp.einsum("bshk,bthk->bhst", q, k) / math.sqrt(d_head)
+    t = tokens_bt.shape[1]
+    scores = jnp.where(jnp.tril(jnp.ones((t, t), bool)), scores, -jnp.inf)
+    h = h + jnp.einsum("bshk,hkd->bsd", jnp.einsum("bhst,bthk->bshk", jax.nn.softmax(scores, -1), v), p["out"])
+    h = h + jax.nn.relu(h @ p["mlp_in"] + p["mlp_in_bias"]) @ p["mlp_out"] + p["mlp_out_bias"]
+    return (h @ p["unembed"])[:, -1]
+
+
+def test_transformer_equals_the_full_causal_computation_at_the_last_position():
+    model = models.Transformer1L(vocab_size=14, d_model=16, num_heads=4, d_mlp=32, num_classes=13)
+    tokens_bt = jax.random.randint(jax.random.PRNGKey(1), (50, 3), 0, 13).at[:, 2].set(13)
+    params = model.init(jax.random.PRNGKey(0), tokens_bt[:1])["params"]
+    ours = jax.jit(lambda p, t: model.apply({"params": p}, t))(params, tokens_bt)
+    np.testing.assert_allclose(ours, _full_causal_transformer(params, tokens_bt, 4), rtol=1e-5, atol=1e-5)
+    grads = jax.grad(lambda p: model.apply({"params": p}, tokens_bt).sum())(params)
+    full_grads = jax.grad(lambda p: _full_causal_transformer(p, tokens_bt, 4).sum())(params)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(full_grads), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_transformer_takes_tokens_only():
+    model = models.Transformer1L(vocab_size=14, d_model=16, num_heads=4, d_mlp=32, num_classes=13)
+    with pytest.raises(ValueError, match="integer token sequences"):
+        model.init(jax.random.PRNGKey(0), jnp.zeros((1, 40), jnp.float32))
+
+
+def test_torch_init_is_uniform_within_one_over_sqrt_fan_in():
+    model = models.MLP((300,), 10, initializer="torch")
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 40)))["params"]
+    for layer, fan_in in (("Dense_0", 40), ("Dense_1", 300)):
+        for name in ("kernel", "bias"):
+            values = np.asarray(params[layer][name])
+            bound = 1 / math.sqrt(fan_in)
+            assert np.abs(values).max() <= bound and np.abs(values).max() > 0.9 * bound
+            assert values.std() == pytest.approx(bound / math.sqrt(3), rel=0.15)  # uniform's std
