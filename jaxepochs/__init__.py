@@ -4,7 +4,16 @@ from jaxepochs.config import ConfigError, apply_overrides, base_config, load_con
 from jaxepochs.data import DataError
 from jaxepochs.early_stopping import EarlyStopping, EarlyStoppingState
 from jaxepochs.epoch import Metrics, TrainState, eval_epoch, train_epoch, train_step
+from jaxepochs.sweep_grid import SweepError
 from jaxepochs.train import NonFiniteLossError, TrainResult, WorkdirError, load, train_and_evaluate
+
+
+def sweep(config, grid, workdir, **kwargs):
+    """Trains every configuration of `grid` in one vmapped program per shape group; see sweep_run.sweep."""
+    from jaxepochs import sweep_run
+
+    return sweep_run.sweep(config, grid, workdir, **kwargs)
+
 
 __all__ = [
     "ConfigError",
@@ -13,6 +22,7 @@ __all__ = [
     "DataError",
     "Metrics",
     "NonFiniteLossError",
+    "SweepError",
     "TrainResult",
     "TrainState",
     "WorkdirError",
@@ -21,6 +31,7 @@ __all__ = [
     "eval_epoch",
     "load",
     "load_config_file",
+    "sweep",
     "train_and_evaluate",
     "train_epoch",
     "train_step",

@@ -1,4 +1,5 @@
-"""`jaxepochs run --config experiments/NAME.py --workdir DIR [--config.a.b=value ...] [--quiet] [--restart]`
+"""`jaxepochs run --config experiments/NAME.py --workdir DIR [--config.a.b=value ...] [--quiet] [--restart]`,
+`jaxepochs sweep --config ... --workdir DIR --sweep.a.b=V1,V2 ... [--random N] [--cv K [--refit]] [--chunk C]`
 and `jaxepochs reproduce NAME|all --workdir DIR [--seeds K] [--quick]`."""
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ class UsageError(ValueError):
     """A command line that cannot be run."""
 
 
-def _split_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+def _split_overrides(argv: list[str], prefix: str = "--config.") -> tuple[list[str], dict[str, str]]:
     rest, overrides = [], {}
     args = iter(argv)
     for arg in args:
-        if arg.startswith("--config."):
-            key, sep, value = arg.removeprefix("--config.").partition("=")
+        if arg.startswith(prefix):
+            key, sep, value = arg.removeprefix(prefix).partition("=")
             if not sep:  # --config.a.b value
                 value = next(args, None)
                 if value is None:
@@ -45,14 +46,56 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--seeds", type=int, default=3, help="seeds per experiment (default 3)")
     rep.add_argument("--quick", action="store_true", help="1 seed, a few epochs: checks directions only")
     rep.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    swp = sub.add_parser(
+        "sweep",
+        help="train a grid of configurations in one vmapped program",
+        epilog="Sweep any field: --sweep.optimizer.learning_rate=1e-3,1e-2 --sweep.seed=0,1,2 "
+        "(ranges with --random N: loguniform:1e-4:1e-1, uniform:A:B, randint:A:B).",
+    )
+    swp.add_argument("--config", required=True, help="experiment module, e.g. experiments/mnist1d_mlp.py")
+    swp.add_argument("--workdir", required=True, help="directory for sweep.jsonl, results.csv and sweep.png")
+    swp.add_argument("--random", type=int, default=0, help="draw N configurations instead of the grid")
+    swp.add_argument("--random-seed", type=int, default=0, help="seed of the --random draws")
+    swp.add_argument("--cv", type=int, default=0, help="K-fold cross-validation of the training split")
+    swp.add_argument("--refit", action="store_true", help="with --cv: retrain on all training data, report test")
+    swp.add_argument("--chunk", type=int, default=0, help="most runs trained at once (0: from free memory)")
+    swp.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    swp.add_argument("--restart", action="store_true", help="discard a sweep already in the workdir")
     return parser
+
+
+def _sweep(args, overrides: dict[str, str], specs: dict[str, str]) -> int:
+    from jaxepochs import sweep_grid as sweep_lib
+
+    config = config_lib.apply_overrides(config_lib.load_config_file(args.config), overrides)
+    grid = sweep_lib.expand(config, specs, args.random, args.random_seed)
+    if args.cv:
+        sweep_lib.check_cv(args.cv, 2**31)  # K < 2 now; K above the example count once the data is read
+    from jaxepochs import sweep_run
+
+    sweep_run.sweep(
+        config,
+        grid,
+        args.workdir,
+        cv=args.cv,
+        refit=args.refit,
+        chunk=args.chunk,
+        quiet=args.quiet,
+        restart=args.restart,
+    )
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         rest, overrides = _split_overrides(argv)
+        rest, specs = _split_overrides(rest, "--sweep.")
         args = _parser().parse_args(rest)
+        if specs and args.command != "sweep":
+            raise UsageError("--sweep.* options belong to `jaxepochs sweep`.")
+        if args.command == "sweep":
+            return _sweep(args, overrides, specs)
         if args.command == "reproduce":
             if overrides:
                 raise UsageError("reproduce takes no --config.* overrides; the references fix each recipe.")

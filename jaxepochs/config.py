@@ -295,6 +295,17 @@ def _parse_value(text: str, current):
     raise ConfigError(f'cannot read "{text}" as {"an" if kind[0] in "aeiou" else "a"} {kind}')
 
 
+def flatten(config: ml_collections.ConfigDict | dict, prefix: str = "") -> dict:
+    """{"train.epochs": 150, ...}: every field under its dotted key (tuples as lists, as in config.json)."""
+    out = {}
+    for key, value in config.items() if hasattr(config, "items") else []:
+        if isinstance(value, ml_collections.ConfigDict | dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple | list) else value
+    return out
+
+
 def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, str]) -> ml_collections.ConfigDict:
     """Applies {"train.epochs": "5", ...} as the CLI's `--config.train.epochs=5`, then validates."""
     config = validate(config)

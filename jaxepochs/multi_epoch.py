@@ -26,6 +26,11 @@ class Carry(NamedTuple):
     state: epoch_lib.TrainState
     es_state: EarlyStoppingState
     best_params: Any  # the parameters of es_state.best_epoch
+    halted: jax.Array  # bool [] a non-finite loss or early stopping ended the run: later calls change nothing
+
+    @staticmethod
+    def start(state, es_state, best_params) -> Carry:
+        return Carry(state, es_state, best_params, jnp.zeros((), bool))
 
 
 class EpochRows(NamedTuple):
@@ -66,7 +71,8 @@ def make_run_epochs(
         x_n, y_n = splits[name]
         return epoch_lib.eval_epoch(params, x_n, y_n, apply_fn=apply_fn, batch_size=eval_batch_sizes[name])
 
-    def run(carry: Carry, splits: dict, first_epoch: jax.Array, last_epoch: jax.Array):
+    def run(carry: Carry, splits: dict, first_epoch: jax.Array, last_epoch: jax.Array, es_hparams=None):
+        """`es_hparams`: early stopping's numeric hyperparameters as arrays (a sweep's per-run values)."""
         zeros_k = epoch_lib.Metrics(*(jnp.zeros((k,), jnp.float32) for _ in range(3)))
         rows0 = (zeros_k, zeros_k, zeros_k, jnp.zeros((k,), jnp.float32))
         n = jnp.minimum(k, last_epoch - first_epoch + 1)
@@ -90,12 +96,13 @@ def make_run_epochs(
                 test_m = jax.lax.cond(due, lambda p: evaluate("test", p, splits), lambda p: zero, state.params)
             by_split = {"train": train_m, "val": val_m}
             value = _metric(by_split[monitor_split], monitor_metric)
-            es_state = tracker.update(carry.es_state, value, _metric(train_m, "loss"))
+            es_state = tracker.update(carry.es_state, value, _metric(train_m, "loss"), es_hparams)
             finite = jnp.isfinite(train_m.loss_sum)
             keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
             improved = es_state.best_epoch == epoch
             best = jax.tree.map(lambda a, b: jnp.where(finite & improved, a, b), state.params, carry.best_params)
-            carry = Carry(keep(state, carry.state), keep(es_state, carry.es_state), best)
+            halted = ~finite | (es_state.should_stop if may_stop else False)
+            carry = Carry(keep(state, carry.state), keep(es_state, carry.es_state), best, halted)
             lr = schedules.learning_rate_of(state.opt_state).astype(jnp.float32)
             put = lambda buffer, value: buffer.at[i].set(value)
             rows = (
@@ -104,10 +111,10 @@ def make_run_epochs(
                 jax.tree.map(put, rows[2], test_m),
                 put(rows[3], lr),
             )
-            halted = ~finite | (es_state.should_stop if may_stop else False)
             return i + 1, carry, rows, halted
 
-        i, carry, rows, halted = jax.lax.while_loop(cond, body, (jnp.int32(0), carry, rows0, jnp.bool_(False)))
+        halted = carry.halted | (carry.es_state.should_stop if may_stop else False)
+        i, carry, rows, halted = jax.lax.while_loop(cond, body, (jnp.int32(0), carry, rows0, halted))
         return carry, EpochRows(*rows, ran=i, halted=halted)
 
     return run

@@ -57,15 +57,15 @@ class CompiledRun(NamedTuple):
     run_epochs: Any = None  # train.epochs_per_call > 1: multi_epoch's (carry, splits, first, last) program
 
 
+def _init(model, tx, seed, x_1f) -> epoch_lib.TrainState:
+    init_key, run_key = jax.random.split(jax.random.PRNGKey(seed))  # raw uint32[2]: checkpointable
+    params = models.init_params(model, init_key, x_1f)
+    return epoch_lib.TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), run_key)
+
+
 def init_state(model, tx, seed: int, example_x) -> epoch_lib.TrainState:
     """Parameters, optimizer state, step 0 and the run key, from `seed`: one compiled program, not one per op."""
-
-    @jax.jit
-    def init(seed, x_1f):
-        init_key, run_key = jax.random.split(jax.random.PRNGKey(seed))  # raw uint32[2]: checkpointable
-        params = models.init_params(model, init_key, x_1f)
-        return epoch_lib.TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), run_key)
-
+    init = jax.jit(functools.partial(_init, model, tx))
     return init(jnp.asarray(seed, jnp.uint32), jnp.asarray(example_x[:1]))
 
 
@@ -116,16 +116,6 @@ def _row(epoch: int, steps: int, train, val, test, lr) -> dict:
     return row
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple | list) else value
-    return out
-
-
 def prepare_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict, restart: bool) -> bool:
     """Makes `workdir` ready; True when it holds a run of the same config to resume."""
     used = any((workdir / name).exists() for name in (*RUN_FILES, "config.json", checkpoint_lib.CHECKPOINT_DIR))
@@ -140,8 +130,8 @@ def prepare_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict, re
                 f"{workdir} holds run outputs but no config.json, so it cannot be resumed. Use a new --workdir, "
                 "or --restart (restart=True) to discard them."
             )
-        old = _flat(json.loads((workdir / "config.json").read_text()))
-        new = _flat(json.loads(config.to_json_best_effort()))
+        old = config_lib.flatten(json.loads((workdir / "config.json").read_text()))
+        new = config_lib.flatten(json.loads(config.to_json_best_effort()))
         differing = [
             k for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_KEYS)
         ]
@@ -294,7 +284,7 @@ def train_and_evaluate(
             "epochs_per_call": epochs_per_call,
             "test_every": config.train.test_every,
             "log_test": config.train.log_test,
-            "carry": multi_epoch.Carry(state, control["early_stopping"], best_params),
+            "carry": multi_epoch.Carry.start(state, control["early_stopping"], best_params),
         }
     compiled = compile_run(state, model, tx, splits, batch_size, config.train.eval_batch_size, multi)
     scalar = np.float32(0)  # the per-epoch control updates, compiled before the first epoch too
@@ -342,7 +332,7 @@ def train_and_evaluate(
             already_stopped = may_stop and bool(control["early_stopping"].should_stop)
             while epoch <= config.train.epochs and not already_stopped:
                 call_start = time.perf_counter()
-                carry = multi_epoch.Carry(state, control["early_stopping"], best_params)
+                carry = multi_epoch.Carry.start(state, control["early_stopping"], best_params)
                 carry, rows = compiled.run_epochs(
                     carry, fused_splits, jnp.asarray(epoch, jnp.int32), jnp.asarray(config.train.epochs, jnp.int32)
                 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from jaxepochs import cli, reproduce
@@ -16,15 +17,23 @@ def _history(test_accuracy_per_epoch, steps_per_epoch=40):
 
 def test_every_reference_states_value_source_and_tolerance():
     names = reproduce.available()
-    assert "mnist1d" in names
+    assert {"mnist1d", "double-descent", "grokking"} <= set(names)
     for name in names:
         reference = reproduce.load_reference(name)
         assert reference["tolerance_why"] and reference["recipe"]
-        for value in reference["values"]:
-            assert {"experiment", "metric", "value", "unit", "measured_on", "source", "tolerance"} <= value.keys()
-            assert 0 < value["tolerance"] < 0.1
-        for curve in reference["curves"]:
-            assert len(curve["steps"]) == len(curve["values"]) and curve["source"]
+        values = reference.get("values", []) + [
+            p for run in reference.get("runs", []) for p in run.get("published", [])
+        ]
+        assert values
+        for value in values:
+            assert {"metric", "value", "unit", "measured_on", "source"} <= value.keys()
+            assert "tolerance" in value or value["low"] <= value["value"] <= value["high"]
+            assert value.get("tolerance", 0.05) < 0.1
+        for curve in reference.get("curves", []):
+            xs = curve.get("steps", curve.get("widths"))
+            assert len(xs) == len(curve["values"]) and curve["source"]
+        for experiment in {v.get("experiment", reference.get("experiment")) for v in values} - {None}:
+            assert (reproduce.REPO / "experiments" / f"{experiment}.py").is_file()
 
 
 def test_judge_passes_within_tolerance_and_fails_outside():
@@ -77,3 +86,68 @@ def test_reproduce_mnist1d_quick_end_to_end(tmp_path):
     assert histories == ["mnist1d_cnn_seed0.jsonl", "mnist1d_logreg_seed0.jsonl", "mnist1d_mlp_seed0.jsonl"]
     rows = (tmp_path / "histories" / "mnist1d_cnn_seed0.jsonl").read_text().splitlines()
     assert len(rows) == reproduce.QUICK["epochs"] and '"test_accuracy"' in rows[0]
+
+
+def test_double_descent_judges_the_points_and_the_peak():
+    from jaxepochs import double_descent
+
+    reference = reproduce.load_reference("double-descent")
+    finals = {}
+    for condition, curve in ((c["condition"], c) for c in reference["curves"]):
+        for width, value in zip(curve["widths"], curve["values"], strict=True):
+            finals[f"{condition}_h{width}"] = np.array([value + 0.01, value - 0.01])  # published, +-1 point
+    rows = double_descent.judge(reference, finals, quick=False)
+    assert len(rows) == len(reference["values"]) + 2 and all(r["passed"] for r in rows)
+    finals["noisy_h47"] = finals["noisy_h47"] + 0.05  # 5 points off: outside the 3-point tolerance
+    finals["noisy_h300"] = np.array([0.60, 0.60])  # the far end above the peak: no double descent
+    failed = [r["what"] for r in double_descent.judge(reference, finals, quick=False) if not r["passed"]]
+    assert len(failed) == 3 and any("h=47" in w for w in failed) and any("above h=300" in w for w in failed)
+
+
+def _grok_history(train_acc, test_acc, test_loss):
+    return [
+        {"epoch": e + 1, "train_accuracy": a, "test_accuracy": b, "test_loss": c}
+        for e, (a, b, c) in enumerate(zip(train_acc, test_acc, test_loss, strict=True))
+    ]
+
+
+def test_grokking_finds_the_delay_and_replays_early_stopping():
+    from jaxepochs import grokking
+
+    n = 60
+    train = [min(1.0, 0.1 * e) for e in range(1, n + 1)]  # 100% from epoch 10
+    test = [0.01] * 40 + [1.0] * (n - 40)  # 100% from epoch 41: 4.1x later
+    loss = [4.0 - 0.1 * e for e in range(5)] + [5.0] * 35 + [0.01] * (n - 40)  # best at epoch 5, then rises
+    history = _grok_history(train, test, loss)
+    assert grokking.first_epoch_at(history, "train_accuracy", 0.99) == 10
+    assert grokking.first_epoch_at(history, "test_accuracy", 0.99) == 41
+    assert grokking.first_epoch_at(history[:30], "test_accuracy", 0.99) is None
+    replay = grokking.early_stop_replay(history, patience=10)
+    assert replay["stopped"] and replay["best_epoch"] == 5 and replay["stop_epoch"] == 15
+    assert replay["test_accuracy_kept"] == 0.01 and replay["test_accuracy_final"] == 1.0
+    reference = {
+        "threshold": 0.99,
+        "min_delay_ratio": 4,
+        "early_stopping_patience": 10,
+        "early_stopping_why": "",
+        "runs": [{"id": "r", "published": []}],
+    }
+    rows, lines = grokking.judge(reference, {"r": [history]}, quick=False)
+    assert [r["passed"] for r in rows] == [True] and rows[0]["mean"] == pytest.approx(4.1)
+    assert any("| r | 0 | 10 | 41 | 15 | 5 | 0.010 | 1.000 |" in line for line in lines)
+    rows, _ = grokking.judge({**reference, "min_delay_ratio": 5}, {"r": [history]}, quick=False)
+    assert [r["passed"] for r in rows] == [False]
+
+
+def test_reproduce_double_descent_quick_end_to_end(tmp_path):
+    assert cli.main(["reproduce", "double-descent", "--quick", "--quiet", "--workdir", str(tmp_path)]) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "FAIL" not in report and "3 of 3 pass" in report and "early stopping" in report
+    assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_reproduce_grokking_quick_end_to_end(tmp_path):
+    assert cli.main(["reproduce", "grokking", "--quick", "--quiet", "--workdir", str(tmp_path)]) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "FAIL" not in report and "1 of 1 pass" in report and "grokking_small" in report
+    assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")

@@ -1,0 +1,180 @@
+"""Sweeps in one compiled program: `jax.vmap` over runs that differ only in traced values.
+
+    jaxepochs sweep --config experiments/mnist1d_mlp.py --workdir runs/sweep \
+        --sweep.optimizer.learning_rate=1e-3,3e-3,1e-2 --sweep.seed=0,1,2,3
+    jaxepochs sweep ... --random 16 --sweep.optimizer.learning_rate=loguniform:1e-4:1e-1
+    jaxepochs sweep ... --cv 5 [--refit]
+
+Values that live in arrays (`TRACED`: the seed, the optimizer's rates, early stopping's numbers) are a leading
+run axis of the carry of `multi_epoch`'s many-epoch program, vmapped, so one program trains every run of a
+group; runs that differ in anything else (batch size, widths, dataset, schedule shape) form separate groups,
+one program each. A run that stops early (or diverges) is frozen by the vmapped while loop while the others
+go on. With several devices the run axis is sharded over them. Cross-validation (`--cv K`) trains each
+configuration on K folds of the training split as K more runs of the same program.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+from jaxepochs import config as config_lib
+
+# Keys whose values are arrays in the carry (or the early-stopping hyperparameters): vmapped, not recompiled.
+TRACED = (
+    "seed",
+    "optimizer.learning_rate",
+    "optimizer.weight_decay",
+    "optimizer.momentum",
+    "optimizer.b1",
+    "optimizer.b2",
+    "early_stopping.min_delta",
+    "early_stopping.patience",
+    "early_stopping.baseline",
+    "early_stopping.start_from_epoch",
+    "early_stopping.alpha",
+    "early_stopping.strips",
+    "early_stopping.divergence_threshold",
+)
+DISTRIBUTIONS = ("loguniform", "uniform", "randint")
+USED_BY = {  # optimizer hyperparameters that only some optimizers have
+    "optimizer.weight_decay": ("adamw",),
+    "optimizer.momentum": ("sgd",),
+    "optimizer.b1": ("adam", "adamw"),
+    "optimizer.b2": ("adam", "adamw"),
+}
+
+
+class SweepError(ValueError):
+    """A sweep specification that cannot run; raised before anything compiles."""
+
+
+class Run(NamedTuple):
+    name: str  # "r003", or "r003_fold1" under cross-validation
+    values: dict[str, str]  # the swept keys' values, as override text
+    config: object  # the validated ConfigDict
+    fold: int  # -1 without cross-validation
+
+
+def split_values(text: str) -> list[str]:
+    """ "1e-3,3e-3" -> ["1e-3", "3e-3"]; commas inside brackets stay: "(16,16),(32,32)" -> 2 values."""
+    values, depth, current = [], 0, ""
+    for char in text:
+        depth += char in "([{"
+        depth -= char in ")]}"
+        if char == "," and depth == 0:
+            values.append(current.strip())
+            current = ""
+        else:
+            current += char
+    values.append(current.strip())
+    return values
+
+
+def _draw(key: str, spec: str, rng: np.random.Generator) -> str:
+    kind, _, bounds = spec.partition(":")
+    low_text, _, high_text = bounds.partition(":")
+    try:
+        low, high = float(low_text), float(high_text)
+    except ValueError:
+        raise SweepError(f'--sweep.{key}={spec}: write a range as "{kind}:LOW:HIGH" with numbers.') from None
+    if not low < high:
+        raise SweepError(f"--sweep.{key}={spec}: the range needs LOW < HIGH.")
+    if kind == "loguniform":
+        if low <= 0:
+            raise SweepError(f"--sweep.{key}={spec}: loguniform needs LOW > 0.")
+        return repr(float(math.exp(rng.uniform(math.log(low), math.log(high)))))
+    if kind == "uniform":
+        return repr(float(rng.uniform(low, high)))
+    return str(int(rng.integers(int(low), int(high) + 1)))  # randint: both ends included
+
+
+def expand(base, specs: dict[str, str], random: int = 0, random_seed: int = 0) -> list[dict[str, str]]:
+    """The runs of `specs` ({"optimizer.learning_rate": "1e-3,1e-2", ...}): the grid (product of the lists),
+    or with `random` N, N draws (ranges "loguniform:a:b", "uniform:a:b", "randint:a:b"; lists: a choice).
+    Every value is checked against the config now: unknown keys, wrong types and empty lists raise SweepError."""
+    if not specs:
+        raise SweepError("Nothing to sweep: give at least one --sweep.KEY=V1,V2,... (or a range with --random N).")
+    if random < 0:
+        raise SweepError(f"--random {random}: give the number of configurations to draw (1 or more).")
+    rng = np.random.default_rng(random_seed)
+    lists = {}
+    for key, text in specs.items():
+        is_range = text.split(":", 1)[0] in DISTRIBUTIONS
+        if is_range and not random:
+            raise SweepError(f"--sweep.{key}={text} is a range; draw from it with --random N, or list the values.")
+        values = [text] if is_range else split_values(text)
+        if any(v == "" for v in values):
+            raise SweepError(f"--sweep.{key}={text}: an empty value; list values separated by commas.")
+        lists[key] = values
+    if random:
+        runs = []
+        for _ in range(random):
+            run = {}
+            for key, values in lists.items():
+                is_range = values[0].split(":", 1)[0] in DISTRIBUTIONS
+                run[key] = _draw(key, values[0], rng) if is_range else values[int(rng.integers(len(values)))]
+            runs.append(run)
+    else:
+        runs = [dict(zip(lists, combo, strict=True)) for combo in itertools.product(*lists.values())]
+    for run in runs:  # every value must parse into its key's type: before anything compiles
+        try:
+            config = config_lib.apply_overrides(base, run)
+        except config_lib.ConfigError as e:
+            raise SweepError(str(e).replace("--config.", "--sweep.")) from None
+        for key, optimizers in USED_BY.items():
+            if key in run and config.optimizer.name not in optimizers:
+                raise SweepError(
+                    f"--sweep.{key}: optimizer {config.optimizer.name} has no {key.split('.')[1]} (it applies to "
+                    f"{' and '.join(optimizers)}); sweep optimizer.name too, or drop this key."
+                )
+    return runs
+
+
+def program_key(config) -> str:
+    """Everything but the traced values: runs with equal keys share one compiled program."""
+    flat = config_lib.flatten(config)
+    return repr(sorted((k, repr(v)) for k, v in flat.items() if k not in TRACED))
+
+
+def make_runs(base, grid: list[dict[str, str]], cv: int = 0) -> list[Run]:
+    runs = []
+    width = len(str(len(grid) - 1))
+    for i, values in enumerate(grid):
+        config = config_lib.apply_overrides(base, values)
+        name = f"r{i:0{width}d}"
+        if cv:
+            runs += [Run(f"{name}_fold{k}", values, config, k) for k in range(cv)]
+        else:
+            runs.append(Run(name, values, config, -1))
+    return runs
+
+
+def group_runs(runs: list[Run]) -> list[list[Run]]:
+    """Runs grouped by program (same shapes and static settings), in order of first appearance."""
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(program_key(run.config), []).append(run)
+    return list(groups.values())
+
+
+def check_cv(cv: int, num_train: int) -> None:
+    if cv == 0:
+        return
+    if cv < 2:
+        raise SweepError(f"--cv {cv}: cross-validation needs K >= 2 folds.")
+    if cv > num_train:
+        raise SweepError(f"--cv {cv}: more folds than the {num_train} training examples; use K <= {num_train}.")
+
+
+def fold_indices(num_train: int, cv: int, fold: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) indices of `fold`: a seeded permutation cut into K folds of N // K; the N mod K left over
+    always train, so every fold has the same shapes (one program for all folds)."""
+    order = np.random.default_rng(seed).permutation(num_train)
+    size = num_train // cv
+    val = np.sort(order[fold * size : (fold + 1) * size])
+    train = np.sort(np.concatenate([order[: fold * size], order[(fold + 1) * size :]]))
+    return train, val

@@ -1,0 +1,175 @@
+"""A sweep's outputs: sweep.jsonl, results.csv (ranked), cv.csv, the printed table and sweep.png."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import pathlib
+
+import numpy as np
+
+
+def _minimize(monitor: str) -> bool:
+    return "loss" in monitor
+
+
+def results(runs, histories: dict, finals: dict, states: dict) -> list[dict]:
+    """One row per run, ranked best first by its best monitored value (NaN last)."""
+    rows = []
+    for run in runs:
+        state = states[run.name]
+        history = histories[run.name]
+        row = {"run": run.name, **run.values}
+        if run.fold >= 0:
+            row["fold"] = run.fold
+        row.update(
+            {
+                "epochs_run": len(history),
+                "best_epoch": state["best_epoch"],
+                "stopped_epoch": state["stopped_epoch"],
+                f"best_{state['monitor']}": state["best_value"],
+                **finals.get(run.name, {}),
+            }
+        )
+        rows.append(row)
+    if not rows:
+        return rows
+    monitor = states[runs[0].name]["monitor"]
+    key = f"best_{monitor}"
+    sign = 1.0 if _minimize(monitor) else -1.0
+    return sorted(rows, key=lambda r: (not math.isfinite(r[key]), sign * r[key] if math.isfinite(r[key]) else 0))
+
+
+def cross_validation(runs, histories: dict, cv: int) -> list[dict]:
+    """Per configuration: the validation curve's mean and spread over its K folds per epoch, and the epoch
+    count it recommends (the best mean val_loss)."""
+    by_config: dict[str, list] = {}
+    for run in runs:
+        by_config.setdefault(run.name.rsplit("_fold", 1)[0], []).append(run)
+    out = []
+    for name, folds in by_config.items():
+        curves = [[row["val_loss"] for row in histories[f.name]] for f in folds]
+        length = min(len(c) for c in curves)
+        if length == 0:
+            continue
+        loss_ke = np.array([c[:length] for c in curves])
+        mean_e, std_e = loss_ke.mean(0), loss_ke.std(0)
+        best = int(np.nanargmin(mean_e))
+        out.append(
+            {
+                "config": name,
+                "values": folds[0].values,
+                "folds": cv,
+                "mean_val_loss": mean_e.tolist(),
+                "std_val_loss": std_e.tolist(),
+                "recommended_epochs": best + 1,
+                "best_mean_val_loss": float(mean_e[best]),
+                "best_std_val_loss": float(std_e[best]),
+            }
+        )
+    return out
+
+
+def table(results_rows: list[dict], cv_rows: list[dict], top: int = 10) -> str:
+    """The ranked runs (and the cross-validated epoch counts) as Markdown."""
+    if not results_rows:
+        return "No runs."
+    columns = [k for k in results_rows[0] if not k.startswith("final_val")]
+    lines = ["| rank | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for rank, row in enumerate(results_rows[:top], 1):
+        cells = [f"{row[c]:.4g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns]
+        lines.append(f"| {rank} | " + " | ".join(cells) + " |")
+    lines.append(f"\nBest: {results_rows[0]['run']} " + json.dumps({k: results_rows[0][k] for k in columns[1:3]}))
+    for row in cv_rows:
+        refit = f", refit test accuracy {row['refit_test_accuracy']:.4f}" if "refit_test_accuracy" in row else ""
+        lines.append(
+            f"{row['config']} {row['values']}: {row['folds']}-fold CV recommends {row['recommended_epochs']} epochs "
+            f"(mean val_loss {row['best_mean_val_loss']:.4f} ± {row['best_std_val_loss']:.4f}){refit}"
+        )
+    return "\n".join(lines)
+
+
+def write(workdir: pathlib.Path, runs, histories: dict, results_rows: list[dict], cv_rows: list[dict], grid) -> None:
+    with (workdir / "sweep.jsonl").open("w") as f:
+        for run in runs:
+            for row in histories[run.name]:
+                f.write(json.dumps({"run": run.name, **run.values, **row}) + "\n")
+    columns = list(dict.fromkeys(k for row in results_rows for k in row))
+    with (workdir / "results.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows(results_rows)
+    if cv_rows:
+        with (workdir / "cv.csv").open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(
+                [
+                    "config",
+                    *grid[0].keys(),
+                    "recommended_epochs",
+                    "mean_val_loss",
+                    "std_val_loss",
+                    "refit_test_accuracy",
+                ]
+            )
+            for row in cv_rows:
+                writer.writerow(
+                    [
+                        row["config"],
+                        *row["values"].values(),
+                        row["recommended_epochs"],
+                        row["best_mean_val_loss"],
+                        row["best_std_val_loss"],
+                        row.get("refit_test_accuracy", ""),
+                    ]
+                )
+    plot(workdir / "sweep.png", runs, histories, results_rows, grid)
+
+
+def plot(path: pathlib.Path, runs, histories: dict, results_rows: list[dict], grid) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    swept = list(grid[0].keys()) if grid else []
+    monitor_key = next((k for k in results_rows[0] if k.startswith("best_") and k != "best_epoch"), None)
+    monitor = monitor_key.removeprefix("best_") if monitor_key else "val_loss"
+    fig, axes = plt.subplots(1, 1 + len(swept), figsize=(5.5 * (1 + len(swept)), 4.2), squeeze=False)
+    ax = axes[0][0]
+    best = results_rows[0]["run"]
+    for run in runs:
+        rows = histories[run.name]
+        if not rows or monitor not in rows[0]:
+            continue
+        ys = [row[monitor] for row in rows]
+        ax.plot(
+            range(1, len(ys) + 1),
+            ys,
+            color="C3" if run.name == best else "grey",
+            lw=2 if run.name == best else 0.6,
+            alpha=1 if run.name == best else 0.5,
+            zorder=3 if run.name == best else 1,
+        )
+    ax.set_title(f"{monitor} of every run (best: {best})")
+    ax.set_xlabel("epoch")
+    ax.grid(alpha=0.3)
+    for ax, key in zip(axes[0][1:], swept, strict=True):
+        xs, ys = [], []
+        for row in results_rows:
+            try:
+                xs.append(float(row[key]))
+            except (TypeError, ValueError):
+                xs.append(str(row[key]))
+            ys.append(row[monitor_key])
+        ax.scatter(xs, ys, s=18)
+        numeric = all(isinstance(x, float) for x in xs)
+        if numeric and min(xs) > 0 and max(xs) / min(xs) > 20:
+            ax.set_xscale("log")
+        ax.set_xlabel(key)
+        ax.set_ylabel(f"best {monitor}")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

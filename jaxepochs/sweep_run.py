@@ -1,0 +1,388 @@
+"""Runs a sweep: per program group, chunks of runs stacked on a leading axis and trained by one vmapped
+many-epoch program (sharded over the devices when there are several), then the outputs.
+
+Writes into the workdir: sweep.json (the specification, for resuming), sweep.jsonl (one row per run per
+epoch), results.csv (one row per run), cv.csv with --cv, sweep.png, and checkpoints/ per chunk.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import pathlib
+import shutil
+import time
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxepochs import checkpoint as checkpoint_lib
+from jaxepochs import config as config_lib
+from jaxepochs import data as data_lib
+from jaxepochs import epoch as epoch_lib
+from jaxepochs import models, multi_epoch, report, schedules, sweep_report
+from jaxepochs import sweep_grid as sweep_lib
+from jaxepochs import train as train_lib
+
+DEFAULT_EPOCHS_PER_CALL = 10
+
+
+class SweepResult(NamedTuple):
+    results: list[dict]  # one per run, as in results.csv, ranked best first
+    histories: dict[str, list[dict]]  # run name -> its rows
+    cv: list[dict]  # one per configuration with --cv: mean curve, recommended epochs, refit test metric
+    compile_seconds: float
+    seconds: float
+
+
+def _stack(trees):
+    """Stacks on the host: an eager jnp.stack would compile once per number of runs."""
+    return jax.tree.map(lambda *leaves: np.stack([np.asarray(leaf) for leaf in leaves]), *jax.device_get(trees))
+
+
+def _free_bytes() -> int:
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))  # host memory (CPU)
+
+
+def default_chunk(num_runs: int, params, batch_size: int, widest: int) -> int:
+    """Runs per program from free memory: per run, the parameters about five times (params, two optimizer
+    moments, best params, gradients) and the activations of a batch, with half the free memory to spare."""
+    param_bytes = sum(int(np.prod(p.shape)) * 4 for p in jax.tree.leaves(params))
+    per_run = 5 * param_bytes + 3 * 4 * batch_size * max(widest, 1)
+    return int(max(1, min(num_runs, _free_bytes() // 2 // max(per_run, 1))))
+
+
+def _widest(params) -> int:
+    return max(max(p.shape, default=1) for p in jax.tree.leaves(params))
+
+
+class _Group:
+    """The shared pieces of one program group: data, model, optimizer, tracker, compiled programs."""
+
+    def __init__(self, runs: list[sweep_lib.Run], cv: int, quiet: bool):
+        template = runs[0].config
+        self.config = template
+        self.cv = cv
+        dataset = data_lib.load_dataset(template, quiet)
+        train_lib._check_shapes(template, dataset)
+        self.dataset = dataset
+        self.num_classes = dataset.num_classes
+        if cv:
+            sweep_lib.check_cv(cv, dataset.train.y.shape[0])
+            train_idx, _ = sweep_lib.fold_indices(dataset.train.y.shape[0], cv, 0, template.data.split_seed)
+            n_train = train_idx.shape[0]
+        else:
+            n_train = dataset.train.y.shape[0]
+        self.has_val = bool(cv) or dataset.val.y.shape[0] > 0
+        self.steps_per_epoch = epoch_lib.steps_per_epoch(n_train, template.train.batch_size)
+        self.model = models.make_model(template.model, dataset.num_classes)
+        self.tracker, self.may_stop = train_lib._tracker(template, self.has_val)
+        self.epochs = template.train.epochs
+        per_call = template.train.epochs_per_call
+        self.epochs_per_call = max(1, min(per_call if per_call > 1 else DEFAULT_EPOCHS_PER_CALL, self.epochs))
+        self.log_test = template.train.log_test
+
+    def tx(self, config):
+        return schedules.make_optimizer(config.optimizer, self.steps_per_epoch, self.epochs)
+
+    def splits(self, runs: list[sweep_lib.Run]) -> tuple[dict, dict]:
+        """The arrays each run trains and is validated on, and their vmap axes (CV: per run, [R, ...])."""
+        d = self.dataset
+        if not self.cv:
+            splits = {"train": (d.train.x, d.train.y)}
+            if self.has_val:
+                splits["val"] = (d.val.x, d.val.y)
+            if self.log_test:
+                splits["test"] = (d.test.x, d.test.y)
+            return {k: tuple(jnp.asarray(a) for a in v) for k, v in splits.items()}, {k: None for k in splits}
+        folds = [sweep_lib.fold_indices(d.train.y.shape[0], self.cv, r.fold, self.config.data.split_seed) for r in runs]
+        stack = lambda idx: (
+            jnp.asarray(np.stack([d.train.x[i] for i in idx])),
+            jnp.asarray(np.stack([d.train.y[i] for i in idx])),
+        )
+        splits = {"train": stack([f[0] for f in folds]), "val": stack([f[1] for f in folds])}
+        axes = {"train": 0, "val": 0}
+        if self.log_test:
+            splits["test"] = (jnp.asarray(d.test.x), jnp.asarray(d.test.y))
+            axes["test"] = None
+        return splits, axes
+
+    def init(self, runs: list[sweep_lib.Run]):
+        """The stacked carry and early-stopping hyperparameters of `runs`: one vmapped init program over the
+        seeds, then each run's optimizer hyperparameters written into its state (where inject_hyperparams and
+        EpochSchedule keep them), exactly as a run initialised alone holds them."""
+        seeds = np.array([r.config.seed for r in runs], np.uint32)
+        state = self._init_many(seeds, jnp.asarray(self.dataset.train.x[:1]))
+        state = jax.tree.map(np.asarray, jax.device_get(state))
+        opt = state.opt_state
+        o = [r.config.optimizer for r in runs]
+        schedule = opt.hyperparams_states["learning_rate"]
+        lr = np.array([c.learning_rate for c in o], np.float32)
+        schedule = schedule._replace(learning_rate=lr)
+        hyper = dict(opt.hyperparams)
+        hyper["learning_rate"] = lr * schedule.shape * schedule.scale  # the first step's rate, as init computes
+        for name in ("weight_decay", "momentum", "b1", "b2"):
+            if name in hyper:
+                hyper[name] = np.array([c[name] for c in o], np.float32)
+        opt = opt._replace(hyperparams=hyper, hyperparams_states={**opt.hyperparams_states, "learning_rate": schedule})
+        state = state._replace(opt_state=opt)
+        es_state = _stack([self.tracker.init()] * len(runs))
+        carry = multi_epoch.Carry(state, es_state, state.params, np.zeros(len(runs), bool))
+        hparams = []
+        for run in runs:
+            es = config_lib.make_early_stopping(run.config.early_stopping, self.has_val) if self.may_stop else None
+            hparams.append((es or self.tracker).hparams())
+        return carry, _stack(hparams)
+
+    @functools.cached_property
+    def _init_many(self):
+        tx = self.tx(self.config)
+
+        @jax.jit
+        def init_many(seeds_r, x_1f):
+            return jax.vmap(lambda seed: train_lib._init(self.model, tx, seed, x_1f))(seeds_r)
+
+        return init_many
+
+    def compile(self, carry, splits, axes, hparams, sharding):
+        apply_fn = lambda params, x: self.model.apply({"params": params}, x)
+        eval_sizes = {
+            name: min(self.config.train.eval_batch_size, x.shape[-(self.dataset.train.x.ndim)])
+            for name, (x, _) in splits.items()
+            if name != "train"
+        }
+        program = multi_epoch.make_run_epochs(
+            apply_fn=apply_fn,
+            tx=self.tx(self.config),
+            batch_size=self.config.train.batch_size,
+            eval_batch_sizes=eval_sizes,
+            tracker=self.tracker,
+            may_stop=self.may_stop,
+            epochs_per_call=self.epochs_per_call,
+            test_every=self.config.train.test_every,
+        )
+        vmapped = jax.vmap(program, in_axes=(0, axes, None, None, 0))
+        one = jnp.asarray(1, jnp.int32)
+        start = time.perf_counter()
+        compiled = jax.jit(vmapped).lower(carry, splits, one, one, hparams).compile()
+        evaluate = {}
+        d = self.dataset
+        held_out = {"val": (d.val.x, d.val.y)} if (d.val.y.shape[0] and not self.cv) else {}
+        held_out["test"] = (d.test.x, d.test.y)
+        for name, (x, y) in held_out.items():
+            size = min(self.config.train.eval_batch_size, x.shape[0])
+            fn = functools.partial(epoch_lib.eval_epoch, apply_fn=apply_fn, batch_size=size)
+            evaluate[name] = (jax.jit(jax.vmap(fn, in_axes=(0, None, None))), (jnp.asarray(x), jnp.asarray(y)))
+        return compiled, evaluate, time.perf_counter() - start
+
+
+def _sharding(chunk: int):
+    """A mesh over the devices with the run axis split across them, or None on one device."""
+    devices = jax.devices()
+    if len(devices) < 2 or chunk % len(devices):
+        return None
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    return NamedSharding(Mesh(np.array(devices), ("runs",)), PartitionSpec("runs"))
+
+
+def _rows(group: _Group, runs, rows, first_epoch: int) -> dict[str, list[dict]]:
+    """Per run: the metrics rows of the epochs this call ran (not the discarded non-finite one)."""
+    out = {}
+    for r, run in enumerate(runs):
+        history = []
+        for i in range(int(rows.ran[r])):
+            pick = lambda m, i=i, r=r: jax.tree.map(lambda a: a[r, i], m)
+            epoch = first_epoch + i
+            val = pick(rows.val) if group.has_val else None
+            test = pick(rows.test) if group.log_test else None
+            row = train_lib._row(
+                epoch, epoch * group.steps_per_epoch, pick(rows.train), val, test, rows.learning_rate[r, i]
+            )
+            if not np.isfinite(row["train_loss"]):
+                break
+            history.append(row)
+        out[run.name] = history
+    return out
+
+
+def _train_chunk(group, runs, chunk_size, workdir, progress, quiet) -> tuple[dict, object, float]:
+    """Trains `runs` (padded to `chunk_size` with copies of the first, dropped after) to the end; resumes from
+    the chunk's checkpoint. Returns the histories, the final carry (real runs only) and the compile seconds."""
+    padded = runs + [runs[0]] * (chunk_size - len(runs))
+    carry, hparams = group.init(padded)
+    splits, axes = group.splits(padded)
+    sharding = _sharding(chunk_size)
+    if sharding is not None:
+        carry, hparams = jax.device_put((carry, hparams), sharding)
+        splits = {
+            name: jax.device_put(arrays, sharding) if axes[name] == 0 else arrays for name, arrays in splits.items()
+        }
+    compiled, evaluate, compile_seconds = group.compile(carry, splits, axes, hparams, sharding)
+    histories = {run.name: [] for run in runs}
+    ckpt = checkpoint_lib.Checkpointer(workdir, max_to_keep=1)
+    try:
+        restored = ckpt.restore_latest({"carry": carry}, progress.message)
+        epoch = 1
+        if restored is not None:
+            done, arrays, meta = restored
+            carry = arrays["carry"]
+            if sharding is not None:
+                carry = jax.device_put(carry, sharding)
+            histories = meta["histories"]
+            epoch = done + 1
+        last_save = time.perf_counter()
+        every = group.config.checkpoint.every_seconds
+        halted = lambda: bool(np.asarray(jax.device_get(carry.halted))[: len(runs)].all())
+        while epoch <= group.epochs and not halted():
+            carry, rows = compiled(carry, splits, jnp.int32(epoch), jnp.int32(group.epochs), hparams)
+            rows = jax.device_get(rows)
+            for name, new in _rows(group, runs, rows, epoch).items():
+                histories[name] += new
+            epoch += int(np.max(rows.ran))
+            active = int(np.sum(~np.asarray(jax.device_get(carry.halted))[: len(runs)]))
+            progress.advance(epoch - 1, active, histories, group.tracker.monitor)
+            if time.perf_counter() - last_save >= every or epoch > group.epochs:
+                ckpt.save(epoch - 1, {"carry": carry}, {"epoch": epoch - 1, "histories": histories})
+                last_save = time.perf_counter()
+        if restored is None or epoch - 1 not in ckpt.epochs():
+            ckpt.save(max(epoch - 1, 1), {"carry": carry}, {"epoch": epoch - 1, "histories": histories})
+    finally:
+        ckpt.close()
+    finals = {}
+    restore_best = group.config.early_stopping.enabled and group.config.early_stopping.restore_best
+    params = carry.best_params if restore_best else carry.state.params  # padded runs too: no new shapes
+    real = jax.tree.map(lambda a: np.asarray(a)[: len(runs)], jax.device_get(carry))
+    for name, (fn, (x, y)) in evaluate.items():
+        totals = jax.device_get(fn(params, x, y))
+        for r, run in enumerate(runs):
+            finals.setdefault(run.name, {}).update(epoch_lib.Metrics(*(a[r] for a in totals)).means(f"final_{name}"))
+    return histories, (real, finals), compile_seconds
+
+
+class _Progress:
+    """One line per call (or a tqdm bar on a terminal): the epoch, the runs still training, the best value."""
+
+    def __init__(self, total_epochs: int, num_runs: int, quiet: bool):
+        self._progress = report.Progress(total_epochs, quiet)
+        self._num_runs = num_runs
+        self._shown = 0
+
+    def message(self, text: str) -> None:
+        self._progress.message(text)
+
+    def advance(self, epoch: int, active: int, histories: dict, monitor: str) -> None:
+        values = [row[monitor] for rows in histories.values() for row in rows if monitor in row]
+        best = (min(values) if "loss" in monitor else max(values)) if values else float("nan")
+        self._progress.message(f"epoch {epoch}: {active} of {len(histories)} runs training, best {monitor} {best:.4f}")
+
+    def close(self) -> None:
+        self._progress.close()
+
+
+def _prepare(workdir: pathlib.Path, spec: dict, restart: bool) -> None:
+    path = workdir / "sweep.json"
+    if restart and workdir.exists():
+        for name in ("sweep.json", "sweep.jsonl", "results.csv", "cv.csv", "sweep.png"):
+            (workdir / name).unlink(missing_ok=True)
+        shutil.rmtree(workdir / "chunks", ignore_errors=True)
+    if path.exists() and json.loads(path.read_text()) != spec:
+        raise sweep_lib.SweepError(
+            f"{workdir} holds another sweep (its sweep.json differs). Use a new --workdir, or --restart to discard it."
+        )
+    if not path.exists() and workdir.exists() and any(workdir.iterdir()):
+        raise sweep_lib.SweepError(f"{workdir} is not empty and holds no sweep. Use a new --workdir.")
+    workdir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(spec, indent=2) + "\n")
+
+
+def sweep(
+    config: ml_collections.ConfigDict,
+    grid: list[dict[str, str]],
+    workdir: str | pathlib.Path,
+    *,
+    cv: int = 0,
+    refit: bool = False,
+    chunk: int = 0,
+    quiet: bool = False,
+    restart: bool = False,
+) -> SweepResult:
+    """Trains every configuration of `grid` (overrides of `config`, as from `sweep.expand`), K folds each with
+    `cv` = K; `chunk` caps the runs trained at once (0: chosen from free memory). Resumes a sweep in `workdir`."""
+    start = time.perf_counter()
+    config = config_lib.validate(config)
+    if cv:
+        if cv < 2:
+            raise sweep_lib.SweepError(f"--cv {cv}: cross-validation needs K >= 2 folds.")
+        config = config_lib.apply_overrides(config, {"data.validation_fraction": "0.0"})
+    if chunk < 0:
+        raise sweep_lib.SweepError(f"--chunk {chunk}: give the most runs to train at once (1 or more), or 0.")
+    if refit and not cv:
+        raise sweep_lib.SweepError("--refit retrains on the whole training split after --cv K; add --cv K.")
+    workdir = pathlib.Path(workdir)
+    spec = {"config": json.loads(config.to_json_best_effort()), "grid": grid, "cv": cv}
+    _prepare(workdir, spec, restart)
+    runs = sweep_lib.make_runs(config, grid, cv)
+    groups = sweep_lib.group_runs(runs)
+    progress = _Progress(max(r.config.train.epochs for r in runs), len(runs), quiet)
+    histories: dict[str, list[dict]] = {}
+    finals: dict[str, dict] = {}
+    states: dict[str, dict] = {}
+    compile_seconds = 0.0
+    try:
+        for g, members in enumerate(groups):
+            group = _Group(members, cv, quiet)
+            example_x = jnp.asarray(group.dataset.train.x[:1])
+            example_params = jax.eval_shape(
+                functools.partial(models.init_params, group.model, jax.random.PRNGKey(0)), example_x
+            )
+            size = chunk or default_chunk(
+                len(members), example_params, group.config.train.batch_size, _widest(example_params)
+            )
+            devices = len(jax.devices())
+            if size >= devices > 1:
+                size -= size % devices  # whole shards of the run axis
+            size = min(size, len(members)) if len(members) < devices else size
+            for c in range(0, len(members), size):
+                part = members[c : c + size]
+                chunk_dir = workdir / "chunks" / f"group{g}_chunk{c // size}"
+                part_histories, (carry, part_finals), seconds = _train_chunk(
+                    group, part, size, chunk_dir, progress, quiet
+                )
+                compile_seconds += seconds
+                histories.update(part_histories)
+                finals.update(part_finals)
+                for r, run in enumerate(part):
+                    es = jax.tree.map(lambda a, r=r: np.asarray(a[r]), carry.es_state)
+                    states[run.name] = {
+                        "best_epoch": int(es.best_epoch),
+                        "stopped_epoch": int(es.stop_epoch) if group.may_stop and bool(es.should_stop) else 0,
+                        "best_value": float(es.best_value) if int(es.best_epoch) else float("nan"),
+                        "monitor": group.tracker.monitor,
+                    }
+    finally:
+        progress.close()
+    results = sweep_report.results(runs, histories, finals, states)
+    cv_rows = sweep_report.cross_validation(runs, histories, cv) if cv else []
+    if refit:
+        for row in cv_rows:
+            refit_config = config_lib.apply_overrides(
+                config,
+                {**row["values"], "train.epochs": str(row["recommended_epochs"]), "data.validation_fraction": "0.0"},
+            )
+            result = train_lib.train_and_evaluate(
+                refit_config, workdir / "refit" / row["config"], quiet=True, restart=True
+            )
+            row["refit_test_loss"] = result.summary["test_loss"]
+            row["refit_test_accuracy"] = result.summary["test_accuracy"]
+    sweep_report.write(workdir, runs, histories, results, cv_rows, grid)
+    if not quiet:
+        print(sweep_report.table(results, cv_rows))
+    return SweepResult(results, histories, cv_rows, compile_seconds, time.perf_counter() - start)

@@ -1,0 +1,204 @@
+"""Sweeps: the grid, one vmapped program per shape group, per-run early stopping, chunks over two devices,
+resuming, cross-validation, and equivalence with the same runs trained alone."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from conftest import tiny_config
+
+import jaxepochs
+from jaxepochs import cli
+from jaxepochs import sweep_grid as grid_lib
+
+TIMINGS = ("train_seconds", "seconds")
+PER_CALL = {"train.epochs_per_call": "3"}  # the sweep's and the solo runs' program: 3 epochs per call
+
+
+def _untimed(rows):
+    return [{k: v for k, v in row.items() if k not in TIMINGS} for row in rows]
+
+
+def _close(a_rows, b_rows):
+    assert len(a_rows) == len(b_rows)
+    for a, b in zip(_untimed(a_rows), _untimed(b_rows), strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key] == pytest.approx(b[key], rel=2e-4, abs=1e-6), key
+
+
+def test_grid_is_the_product_and_keeps_bracketed_commas():
+    base = tiny_config()
+    runs = grid_lib.expand(base, {"optimizer.learning_rate": "1e-3,1e-2", "model.hidden_sizes": "(8,8),(16,)"})
+    assert runs == [
+        {"optimizer.learning_rate": "1e-3", "model.hidden_sizes": "(8,8)"},
+        {"optimizer.learning_rate": "1e-3", "model.hidden_sizes": "(16,)"},
+        {"optimizer.learning_rate": "1e-2", "model.hidden_sizes": "(8,8)"},
+        {"optimizer.learning_rate": "1e-2", "model.hidden_sizes": "(16,)"},
+    ]
+
+
+def test_random_draws_are_seeded_and_inside_their_ranges():
+    base = tiny_config()
+    specs = {"optimizer.learning_rate": "loguniform:1e-4:1e-1", "seed": "randint:0:9", "train.batch_size": "32,64"}
+    runs = grid_lib.expand(base, specs, random=50, random_seed=3)
+    assert runs == grid_lib.expand(base, specs, random=50, random_seed=3)
+    rates = np.array([float(r["optimizer.learning_rate"]) for r in runs])
+    assert len(runs) == 50 and rates.min() >= 1e-4 and rates.max() <= 1e-1
+    assert rates.min() < 1e-3 and rates.max() > 1e-2  # log-uniform: spread over the decades
+    assert {r["train.batch_size"] for r in runs} == {"32", "64"}
+    assert all(0 <= int(r["seed"]) <= 9 for r in runs)
+
+
+@pytest.mark.parametrize(
+    ("specs", "random", "match"),
+    [
+        ({"optimizer.learning_rte": "1e-3"}, 0, r'--sweep\.optimizer\.learning_rte.*Did you mean "learning_rate"'),
+        ({"optimizer.learning_rate": "1e-3,"}, 0, r"an empty value"),
+        ({"train.batch_size": "32,big"}, 0, r'cannot read "big" as an int'),
+        ({"optimizer.learning_rate": "loguniform:1e-1:1e-4"}, 5, r"LOW < HIGH"),
+        ({"optimizer.learning_rate": "loguniform:0:1"}, 5, r"LOW > 0"),
+        ({"optimizer.learning_rate": "loguniform:1e-4:1e-1"}, 0, r"with --random N"),
+        ({"optimizer.weight_decay": "0.1,1.0"}, 0, r"optimizer adam has no weight_decay"),
+        ({}, 0, r"Nothing to sweep"),
+    ],
+)
+def test_bad_sweep_specifications(specs, random, match):
+    with pytest.raises(grid_lib.SweepError, match=match):
+        grid_lib.expand(tiny_config(), specs, random)
+
+
+def test_each_run_of_a_sweep_equals_the_same_run_alone(tmp_path):
+    """4 runs (2 learning rates x 2 seeds) in one program, against each trained alone, epoch by epoch."""
+    base = tiny_config({**PER_CALL, "train.epochs": "5"})
+    grid = grid_lib.expand(base, {"optimizer.learning_rate": "3e-3,2e-2", "seed": "0,1"})
+    result = jaxepochs.sweep(base, grid, tmp_path / "sweep", quiet=True)
+    assert len(result.histories) == 4
+    for name, values in zip(sorted(result.histories), grid, strict=True):
+        alone = jaxepochs.train_and_evaluate(
+            jaxepochs.apply_overrides(base, values), tmp_path / f"alone_{name}", quiet=True
+        )
+        _close(result.histories[name], alone.history)
+        row = next(r for r in result.results if r["run"] == name)
+        assert row["final_test_accuracy"] == pytest.approx(alone.summary["test_accuracy"], abs=2e-3)
+
+
+def test_one_program_per_shape_group_not_per_run(tmp_path, compile_counter):
+    base = tiny_config({**PER_CALL, "train.epochs": "3"})
+    jaxepochs.sweep(base, grid_lib.expand(base, {"seed": "0,1"}), tmp_path / "warm", quiet=True)  # eager ops
+    counts = []
+    for seeds in ("0,1", "0,1,2,3,4,5,6,7"):
+        with compile_counter() as counter:
+            jaxepochs.sweep(base, grid_lib.expand(base, {"seed": seeds}), tmp_path / seeds, quiet=True)
+        counts.append(counter.count)
+    assert counts[0] == counts[1]  # four times the runs, the same number of programs
+    with compile_counter() as two_groups:
+        grid = grid_lib.expand(base, {"model.hidden_sizes": "(8,),(16,)", "seed": "0,1"})
+        result = jaxepochs.sweep(base, grid, tmp_path / "widths", quiet=True, chunk=4)
+    assert len(result.histories) == 4
+    assert counts[0] < two_groups.count <= 2 * counts[0] + 2  # one more group: about twice the programs
+
+
+def test_early_stopping_freezes_each_run_on_its_own(tmp_path):
+    base = tiny_config(
+        {
+            **PER_CALL,
+            "train.epochs": "12",
+            "model.hidden_sizes": "(64,)",
+            "optimizer.learning_rate": "0.03",
+            "early_stopping.enabled": "True",
+            "early_stopping.restore_best": "True",
+        }
+    )
+    grid = grid_lib.expand(base, {"early_stopping.patience": "1,50"})
+    result = jaxepochs.sweep(base, grid, tmp_path / "sweep", quiet=True)
+    impatient, patient = result.histories["r0"], result.histories["r1"]
+    assert len(impatient) < len(patient) == 12  # r0 stopped; r1 trained on in the same program
+    for name, values in (("r0", grid[0]), ("r1", grid[1])):
+        alone = jaxepochs.train_and_evaluate(jaxepochs.apply_overrides(base, values), tmp_path / name, quiet=True)
+        _close(result.histories[name], alone.history)
+        row = next(r for r in result.results if r["run"] == name)
+        assert row["stopped_epoch"] == alone.summary["stopped_epoch"]
+        assert row["best_epoch"] == alone.summary["best_epoch"]
+
+
+def test_chunks_sharded_over_two_devices_match_one_run_at_a_time(tmp_path):
+    assert len(jax.devices()) >= 2
+    base = tiny_config({**PER_CALL, "train.epochs": "3"})
+    grid = grid_lib.expand(base, {"seed": "0,1,2"})  # chunks of 2: [r0 r1] sharded, [r2 + a padding run]
+    together = jaxepochs.sweep(base, grid, tmp_path / "two", quiet=True, chunk=2)
+    apart = jaxepochs.sweep(base, grid, tmp_path / "one", quiet=True, chunk=1)
+    for name in apart.histories:
+        _close(together.histories[name], apart.histories[name])
+    assert sorted(p.name for p in (tmp_path / "two" / "chunks").iterdir()) == ["group0_chunk0", "group0_chunk1"]
+
+
+def test_sweep_resumes_from_its_checkpoints_exactly(tmp_path):
+    base = tiny_config({**PER_CALL, "train.epochs": "6", "checkpoint.every_seconds": "0"})
+    grid = grid_lib.expand(base, {"seed": "0,1"})
+    first = jaxepochs.sweep(base, grid, tmp_path, quiet=True)
+    checkpoints = tmp_path / "chunks" / "group0_chunk0" / "checkpoints"
+    assert sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())[-1] == 6
+    shutil.rmtree(checkpoints / "6")  # as if stopped after epoch 3's call: resumes there
+    resumed = jaxepochs.sweep(base, grid, tmp_path, quiet=True)
+    assert _untimed(resumed.histories["r0"]) == _untimed(first.histories["r0"])
+    with pytest.raises(grid_lib.SweepError, match="holds another sweep"):
+        jaxepochs.sweep(base, grid_lib.expand(base, {"seed": "0,1,2"}), tmp_path, quiet=True)
+
+
+def test_fold_indices_partition_the_training_split():
+    folds = [grid_lib.fold_indices(103, 4, k, seed=0) for k in range(4)]
+    vals = np.concatenate([val for _, val in folds])
+    assert len(vals) == len(set(vals)) == 4 * (103 // 4)  # disjoint validation folds of 25
+    for train, val in folds:
+        assert len(train) == 103 - 25 and not set(train) & set(val)
+
+
+def test_cross_validation_recommends_an_epoch_count_and_refits(tmp_path):
+    base = tiny_config({**PER_CALL, "train.epochs": "4"})
+    grid = grid_lib.expand(base, {"optimizer.learning_rate": "3e-3,2e-2"})
+    result = jaxepochs.sweep(base, grid, tmp_path, cv=3, refit=True, quiet=True)
+    assert len(result.histories) == 6 and len(result.cv) == 2
+    for row in result.cv:
+        assert 1 <= row["recommended_epochs"] <= 4 and len(row["mean_val_loss"]) == 4
+        assert row["best_mean_val_loss"] == pytest.approx(min(row["mean_val_loss"]))
+        assert 0.1 < row["refit_test_accuracy"] <= 1.0
+    assert (tmp_path / "cv.csv").is_file()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"cv": 1}, r"K >= 2"), ({"cv": 5000}, r"more folds than the 4000"), ({"refit": True}, r"add --cv K")],
+)
+def test_bad_cross_validation(tmp_path, kwargs, match):
+    base = tiny_config({"train.epochs": "1"})
+    with pytest.raises(grid_lib.SweepError, match=match):
+        jaxepochs.sweep(base, grid_lib.expand(base, {"seed": "0,1"}), tmp_path, quiet=True, **kwargs)
+
+
+def test_sweep_command_writes_its_outputs(tmp_path, capsys):
+    argv = [
+        "sweep",
+        "--config",
+        str(cli.config_lib.pathlib.Path(__file__).parents[1] / "experiments" / "mnist1d_mlp.py"),
+        "--workdir",
+        str(tmp_path),
+        "--config.train.epochs=2",
+        "--config.model.hidden_sizes=(16,)",
+        "--sweep.optimizer.learning_rate=1e-3,1e-2",
+    ]
+    assert cli.main(argv) == 0
+    assert "| rank |" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (tmp_path / "sweep.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and {r["run"] for r in rows} == {"r0", "r1"}
+    with (tmp_path / "results.csv").open() as f:
+        results = list(csv.DictReader(f))
+    assert len(results) == 2 and "best_val_loss" in results[0] and "final_test_accuracy" in results[0]
+    assert (tmp_path / "sweep.png").read_bytes().startswith(b"\x89PNG")
+    assert cli.main([*argv[:-1], "--sweep.optimizer.learning_rte=1e-3"]) == 2
+    assert 'Did you mean "learning_rate"' in capsys.readouterr().err
