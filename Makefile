@@ -24,6 +24,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/step_cost.py
+	$(BIN)/python benchmarks/sweep_speed.py
 
 clean:
 	rm -rf $(VENV) runs
