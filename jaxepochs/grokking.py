@@ -9,6 +9,7 @@ kept instead of the grokked one.
 
 from __future__ import annotations
 
+import math
 import pathlib
 
 import numpy as np
@@ -126,9 +127,10 @@ def plot(path: pathlib.Path, reference: dict, histories: dict[str, list[list[dic
         ax.plot([], [], color="C0", label="train accuracy")
         ax.plot([], [], color="C1", label="test accuracy")
         ax.plot([], [], color="C3", ls="--", label="early stopping (held-out loss) stops")
-        for phase in run.get("phases", []):
-            ax.axvspan(phase["start"], phase["end"], color="grey", alpha=0.12)
-            ax.text((phase["start"] + phase["end"]) / 2, 0.5, phase["name"], ha="center", rotation=90, fontsize=7)
+        for color, phase in zip(("C2", "C4", "C5"), run.get("phases", []), strict=False):
+            ax.axvspan(phase["start"], phase["end"], color=color, alpha=0.1, lw=0)
+            middle = math.sqrt(phase["start"] * phase["end"])  # the middle on the log axis
+            ax.text(middle, 0.55, f"published: {phase['name']}", ha="center", rotation=90, fontsize=7, color=color)
         ax.set_xscale("log")
         ax.set_xlabel("epoch (one full-batch step each)")
         ax.set_ylabel("accuracy")
