@@ -9,7 +9,8 @@ one-layer ReLU transformer (d_model 128, 4 heads of 32, MLP 512, no LayerNorm, t
 weight decay 1.0, betas (0.9, 0.98), linear warmup over 10 steps. Training accuracy reaches 100% within a few
 hundred epochs; test accuracy jumps to ~100% thousands of epochs later (their Figure 1 and the phases of
 section 5: memorisation, circuit formation, cleanup ending near epoch 13k of their 40k-epoch run).
-See experiments/references/grokking.json for what we measured.
+Measured here (seed 0, 2 CPU cores): train accuracy 99% at epoch 139, test accuracy 99% at epoch 4,410, final
+test accuracy 1.000; 69 ms per epoch, 15,000 epochs in about 17 min (experiments/results/grokking/).
 """
 
 from jaxepochs.config import base_config
