@@ -59,11 +59,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.num_heads = 4  # transformer: heads of d_model / num_heads each
     c.model.d_mlp = 512  # transformer: hidden units of its ReLU MLP
     c.model.vocab_size = 0  # transformer: tokens are 0..vocab_size-1; 0 means num_classes + 1
-    c.model.init = "flax"  # mlp: flax's initialisers, or "torch" (nn.Linear's uniform +-1/sqrt(fan_in))
+    c.model.init = "flax"  # mlp, cnn, gru: flax's initialisers, or "torch" (PyTorch's uniform +-1/sqrt(fan_in))
 
     c.train = ml_collections.ConfigDict()
     c.train.epochs = 150
     c.train.batch_size = 100
+    c.train.shuffle = True  # False: every epoch takes the batches in dataset order (as MNIST-1D's notebook trains)
     c.train.eval_batch_size = 1000  # evaluation only; capped at the split size
     c.train.log_test = False  # also evaluate the test split every epoch (test_loss, test_accuracy in metrics.jsonl)
     c.train.test_every = 1  # with log_test: evaluate the test split every this many epochs (and after the last)

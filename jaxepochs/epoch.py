@@ -109,10 +109,11 @@ def train_step(state: TrainState, batch, *, apply_fn: ApplyFn, tx: optax.Gradien
     return TrainState(params, opt_state, state.step + 1, state.key), metrics
 
 
-def train_epoch(state: TrainState, x_n, y_n, epoch, *, apply_fn: ApplyFn, tx, batch_size: int):
-    """Shuffles with fold_in(key, epoch) and scans `train_step` over all ceil(N / B) batches."""
+def train_epoch(state: TrainState, x_n, y_n, epoch, *, apply_fn: ApplyFn, tx, batch_size: int, shuffle: bool = True):
+    """Shuffles with fold_in(key, epoch) (unless `shuffle` is False: batches in order, as some published recipes
+    train) and scans `train_step` over all ceil(N / B) batches."""
     shuffle_key = jax.random.fold_in(state.key, SHUFFLE_STREAM)
-    idx_sb, mask_sb = batch_indices(shuffle_key, epoch, x_n.shape[0], batch_size)
+    idx_sb, mask_sb = batch_indices(shuffle_key, epoch, x_n.shape[0], batch_size, shuffle)
 
     def body(carry, step_input):
         state, totals = carry

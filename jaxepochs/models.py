@@ -23,9 +23,14 @@ def dense(width: int, fan_in: int, init: str) -> nn.Dense:
     on the initial scale (double descent, say)."""
     if init == "flax":
         return nn.Dense(width)
-    bound = 1.0 / math.sqrt(fan_in)
-    uniform = lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+    uniform = _torch_uniform(fan_in)
     return nn.Dense(width, kernel_init=uniform, bias_init=uniform)
+
+
+def _torch_uniform(fan_in: int):
+    """PyTorch's default for Linear, Conv and GRU parameters: uniform in +-1/sqrt(fan_in)."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
 class MLP(nn.Module):
@@ -67,13 +72,19 @@ class CNN1D(nn.Module):
     strides: Sequence[int]
     padding: int
     num_classes: int
+    initializer: str = "flax"  # or "torch": see `dense`
 
     @nn.compact
     def __call__(self, x_bl: jax.Array) -> jax.Array:
         h = _as_sequence(x_bl, "cnn")  # [B, L, C]
         for ch, k, s in zip(self.channels, self.kernel_sizes, self.strides, strict=True):
-            h = nn.relu(nn.Conv(ch, (k,), strides=(s,), padding=[(self.padding, self.padding)])(h))
-        return nn.Dense(self.num_classes)(h.reshape(h.shape[0], -1))
+            inits = {}
+            if self.initializer == "torch":
+                uniform = _torch_uniform(h.shape[-1] * k)
+                inits = {"kernel_init": uniform, "bias_init": uniform}
+            h = nn.relu(nn.Conv(ch, (k,), strides=(s,), padding=[(self.padding, self.padding)], **inits)(h))
+        h = h.reshape(h.shape[0], -1)
+        return dense(self.num_classes, h.shape[-1], self.initializer)(h)
 
 
 class GRU1D(nn.Module):
@@ -83,17 +94,23 @@ class GRU1D(nn.Module):
     hidden: int
     bidirectional: bool
     num_classes: int
+    initializer: str = "flax"  # or "torch": see `dense`
 
     @nn.compact
     def __call__(self, x_bl: jax.Array) -> jax.Array:
         h = _as_sequence(x_bl, "gru")  # [B, L, C]
-        forward = nn.RNN(nn.GRUCell(self.hidden, name="forward"))
+        inits = {}
+        if self.initializer == "torch":
+            uniform = _torch_uniform(self.hidden)
+            inits = {"kernel_init": uniform, "recurrent_kernel_init": uniform, "bias_init": uniform}
+        forward = nn.RNN(nn.GRUCell(self.hidden, name="forward", **inits))
         if self.bidirectional:
-            backward = nn.RNN(nn.GRUCell(self.hidden, name="backward"))
+            backward = nn.RNN(nn.GRUCell(self.hidden, name="backward", **inits))
             h = nn.Bidirectional(forward, backward)(h)  # [B, L, 2H]: the backward outputs in input order
         else:
             h = forward(h)  # [B, L, H]
-        return nn.Dense(self.num_classes)(h.reshape(h.shape[0], -1))
+        h = h.reshape(h.shape[0], -1)
+        return dense(self.num_classes, h.shape[-1], self.initializer)(h)
 
 
 class Transformer1L(nn.Module):
@@ -156,9 +173,11 @@ def make_model(model_config: ml_collections.ConfigDict, num_classes: int) -> nn.
     if m.name == "mlp":
         return MLP(tuple(int(h) for h in m.hidden_sizes), num_classes, residual=bool(m.residual), initializer=m.init)
     if m.name == "cnn":
-        return CNN1D(tuple(m.channels), tuple(m.kernel_sizes), tuple(m.strides), int(m.padding), num_classes)
+        return CNN1D(
+            tuple(m.channels), tuple(m.kernel_sizes), tuple(m.strides), int(m.padding), num_classes, initializer=m.init
+        )
     if m.name == "gru":
-        return GRU1D(int(m.gru_hidden), bool(m.bidirectional), num_classes)
+        return GRU1D(int(m.gru_hidden), bool(m.bidirectional), num_classes, initializer=m.init)
     if m.name == "transformer":
         vocab = int(m.vocab_size) or num_classes + 1  # default: the classes and one separator (modular_addition)
         return Transformer1L(vocab, int(m.d_model), int(m.num_heads), int(m.d_mlp), num_classes)

@@ -60,6 +60,7 @@ def make_run_epochs(
     may_stop: bool,
     epochs_per_call: int,
     test_every: int,
+    shuffle: bool = True,
 ):
     """(carry, splits, first_epoch, last_epoch) -> (carry, EpochRows): up to `epochs_per_call` epochs from
     `first_epoch`, never past `last_epoch`. `splits` maps train/val/test to (x_n, y_n); val and test are
@@ -86,7 +87,7 @@ def make_run_epochs(
             epoch = first_epoch + i
             x_n, y_n = splits["train"]
             state, train_m = epoch_lib.train_epoch(
-                carry.state, x_n, y_n, epoch, apply_fn=apply_fn, tx=tx, batch_size=batch_size
+                carry.state, x_n, y_n, epoch, apply_fn=apply_fn, tx=tx, batch_size=batch_size, shuffle=shuffle
             )
             zero = epoch_lib.Metrics.zeros()
             val_m = evaluate("val", state.params, splits) if "val" in eval_batch_sizes else zero

@@ -167,6 +167,7 @@ class _Group:
             may_stop=self.may_stop,
             epochs_per_call=self.epochs_per_call,
             test_every=self.config.train.test_every,
+            shuffle=self.config.train.shuffle,
         )
         vmapped = jax.vmap(program, in_axes=(0, axes, None, None, 0))
         one = jnp.asarray(1, jnp.int32)

@@ -70,7 +70,14 @@ def init_state(model, tx, seed: int, example_x) -> epoch_lib.TrainState:
 
 
 def compile_run(
-    state, model, tx, splits: dict[str, tuple], batch_size: int, eval_batch_size: int, multi: dict | None = None
+    state,
+    model,
+    tx,
+    splits: dict[str, tuple],
+    batch_size: int,
+    eval_batch_size: int,
+    multi: dict | None = None,
+    shuffle: bool = True,
 ) -> CompiledRun:
     """Lowers and compiles the training epoch and one evaluation pass per held-out split (their shapes differ);
     with `multi` (multi_epoch.make_run_epochs' tracker, may_stop, epochs_per_call, test_every, log_test, and
@@ -96,12 +103,15 @@ def compile_run(
             may_stop=multi["may_stop"],
             epochs_per_call=multi["epochs_per_call"],
             test_every=multi["test_every"],
+            shuffle=shuffle,
         )
         used = {name: splits[name] for name in ("train", *fused_sizes)}
         compiled = jax.jit(run_epochs).lower(multi["carry"], used, one, one).compile()
         return CompiledRun(None, evaluate, time.perf_counter() - start, compiled)
     x_train, y_train = splits["train"]
-    train_fn = jax.jit(functools.partial(epoch_lib.train_epoch, apply_fn=apply_fn, tx=tx, batch_size=batch_size))
+    train_fn = jax.jit(
+        functools.partial(epoch_lib.train_epoch, apply_fn=apply_fn, tx=tx, batch_size=batch_size, shuffle=shuffle)
+    )
     compiled_train = train_fn.lower(state, x_train, y_train, one).compile()
     return CompiledRun(compiled_train, evaluate, time.perf_counter() - start)
 
@@ -286,7 +296,9 @@ def train_and_evaluate(
             "log_test": config.train.log_test,
             "carry": multi_epoch.Carry.start(state, control["early_stopping"], best_params),
         }
-    compiled = compile_run(state, model, tx, splits, batch_size, config.train.eval_batch_size, multi)
+    compiled = compile_run(
+        state, model, tx, splits, batch_size, config.train.eval_batch_size, multi, config.train.shuffle
+    )
     scalar = np.float32(0)  # the per-epoch control updates, compiled before the first epoch too
 
     def tracker_step(es_state, value, train_value):

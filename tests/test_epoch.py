@@ -255,3 +255,20 @@ def test_permutation_is_uniform():
     # and whole permutations: all 720 orders appear, none more than twice as often as the mean
     _, perm_counts = np.unique(orders, axis=0, return_counts=True)
     assert len(perm_counts) == 720 and perm_counts.max() < 2 * draws / 720
+
+
+def test_unshuffled_epoch_is_the_in_order_loop_of_train_step():
+    """train.shuffle=False: batches 0..B-1, B..2B-1, ... every epoch, as a plain in-order loop (last one padded)."""
+    x, y = _problem(50)
+    apply_fn, tx, state = _model_and_state(x)
+    epoch_fn = jax.jit(functools.partial(epoch_lib.train_epoch, apply_fn=apply_fn, tx=tx, batch_size=16, shuffle=False))
+    fused, _ = epoch_fn(state, x, y, jnp.int32(7))
+    step = jax.jit(functools.partial(epoch_lib.train_step, apply_fn=apply_fn, tx=tx))
+    looped = state
+    for start in range(0, 50, 16):
+        idx = np.arange(start, start + 16)
+        mask = idx < 50
+        idx = np.where(mask, idx, 0)
+        looped, _ = step(looped, (x[idx], y[idx], jnp.asarray(mask)))
+    for a, b in zip(jax.tree.leaves(fused.params), jax.tree.leaves(looped.params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)

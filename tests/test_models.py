@@ -168,3 +168,24 @@ def test_torch_init_is_uniform_within_one_over_sqrt_fan_in():
             bound = 1 / math.sqrt(fan_in)
             assert np.abs(values).max() <= bound and np.abs(values).max() > 0.9 * bound
             assert values.std() == pytest.approx(bound / math.sqrt(3), rel=0.15)  # uniform's std
+
+
+@pytest.mark.parametrize("name", ["cnn", "gru"])
+def test_torch_init_of_cnn_and_gru_is_uniform_within_one_over_sqrt_fan_in(name):
+    config = tiny_config({"model.name": name, "model.init": "torch"})
+    model = models.make_model(config.model, 10)
+    params = models.init_params(model, jax.random.PRNGKey(0), jnp.zeros((1, 40)))
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    for path, value in flat:
+        where = jax.tree_util.keystr(path)
+        if "Conv_0" in where:
+            fan_in = 1 * 5  # one input channel, kernel 5
+        elif "Conv" in where:
+            fan_in = 25 * 3
+        elif "Dense" in where and "forward" not in where and "backward" not in where:
+            fan_in = value.shape[0] if value.ndim == 2 else None
+        else:
+            fan_in = 6  # GRU: PyTorch bounds every weight and bias by 1/sqrt(hidden)
+        if fan_in is None:  # the classifier's bias: same bound as its kernel
+            continue
+        assert np.abs(np.asarray(value)).max() <= 1 / math.sqrt(fan_in) + 1e-7, where

@@ -128,7 +128,7 @@ def test_no_tensorflow_import():
 def test_builtin_datasets_are_prepared_in_the_session_data_dir(tfds_data_dir):
     load_dataset(tiny_config())
     assert os.environ["TFDS_DATA_DIR"] == str(tfds_data_dir)
-    assert (tfds_data_dir / "mnist1d" / "1.0.0" / "dataset_info.json").is_file()
+    assert (tfds_data_dir / "mnist1d" / "default" / "1.0.0" / "dataset_info.json").is_file()
 
 
 def test_mnist1d_matches_the_mnist1d_package():
