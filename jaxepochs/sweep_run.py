@@ -175,9 +175,8 @@ class _Group:
         compiled = jax.jit(vmapped).lower(carry, splits, one, one, hparams).compile()
         evaluate = {}
         d = self.dataset
-        held_out = {"val": (d.val.x, d.val.y)} if (d.val.y.shape[0] and not self.cv) else {}
-        held_out["test"] = (d.test.x, d.test.y)
-        for name, (x, y) in held_out.items():
+        # The test split once, on the parameters each run ends with (its validation curve is in its history).
+        for name, (x, y) in {"test": (d.test.x, d.test.y)}.items():
             size = min(self.config.train.eval_batch_size, x.shape[0])
             fn = functools.partial(epoch_lib.eval_epoch, apply_fn=apply_fn, batch_size=size)
             evaluate[name] = (jax.jit(jax.vmap(fn, in_axes=(0, None, None))), (jnp.asarray(x), jnp.asarray(y)))

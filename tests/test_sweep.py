@@ -73,23 +73,43 @@ def test_bad_sweep_specifications(specs, random, match):
         grid_lib.expand(tiny_config(), specs, random)
 
 
-def test_each_run_of_a_sweep_equals_the_same_run_alone(tmp_path):
-    """4 runs (2 learning rates x 2 seeds) in one program, against each trained alone, epoch by epoch."""
-    base = tiny_config({**PER_CALL, "train.epochs": "5"})
-    grid = grid_lib.expand(base, {"optimizer.learning_rate": "3e-3,2e-2", "seed": "0,1"})
+def test_each_run_of_a_sweep_equals_the_same_run_alone_and_stops_on_its_own(tmp_path):
+    """4 runs (2 learning rates x 2 patiences) in one program, against each trained alone, epoch by epoch: the
+    impatient runs stop early and are frozen while the others train on."""
+    base = tiny_config(
+        {
+            **PER_CALL,
+            "train.epochs": "9",
+            "model.hidden_sizes": "(64,)",
+            "early_stopping.enabled": "True",
+            "early_stopping.restore_best": "True",
+        }
+    )
+    grid = grid_lib.expand(base, {"optimizer.learning_rate": "5e-3,3e-2", "early_stopping.patience": "1,50"})
     result = jaxepochs.sweep(base, grid, tmp_path / "sweep", quiet=True)
     assert len(result.histories) == 4
+    lengths = {name: len(rows) for name, rows in result.histories.items()}
+    assert lengths["r1"] == lengths["r3"] == 9 and lengths["r2"] < 9  # r2 (lr 3e-2, patience 1) stopped
     for name, values in zip(sorted(result.histories), grid, strict=True):
         alone = jaxepochs.train_and_evaluate(
             jaxepochs.apply_overrides(base, values), tmp_path / f"alone_{name}", quiet=True
         )
         _close(result.histories[name], alone.history)
         row = next(r for r in result.results if r["run"] == name)
+        assert row["stopped_epoch"] == alone.summary["stopped_epoch"]
+        assert row["best_epoch"] == alone.summary["best_epoch"]
         assert row["final_test_accuracy"] == pytest.approx(alone.summary["test_accuracy"], abs=2e-3)
 
 
+def test_runs_are_grouped_by_program():
+    base = tiny_config()
+    grid = grid_lib.expand(base, {"model.hidden_sizes": "(8,),(16,)", "seed": "0,1"})
+    groups = grid_lib.group_runs(grid_lib.make_runs(base, grid))
+    assert [[run.values["model.hidden_sizes"] for run in group] for group in groups] == [["(8,)"] * 2, ["(16,)"] * 2]
+
+
 def test_one_program_per_shape_group_not_per_run(tmp_path, compile_counter):
-    base = tiny_config({**PER_CALL, "train.epochs": "3"})
+    base = tiny_config({**PER_CALL, "train.epochs": "2"})
     jaxepochs.sweep(base, grid_lib.expand(base, {"seed": "0,1"}), tmp_path / "warm", quiet=True)  # eager ops
     counts = []
     for seeds in ("0,1", "0,1,2,3,4,5,6,7"):
@@ -97,34 +117,6 @@ def test_one_program_per_shape_group_not_per_run(tmp_path, compile_counter):
             jaxepochs.sweep(base, grid_lib.expand(base, {"seed": seeds}), tmp_path / seeds, quiet=True)
         counts.append(counter.count)
     assert counts[0] == counts[1]  # four times the runs, the same number of programs
-    with compile_counter() as two_groups:
-        grid = grid_lib.expand(base, {"model.hidden_sizes": "(8,),(16,)", "seed": "0,1"})
-        result = jaxepochs.sweep(base, grid, tmp_path / "widths", quiet=True, chunk=4)
-    assert len(result.histories) == 4
-    assert counts[0] < two_groups.count <= 2 * counts[0] + 2  # one more group: about twice the programs
-
-
-def test_early_stopping_freezes_each_run_on_its_own(tmp_path):
-    base = tiny_config(
-        {
-            **PER_CALL,
-            "train.epochs": "12",
-            "model.hidden_sizes": "(64,)",
-            "optimizer.learning_rate": "0.03",
-            "early_stopping.enabled": "True",
-            "early_stopping.restore_best": "True",
-        }
-    )
-    grid = grid_lib.expand(base, {"early_stopping.patience": "1,50"})
-    result = jaxepochs.sweep(base, grid, tmp_path / "sweep", quiet=True)
-    impatient, patient = result.histories["r0"], result.histories["r1"]
-    assert len(impatient) < len(patient) == 12  # r0 stopped; r1 trained on in the same program
-    for name, values in (("r0", grid[0]), ("r1", grid[1])):
-        alone = jaxepochs.train_and_evaluate(jaxepochs.apply_overrides(base, values), tmp_path / name, quiet=True)
-        _close(result.histories[name], alone.history)
-        row = next(r for r in result.results if r["run"] == name)
-        assert row["stopped_epoch"] == alone.summary["stopped_epoch"]
-        assert row["best_epoch"] == alone.summary["best_epoch"]
 
 
 def test_chunks_sharded_over_two_devices_match_one_run_at_a_time(tmp_path):
@@ -159,18 +151,6 @@ def test_fold_indices_partition_the_training_split():
         assert len(train) == 103 - 25 and not set(train) & set(val)
 
 
-def test_cross_validation_recommends_an_epoch_count_and_refits(tmp_path):
-    base = tiny_config({**PER_CALL, "train.epochs": "4"})
-    grid = grid_lib.expand(base, {"optimizer.learning_rate": "3e-3,2e-2"})
-    result = jaxepochs.sweep(base, grid, tmp_path, cv=3, refit=True, quiet=True)
-    assert len(result.histories) == 6 and len(result.cv) == 2
-    for row in result.cv:
-        assert 1 <= row["recommended_epochs"] <= 4 and len(row["mean_val_loss"]) == 4
-        assert row["best_mean_val_loss"] == pytest.approx(min(row["mean_val_loss"]))
-        assert 0.1 < row["refit_test_accuracy"] <= 1.0
-    assert (tmp_path / "cv.csv").is_file()
-
-
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [({"cv": 1}, r"K >= 2"), ({"cv": 5000}, r"more folds than the 4000"), ({"refit": True}, r"add --cv K")],
@@ -181,24 +161,35 @@ def test_bad_cross_validation(tmp_path, kwargs, match):
         jaxepochs.sweep(base, grid_lib.expand(base, {"seed": "0,1"}), tmp_path, quiet=True, **kwargs)
 
 
-def test_sweep_command_writes_its_outputs(tmp_path, capsys):
+def test_sweep_command_cross_validates_refits_and_writes_its_outputs(tmp_path, capsys):
     argv = [
         "sweep",
         "--config",
         str(cli.config_lib.pathlib.Path(__file__).parents[1] / "experiments" / "mnist1d_mlp.py"),
         "--workdir",
         str(tmp_path),
-        "--config.train.epochs=2",
+        "--config.train.epochs=3",
         "--config.model.hidden_sizes=(16,)",
-        "--sweep.optimizer.learning_rate=1e-3,1e-2",
+        "--config.model.residual=False",
+        "--sweep.optimizer.learning_rate=3e-3,2e-2",
+        "--cv",
+        "3",
+        "--refit",
     ]
     assert cli.main(argv) == 0
-    assert "| rank |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| rank |" in out and "3-fold CV recommends" in out and "refit test accuracy" in out
     rows = [json.loads(line) for line in (tmp_path / "sweep.jsonl").read_text().splitlines()]
-    assert len(rows) == 4 and {r["run"] for r in rows} == {"r0", "r1"}
+    assert len(rows) == 2 * 3 * 3 and {r["run"] for r in rows} == {f"r{i}_fold{k}" for i in (0, 1) for k in range(3)}
     with (tmp_path / "results.csv").open() as f:
         results = list(csv.DictReader(f))
-    assert len(results) == 2 and "best_val_loss" in results[0] and "final_test_accuracy" in results[0]
+    assert len(results) == 6 and "best_val_loss" in results[0] and "final_test_accuracy" in results[0]
+    with (tmp_path / "cv.csv").open() as f:
+        cv_rows = list(csv.DictReader(f))
+    assert len(cv_rows) == 2
+    for row in cv_rows:
+        assert 1 <= int(row["recommended_epochs"]) <= 3
+        assert 0.1 < float(row["refit_test_accuracy"]) <= 1.0
     assert (tmp_path / "sweep.png").read_bytes().startswith(b"\x89PNG")
-    assert cli.main([*argv[:-1], "--sweep.optimizer.learning_rte=1e-3"]) == 2
+    assert cli.main([*argv[:-3], "--sweep.optimizer.learning_rte=1e-3"]) == 2
     assert 'Did you mean "learning_rate"' in capsys.readouterr().err
