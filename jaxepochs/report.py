@@ -69,6 +69,16 @@ class Progress:
         self._bar.set_postfix(shown, refresh=False)
         self._bar.update(1)
 
+    def advance(self, epoch: int, status: str) -> None:
+        """Moves the bar to `epoch` with `status` beside it (a sweep's calls); a line per call off a terminal."""
+        if self._quiet:
+            return
+        if self._bar is None:
+            print(f"epoch {epoch}: {status}", file=self._stream, flush=True)
+            return
+        self._bar.set_postfix_str(status, refresh=False)
+        self._bar.update(max(0, epoch - self._bar.n))
+
     def skip(self, epochs: int) -> None:
         """Counts epochs done before a resume."""
         if self._bar is not None and epochs:

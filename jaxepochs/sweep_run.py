@@ -268,12 +268,10 @@ def _train_chunk(group, runs, chunk_size, workdir, progress, quiet) -> tuple[dic
 
 
 class _Progress:
-    """One line per call (or a tqdm bar on a terminal): the epoch, the runs still training, the best value."""
+    """A bar over epochs (a line per call off a terminal): how many runs still train, and the best value yet."""
 
-    def __init__(self, total_epochs: int, num_runs: int, quiet: bool):
+    def __init__(self, total_epochs: int, quiet: bool):
         self._progress = report.Progress(total_epochs, quiet)
-        self._num_runs = num_runs
-        self._shown = 0
 
     def message(self, text: str) -> None:
         self._progress.message(text)
@@ -281,7 +279,7 @@ class _Progress:
     def advance(self, epoch: int, active: int, histories: dict, monitor: str) -> None:
         values = [row[monitor] for rows in histories.values() for row in rows if monitor in row]
         best = (min(values) if "loss" in monitor else max(values)) if values else float("nan")
-        self._progress.message(f"epoch {epoch}: {active} of {len(histories)} runs training, best {monitor} {best:.4f}")
+        self._progress.advance(epoch, f"{active} of {len(histories)} runs training, best {monitor} {best:.4f}")
 
     def close(self) -> None:
         self._progress.close()
@@ -331,7 +329,7 @@ def sweep(
     _prepare(workdir, spec, restart)
     runs = sweep_lib.make_runs(config, grid, cv)
     groups = sweep_lib.group_runs(runs)
-    progress = _Progress(max(r.config.train.epochs for r in runs), len(runs), quiet)
+    progress = _Progress(max(r.config.train.epochs for r in runs), quiet)
     histories: dict[str, list[dict]] = {}
     finals: dict[str, dict] = {}
     states: dict[str, dict] = {}
