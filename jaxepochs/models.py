@@ -21,16 +21,18 @@ def dense(width: int, fan_in: int, init: str) -> nn.Dense:
     """A Dense layer initialised as flax does (LeCun normal weights, zero biases) or as PyTorch's nn.Linear
     (weights and biases uniform in +-1/sqrt(fan_in)), for reproducing PyTorch recipes whose dynamics depend
     on the initial scale (double descent, say)."""
-    if init == "flax":
-        return nn.Dense(width)
-    uniform = _torch_uniform(fan_in)
-    return nn.Dense(width, kernel_init=uniform, bias_init=uniform)
+    return nn.Dense(width, **_initializers(init, fan_in, "kernel_init", "bias_init"))
 
 
 def _torch_uniform(fan_in: int):
     """PyTorch's default for Linear, Conv and GRU parameters: uniform in +-1/sqrt(fan_in)."""
     bound = 1.0 / math.sqrt(fan_in)
     return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def _initializers(init: str, fan_in: int, *names: str) -> dict:
+    """{name: PyTorch's uniform} for a layer's `names` ("kernel_init", ...) under init "torch"; else flax's."""
+    return dict.fromkeys(names, _torch_uniform(fan_in)) if init == "torch" else {}
 
 
 class MLP(nn.Module):
@@ -78,10 +80,7 @@ class CNN1D(nn.Module):
     def __call__(self, x_bl: jax.Array) -> jax.Array:
         h = _as_sequence(x_bl, "cnn")  # [B, L, C]
         for ch, k, s in zip(self.channels, self.kernel_sizes, self.strides, strict=True):
-            inits = {}
-            if self.initializer == "torch":
-                uniform = _torch_uniform(h.shape[-1] * k)
-                inits = {"kernel_init": uniform, "bias_init": uniform}
+            inits = _initializers(self.initializer, h.shape[-1] * k, "kernel_init", "bias_init")
             h = nn.relu(nn.Conv(ch, (k,), strides=(s,), padding=[(self.padding, self.padding)], **inits)(h))
         h = h.reshape(h.shape[0], -1)
         return dense(self.num_classes, h.shape[-1], self.initializer)(h)
@@ -99,10 +98,8 @@ class GRU1D(nn.Module):
     @nn.compact
     def __call__(self, x_bl: jax.Array) -> jax.Array:
         h = _as_sequence(x_bl, "gru")  # [B, L, C]
-        inits = {}
-        if self.initializer == "torch":
-            uniform = _torch_uniform(self.hidden)
-            inits = {"kernel_init": uniform, "recurrent_kernel_init": uniform, "bias_init": uniform}
+        names = ("kernel_init", "recurrent_kernel_init", "bias_init")
+        inits = _initializers(self.initializer, self.hidden, *names)
         forward = nn.RNN(nn.GRUCell(self.hidden, name="forward", **inits))
         if self.bidirectional:
             backward = nn.RNN(nn.GRUCell(self.hidden, name="backward", **inits))
