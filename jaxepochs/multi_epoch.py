@@ -12,13 +12,14 @@ resumed run continues with the same per-epoch computation.
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from jaxepochs import epoch as epoch_lib
-from jaxepochs import schedules
+from jaxepochs import report, schedules
 from jaxepochs.early_stopping import EarlyStopping, EarlyStoppingState
 
 
@@ -119,3 +120,23 @@ def make_run_epochs(
         return carry, EpochRows(*rows, ran=i, halted=halted)
 
     return run
+
+
+def call_rows(rows: EpochRows, first_epoch: int, steps_per_epoch: int, run: int | None = None):
+    """The metrics.jsonl rows of the epochs a call ran (of run `run` of a sweep's batched rows), and whether the
+    call ended at a non-finite training loss (that epoch is not among the rows: its state was discarded)."""
+    take = (lambda a, i: a[i]) if run is None else (lambda a, i: a[run, i])
+    ran = int(rows.ran if run is None else rows.ran[run])
+    out = []
+    for i in range(ran):
+        pick = lambda metrics, i=i: epoch_lib.Metrics(*(take(a, i) for a in metrics))
+        epoch = first_epoch + i
+        val = pick(rows.val) if float(take(rows.val.count, i)) > 0 else None
+        test = pick(rows.test) if float(take(rows.test.count, i)) > 0 else None
+        row = report.metrics_row(
+            epoch, epoch * steps_per_epoch, pick(rows.train), val, test, take(rows.learning_rate, i)
+        )
+        if not math.isfinite(row["train_loss"]):
+            return out, True
+        out.append(row)
+    return out, False

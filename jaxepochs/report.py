@@ -37,6 +37,16 @@ class MetricsLog:
         self._file.close()
 
 
+def metrics_row(epoch: int, steps: int, train, val, test, lr) -> dict:
+    """One metrics.jsonl row from an epoch's metric sums (val/test None, or count 0, when not evaluated)."""
+    row = {"epoch": epoch, "steps": steps, **train.means("train")}
+    for totals, prefix in ((val, "val"), (test, "test")):
+        if totals is not None and float(totals.count) > 0:
+            row.update(totals.means(prefix))
+    row["learning_rate"] = float(lr)
+    return row
+
+
 def format_row(row: dict) -> str:
     parts = [f"epoch {row['epoch']}"]
     for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):

@@ -193,26 +193,6 @@ def _sharding(chunk: int):
     return NamedSharding(Mesh(np.array(devices), ("runs",)), PartitionSpec("runs"))
 
 
-def _rows(group: _Group, runs, rows, first_epoch: int) -> dict[str, list[dict]]:
-    """Per run: the metrics rows of the epochs this call ran (not the discarded non-finite one)."""
-    out = {}
-    for r, run in enumerate(runs):
-        history = []
-        for i in range(int(rows.ran[r])):
-            pick = lambda m, i=i, r=r: jax.tree.map(lambda a: a[r, i], m)
-            epoch = first_epoch + i
-            val = pick(rows.val) if group.has_val else None
-            test = pick(rows.test) if group.log_test else None
-            row = train_lib._row(
-                epoch, epoch * group.steps_per_epoch, pick(rows.train), val, test, rows.learning_rate[r, i]
-            )
-            if not np.isfinite(row["train_loss"]):
-                break
-            history.append(row)
-        out[run.name] = history
-    return out
-
-
 def _train_chunk(group, runs, chunk_size, workdir, progress, quiet) -> tuple[dict, object, float]:
     """Trains `runs` (padded to `chunk_size` with copies of the first, dropped after) to the end; resumes from
     the chunk's checkpoint. Returns the histories, the final carry (real runs only) and the compile seconds."""
@@ -244,8 +224,8 @@ def _train_chunk(group, runs, chunk_size, workdir, progress, quiet) -> tuple[dic
         while epoch <= group.epochs and not halted():
             carry, rows = compiled(carry, splits, jnp.int32(epoch), jnp.int32(group.epochs), hparams)
             rows = jax.device_get(rows)
-            for name, new in _rows(group, runs, rows, epoch).items():
-                histories[name] += new
+            for r, run in enumerate(runs):
+                histories[run.name] += multi_epoch.call_rows(rows, epoch, group.steps_per_epoch, r)[0]
             epoch += int(np.max(rows.ran))
             active = int(np.sum(~np.asarray(jax.device_get(carry.halted))[: len(runs)]))
             progress.advance(epoch - 1, active, histories, group.tracker.monitor)

@@ -116,16 +116,6 @@ def compile_run(
     return CompiledRun(compiled_train, evaluate, time.perf_counter() - start)
 
 
-def _row(epoch: int, steps: int, train, val, test, lr) -> dict:
-    """One metrics.jsonl row from an epoch's metric sums (val/test None, or count 0, when not evaluated)."""
-    row = {"epoch": epoch, "steps": steps, **train.means("train")}
-    for totals, prefix in ((val, "val"), (test, "test")):
-        if totals is not None and float(totals.count) > 0:
-            row.update(totals.means(prefix))
-    row["learning_rate"] = float(lr)
-    return row
-
-
 def prepare_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict, restart: bool) -> bool:
     """Makes `workdir` ready; True when it holds a run of the same config to resume."""
     used = any((workdir / name).exists() for name in (*RUN_FILES, "config.json", checkpoint_lib.CHECKPOINT_DIR))
@@ -352,24 +342,15 @@ def train_and_evaluate(
                 seconds = (time.perf_counter() - call_start) / max(int(rows.ran), 1)
                 state, best_params = carry.state, carry.best_params
                 control = {**control, "early_stopping": carry.es_state}
-                for i in range(int(rows.ran)):
-                    pick = lambda metrics, i=i: jax.tree.map(lambda a: a[i], metrics)
-                    row = _row(
-                        epoch + i,
-                        (epoch + i) * steps_per_epoch,
-                        pick(rows.train),
-                        pick(rows.val) if has_validation else None,
-                        pick(rows.test) if log_test else None,
-                        rows.learning_rate[i],
-                    )
-                    if not math.isfinite(row["train_loss"]):
-                        stop_reason = "non_finite_loss"
-                        progress.message(f"epoch {epoch + i}: training loss is {row['train_loss']}; stopping.")
-                        break
+                new_rows, non_finite = multi_epoch.call_rows(rows, epoch, steps_per_epoch)
+                for row in new_rows:
                     row["train_seconds"] = row["seconds"] = seconds
                     log.write(row)
                     history.append(row)
                     progress.update(row)
+                if non_finite:
+                    stop_reason = "non_finite_loss"
+                    progress.message(f"epoch {len(history) + 1}: training loss is not finite; stopping.")
                 epoch = len(history) + 1
                 if stop_reason == "non_finite_loss":
                     break
@@ -403,7 +384,7 @@ def train_and_evaluate(
                 val_totals, test_totals, lr = jax.device_get(
                     (val_totals, test_totals, schedules.learning_rate_of(new_state.opt_state))
                 )
-                row = _row(epoch, epoch * steps_per_epoch, train_totals, val_totals, test_totals, lr)
+                row = report.metrics_row(epoch, epoch * steps_per_epoch, train_totals, val_totals, test_totals, lr)
                 if not math.isfinite(row["train_loss"]):
                     stop_reason = "non_finite_loss"
                     progress.message(f"epoch {epoch}: training loss is {row['train_loss']}; stopping.")
