@@ -69,6 +69,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.log_test = False  # also evaluate the test split every epoch (test_loss, test_accuracy in metrics.jsonl)
     c.train.test_every = 1  # with log_test: evaluate the test split every this many epochs (and after the last)
     c.train.epochs_per_call = 1  # epochs per compiled call (multi_epoch.py): > 1 for long runs of short epochs
+    # JAX's persistent compilation cache: a later run of the same shapes loads its programs instead of compiling
+    # them. "" leaves JAX's own setting (off unless $JAX_COMPILATION_CACHE_DIR or jax.config sets it).
+    c.train.compilation_cache_dir = "~/.cache/jaxepochs/xla"
 
     c.optimizer = schedules.optimizer_config()  # name, learning_rate, momentum, weight_decay, clip_norm, schedule
 

@@ -296,6 +296,7 @@ def sweep(
     `cv` = K; `chunk` caps the runs trained at once (0: chosen from free memory). Resumes a sweep in `workdir`."""
     start = time.perf_counter()
     config = config_lib.validate(config)
+    train_lib.use_compilation_cache(config.train.compilation_cache_dir)
     if cv:
         if cv < 2:
             raise sweep_lib.SweepError(f"--cv {cv}: cross-validation needs K >= 2 folds.")

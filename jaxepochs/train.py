@@ -31,7 +31,7 @@ from jaxepochs import models, multi_epoch, report, schedules
 
 RUN_FILES = ("metrics.jsonl", "summary.json", "curves.png", "run.json")
 TIMING_KEYS = ("train_seconds", "seconds")  # the only fields of a metrics row that differ between equal runs
-RESUMABLE_KEYS = ("train.epochs", "checkpoint.", "data.data_dir")  # may change on resume (prefixes)
+RESUMABLE_KEYS = ("train.epochs", "checkpoint.", "data.data_dir", "train.compilation_cache_dir")  # may change
 
 
 class WorkdirError(ValueError):
@@ -55,6 +55,24 @@ class CompiledRun(NamedTuple):
     evaluate: dict[str, Any]  # split name -> (params, x_n, y_n) -> Metrics
     compile_seconds: float
     run_epochs: Any = None  # train.epochs_per_call > 1: multi_epoch's (carry, splits, first, last) program
+
+
+def use_compilation_cache(directory: str) -> None:
+    """Turns on JAX's persistent compilation cache in `directory`, unless it is "" or a cache is already set (by
+    the user, the environment or an earlier run in this process). Programs that took 0.2 s or more to compile
+    are kept; XLA keys them by program and backend, so a stale entry is never used."""
+    if not directory or jax.config.jax_compilation_cache_dir:
+        return
+    path = pathlib.Path(directory).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise config_lib.ConfigError(
+            f'train.compilation_cache_dir = "{directory}" cannot be created ({e}). Point it at a writable '
+            'directory, or set it to "" to compile without a cache.'
+        ) from None
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 
 def _init(model, tx, seed, x_1f) -> epoch_lib.TrainState:
@@ -227,6 +245,7 @@ def train_and_evaluate(
     """
     run_start = time.perf_counter()
     config = config_lib.validate(config)
+    use_compilation_cache(config.train.compilation_cache_dir)
     dataset = data_lib.load_dataset(config, quiet)
     _check_shapes(config, dataset)
     workdir = pathlib.Path(workdir)

@@ -56,6 +56,7 @@ def jax_compilation_cache(tmp_path_factory) -> pathlib.Path:
         )
     }
     jax.config.update("jax_compilation_cache_dir", str(directory))
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(directory)  # CLI subprocesses too: never the user's cache
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     yield directory

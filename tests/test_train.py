@@ -213,3 +213,27 @@ def test_non_finite_loss_stops_and_keeps_outputs(tmp_path):
     assert all(math.isfinite(row["train_loss"]) for row in rows)  # only good epochs are logged
     # The kept state is the last good epoch's (here: the initial one), so it evaluates to finite numbers.
     assert math.isfinite(summary["test_loss"])
+
+
+def test_compilation_cache_makes_a_second_run_compile_faster(tmp_path):
+    """A fresh process with train.compilation_cache_dir writes the cache; the next one loads its programs."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import EXPERIMENT
+
+    cache = tmp_path / "xla"
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+
+    def compile_seconds(name: str) -> float:
+        command = [sys.executable, "-m", "jaxepochs.cli", "run", "--config", str(EXPERIMENT)]
+        command += ["--workdir", str(tmp_path / name), "--quiet", "--config.train.epochs=1"]
+        command += [f"--config.train.compilation_cache_dir={cache}"]
+        subprocess.run(command, check=True, env=env, timeout=600)
+        return _summary(tmp_path / name)["compile_seconds"]
+
+    first = compile_seconds("first")
+    assert any(cache.iterdir())
+    second = compile_seconds("second")
+    assert second < 0.7 * first
