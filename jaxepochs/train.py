@@ -13,6 +13,7 @@ import math
 import pathlib
 import shutil
 import signal
+import sys
 import threading
 import time
 from typing import Any, NamedTuple
@@ -66,11 +67,13 @@ def use_compilation_cache(directory: str) -> None:
     path = pathlib.Path(directory).expanduser()
     try:
         path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise config_lib.ConfigError(
-            f'train.compilation_cache_dir = "{directory}" cannot be created ({e}). Point it at a writable '
-            'directory, or set it to "" to compile without a cache.'
-        ) from None
+    except OSError as e:  # a cache only saves time: say so and compile without one
+        print(
+            f'jaxepochs: train.compilation_cache_dir = "{directory}" cannot be created ({e}); compiling without '
+            'a cache. Point it at a writable directory, or set it to "" to silence this.',
+            file=sys.stderr,
+        )
+        return
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 

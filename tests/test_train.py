@@ -237,3 +237,20 @@ def test_compilation_cache_makes_a_second_run_compile_faster(tmp_path):
     assert any(cache.iterdir())
     second = compile_seconds("second")
     assert second < 0.7 * first
+
+
+def test_unwritable_compilation_cache_dir_warns_and_runs_without(tmp_path, capsys):
+    import jax
+
+    from jaxepochs import train
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    saved = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", None)  # as in a fresh process
+    try:
+        train.use_compilation_cache(str(blocker / "xla"))
+        assert jax.config.jax_compilation_cache_dir is None
+    finally:
+        jax.config.update("jax_compilation_cache_dir", saved)
+    assert "cannot be created" in capsys.readouterr().err
