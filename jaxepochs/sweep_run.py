@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import pathlib
 import shutil
@@ -73,7 +74,6 @@ class _Group:
         dataset = data_lib.load_dataset(template, quiet)
         train_lib._check_shapes(template, dataset)
         self.dataset = dataset
-        self.num_classes = dataset.num_classes
         if cv:
             sweep_lib.check_cv(cv, dataset.train.y.shape[0])
             train_idx, _ = sweep_lib.fold_indices(dataset.train.y.shape[0], cv, 0, template.data.split_seed)
@@ -151,7 +151,7 @@ class _Group:
 
         return init_many
 
-    def compile(self, carry, splits, axes, hparams, sharding):
+    def compile(self, carry, splits, axes, hparams):
         apply_fn = lambda params, x: self.model.apply({"params": params}, x)
         eval_sizes = {
             name: min(self.config.train.eval_batch_size, x.shape[-(self.dataset.train.x.ndim)])
@@ -193,7 +193,7 @@ def _sharding(chunk: int):
     return NamedSharding(Mesh(np.array(devices), ("runs",)), PartitionSpec("runs"))
 
 
-def _train_chunk(group, runs, chunk_size, workdir, progress, quiet) -> tuple[dict, object, float]:
+def _train_chunk(group, runs, chunk_size, workdir, progress) -> tuple[dict, object, float]:
     """Trains `runs` (padded to `chunk_size` with copies of the first, dropped after) to the end; resumes from
     the chunk's checkpoint. Returns the histories, the final carry (real runs only) and the compile seconds."""
     padded = runs + [runs[0]] * (chunk_size - len(runs))
@@ -205,7 +205,7 @@ def _train_chunk(group, runs, chunk_size, workdir, progress, quiet) -> tuple[dic
         splits = {
             name: jax.device_put(arrays, sharding) if axes[name] == 0 else arrays for name, arrays in splits.items()
         }
-    compiled, evaluate, compile_seconds = group.compile(carry, splits, axes, hparams, sharding)
+    compiled, evaluate, compile_seconds = group.compile(carry, splits, axes, hparams)
     histories = {run.name: [] for run in runs}
     ckpt = checkpoint_lib.Checkpointer(workdir, max_to_keep=1)
     try:
@@ -218,21 +218,24 @@ def _train_chunk(group, runs, chunk_size, workdir, progress, quiet) -> tuple[dic
                 carry = jax.device_put(carry, sharding)
             histories = meta["histories"]
             epoch = done + 1
-        last_save = time.perf_counter()
+        last_save, saved = time.perf_counter(), None
         every = group.config.checkpoint.every_seconds
-        halted = lambda: bool(np.asarray(jax.device_get(carry.halted))[: len(runs)].all())
-        while epoch <= group.epochs and not halted():
+        active = int(np.sum(~np.asarray(jax.device_get(carry.halted))[: len(runs)]))
+        while epoch <= group.epochs and active:
             carry, rows = compiled(carry, splits, jnp.int32(epoch), jnp.int32(group.epochs), hparams)
             rows = jax.device_get(rows)
-            for r, run in enumerate(runs):
-                histories[run.name] += multi_epoch.call_rows(rows, epoch, group.steps_per_epoch, r)[0]
+            new = {
+                run.name: multi_epoch.call_rows(rows, epoch, group.steps_per_epoch, r)[0] for r, run in enumerate(runs)
+            }
+            for name, rows_of_run in new.items():
+                histories[name] += rows_of_run
             epoch += int(np.max(rows.ran))
             active = int(np.sum(~np.asarray(jax.device_get(carry.halted))[: len(runs)]))
-            progress.advance(epoch - 1, active, histories, group.tracker.monitor)
-            if time.perf_counter() - last_save >= every or epoch > group.epochs:
+            progress.advance(epoch - 1, active, len(runs), new, group.tracker.monitor)
+            if time.perf_counter() - last_save >= every:
                 ckpt.save(epoch - 1, {"carry": carry}, {"epoch": epoch - 1, "histories": histories})
-                last_save = time.perf_counter()
-        if restored is None or epoch - 1 not in ckpt.epochs():
+                last_save, saved = time.perf_counter(), epoch - 1
+        if saved != epoch - 1:  # the end (a finished chunk resumed has it already: Checkpointer.save skips it)
             ckpt.save(max(epoch - 1, 1), {"carry": carry}, {"epoch": epoch - 1, "histories": histories})
     finally:
         ckpt.close()
@@ -252,14 +255,19 @@ class _Progress:
 
     def __init__(self, total_epochs: int, quiet: bool):
         self._progress = report.Progress(total_epochs, quiet)
+        self._best = float("nan")
 
     def message(self, text: str) -> None:
         self._progress.message(text)
 
-    def advance(self, epoch: int, active: int, histories: dict, monitor: str) -> None:
-        values = [row[monitor] for rows in histories.values() for row in rows if monitor in row]
-        best = (min(values) if "loss" in monitor else max(values)) if values else float("nan")
-        self._progress.advance(epoch, f"{active} of {len(histories)} runs training, best {monitor} {best:.4f}")
+    def advance(self, epoch: int, active: int, runs: int, new_rows: dict, monitor: str) -> None:
+        """`new_rows`: each run's rows of the last call only, so the best so far is kept, not recomputed."""
+        values = [row[monitor] for rows in new_rows.values() for row in rows if monitor in row]
+        if values:
+            call_best = min(values) if "loss" in monitor else max(values)
+            better = min if "loss" in monitor else max
+            self._best = call_best if math.isnan(self._best) else better(self._best, call_best)
+        self._progress.advance(epoch, f"{active} of {runs} runs training, best {monitor} {self._best:.4f}")
 
     def close(self) -> None:
         self._progress.close()
@@ -332,9 +340,7 @@ def sweep(
             for c in range(0, len(members), size):
                 part = members[c : c + size]
                 chunk_dir = workdir / "chunks" / f"group{g}_chunk{c // size}"
-                part_histories, (carry, part_finals), seconds = _train_chunk(
-                    group, part, size, chunk_dir, progress, quiet
-                )
+                part_histories, (carry, part_finals), seconds = _train_chunk(group, part, size, chunk_dir, progress)
                 compile_seconds += seconds
                 histories.update(part_histories)
                 finals.update(part_finals)
