@@ -51,6 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.kernel_sizes = (5, 3, 3)  # cnn
     c.model.strides = (2, 2, 2)  # cnn
     c.model.padding = 1  # cnn: zeros on each side of every convolution
+    c.model.conv = "auto"  # cnn: "patches" (slices + one matmul), "native" (nn.Conv), "auto": patches on CPU only
     c.model.residual = False  # mlp: hidden layers after the first add their input (h = h + relu(W h)), as MNIST-1D's
     c.model.gru_hidden = 6  # gru: hidden size per direction
     c.model.bidirectional = True  # gru
@@ -193,6 +194,12 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                 f"{tuple(m.channels)}/{tuple(m.kernel_sizes)}/{tuple(m.strides)}",
                 "Give one kernel size and one stride per convolution, and at least one convolution.",
             )
+    if m.conv not in ("auto", "patches", "native"):
+        fail(
+            "model.conv",
+            f'"{m.conv}"{_suggest(m.conv, ("auto", "patches", "native"))}',
+            'Use "auto", "patches" or "native".',
+        )
     if m.init not in ("flax", "torch"):
         fail("model.init", f'"{m.init}"{_suggest(m.init, ("flax", "torch"))}', 'Use "flax" or "torch".')
     if any(int(h) < 1 for h in m.hidden_sizes):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -14,6 +15,7 @@ import pytest
 from conftest import tiny_config
 
 import jaxepochs
+from jaxepochs import config as config_lib
 from jaxepochs import epoch as epoch_lib
 from jaxepochs import models
 
@@ -189,3 +191,48 @@ def test_torch_init_of_cnn_and_gru_is_uniform_within_one_over_sqrt_fan_in(name):
         if fan_in is None:  # the classifier's bias: same bound as its kernel
             continue
         assert np.abs(np.asarray(value)).max() <= 1 / math.sqrt(fan_in) + 1e-7, where
+
+
+@pytest.mark.parametrize(("kernel", "stride", "padding"), [(5, 2, 1), (3, 2, 1), (3, 1, 0), (4, 3, 2)])
+def test_patch_convolution_equals_nn_conv(kernel, stride, padding):
+    x_blc = jax.random.normal(jax.random.PRNGKey(1), (6, 40, 3))
+    native = nn.Conv(7, (kernel,), strides=(stride,), padding=[(padding, padding)])
+    patches = models.PatchConv1D(7, kernel, stride, padding)
+    params = native.init(jax.random.PRNGKey(0), x_blc)
+    assert jax.tree.map(jnp.shape, patches.init(jax.random.PRNGKey(0), x_blc)) == jax.tree.map(jnp.shape, params)
+
+    def loss(apply, p, x):
+        return jnp.sum(jnp.sin(apply(p, x)))
+
+    out_native, grads_native = jax.jit(jax.value_and_grad(functools.partial(loss, native.apply), (0, 1)))(params, x_blc)
+    out_patches, grads_patches = jax.jit(jax.value_and_grad(functools.partial(loss, patches.apply), (0, 1)))(
+        params, x_blc
+    )
+    np.testing.assert_allclose(patches.apply(params, x_blc), native.apply(params, x_blc), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(out_patches, out_native, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(grads_patches), jax.tree.leaves(grads_native), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5)
+
+
+def test_cnn_convolution_forms_share_parameters_and_outputs():
+    config = tiny_config({"model.name": "cnn"})
+    x_bl = jax.random.normal(jax.random.PRNGKey(2), (5, 40))
+    outputs = {}
+    for conv in ("patches", "native"):
+        model = models.make_model(ml_collections.ConfigDict({**config.model.to_dict(), "conv": conv}), 10)
+        assert model.conv == conv
+        params = models.init_params(model, jax.random.PRNGKey(0), x_bl)  # same tree, same initial values
+        outputs[conv] = (jax.tree.map(np.asarray, params), np.asarray(jax.jit(model.apply)({"params": params}, x_bl)))
+    assert jax.tree.structure(outputs["patches"][0]) == jax.tree.structure(outputs["native"][0])
+    for a, b in zip(jax.tree.leaves(outputs["patches"][0]), jax.tree.leaves(outputs["native"][0]), strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(outputs["patches"][1], outputs["native"][1], atol=1e-5, rtol=1e-5)
+
+
+def test_auto_convolution_is_patches_on_cpu_and_native_on_accelerators():
+    assert models.conv_for_backend("auto", "cpu") == "patches"
+    assert models.conv_for_backend("auto", "gpu") == models.conv_for_backend("auto", "tpu") == "native"
+    assert models.conv_for_backend("native", "cpu") == "native"
+    assert models.make_model(tiny_config({"model.name": "cnn"}).model, 10).conv == "patches"  # tests run on CPU
+    with pytest.raises(jaxepochs.ConfigError, match="model.conv"):
+        config_lib.validate(tiny_config({"model.name": "cnn", "model.conv": "fft"}))
