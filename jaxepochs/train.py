@@ -153,6 +153,9 @@ def prepare_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict, re
             )
         old = config_lib.flatten(json.loads((workdir / "config.json").read_text()))
         new = config_lib.flatten(json.loads(config.to_json_best_effort()))
+        # A key that the run's jaxepochs did not have yet resumes at its default (the behaviour it had then).
+        defaults = config_lib.flatten(json.loads(config_lib.base_config().to_json_best_effort()))
+        old.update({k: v for k, v in new.items() if k not in old and defaults.get(k, object()) == v})
         differing = [
             k for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_KEYS)
         ]

@@ -148,9 +148,10 @@ def test_transformer_equals_the_full_causal_computation_at_the_last_position():
     tokens_bt = jax.random.randint(jax.random.PRNGKey(1), (50, 3), 0, 13).at[:, 2].set(13)
     params = model.init(jax.random.PRNGKey(0), tokens_bt[:1])["params"]
     ours = jax.jit(lambda p, t: model.apply({"params": p}, t))(params, tokens_bt)
-    np.testing.assert_allclose(ours, _full_causal_transformer(params, tokens_bt, 4), rtol=1e-5, atol=1e-5)
-    grads = jax.grad(lambda p: model.apply({"params": p}, tokens_bt).sum())(params)
-    full_grads = jax.grad(lambda p: _full_causal_transformer(p, tokens_bt, 4).sum())(params)
+    full = jax.jit(functools.partial(_full_causal_transformer, num_heads=4))(params, tokens_bt)
+    np.testing.assert_allclose(ours, full, rtol=1e-5, atol=1e-5)
+    grads = jax.jit(jax.grad(lambda p: model.apply({"params": p}, tokens_bt).sum()))(params)
+    full_grads = jax.jit(jax.grad(lambda p: _full_causal_transformer(p, tokens_bt, 4).sum()))(params)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(full_grads), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 

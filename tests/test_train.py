@@ -193,6 +193,14 @@ def test_used_workdir_resumes_or_needs_restart(base_run, tmp_path):
     assert [r["train_loss"] for r in result.history] == [r["train_loss"] for r in base_result.history]
     assert result.summary["test_loss"] == base_result.summary["test_loss"]
 
+    # A run written before a config key existed resumes with that key at its default, but not at another value.
+    saved = json.loads((workdir / "config.json").read_text())
+    del saved["model"]["conv"]
+    (workdir / "config.json").write_text(json.dumps(saved))
+    assert jaxepochs.train_and_evaluate(config, workdir, quiet=True).summary["epochs_completed"] == EPOCHS
+    with pytest.raises(jaxepochs.WorkdirError, match=r"model.conv: .* -> 'native'"):
+        jaxepochs.train_and_evaluate(jaxepochs.apply_overrides(config, {"model.conv": "native"}), workdir, quiet=True)
+
     # --restart discards it.
     result = jaxepochs.train_and_evaluate(tiny_config({"train.epochs": "0"}), workdir, quiet=True, restart=True)
     assert result.summary["epochs_completed"] == 0
