@@ -350,6 +350,7 @@ def train_and_evaluate(
     x_train, y_train = splits["train"]
     log_test = config.train.log_test and "test" in compiled.evaluate
     last_save = time.perf_counter()
+    host_seconds: list[float] = []  # per epoch: the host's work between an epoch's results and the next's
     try:
         first_epoch = len(history) + 1
         if compiled.run_epochs is not None:  # train.epochs_per_call > 1: many epochs per compiled call
@@ -396,25 +397,45 @@ def train_and_evaluate(
                     save(len(history))
                     last_save, saved_epoch = time.perf_counter(), len(history)
         else:
-            for epoch in range(first_epoch, config.train.epochs + 1):
-                if epoch == first_epoch and may_stop and bool(control["early_stopping"].should_stop):
-                    break  # a resumed run that had already stopped early
-                epoch_start = time.perf_counter()
-                new_state, train_totals = compiled.train_epoch(state, x_train, y_train, jnp.asarray(epoch, jnp.int32))
-                val_totals = compiled.evaluate["val"](new_state.params, *splits["val"]) if has_validation else None
-                test_due = log_test and (epoch % config.train.test_every == 0 or epoch == config.train.epochs)
-                test_totals = compiled.evaluate["test"](new_state.params, *splits["test"]) if test_due else None
-                train_totals = jax.device_get(train_totals)  # waits for the training pass only
-                train_seconds = time.perf_counter() - epoch_start
-                val_totals, test_totals, lr = jax.device_get(
-                    (val_totals, test_totals, schedules.learning_rate_of(new_state.opt_state))
+            # One epoch of look-ahead: epoch e+1 is dispatched before epoch e's metrics are fetched, so the host's
+            # bookkeeping (metrics, early stopping, logging, checkpoints) overlaps the device's next epoch. A stop
+            # at epoch e discards the epoch in flight. Reduce-on-plateau changes the next epoch's rate from this
+            # epoch's metric, so it runs one epoch at a time.
+            look_ahead = control["plateau"] is None
+
+            def dispatch(epoch: int, from_state) -> dict:
+                new_state, train_totals = compiled.train_epoch(
+                    from_state, x_train, y_train, jnp.asarray(epoch, jnp.int32)
                 )
+                test_due = log_test and (epoch % config.train.test_every == 0 or epoch == config.train.epochs)
+                return {
+                    "epoch": epoch,
+                    "state": new_state,
+                    "train": train_totals,
+                    "val": compiled.evaluate["val"](new_state.params, *splits["val"]) if has_validation else None,
+                    "test": compiled.evaluate["test"](new_state.params, *splits["test"]) if test_due else None,
+                    "lr": schedules.learning_rate_of(new_state.opt_state),
+                    "dispatched": time.perf_counter(),
+                }
+
+            resumed_stopped = may_stop and bool(control["early_stopping"].should_stop)
+            last_done = time.perf_counter()  # when the previous epoch's results were in (here: the start)
+            pending = (
+                dispatch(first_epoch, state) if first_epoch <= config.train.epochs and not resumed_stopped else None
+            )
+            while pending is not None:
+                epoch = pending["epoch"]
+                ahead = dispatch(epoch + 1, pending["state"]) if look_ahead and epoch < config.train.epochs else None
+                train_totals = jax.device_get(pending["train"])  # waits for the training pass only
+                train_done = time.perf_counter()
+                val_totals, test_totals, lr = jax.device_get((pending["val"], pending["test"], pending["lr"]))
                 row = report.metrics_row(epoch, epoch * steps_per_epoch, train_totals, val_totals, test_totals, lr)
+                results_in = time.perf_counter()
                 if not math.isfinite(row["train_loss"]):
                     stop_reason = "non_finite_loss"
                     progress.message(f"epoch {epoch}: training loss is {row['train_loss']}; stopping.")
                     break
-                state = new_state
+                state = pending["state"]
                 es_state, es_host = tracker_update(
                     control["early_stopping"], np.float32(row[monitor]), np.float32(row["train_loss"])
                 )
@@ -426,8 +447,10 @@ def train_and_evaluate(
                     plateau = plateau_update(control["plateau"], np.float32(row[plateau_monitor]))
                     state = state._replace(opt_state=schedules.with_plateau_scale(state.opt_state, plateau))
                     control = {**control, "plateau": plateau}
-                row["train_seconds"] = train_seconds
-                row["seconds"] = time.perf_counter() - epoch_start
+                # The device ran this epoch from when it was dispatched or the previous one ended, the later; the
+                # epoch's wall time is the time between two epochs' results, host work included where not hidden.
+                row["train_seconds"] = train_done - max(pending["dispatched"], last_done)
+                row["seconds"] = results_in - last_done
                 log.write(row)
                 history.append(row)
                 progress.update(row)
@@ -443,6 +466,12 @@ def train_and_evaluate(
                 if due:
                     save(epoch)
                     last_save = time.perf_counter()
+                host_seconds.append(time.perf_counter() - results_in)  # bookkeeping; `ahead` runs meanwhile
+                last_done = results_in
+                if look_ahead:
+                    pending = ahead
+                else:
+                    pending = dispatch(epoch + 1, state) if epoch < config.train.epochs else None
     except KeyboardInterrupt:  # a second Ctrl-C: the state may be half-updated, so it is not saved
         aborted = True
         raise
@@ -491,6 +520,8 @@ def train_and_evaluate(
         **final,
         "compile_seconds": compiled.compile_seconds,
         "train_seconds": sum(row["train_seconds"] for row in history),
+        # Median per epoch; with one epoch of look-ahead it overlaps the next epoch rather than adding to it.
+        "host_seconds_per_epoch": float(np.median(host_seconds)) if host_seconds else 0.0,
         "total_seconds": time.perf_counter() - run_start,
         "platform": jax.devices()[0].platform,
     }

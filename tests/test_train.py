@@ -262,3 +262,28 @@ def test_unwritable_compilation_cache_dir_warns_and_runs_without(tmp_path, capsy
     finally:
         jax.config.update("jax_compilation_cache_dir", saved)
     assert "cannot be created" in capsys.readouterr().err
+
+
+def test_next_epoch_is_dispatched_before_the_previous_epochs_metrics_are_fetched(tmp_path, monkeypatch):
+    from jaxepochs import train
+
+    events = []
+    compile_run = train.compile_run
+
+    def recording_compile_run(*args, **kwargs):
+        compiled = compile_run(*args, **kwargs)
+
+        def train_epoch(state, x, y, epoch):
+            events.append(("dispatch", int(epoch)))
+            return compiled.train_epoch(state, x, y, epoch)
+
+        return compiled._replace(train_epoch=train_epoch)
+
+    write = train.report.MetricsLog.write
+    monkeypatch.setattr(train, "compile_run", recording_compile_run)
+    monkeypatch.setattr(
+        train.report.MetricsLog, "write", lambda log, row: (events.append(("log", row["epoch"])), write(log, row))
+    )
+    result = jaxepochs.train_and_evaluate(tiny_config({"train.epochs": "3"}), tmp_path, quiet=True)
+    assert events == [("dispatch", 1), ("dispatch", 2), ("log", 1), ("dispatch", 3), ("log", 2), ("log", 3)]
+    assert 0 <= result.summary["host_seconds_per_epoch"] < max(row["seconds"] for row in result.history)
