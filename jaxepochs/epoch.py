@@ -109,19 +109,49 @@ def train_step(state: TrainState, batch, *, apply_fn: ApplyFn, tx: optax.Gradien
     return TrainState(params, opt_state, state.step + 1, state.key), metrics
 
 
+def full_batch_step(state: TrainState, x_b, y_b, *, apply_fn: ApplyFn, tx: optax.GradientTransformation):
+    """`train_step` on a batch with no padding: no mask to apply or count, so fewer ops per step (on CPU each
+    op in a loop body has a fixed cost, a fifth of a batch-1 step). Returns (state, loss_sum, correct)."""
+
+    def loss_fn(params):
+        logits_bc = apply_fn(params, x_b)
+        losses_b = optax.softmax_cross_entropy_with_integer_labels(logits_bc, y_b)
+        correct = (jnp.argmax(logits_bc, -1) == y_b).sum().astype(jnp.float32)
+        return losses_b.mean(), (losses_b.sum(), correct)
+
+    (_, (loss_sum, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return TrainState(params, opt_state, state.step + 1, state.key), loss_sum, correct
+
+
+# Two steps per loop iteration: XLA fuses across them and the loop's per-iteration cost halves (measured on
+# 2 CPU cores: about 20% faster for MNIST-1D's MLP at batch 100 and logistic regression at batch 1, compile
+# time about the same).
+SCAN_UNROLL = 2
+
+
 def train_epoch(state: TrainState, x_n, y_n, epoch, *, apply_fn: ApplyFn, tx, batch_size: int, shuffle: bool = True):
     """Shuffles with fold_in(key, epoch) (unless `shuffle` is False: batches in order, as some published recipes
-    train) and scans `train_step` over all ceil(N / B) batches."""
+    train) and scans over all ceil(N / B) batches: the N // B whole batches unmasked, then the partial last
+    batch, if any, padded and masked (`train_step`)."""
     shuffle_key = jax.random.fold_in(state.key, SHUFFLE_STREAM)
-    idx_sb, mask_sb = batch_indices(shuffle_key, epoch, x_n.shape[0], batch_size, shuffle)
+    num_examples = x_n.shape[0]
+    idx_sb, mask_sb = batch_indices(shuffle_key, epoch, num_examples, batch_size, shuffle)
+    whole = num_examples // batch_size
 
-    def body(carry, step_input):
-        state, totals = carry
-        idx_b, mask_b = step_input
+    def body(carry, idx_b):
+        state, loss_sum, correct = carry
+        state, batch_loss, batch_correct = full_batch_step(state, x_n[idx_b], y_n[idx_b], apply_fn=apply_fn, tx=tx)
+        return (state, loss_sum + batch_loss, correct + batch_correct), None
+
+    zero = jnp.zeros((), jnp.float32)
+    (state, loss_sum, correct), _ = jax.lax.scan(body, (state, zero, zero), idx_sb[:whole], unroll=SCAN_UNROLL)
+    totals = Metrics(loss_sum, correct, jnp.asarray(whole * batch_size, jnp.float32))
+    if whole < idx_sb.shape[0]:  # the partial last batch
+        idx_b, mask_b = idx_sb[whole], mask_sb[whole]
         state, metrics = train_step(state, (x_n[idx_b], y_n[idx_b], mask_b), apply_fn=apply_fn, tx=tx)
-        return (state, totals + metrics), None
-
-    (state, totals), _ = jax.lax.scan(body, (state, Metrics.zeros()), (idx_sb, mask_sb))
+        totals = totals + metrics
     return state, totals
 
 

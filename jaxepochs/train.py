@@ -397,11 +397,10 @@ def train_and_evaluate(
                     save(len(history))
                     last_save, saved_epoch = time.perf_counter(), len(history)
         else:
-            # One epoch of look-ahead: epoch e+1 is dispatched before epoch e's metrics are fetched, so the host's
-            # bookkeeping (metrics, early stopping, logging, checkpoints) overlaps the device's next epoch. A stop
-            # at epoch e discards the epoch in flight. Reduce-on-plateau changes the next epoch's rate from this
-            # epoch's metric, so it runs one epoch at a time.
-            look_ahead = control["plateau"] is None
+            # Epoch e+1 is dispatched as soon as epoch e's stop decision is known, before e is logged and
+            # checkpointed, so that bookkeeping overlaps the device's next epoch. The decision itself (metrics,
+            # NaN check, early stopping, plateau) comes first: on CPU, programs run in dispatch order, so a device
+            # call made after e+1's dispatch would wait for all of e+1.
 
             def dispatch(epoch: int, from_state) -> dict:
                 new_state, train_totals = compiled.train_epoch(
@@ -415,7 +414,6 @@ def train_and_evaluate(
                     "val": compiled.evaluate["val"](new_state.params, *splits["val"]) if has_validation else None,
                     "test": compiled.evaluate["test"](new_state.params, *splits["test"]) if test_due else None,
                     "lr": schedules.learning_rate_of(new_state.opt_state),
-                    "dispatched": time.perf_counter(),
                 }
 
             resumed_stopped = may_stop and bool(control["early_stopping"].should_stop)
@@ -425,12 +423,10 @@ def train_and_evaluate(
             )
             while pending is not None:
                 epoch = pending["epoch"]
-                ahead = dispatch(epoch + 1, pending["state"]) if look_ahead and epoch < config.train.epochs else None
                 train_totals = jax.device_get(pending["train"])  # waits for the training pass only
                 train_done = time.perf_counter()
                 val_totals, test_totals, lr = jax.device_get((pending["val"], pending["test"], pending["lr"]))
                 row = report.metrics_row(epoch, epoch * steps_per_epoch, train_totals, val_totals, test_totals, lr)
-                results_in = time.perf_counter()
                 if not math.isfinite(row["train_loss"]):
                     stop_reason = "non_finite_loss"
                     progress.message(f"epoch {epoch}: training loss is {row['train_loss']}; stopping.")
@@ -447,31 +443,26 @@ def train_and_evaluate(
                     plateau = plateau_update(control["plateau"], np.float32(row[plateau_monitor]))
                     state = state._replace(opt_state=schedules.with_plateau_scale(state.opt_state, plateau))
                     control = {**control, "plateau": plateau}
-                # The device ran this epoch from when it was dispatched or the previous one ended, the later; the
-                # epoch's wall time is the time between two epochs' results, host work included where not hidden.
-                row["train_seconds"] = train_done - max(pending["dispatched"], last_done)
-                row["seconds"] = results_in - last_done
+                if may_stop and should_stop:
+                    stop_reason = early_stopping_lib.stop_reason_name(stop_code)
+                elif stop_requested:
+                    stop_reason = "interrupted"
+                decided = time.perf_counter()
+                going_on = stop_reason == "completed" and epoch < config.train.epochs
+                pending = dispatch(epoch + 1, state) if going_on else None
+                row["train_seconds"] = train_done - last_done
+                row["seconds"] = decided - last_done  # results to results: the device's epoch and the host's gap
                 log.write(row)
                 history.append(row)
                 progress.update(row)
-                if may_stop and should_stop:
-                    stop_reason = early_stopping_lib.stop_reason_name(stop_code)
-                    break
-                if stop_requested:
-                    stop_reason = "interrupted"
-                    break
                 every = config.checkpoint.every_epochs
                 since_save = time.perf_counter() - last_save
                 due = epoch % every == 0 if every else since_save >= config.checkpoint.every_seconds
-                if due:
+                if due and going_on:
                     save(epoch)
                     last_save = time.perf_counter()
-                host_seconds.append(time.perf_counter() - results_in)  # bookkeeping; `ahead` runs meanwhile
-                last_done = results_in
-                if look_ahead:
-                    pending = ahead
-                else:
-                    pending = dispatch(epoch + 1, state) if epoch < config.train.epochs else None
+                host_seconds.append(time.perf_counter() - decided)  # bookkeeping beside the next epoch
+                last_done = decided
     except KeyboardInterrupt:  # a second Ctrl-C: the state may be half-updated, so it is not saved
         aborted = True
         raise
@@ -520,7 +511,7 @@ def train_and_evaluate(
         **final,
         "compile_seconds": compiled.compile_seconds,
         "train_seconds": sum(row["train_seconds"] for row in history),
-        # Median per epoch; with one epoch of look-ahead it overlaps the next epoch rather than adding to it.
+        # Median per epoch: logging and checkpointing after the next epoch is dispatched, beside it.
         "host_seconds_per_epoch": float(np.median(host_seconds)) if host_seconds else 0.0,
         "total_seconds": time.perf_counter() - run_start,
         "platform": jax.devices()[0].platform,
