@@ -137,6 +137,7 @@ def plot(path: pathlib.Path, runs, histories: dict, results_rows: list[dict], gr
     monitor_key = next((k for k in results_rows[0] if k.startswith("best_") and k != "best_epoch"), None)
     monitor = monitor_key.removeprefix("best_") if monitor_key else "val_loss"
     fig, axes = plt.subplots(1, 1 + len(swept), figsize=(5.5 * (1 + len(swept)), 4.2), squeeze=False)
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.13, top=0.9, wspace=0.3)  # tight_layout: 0.3 s more
     ax = axes[0][0]
     best = results_rows[0]["run"]
     for run in runs:
@@ -170,6 +171,5 @@ def plot(path: pathlib.Path, runs, histories: dict, results_rows: list[dict], gr
         ax.set_xlabel(key)
         ax.set_ylabel(f"best {monitor}")
         ax.grid(alpha=0.3)
-    fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
