@@ -194,12 +194,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                 f"{tuple(m.channels)}/{tuple(m.kernel_sizes)}/{tuple(m.strides)}",
                 "Give one kernel size and one stride per convolution, and at least one convolution.",
             )
-    if m.conv not in ("auto", "patches", "native"):
-        fail(
-            "model.conv",
-            f'"{m.conv}"{_suggest(m.conv, ("auto", "patches", "native"))}',
-            'Use "auto", "patches" or "native".',
-        )
+    convs = ("auto", "patches", "native")
+    if m.conv not in convs:
+        fail("model.conv", f'"{m.conv}"{_suggest(m.conv, convs)}', 'Use "auto", "patches" or "native".')
     if m.init not in ("flax", "torch"):
         fail("model.init", f'"{m.init}"{_suggest(m.init, ("flax", "torch"))}', 'Use "flax" or "torch".')
     if any(int(h) < 1 for h in m.hidden_sizes):

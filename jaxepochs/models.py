@@ -15,7 +15,6 @@ import jax.numpy as jnp
 import ml_collections
 
 INITS = ("flax", "torch")
-CONVS = ("auto", "patches", "native")
 
 
 def dense(width: int, fan_in: int, init: str) -> nn.Dense:
