@@ -1,6 +1,6 @@
 """jaxepochs side by side with its peers: the same model, data, initial parameters, optimizer, batch size and epochs.
 
-    python benchmarks/peers.py                      # every workload; about 5 min on 2 CPU cores
+    python benchmarks/peers.py                      # every workload, each contender twice; about 5 min, 2 cores
     python benchmarks/peers.py --quick              # a smoke run: 2-3 epochs each
     python benchmarks/peers.py --workloads mlp,cnn --out /tmp/peers
     pip install -e .[bench]                         # Keras 3 and PyTorch; without them their rows say "skipped"
@@ -440,8 +440,23 @@ def target(name: str, num: dict | None, den: dict | None, need: float) -> tuple[
     return name, f"{'PASS' if got >= need else 'FAIL'}: {got:.2f}x (need >= {need}x){flagged}"
 
 
-def peers(name: str, data_path: str, epochs: int) -> tuple[list[dict], list[str], list[tuple[str, str]]]:
-    rows = [run_child(name, contender, data_path, epochs) for contender in CONTENDERS]
+def best_of_rounds(name: str, data_path: str, epochs: int, rounds: int) -> list[dict]:
+    """Every contender once per round, rounds in turn; per contender the fastest round's row (the one least
+    disturbed by other processes: on a shared machine identical runs differ by up to 30%), with all rounds'
+    steps/s kept in `rounds_steps_per_s`."""
+    runs = [[run_child(name, contender, data_path, epochs) for contender in CONTENDERS] for _ in range(rounds)]
+    rows = []
+    for column in zip(*runs, strict=True):
+        row = dict(max(column, key=lambda r: r.get("steps_per_s", 0.0)))
+        row["rounds_steps_per_s"] = [r.get("steps_per_s") for r in column]
+        rows.append(row)
+    return rows
+
+
+def peers(
+    name: str, data_path: str, epochs: int, rounds: int = 1
+) -> tuple[list[dict], list[str], list[tuple[str, str]]]:
+    rows = best_of_rounds(name, data_path, epochs, rounds)
     by = {row["contender"]: row for row in rows}
     off, bare, torch = by["jaxepochs-off"], by["bare"], by["torch"]
     for row in rows:
@@ -470,7 +485,9 @@ def peers(name: str, data_path: str, epochs: int) -> tuple[list[dict], list[str]
     return rows, lines, targets
 
 
-def scaling(name: str, data_path: str, epochs: int) -> tuple[list[dict], list[str], list[tuple[str, str]]]:
+def scaling(
+    name: str, data_path: str, epochs: int, rounds: int = 1
+) -> tuple[list[dict], list[str], list[tuple[str, str]]]:
     rows, refs, targets = [], [], []
     for k in SCALING_COPIES:
         ours, bare = ({"copies": k, **run_child(name, c, data_path, epochs, k)} for c in SCALING_CONTENDERS)
@@ -526,6 +543,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="2-3 epochs per contender: a smoke run")
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated: " + ",".join(WORKLOADS))
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="runs of each contender (not scaling); the fastest counts"
+    )
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="where the .md and .json go")
     parser.add_argument("--one", nargs=2, metavar=("WORKLOAD", "CONTENDER"), help="run one contender (internal)")
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -550,8 +570,13 @@ def main() -> int:
         for name in chosen:
             spec = WORKLOADS[name]
             epochs = spec.quick_epochs if args.quick else spec.epochs
-            rows, more, new_targets = (scaling if name == "scaling" else peers)(name, prepare(name, tmp), epochs)
-            section = [f"## {spec.title}", "", f"{epochs} epochs: the first (compile) + {epochs - 1} timed.", ""]
+            rounds = 1 if args.quick or name == "scaling" else args.rounds
+            rows, more, new_targets = (scaling if name == "scaling" else peers)(
+                name, prepare(name, tmp), epochs, rounds
+            )
+            section = [f"## {spec.title}", "", f"{epochs} epochs: the first (compile) + {epochs - 1} timed"]
+            section[-1] += f"; each contender run {rounds} times, the fastest shown." if rounds > 1 else "."
+            section.append("")
             section += [*more, ""]
             print("\n".join(section), flush=True)
             lines, targets = lines + section, targets + new_targets
