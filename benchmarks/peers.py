@@ -1,6 +1,6 @@
 """jaxepochs side by side with its peers: the same model, data, initial parameters, optimizer, batch size and epochs.
 
-    python benchmarks/peers.py                      # every workload, each contender twice; about 5 min, 2 cores
+    python benchmarks/peers.py                      # every workload, each contender twice; about 6 min, 2 cores
     python benchmarks/peers.py --quick              # a smoke run: 2-3 epochs each
     python benchmarks/peers.py --workloads mlp,cnn --out /tmp/peers
     pip install -e .[bench]                         # Keras 3 and PyTorch; without them their rows say "skipped"
@@ -17,8 +17,8 @@ PyTorch never share a process with jaxepochs:
     (checkpoints, metrics.jsonl, a validation pass per epoch); steady state from metrics.jsonl `seconds`.
   - jaxepochs, checkpoints off: `checkpoint.enabled=False`; quiet=True is the least logging there is (metrics.jsonl
     is always written); steady state from `seconds` too. Both rows do more work than the peers: a validation pass
-    on the 10% held out each epoch. (`train_seconds`, the training pass, is not used: with one epoch of look-ahead
-    the next epoch's training overlaps this epoch's validation, so only the period between epochs is clean.)
+    on the 10% held out each epoch. (`seconds` is the period from one epoch's results to the next's, so the host's
+    time between epochs counts where the next epoch does not hide it.)
   - bare lax.scan, the limit: forward, backward and optimizer scanned over the training set, permuted once on the
     host and pre-batched on the device (ceil(N / B) whole batches); one jitted call per epoch; nothing else.
   - Keras 3 on its JAX backend: `model.fit(shuffle=True)`, steps_per_execution 1 and steps per epoch.
