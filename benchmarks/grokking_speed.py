@@ -1,4 +1,4 @@
-"""Seconds per epoch of the full grokking setting (p = 113, full batch of 3,831 pairs, one-layer transformer).
+"""Seconds per epoch of the full grokking setting (p = 113, full batch of 3,830 pairs, one-layer transformer).
 
   python benchmarks/grokking_speed.py [--epochs 300]
 

@@ -22,7 +22,8 @@ PyTorch never share a process with jaxepochs:
   - bare lax.scan, the limit: forward, backward and optimizer scanned over the training set, permuted once on the
     host and pre-batched on the device (ceil(N / B) whole batches); one jitted call per epoch; nothing else.
   - Keras 3 on its JAX backend: `model.fit(shuffle=True)`, steps_per_execution 1 and steps per epoch.
-  - PyTorch eager on the CPU: a loop over shuffled index batches, torch.optim; torch's default thread count.
+  - PyTorch eager (on the GPU where there is one, else the CPU): a loop over shuffled index batches,
+    torch.optim; torch's default thread count.
 jaxepochs compiles cold (a fresh compilation cache). Scaling compares `jaxepochs.epoch.train_epoch`, compiled as
 benchmarks/step_cost.py does (train_and_evaluate reads its data from the config, it cannot be fed arrays), with
 the bare scan.
@@ -79,7 +80,7 @@ CONTENDERS = {
     "bare": "bare lax.scan (limit)",
     "keras": "Keras 3 (JAX), steps_per_execution=1",
     "keras-spe": "Keras 3 (JAX), steps_per_execution=steps/epoch",
-    "torch": "PyTorch eager (CPU, default threads)",
+    "torch": "PyTorch eager (default threads; on the GPU where there is one)",
 }
 SCALING_COPIES = (1, 4, 16)
 SCALING_CONTENDERS = {"epoch": "jaxepochs train_epoch (compiled)", "bare": "bare lax.scan (limit)"}
@@ -290,14 +291,15 @@ def torch_model(torch, meta: dict, params: dict):
 def run_torch(data: dict, meta: dict, epochs: int) -> dict:
     import torch
 
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the accelerator JAX gets, if any
     start = time.perf_counter()
-    net = torch_model(torch, meta, data["params"])
+    net = torch_model(torch, meta, data["params"]).to(device)
     optimizer = (torch.optim.Adam if meta["optimizer"] == "adam" else torch.optim.SGD)(net.parameters(), lr=meta["lr"])
-    x, y = torch.from_numpy(data["x"]), torch.from_numpy(data["y"].astype(np.int64))
+    x, y = torch.from_numpy(data["x"]).to(device), torch.from_numpy(data["y"].astype(np.int64)).to(device)
     n, batch = len(y), meta["batch_size"]
     generator, ends, taken = torch.Generator().manual_seed(0), [], 0
     for _ in range(epochs):
-        order, loss_sum = torch.randperm(n, generator=generator), torch.zeros(())
+        order, loss_sum = torch.randperm(n, generator=generator).to(device), torch.zeros((), device=device)
         for i in range(0, n, batch):
             idx = order[i : i + batch]
             loss = torch.nn.functional.cross_entropy(net(x[idx]), y[idx])
@@ -306,10 +308,13 @@ def run_torch(data: dict, meta: dict, epochs: int) -> dict:
             optimizer.step()
             loss_sum += loss.detach()
             taken += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # the epoch's kernels have run, not only been queued
         ends.append(time.perf_counter())
     return {
         **_from_ends(start, ends, float(loss_sum) / math.ceil(n / batch), taken),
         "threads": torch.get_num_threads(),
+        "torch_device": str(device),
     }
 
 

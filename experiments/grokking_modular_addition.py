@@ -27,11 +27,14 @@ def get_config():
     config.model.d_model = 128
     config.model.num_heads = 4
     config.model.d_mlp = 512
+    # The reference unembeds to every token, "=" included (d_vocab = p + 1 logits, the loss over all 114).
+    config.model.vocab_size = 114
+    config.model.num_classes = 114
     config.train.epochs = 15_000
-    config.train.test_every = 10  # the 8,938 held-out pairs cost a third of a training epoch: log every 10th
+    config.train.test_every = 10  # the 8,939 held-out pairs cost a third of a training epoch: log every 10th
     config.train.epochs_per_call = 500  # one step per epoch: fuse epochs so the host is out of the loop
-    config.train.batch_size = 3831  # full batch: round(0.3 * 113**2) pairs, one step per epoch
-    config.train.eval_batch_size = 8938  # the rest: the whole test split in one batch
+    config.train.batch_size = 3830  # full batch: int(0.3 * 113**2) pairs, one step per epoch
+    config.train.eval_batch_size = 8939  # the rest: the whole test split in one batch
     config.optimizer.name = "adamw"
     config.optimizer.learning_rate = 1e-3
     config.optimizer.weight_decay = 1.0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import random
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -128,12 +129,16 @@ def modular_config(modulus: int, train_fraction: float, seed: int) -> ModularCon
 class ModularAddition(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """(a + b) mod p for every pair a, b in [0, p): the tokens [a, b, =] (= is token p) and the label a + b mod p.
 
-    A seeded permutation of the p * p pairs puts the first round(train_fraction * p * p) into `train`, the rest
-    into `test`, as in grokking studies (Power et al. 2022; Nanda et al. 2023: p = 113, 30% for training).
+    The split is Nanda et al.'s (2023) `gen_train_test`, pair for pair: the pairs in (a, b) order, shuffled by
+    Python's `random` seeded with `seed`, the first int(train_fraction * p * p) for `train`, the rest for `test`
+    (p = 113, 30%, seed 0: their 3,830 training pairs).
     """
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "All p * p pairs, split by a seeded permutation."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "All p * p pairs, split by a seeded permutation.",
+        "1.1.0": "The split of Nanda et al.'s reference code (Python's random.shuffle, int() of the fraction).",
+    }
     BUILDER_CONFIGS = [modular_config(113, 0.3, 0)]
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -155,8 +160,10 @@ class ModularAddition(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         c = self.builder_config
         p = c.modulus
         a_n, b_n = np.divmod(np.arange(p * p), p)
-        order_n = np.random.default_rng(c.seed).permutation(p * p)
-        n_train = int(round(c.train_fraction * p * p))
+        order = list(range(p * p))
+        random.Random(c.seed).shuffle(order)  # the same swaps as random.seed(seed); random.shuffle(pairs)
+        order_n = np.asarray(order)
+        n_train = int(c.train_fraction * p * p)
         x_n3 = np.stack([a_n, b_n, np.full_like(a_n, p)], axis=1).astype(np.int32)
         y_n = (a_n + b_n) % p
         train, test = order_n[:n_train], order_n[n_train:]

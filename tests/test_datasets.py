@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import pytest
 from conftest import tiny_config
@@ -56,7 +58,12 @@ def test_modular_addition_holds_every_pair_once_with_its_sum():
     )
     dataset = data.load_dataset(config, quiet=True)
     assert dataset.num_classes == 11 and dataset.train.x.dtype == np.int32
-    assert dataset.train.y.shape == (round(0.3 * 121),) and dataset.test.y.shape == (121 - round(0.3 * 121),)
+    assert dataset.train.y.shape == (int(0.3 * 121),) and dataset.test.y.shape == (121 - int(0.3 * 121),)
+    # The split of Nanda et al.'s reference code (gen_train_test), spelled out as they wrote it.
+    pairs = [(i, j, 11) for i in range(11) for j in range(11)]
+    random.seed(0)
+    random.shuffle(pairs)
+    assert dataset.train.x.tolist() == [list(p) for p in pairs[: int(0.3 * len(pairs))]]
     x = np.concatenate([dataset.train.x, dataset.test.x])
     y = np.concatenate([dataset.train.y, dataset.test.y])
     assert (x[:, 2] == 11).all()  # the "=" token

@@ -272,3 +272,27 @@ def test_unshuffled_epoch_is_the_in_order_loop_of_train_step():
         looped, _ = step(looped, (x[idx], y[idx], jnp.asarray(mask)))
     for a, b in zip(jax.tree.leaves(fused.params), jax.tree.leaves(looped.params), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_cross_entropy_matches_optax_and_stays_accurate_when_nearly_certain():
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(0, 3, (64, 10)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 10, 64))
+    expected = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    np.testing.assert_allclose(epoch_lib.cross_entropy(logits, y), expected, rtol=1e-5, atol=1e-6)
+    # Nearly certain rows: the answer's logit 18-30 above the rest (p_y > 1 - 1e-7), where optax's float32
+    # logsumexp rounds to a loss of exactly 0 and a zero gradient on the answer's logit.
+    confident = np.zeros((3, 114), np.float32)
+    confident[:, 5] = [18.0, 24.0, 30.0]
+    labels = jnp.full((3,), 5)
+    ours = jax.jit(epoch_lib.cross_entropy)(jnp.asarray(confident), labels)
+    reference = np.log1p(113 * np.exp(-confident[:, 5].astype(np.float64)))  # exact, in float64
+    assert float(optax.softmax_cross_entropy_with_integer_labels(jnp.asarray(confident), labels)[2]) == 0.0
+    np.testing.assert_allclose(ours, reference, rtol=1e-5)
+    grad_answer = jax.grad(lambda z: epoch_lib.cross_entropy(z, labels).sum())(jnp.asarray(confident))[:, 5]
+    np.testing.assert_allclose(grad_answer, -113 * np.exp(-confident[:, 5].astype(np.float64)), rtol=1e-5)
+    # A confidently wrong row (the answer far below another class) stays finite and exact too.
+    wrong = jnp.asarray([[0.0, 80.0, -5.0]])
+    np.testing.assert_allclose(
+        epoch_lib.cross_entropy(wrong, jnp.asarray([0])), 80.0 + np.log1p(np.exp(-80) + np.exp(-85)), rtol=1e-6
+    )
