@@ -123,12 +123,19 @@ def row(what: str, published: float, ours: np.ndarray, tolerance: float) -> dict
     }
 
 
+def _ran_on() -> str:
+    import jax
+
+    device = jax.devices()[0]
+    return f"Ran on {device.platform} ({device.device_kind}), {jax.device_count()} device(s), jax {jax.__version__}."
+
+
 def write_report(
     path: pathlib.Path, reference: dict, rows: list[dict], seeds: int, quick: bool, extra: list[str] = ()
 ) -> None:
     """report.md: the recipe, the judged table, the tolerance and why, `extra` Markdown lines, the sources."""
     lines = [f"# Reproduction: {reference['title']}", "", f"Recipe: {reference['recipe']}.", ""]
-    lines.append(f"Seeds: {seeds}{' (quick: directions only, not published values)' if quick else ''}.")
+    lines.append(f"Seeds: {seeds}{' (quick: directions only, not published values)' if quick else ''}. {_ran_on()}")
     lines += [
         "",
         "| result | published | ours (mean ± std) | difference | tolerance | verdict |",
