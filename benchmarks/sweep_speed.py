@@ -42,10 +42,16 @@ def main() -> None:
             },
         )
         # Untimed warm-up of what a process pays once whichever comes first (reading the dataset, imports such as
-        # matplotlib's, jax's eager helpers), so that neither contender is charged for it. Batch size 50: other
-        # shapes, so that neither contender finds its own programs already compiled.
+        # matplotlib's, jax's eager helpers), so that neither contender is charged for it. Another batch size and
+        # width: other programs, so that neither contender finds one of its own already compiled.
         warm = jaxepochs.apply_overrides(
-            base, {"train.epochs": "1", "train.epochs_per_call": "1", "train.batch_size": "50"}
+            base,
+            {
+                "train.epochs": "1",
+                "train.epochs_per_call": "1",
+                "train.batch_size": "50",
+                "model.hidden_sizes": "60,60",
+            },
         )
         jaxepochs.train_and_evaluate(warm, f"{tmp}/warm_run", quiet=True)
         jaxepochs.sweep(warm, sweep_grid.expand(warm, {"seed": "0"}), f"{tmp}/warm_sweep", quiet=True)
