@@ -94,11 +94,12 @@ def cross_entropy(logits_bc: jax.Array, y_b: jax.Array) -> jax.Array:
     With z = logits - logits[y] and m = max(z) >= 0, -log p_y = m + log1p(sum_{j != y} exp(z_j - m) + expm1(-m)).
     The usual logsumexp form rounds 1 + tiny to 1 once p_y > 1 - 6e-8, so the loss and the gradient on the
     correct logit become exactly 0 while weight decay still pulls; Nanda et al. (2023) compute their grokking loss
-    in float64 for this reason. This form keeps both in float32 at the cost of one more elementwise pass.
+    in float64 for this reason. This form keeps both in float32, as fast as optax's loss on CPU.
     """
-    z_bc = logits_bc - jnp.take_along_axis(logits_bc, y_b[:, None], axis=-1)
-    m_b = jax.lax.stop_gradient(z_bc.max(-1))  # the identity holds for any m; the max keeps exp() in range
     is_label_bc = jnp.arange(logits_bc.shape[-1]) == y_b[:, None]
+    # The answer's logit by a masked sum, not take_along_axis: a gather costs more than the whole loss on CPU.
+    z_bc = logits_bc - jnp.where(is_label_bc, logits_bc, 0.0).sum(-1, keepdims=True)
+    m_b = jax.lax.stop_gradient(z_bc.max(-1))  # the identity holds for any m; the max keeps exp() in range
     others_b = jnp.where(is_label_bc, 0.0, jnp.exp(z_bc - m_b[:, None])).sum(-1)
     return m_b + jnp.log1p(others_b + jnp.expm1(-m_b))
 
