@@ -145,7 +145,9 @@ def plot(path: pathlib.Path, reference: dict, finals: dict, widths: list[int], f
     plt.close(fig)
 
 
-def reproduce(reference: dict, workdir: pathlib.Path, seeds: int, quick: bool, quiet: bool) -> list[dict]:
+def reproduce(
+    reference: dict, workdir: pathlib.Path, seeds: int, quick: bool, quiet: bool, vmap: bool = False
+) -> list[dict]:
     quick_settings = reference["quick"]
     widths = quick_settings["widths"] if quick else reference["widths"]
     conditions = [reference["shape"]["condition"]] if quick else list(reference["conditions"])
@@ -163,7 +165,7 @@ def reproduce(reference: dict, workdir: pathlib.Path, seeds: int, quick: bool, q
             }
             run_id = _run_id(condition, width)
             results[run_id] = reproduce_lib.run_seeds(
-                run_id, reference["experiment"], run_overrides, workdir, seeds, quiet
+                run_id, reference["experiment"], run_overrides, workdir, seeds, quiet, vmap
             )
     finals = {run_id: _final_error(r) for run_id, r in results.items()}
     es = reference["early_stopping"]
@@ -177,7 +179,9 @@ def reproduce(reference: dict, workdir: pathlib.Path, seeds: int, quick: bool, q
             "model.hidden_sizes": f"({width},{width})",
         }
         run_id = f"early_stopping_h{width}"
-        stopped[width] = reproduce_lib.run_seeds(run_id, reference["experiment"], run_overrides, workdir, seeds, quiet)
+        stopped[width] = reproduce_lib.run_seeds(
+            run_id, reference["experiment"], run_overrides, workdir, seeds, quiet, vmap
+        )
     full = {w: results[_run_id(es["condition"], w)] for w in es_widths}
     epochs = epochs or len(next(iter(results.values()))[0].history)
     rows = judge(reference, finals, quick)

@@ -142,13 +142,15 @@ def plot(path: pathlib.Path, reference: dict, histories: dict[str, list[list[dic
     plt.close(fig)
 
 
-def reproduce(reference: dict, workdir: pathlib.Path, seeds: int, quick: bool, quiet: bool) -> list[dict]:
+def reproduce(
+    reference: dict, workdir: pathlib.Path, seeds: int, quick: bool, quiet: bool, vmap: bool = False
+) -> list[dict]:
     histories = {}
     for run in reference["runs"]:
         if quick and not run.get("quick"):
             continue
         overrides = dict(run.get("quick_overrides", {})) if quick else {}
-        results = reproduce_lib.run_seeds(run["id"], run["experiment"], overrides, workdir, seeds, quiet)
+        results = reproduce_lib.run_seeds(run["id"], run["experiment"], overrides, workdir, seeds, quiet, vmap)
         histories[run["id"]] = [r.history for r in results]
     rows, lines = judge(reference, histories, quick)
     reproduce_lib.write_report(workdir / "report.md", reference, rows, seeds, quick, lines)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import pathlib
 import shutil
+from typing import NamedTuple
 
 import numpy as np
 
@@ -38,11 +39,20 @@ def _experiments(reference: dict) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def run_seeds(run_id: str, experiment: str, overrides: dict, workdir: pathlib.Path, seeds: int, quiet: bool) -> list:
+class SeedRun(NamedTuple):
+    history: list[dict]
+
+
+def run_seeds(
+    run_id: str, experiment: str, overrides: dict, workdir: pathlib.Path, seeds: int, quiet: bool, vmap: bool = False
+) -> list:
     """Trains `experiment` with `overrides` once per seed into WORKDIR/runs/<run_id>/seed<k>/ (a finished run
-    resumes instantly) and copies each history to WORKDIR/histories/<run_id>_seed<k>.jsonl; TrainResults."""
+    resumes instantly) and copies each history to WORKDIR/histories/<run_id>_seed<k>.jsonl; TrainResults.
+    `vmap`: all seeds as one sweep (one vmapped program) in WORKDIR/sweeps/<run_id>/ instead."""
     from jaxepochs import train
 
+    if vmap and seeds > 1:
+        return _sweep_seeds(run_id, experiment, overrides, workdir, seeds, quiet)
     results = []
     for seed in range(seeds):
         config = config_lib.apply_overrides(
@@ -58,11 +68,34 @@ def run_seeds(run_id: str, experiment: str, overrides: dict, workdir: pathlib.Pa
     return results
 
 
-def _run_seeds(experiment: str, reference: dict, workdir: pathlib.Path, seeds: int, epochs: int | None, quiet: bool):
+def _sweep_seeds(run_id: str, experiment: str, overrides: dict, workdir: pathlib.Path, seeds: int, quiet: bool):
+    """`run_seeds` as one sweep over the seeds: each seed's history as its solo run's, to float32 round-off."""
+    from jaxepochs import sweep_run
+
+    config = config_lib.apply_overrides(
+        config_lib.load_config_file(REPO / "experiments" / f"{experiment}.py"), overrides
+    )
+    if not quiet:
+        print(f"reproduce: {run_id} seeds 0-{seeds - 1} as one sweep ({config.train.epochs} epochs)", flush=True)
+    grid = [{"seed": str(seed)} for seed in range(seeds)]
+    result = sweep_run.sweep(config, grid, workdir / "sweeps" / run_id, quiet=True)
+    runs = []
+    for seed, name in enumerate(sorted(result.histories)):  # r000, r001, ...: the grid's order
+        history = [{k: v for k, v in row.items() if k != "run"} for row in result.histories[name]]
+        target = workdir / "histories" / f"{run_id}_seed{seed}.jsonl"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text("".join(json.dumps(row) + "\n" for row in history))
+        runs.append(SeedRun(history))
+    return runs
+
+
+def _run_seeds(
+    experiment: str, reference: dict, workdir: pathlib.Path, seeds: int, epochs: int | None, quiet: bool, vmap: bool
+):
     overrides = dict(reference.get("overrides", {}))
     if epochs is not None:
         overrides["train.epochs"] = str(epochs)
-    return [r.history for r in run_seeds(experiment, experiment, overrides, workdir, seeds, quiet)]
+    return [r.history for r in run_seeds(experiment, experiment, overrides, workdir, seeds, quiet, vmap)]
 
 
 def _curve(histories: list[list[dict]], metric: str) -> tuple[np.ndarray, np.ndarray]:
@@ -183,8 +216,11 @@ def plot(path: pathlib.Path, reference: dict, histories: dict[str, list[list[dic
     plt.close(fig)
 
 
-def reproduce(name: str, workdir: str | pathlib.Path, seeds: int = 3, quick: bool = False, quiet: bool = False):
-    """Runs every experiment `name`'s reference names over `seeds` seeds; returns the judged rows."""
+def reproduce(
+    name: str, workdir: str | pathlib.Path, seeds: int = 3, quick: bool = False, quiet: bool = False, vmap: bool = False
+):
+    """Runs every experiment `name`'s reference names over `seeds` seeds (`vmap`: each experiment's seeds as one
+    sweep, one vmapped program); returns the judged rows."""
     reference = load_reference(name)
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -196,14 +232,14 @@ def reproduce(name: str, workdir: str | pathlib.Path, seeds: int = 3, quick: boo
     if kind == "double_descent":
         from jaxepochs import double_descent
 
-        return double_descent.reproduce(reference, workdir, seeds, quick, quiet)
+        return double_descent.reproduce(reference, workdir, seeds, quick, quiet, vmap)
     if kind == "grokking":
         from jaxepochs import grokking
 
-        return grokking.reproduce(reference, workdir, seeds, quick, quiet)
+        return grokking.reproduce(reference, workdir, seeds, quick, quiet, vmap)
     epochs = QUICK["epochs"] if quick else None
     names = reference.get("quick_order", []) if quick else _experiments(reference)
-    histories = {exp: _run_seeds(exp, reference, workdir, seeds, epochs, quiet) for exp in names}
+    histories = {exp: _run_seeds(exp, reference, workdir, seeds, epochs, quiet, vmap) for exp in names}
     rows = judge(reference, histories, quick)
     write_report(workdir / "report.md", reference, rows, seeds, quick)
     plot(workdir / "curves.png", reference, histories)

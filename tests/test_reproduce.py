@@ -151,3 +151,17 @@ def test_reproduce_grokking_quick_end_to_end(tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert "FAIL" not in report and "1 of 1 pass" in report and "grokking_small" in report
     assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_vmapped_seeds_match_the_sequential_runs(tmp_path):
+    overrides = {"data.validation_fraction": "0.0", "train.log_test": "True", "train.epochs": "3"}
+    solo = reproduce.run_seeds("lr", "mnist1d_logreg", overrides, tmp_path / "solo", 2, quiet=True)
+    swept = reproduce.run_seeds("lr", "mnist1d_logreg", overrides, tmp_path / "swept", 2, quiet=True, vmap=True)
+    assert (tmp_path / "swept" / "histories" / "lr_seed1.jsonl").exists()
+    assert not (tmp_path / "swept" / "runs").exists()  # one sweep, not a run per seed
+    keys = ("train_loss", "train_accuracy", "test_loss", "test_accuracy")
+    for a, b in zip(solo, swept, strict=True):
+        assert [row["epoch"] for row in a.history] == [row["epoch"] for row in b.history] == [1, 2, 3]
+        for row_a, row_b in zip(a.history, b.history, strict=True):
+            np.testing.assert_allclose([row_b[k] for k in keys], [row_a[k] for k in keys], rtol=1e-4, atol=1e-6)
+    assert solo[0].history[-1]["train_loss"] != solo[1].history[-1]["train_loss"]  # the seeds differ
