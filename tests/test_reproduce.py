@@ -63,6 +63,21 @@ def test_judge_passes_within_tolerance_and_fails_outside():
     assert rows[2]["mean"] == pytest.approx(0.32)  # the value logged at step 80 (end of epoch 2)
 
 
+def test_a_result_published_twice_is_judged_against_the_range():
+    value = {"experiment": "a", "label": "A", "metric": "test_accuracy", "value": 0.68, "tolerance": 0.03}
+    value["also_published"] = {"value": 0.651, "source": "notebook"}
+    reference = {"values": [value], "curves": []}
+
+    def judged(final):
+        return reproduce.judge(reference, {"a": [_history([0.1, 0.2, final])]}, quick=False)[0]
+
+    inside = judged(0.66)
+    assert inside["passed"] and inside["difference"] == 0.0 and inside["published"] == (0.651, 0.68)
+    below = judged(0.62)  # 0.031 under the lower end
+    assert not below["passed"] and below["difference"] == pytest.approx(-0.031)
+    assert judged(0.705)["passed"] and not judged(0.72)["passed"]  # 0.025 and 0.04 above the upper end
+
+
 def test_quick_judges_the_ordering():
     reference = {"quick_order": ["cnn", "mlp", "logreg"], "values": [], "curves": []}
     good = {"cnn": [_history([0.9])], "mlp": [_history([0.6])], "logreg": [_history([0.3])]}
