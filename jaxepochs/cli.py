@@ -43,9 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("reproduce", help="rerun a published result over seeds and judge it")
     rep.add_argument("name", help='a reference in experiments/references (e.g. "mnist1d") or "all"')
     rep.add_argument("--workdir", required=True, help="directory for the runs, report.md and curves.png")
-    rep.add_argument(
-        "--seeds", type=int, default=None, help="seeds per experiment (default: the reference's, else 3)"
-    )
+    rep.add_argument("--seeds", type=int, default=None, help="seeds per experiment (default: the reference's, else 3)")
     rep.add_argument("--quick", action="store_true", help="1 seed, a few epochs: checks directions only")
     rep.add_argument("--quiet", action="store_true", help="print nothing but errors")
     rep.add_argument(
