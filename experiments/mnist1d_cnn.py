@@ -4,6 +4,8 @@
 
 Published test accuracy: 94% (README table), about 92% in the benchmark notebook after 6,000 steps. Expect
 about 0.9 here after 150 epochs; validation loss bottoms out long before the end.
+Measured (`jaxepochs reproduce mnist1d`, the notebook's recipe, 10 seeds, 150 epochs): test accuracy 0.935 ± 0.014
+(experiments/results/mnist1d/report.md).
 """
 
 from jaxepochs.config import base_config

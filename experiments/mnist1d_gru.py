@@ -4,6 +4,8 @@
 
 Published test accuracy: 91% (README table), about 89% in the benchmark notebook after 6,000 steps. About 0.09 s
 per epoch on 2 CPU cores. flax's GRUCell has 150 parameters per direction (PyTorch's, with six bias vectors, 162).
+Measured (`jaxepochs reproduce mnist1d`, the notebook's recipe, 10 seeds, 150 epochs): test accuracy 0.911 ± 0.011
+(experiments/results/mnist1d/report.md).
 """
 
 from jaxepochs.config import base_config

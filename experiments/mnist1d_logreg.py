@@ -3,6 +3,8 @@
     jaxepochs run --config experiments/mnist1d_logreg.py --workdir runs/mnist1d_logreg
 
 Published test accuracy: 32% (README table), 31.5% in the benchmark notebook. Expect about 0.3 here.
+Measured (`jaxepochs reproduce mnist1d`, the notebook's recipe, 10 seeds, 150 epochs): test accuracy 0.314 ± 0.001
+(experiments/results/mnist1d/report.md).
 """
 
 from jaxepochs.config import base_config
