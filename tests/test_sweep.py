@@ -117,6 +117,31 @@ def test_one_program_per_shape_group_not_per_run(tmp_path, compile_counter):
             jaxepochs.sweep(base, grid_lib.expand(base, {"seed": seeds}), tmp_path / seeds, quiet=True)
         counts.append(counter.count)
     assert counts[0] == counts[1]  # four times the runs, the same number of programs
+    with compile_counter() as counter:  # 8 runs in 4 chunks of 2: still the same programs, compiled once
+        jaxepochs.sweep(
+            base, grid_lib.expand(base, {"seed": "0,1,2,3,4,5,6,7"}), tmp_path / "chunked", quiet=True, chunk=2
+        )
+    assert counter.count == counts[0]
+
+
+def test_a_group_of_one_run_trains_as_that_run_alone(tmp_path):
+    """Each width is its own group of one run: trained as `jaxepochs run` trains it (the same programs, so the
+    same numbers exactly); a diverging one ends at its last good epoch without stopping the sweep."""
+    base = tiny_config({"train.epochs": "3", "optimizer.name": "sgd"})
+    grid = grid_lib.expand(base, {"model.hidden_sizes": "(8,),(12,)", "optimizer.learning_rate": "0.1,1e30"})
+    grid = [
+        values
+        for values in grid
+        if (values["model.hidden_sizes"] == "(8,)") == (values["optimizer.learning_rate"] == "0.1")
+    ]
+    result = jaxepochs.sweep(base, grid, tmp_path / "sweep", quiet=True)
+    good, diverged = (next(r for r in result.results if r["model.hidden_sizes"] == h) for h in ("(8,)", "(12,)"))
+    alone = jaxepochs.train_and_evaluate(jaxepochs.apply_overrides(base, grid[0]), tmp_path / "alone", quiet=True)
+    assert _untimed(result.histories[good["run"]]) == _untimed(alone.history)
+    assert good["final_test_accuracy"] == alone.summary["test_accuracy"]
+    assert good["best_epoch"] == alone.summary["best_epoch"] and good["epochs_run"] == 3
+    assert diverged["epochs_run"] < 3 and diverged["stopped_epoch"] == 0
+    assert sorted(p.name for p in (tmp_path / "sweep" / "chunks").iterdir()) == ["group0_alone", "group1_alone"]
 
 
 def test_chunks_sharded_over_two_devices_match_one_run_at_a_time(tmp_path):
