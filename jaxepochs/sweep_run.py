@@ -8,6 +8,7 @@ run (no vmap to gain) is trained as `jaxepochs run` trains it, into chunks/group
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import json
 import math
@@ -137,11 +138,28 @@ class _Group:
         state = state._replace(opt_state=opt)
         es_state = _stack([self.tracker.init()] * len(runs))
         carry = multi_epoch.Carry(state, es_state, state.params, np.zeros(len(runs), bool))
+        return carry, self.hparams(runs)
+
+    def hparams(self, runs: list[sweep_lib.Run]):
+        """Each run's early-stopping hyperparameters, stacked [R]."""
         hparams = []
         for run in runs:
             es = config_lib.make_early_stopping(run.config.early_stopping, self.has_val) if self.may_stop else None
             hparams.append((es or self.tracker).hparams())
-        return carry, _stack(hparams)
+        return _stack(hparams)
+
+    def abstract_carry(self, num_runs: int, sharding=None):
+        """The shapes, dtypes (and `sharding`) of `init`'s carry, traced without compiling, so that the sweep
+        program can compile while `init` compiles and runs."""
+        x = self.dataset.train.x
+        state = jax.eval_shape(
+            self._init_many,
+            jax.ShapeDtypeStruct((num_runs,), jnp.uint32),
+            jax.ShapeDtypeStruct((1, *x.shape[1:]), jnp.asarray(x[:1]).dtype),
+        )
+        es_state = _stack([self.tracker.init()] * num_runs)  # on the host: small
+        carry = multi_epoch.Carry(state, es_state, state.params, jax.ShapeDtypeStruct((num_runs,), jnp.bool_))
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), carry)
 
     @functools.cached_property
     def _init_many(self):
@@ -209,21 +227,33 @@ def _train_chunk(group, runs, chunk_size, workdir, progress) -> tuple[dict, obje
     """Trains `runs` (padded to `chunk_size` with copies of the first, dropped after) to the end; resumes from
     the chunk's checkpoint. Returns the histories, the final carry (real runs only) and the compile seconds."""
     padded = runs + [runs[0]] * (chunk_size - len(runs))
-    carry, hparams = group.init(padded)
     splits, axes = group.splits(padded)
     sharding = _sharding(chunk_size)
     if sharding is not None:
-        carry, hparams = jax.device_put((carry, hparams), sharding)
         splits = {
             name: jax.device_put(arrays, sharding) if axes[name] == 0 else arrays for name, arrays in splits.items()
         }
-    # The chunks of a group share their size and placement: one program for all (the last chunk is padded).
+    # The chunks of a group share their size and placement: one program for all (the last chunk is padded). It
+    # compiles in a second thread while the initialisation's program compiles and runs here (XLA's compiles
+    # overlap).
     key = (chunk_size, sharding is not None)
-    if key in group.programs:
-        (compiled, evaluate), compile_seconds = group.programs[key], 0.0
-    else:
-        compiled, evaluate, compile_seconds = group.compile(carry, splits, axes, hparams)
-        group.programs[key] = (compiled, evaluate)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        compiling = None
+        if key not in group.programs:
+            abstract = group.abstract_carry(chunk_size, sharding)
+            abstract_hparams = jax.tree.map(
+                lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype, sharding=sharding),
+                group.hparams(padded),
+            )
+            compiling = pool.submit(group.compile, abstract, splits, axes, abstract_hparams)
+        carry, hparams = group.init(padded)
+        if sharding is not None:
+            carry, hparams = jax.device_put((carry, hparams), sharding)
+        if compiling is not None:
+            compiled, evaluate, compile_seconds = compiling.result()
+            group.programs[key] = (compiled, evaluate)
+        else:
+            (compiled, evaluate), compile_seconds = group.programs[key], 0.0
     histories = {run.name: [] for run in runs}
     ckpt = checkpoint_lib.Checkpointer(workdir, max_to_keep=1)
     try:
@@ -274,7 +304,7 @@ def _train_alone(run: sweep_lib.Run, workdir: pathlib.Path, progress) -> tuple[l
     at its last good epoch (as it freezes a run of a vmapped chunk), not the sweep."""
     progress.message(f"{run.name}: the only run of its group, trained as a single run")
     try:
-        history = train_lib.train_and_evaluate(run.config, workdir, quiet=True).history
+        history = train_lib.train_and_evaluate(run.config, workdir, quiet=True, plot=False).history
     except train_lib.NonFiniteLossError:
         history = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines() if line]
     summary = json.loads((workdir / "summary.json").read_text())
