@@ -474,7 +474,7 @@ def peers(
             f"jaxepochs, checkpoints off: the whole epoch (`seconds`) {1e3 * off['seconds_median']:.2f} ms, of which "
             f"the host's bookkeeping {1e3 * off['host_s']:.2f} ms runs beside the next epoch (medians). Its first "
             f"epoch: compile_seconds {off['compile_s']:.2f} s + the first row's seconds {off['first_row_s']:.2f} s + "
-            "reading the dataset, initialising (one more compile) and setting up."
+            "reading the dataset, initialising (its own compile, beside the epoch's) and setting up."
         )
     targets = [
         target(f"{name}: jaxepochs (checkpoints off) >= 0.95x bare", off, bare, 0.95),
