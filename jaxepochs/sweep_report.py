@@ -133,7 +133,8 @@ def plot(path: pathlib.Path, runs, histories: dict, results_rows: list[dict], gr
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    swept = list(grid[0].keys()) if grid else []
+    # Against each swept key only with 2+ runs to compare (one point per panel says nothing, and costs a panel).
+    swept = list(grid[0].keys()) if grid and len(results_rows) > 1 else []
     monitor_key = next((k for k in results_rows[0] if k.startswith("best_") and k != "best_epoch"), None)
     monitor = monitor_key.removeprefix("best_") if monitor_key else "val_loss"
     fig, axes = plt.subplots(1, 1 + len(swept), figsize=(5.5 * (1 + len(swept)), 4.2), squeeze=False)
