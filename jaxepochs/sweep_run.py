@@ -144,15 +144,11 @@ class _Group:
         state = state._replace(opt_state=opt)
         es_state = _stack([self.tracker.init()] * len(runs))
         carry = multi_epoch.Carry(state, es_state, state.params, np.zeros(len(runs), bool))
-        return carry, self.hparams(runs)
-
-    def hparams(self, runs: list[sweep_lib.Run]):
-        """Each run's early-stopping hyperparameters, stacked [R]."""
         hparams = []
         for run in runs:
             es = config_lib.make_early_stopping(run.config.early_stopping, self.has_val) if self.may_stop else None
             hparams.append((es or self.tracker).hparams())
-        return _stack(hparams)
+        return carry, _stack(hparams)
 
     @functools.cached_property
     def _init_params(self):
@@ -219,15 +215,14 @@ def _train_chunk(group, runs, chunk_size, workdir, progress) -> tuple[dict, obje
     """Trains `runs` (padded to `chunk_size` with copies of the first, dropped after) to the end; resumes from
     the chunk's checkpoint. Returns the histories, the final carry (real runs only) and the compile seconds."""
     padded = runs + [runs[0]] * (chunk_size - len(runs))
+    carry, hparams = group.init(padded)
     splits, axes = group.splits(padded)
     sharding = _sharding(chunk_size)
     if sharding is not None:
+        carry, hparams = jax.device_put((carry, hparams), sharding)
         splits = {
             name: jax.device_put(arrays, sharding) if axes[name] == 0 else arrays for name, arrays in splits.items()
         }
-    carry, hparams = group.init(padded)
-    if sharding is not None:
-        carry, hparams = jax.device_put((carry, hparams), sharding)
     # The chunks of a group share their size and placement: one program for all (the last chunk is padded).
     key = (chunk_size, sharding is not None)
     if key in group.programs:

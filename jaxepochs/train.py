@@ -312,7 +312,7 @@ def train_and_evaluate(
     history: list[dict] = []
     ckpt = checkpoint_lib.Checkpointer(workdir, config.checkpoint.max_to_keep) if config.checkpoint.enabled else None
     # The epoch programs compile in a second thread while the initialisation's program compiles and runs here:
-    # XLA's compiles overlap (a cold MNIST-1D MLP run on 2 CPU cores: about 2 s less of 9 s).
+    # XLA's compiles overlap (a cold MNIST-1D MLP run on 2 CPU cores: 7.9 s -> 7.2 s, the mean of 5 pairs).
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         compiling = pool.submit(
             compile_run,
