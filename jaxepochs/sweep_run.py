@@ -153,7 +153,7 @@ class _Group:
     @functools.cached_property
     def _init_params(self):
         """(seed, x_1f) -> (params, run key): the program `train.init_state` runs for a run alone."""
-        return jax.jit(functools.partial(train_lib._init_params, self.model))
+        return train_lib.init_params_program(self.model)
 
     @functools.cached_property
     def _opt_init_many(self):

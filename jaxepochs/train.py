@@ -89,13 +89,18 @@ def _init_params(model, seed, x_1f):
     return models.init_params(model, init_key, x_1f), run_key
 
 
+def init_params_program(model):
+    """(seed uint32[], x_1f) -> (params, run key), jitted: the program of a run's parameters (and a sweep's, per
+    run)."""
+    return jax.jit(functools.partial(_init_params, model))
+
+
 def init_state(model, tx, seed: int, example_x) -> epoch_lib.TrainState:
     """Parameters, optimizer state, step 0 and the run key, from `seed` (the values of `_init`). Two compiled
     programs: the parameters' depends on the model alone, so runs that differ in learning rate or schedule
     (whose first rate is a constant in the optimizer's init) find it in the compilation cache; on CPU it is the
     costly one (the random initialisers' threefry: about 3 s for the MNIST-1D MLP)."""
-    init_params = jax.jit(functools.partial(_init_params, model))
-    params, run_key = init_params(jnp.asarray(seed, jnp.uint32), jnp.asarray(example_x[:1]))
+    params, run_key = init_params_program(model)(jnp.asarray(seed, jnp.uint32), jnp.asarray(example_x[:1]))
     return epoch_lib.TrainState(params, jax.jit(tx.init)(params), jnp.zeros((), jnp.int32), run_key)
 
 
