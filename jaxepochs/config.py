@@ -60,7 +60,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.num_heads = 4  # transformer: heads of d_model / num_heads each
     c.model.d_mlp = 512  # transformer: hidden units of its ReLU MLP
     c.model.vocab_size = 0  # transformer: tokens are 0..vocab_size-1; 0 means num_classes + 1
-    c.model.init = "flax"  # mlp, cnn, gru: flax's initialisers, or "torch" (PyTorch's uniform +-1/sqrt(fan_in))
+    # mlp, cnn, gru: flax's initialisers, or "torch": PyTorch's uniform +-1/sqrt(fan_in) (and, for gru, its cell)
+    c.model.init = "flax"
 
     c.train = ml_collections.ConfigDict()
     c.train.epochs = 150

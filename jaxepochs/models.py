@@ -132,6 +132,41 @@ class CNN1D(nn.Module):
         return dense(self.num_classes, h.shape[-1], self.initializer)(h)
 
 
+class TorchGRUCell(nn.RNNCellBase):
+    """PyTorch's GRU cell (torch.nn.GRU's equations and parameters), for reproducing PyTorch recipes.
+
+    r = sigmoid(W_ir x + b_ir + W_hr h + b_hr), z likewise, n = tanh(W_in x + b_in + r * (W_hn h + b_hn)),
+    h' = (1 - z) * n + z * h. Unlike flax's GRUCell, both sides of every gate carry a bias: 6 bias vectors, so
+    3 * H * (I + H + 2) parameters (162 for I=1, H=6, as PyTorch's). Under Adam this matters beyond the count:
+    b_ir and b_hr get the same gradient and each takes its own Adam step, so the gates' biases move twice as fast
+    as one bias would. Every weight and bias is uniform in +-1/sqrt(H), as PyTorch initialises them.
+    """
+
+    features: int
+
+    @nn.compact
+    def __call__(self, carry: jax.Array, inputs: jax.Array) -> tuple[jax.Array, jax.Array]:
+        h_bh = carry
+        init = _initializers("torch", self.features, "kernel_init", "bias_init")
+        gates_x = nn.Dense(3 * self.features, name="input", **init)(inputs)  # [B, 3H]: r, z, n (PyTorch's order)
+        gates_h = nn.Dense(3 * self.features, name="hidden", **init)(h_bh)  # [B, 3H]
+        xr, xz, xn = jnp.split(gates_x, 3, axis=-1)
+        hr, hz, hn = jnp.split(gates_h, 3, axis=-1)
+        r = nn.sigmoid(xr + hr)
+        z = nn.sigmoid(xz + hz)
+        n = jnp.tanh(xn + r * hn)
+        h_bh = (1.0 - z) * n + z * h_bh
+        return h_bh, h_bh
+
+    @nn.nowrap
+    def initialize_carry(self, rng: jax.Array, input_shape: tuple[int, ...]) -> jax.Array:
+        return jnp.zeros((*input_shape[:-1], self.features), jnp.float32)
+
+    @property
+    def num_feature_axes(self) -> int:
+        return 1
+
+
 class GRU1D(nn.Module):
     """A GRU over the sequence's time steps (both directions if `bidirectional`), then a linear layer on the
     outputs of every step, flattened: MNIST-1D's GRU ([B, 40] -> [B, 40, 1] -> [B, 40, 2 * hidden] -> [B, C])."""
@@ -144,16 +179,20 @@ class GRU1D(nn.Module):
     @nn.compact
     def __call__(self, x_bl: jax.Array) -> jax.Array:
         h = _as_sequence(x_bl, "gru")  # [B, L, C]
-        names = ("kernel_init", "recurrent_kernel_init", "bias_init")
-        inits = _initializers(self.initializer, self.hidden, *names)
-        forward = nn.RNN(nn.GRUCell(self.hidden, name="forward", **inits))
+        forward = nn.RNN(self._cell("forward"))
         if self.bidirectional:
-            backward = nn.RNN(nn.GRUCell(self.hidden, name="backward", **inits))
+            backward = nn.RNN(self._cell("backward"))
             h = nn.Bidirectional(forward, backward)(h)  # [B, L, 2H]: the backward outputs in input order
         else:
             h = forward(h)  # [B, L, H]
         h = h.reshape(h.shape[0], -1)
         return dense(self.num_classes, h.shape[-1], self.initializer)(h)
+
+    def _cell(self, name: str) -> nn.RNNCellBase:
+        """flax's GRUCell (150 parameters for H=6 on 1 input), or PyTorch's cell (162) under init "torch"."""
+        if self.initializer == "torch":
+            return TorchGRUCell(self.hidden, name=name)
+        return nn.GRUCell(self.hidden, name=name)
 
 
 class Transformer1L(nn.Module):
