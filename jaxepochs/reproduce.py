@@ -110,8 +110,27 @@ def _at_step(steps: np.ndarray, values_se: np.ndarray, step: int) -> np.ndarray:
     return values_se[:, max(index, 0)]
 
 
+def load_rerun(reference: dict) -> dict | None:
+    """The reference's rerun of the published code over seeds, if it names one ("rerun": {"file": ...}):
+    {"curves": {experiment: {seed: {step: value}}}, ...}, or None."""
+    if "rerun" not in reference:
+        return None
+    return json.loads((REFERENCES / reference["rerun"]["file"]).read_text())
+
+
+def _rerun_at(rerun: dict | None, experiment: str, step: int | None) -> np.ndarray | None:
+    """Per-seed values of the rerun at `step` (None: its last logged step), or None where it has none."""
+    per_seed = (rerun or {}).get("curves", {}).get(experiment)
+    if not per_seed:
+        return None
+    curves = list(per_seed.values())
+    key = str(step if step is not None else max(int(s) for s in curves[0]))
+    return np.array([curve[key] for curve in curves]) if key in curves[0] else None
+
+
 def judge(reference: dict, histories: dict[str, list[list[dict]]], quick: bool) -> list[dict]:
-    """One row per published number: published, our mean and std, difference, tolerance, pass."""
+    """One row per published number: published, our mean and std, difference, tolerance, pass; where the
+    reference names a rerun of the published code, that rerun's mean and std and its own verdict by the rule."""
     rows = []
     if quick:  # the direction of the gaps, which even a few epochs show
         order = reference.get("quick_order", [])
@@ -129,29 +148,38 @@ def judge(reference: dict, histories: dict[str, list[list[dict]]], quick: bool) 
                 }
             )
         return rows
+    rerun = load_rerun(reference)
     for value in reference["values"]:
         steps, values_se = _curve(histories[value["experiment"]], value["metric"])
         ours = values_se[:, -1]
         published = value["value"]
         if "also_published" in value:  # the source gives two values for one result: judge against the range
             published = tuple(sorted((value["value"], value["also_published"]["value"])))
-        rows.append(row(f"{value['label']} {value['metric']} (final)", published, ours, value["tolerance"]))
+        theirs = _rerun_at(rerun, value["experiment"], None)
+        rows.append(row(f"{value['label']} {value['metric']} (final)", published, ours, value["tolerance"], theirs))
     for curve in reference["curves"]:
         steps, values_se = _curve(histories[curve["experiment"]], curve["metric"])
         for step, published in zip(curve["steps"], curve["values"], strict=True):
             ours = _at_step(steps, values_se, step)
-            rows.append(
-                row(f"{curve['experiment']} {curve['metric']} @ {step} steps", published, ours, curve["tolerance"])
-            )
+            what = f"{curve['experiment']} {curve['metric']} @ {step} steps"
+            theirs = _rerun_at(rerun, curve["experiment"], step)
+            rows.append(row(what, published, ours, curve["tolerance"], theirs))
     return rows
 
 
-def row(what: str, published: float | tuple[float, float], ours: np.ndarray, tolerance: float) -> dict:
-    """`published` is a value or a (low, high) range; the difference is to the nearer end (0 inside)."""
+def row(
+    what: str,
+    published: float | tuple[float, float],
+    ours: np.ndarray,
+    tolerance: float,
+    rerun: np.ndarray | None = None,
+) -> dict:
+    """`published` is a value or a (low, high) range; the difference is to the nearer end (0 inside). `rerun`:
+    the published code's own per-seed values, judged by the same rule (how strict the rule is for that code)."""
     mean, std = float(np.mean(ours)), float(np.std(ours))
     low, high = published if isinstance(published, tuple) else (published, published)
     difference = mean - min(max(mean, low), high)
-    return {
+    judged = {
         "what": what,
         "published": published,
         "mean": mean,
@@ -160,6 +188,10 @@ def row(what: str, published: float | tuple[float, float], ours: np.ndarray, tol
         "tolerance": tolerance,
         "passed": abs(difference) <= tolerance,
     }
+    if rerun is not None:
+        theirs = row(what, published, rerun, tolerance)
+        judged.update(rerun_mean=theirs["mean"], rerun_std=theirs["std"], rerun_passed=theirs["passed"])
+    return judged
 
 
 def _ran_on() -> str:
@@ -175,11 +207,11 @@ def write_report(
     """report.md: the recipe, the judged table, the tolerance and why, `extra` Markdown lines, the sources."""
     lines = [f"# Reproduction: {reference['title']}", "", f"Recipe: {reference['recipe']}.", ""]
     lines.append(f"Seeds: {seeds}{' (quick: directions only, not published values)' if quick else ''}. {_ran_on()}")
-    lines += [
-        "",
-        "| result | published | ours (mean ± std) | difference | tolerance | verdict |",
-        "|---|---|---|---|---|---|",
-    ]
+    with_rerun = any("rerun_mean" in r for r in rows)
+    header = "| result | published | ours (mean ± std) | difference | tolerance | verdict |"
+    if with_rerun:
+        header += f" {reference['rerun']['label']} (mean ± std) | ours - rerun | rerun's verdict |"
+    lines += ["", header, "|---" * header.count(" | ") + "|---|"]
     for r in rows:
         published = r["published"]
         if isinstance(published, tuple):
@@ -188,12 +220,27 @@ def write_report(
             published = f"{published:.3f}"
         verdict = "pass" if r["passed"] else "FAIL"
         tolerance = r.get("tolerance_text") or f"±{r['tolerance']:.3f}"
-        lines.append(
+        line = (
             f"| {r['what']} | {published} | {r['mean']:.3f} ± {r['std']:.3f} | {r['difference']:+.3f} | "
             f"{tolerance} | {verdict} |"
         )
+        if with_rerun and "rerun_mean" in r:
+            gap = r["mean"] - r["rerun_mean"]
+            rerun_verdict = "pass" if r["rerun_passed"] else "FAIL"
+            line += f" {r['rerun_mean']:.3f} ± {r['rerun_std']:.3f} | {gap:+.3f} | {rerun_verdict} |"
+        elif with_rerun:
+            line += " | | |"
+        lines.append(line)
     passed = sum(r["passed"] for r in rows)
-    lines += ["", f"**{passed} of {len(rows)} pass.**", "", f"Tolerance: {reference.get('tolerance_why', '')}", ""]
+    lines += ["", f"**{passed} of {len(rows)} pass.**"]
+    if with_rerun:
+        judged = [r for r in rows if "rerun_mean" in r]
+        lines += [
+            "",
+            f"{reference['rerun']['label']}, judged by the same rule: {sum(r['rerun_passed'] for r in judged)} of "
+            f"{len(judged)} pass. {reference['rerun'].get('why', '')}",
+        ]
+    lines += ["", f"Tolerance: {reference.get('tolerance_why', '')}", ""]
     lines += [*extra, ""] if extra else []
     sources = {v["source"] for v in reference.get("values", []) + reference.get("curves", []) if "source" in v}
     lines.append("Sources: " + "; ".join(sorted(sources | set(reference.get("sources", [])))))
@@ -207,6 +254,7 @@ def plot(path: pathlib.Path, reference: dict, histories: dict[str, list[list[dic
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
+    rerun = load_rerun(reference)
     for curve in reference["curves"]:
         if curve["experiment"] not in histories:
             continue
@@ -215,7 +263,13 @@ def plot(path: pathlib.Path, reference: dict, histories: dict[str, list[list[dic
         (line,) = ax.plot(steps, mean, label=f"{curve['experiment']} (ours, mean of {values_se.shape[0]})")
         ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2)
         ax.scatter(curve["steps"], curve["values"], color=line.get_color(), marker="x", s=60, zorder=3)
+        theirs = [(step, _rerun_at(rerun, curve["experiment"], step)) for step in curve["steps"]]
+        theirs = [(step, values.mean()) for step, values in theirs if values is not None]
+        if theirs:
+            ax.scatter(*zip(*theirs, strict=True), facecolors="none", edgecolors=line.get_color(), s=50, zorder=3)
     ax.scatter([], [], color="k", marker="x", label="published (notebook)")
+    if rerun:
+        ax.scatter([], [], facecolors="none", edgecolors="k", label=f"{reference['rerun']['label']} (mean)")
     ax.set_xlabel("optimizer steps")
     ax.set_ylabel("test accuracy")
     ax.grid(alpha=0.3)

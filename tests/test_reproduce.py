@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -32,6 +34,12 @@ def test_every_reference_states_value_source_and_tolerance():
         for curve in reference.get("curves", []):
             xs = curve.get("steps", curve.get("widths"))
             assert len(xs) == len(curve["values"]) and curve["source"]
+        if "rerun" in reference:  # a rerun of the published code covers every judged experiment and step
+            rerun = reproduce.load_rerun(reference)
+            assert reference["rerun"]["label"] and reference["rerun"]["why"] and rerun["command"]
+            for curve in reference["curves"]:
+                for step in curve["steps"]:
+                    assert len(reproduce._rerun_at(rerun, curve["experiment"], step)) >= 3
         for experiment in {v.get("experiment", reference.get("experiment")) for v in values} - {None}:
             assert (reproduce.REPO / "experiments" / f"{experiment}.py").is_file()
 
@@ -76,6 +84,40 @@ def test_a_result_published_twice_is_judged_against_the_range():
     below = judged(0.62)  # 0.031 under the lower end
     assert not below["passed"] and below["difference"] == pytest.approx(-0.031)
     assert judged(0.705)["passed"] and not judged(0.72)["passed"]  # 0.025 and 0.04 above the upper end
+
+
+def test_a_rerun_of_the_published_code_is_shown_and_judged_by_the_same_rule(tmp_path, monkeypatch):
+    monkeypatch.setattr(reproduce, "REFERENCES", tmp_path)
+    (tmp_path / "reruns").mkdir()
+    rerun_curves = {"a": {"0": {"80": 0.26, "120": 0.46}, "1": {"80": 0.28, "120": 0.47}}}  # means 0.27, 0.465
+    (tmp_path / "reruns" / "a.json").write_text(json.dumps({"curves": rerun_curves}))
+    reference = {
+        "title": "t",
+        "recipe": "r",
+        "rerun": {"file": "reruns/a.json", "label": "PyTorch rerun", "why": "Why."},
+        "values": [{"experiment": "a", "label": "A", "metric": "test_accuracy", "value": 0.49, "tolerance": 0.03}],
+        "curves": [
+            {"experiment": "a", "metric": "test_accuracy", "steps": [40, 80], "values": [0.2, 0.295], "tolerance": 0.03}
+        ],
+    }
+    histories = {"a": [_history([0.2, 0.31, 0.48]), _history([0.2, 0.33, 0.50])]}
+    final, at_40, at_80 = reproduce.judge(reference, histories, quick=False)
+    # The final is the rerun's last logged step (120): 0.465 is 0.025 under 0.49, so it passes, as ours (0.49).
+    assert final["rerun_mean"] == pytest.approx(0.465) and final["rerun_std"] == pytest.approx(0.005)
+    assert final["rerun_passed"] and final["passed"]
+    assert "rerun_mean" not in at_40  # the rerun logged no step 40
+    assert at_80["rerun_mean"] == pytest.approx(0.27) and at_80["rerun_passed"]  # 0.025 under 0.295
+    histories_far = {"a": [_history([0.2, 0.31, 0.48])]}
+    reference["curves"][0]["values"] = [0.2, 0.32]  # the rerun's 0.27 is now 0.05 under: it fails, ours passes
+    rows = reproduce.judge(reference, histories_far, quick=False)
+    assert rows[2]["passed"] and not rows[2]["rerun_passed"]
+    reproduce.write_report(tmp_path / "report.md", reference, rows, seeds=1, quick=False)
+    report = (tmp_path / "report.md").read_text()
+    assert "| PyTorch rerun (mean ± std) | ours - rerun | rerun's verdict |" in report
+    assert "| 0.270 ± 0.010 | +0.040 | FAIL |" in report
+    assert "PyTorch rerun, judged by the same rule: 1 of 2 pass. Why." in report
+    reproduce.plot(tmp_path / "curves.png", {**reference, "name": "t"}, histories_far)
+    assert (tmp_path / "curves.png").stat().st_size > 0
 
 
 def test_quick_judges_the_ordering():
