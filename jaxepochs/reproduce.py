@@ -235,10 +235,13 @@ def write_report(
     lines += ["", f"**{passed} of {len(rows)} pass.**"]
     if with_rerun:
         judged = [r for r in rows if "rerun_mean" in r]
+        farthest = max(judged, key=lambda r: abs(r["mean"] - r["rerun_mean"]))
+        gap = farthest["mean"] - farthest["rerun_mean"]
         lines += [
             "",
             f"{reference['rerun']['label']}, judged by the same rule: {sum(r['rerun_passed'] for r in judged)} of "
-            f"{len(judged)} pass. {reference['rerun'].get('why', '')}",
+            f"{len(judged)} pass. Ours against it: the largest difference of the means is {gap:+.3f} "
+            f"({farthest['what']}). {reference['rerun'].get('why', '')}",
         ]
     lines += ["", f"Tolerance: {reference.get('tolerance_why', '')}", ""]
     lines += [*extra, ""] if extra else []

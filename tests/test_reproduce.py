@@ -115,7 +115,8 @@ def test_a_rerun_of_the_published_code_is_shown_and_judged_by_the_same_rule(tmp_
     report = (tmp_path / "report.md").read_text()
     assert "| PyTorch rerun (mean ± std) | ours - rerun | rerun's verdict |" in report
     assert "| 0.270 ± 0.010 | +0.040 | FAIL |" in report
-    assert "PyTorch rerun, judged by the same rule: 1 of 2 pass. Why." in report
+    assert "PyTorch rerun, judged by the same rule: 1 of 2 pass. Ours against it: the largest difference" in report
+    assert "of the means is +0.040 (a test_accuracy @ 80 steps). Why." in report
     reproduce.plot(tmp_path / "curves.png", {**reference, "name": "t"}, histories_far)
     assert (tmp_path / "curves.png").stat().st_size > 0
 
