@@ -169,7 +169,8 @@ class TorchGRUCell(nn.RNNCellBase):
 
 class GRU1D(nn.Module):
     """A GRU over the sequence's time steps (both directions if `bidirectional`), then a linear layer on the
-    outputs of every step, flattened: MNIST-1D's GRU ([B, 40] -> [B, 40, 1] -> [B, 40, 2 * hidden] -> [B, C])."""
+    outputs of every step, flattened: MNIST-1D's GRU ([B, 40] -> [B, 40, 1] -> [B, 40, 2 * hidden] -> [B, C]).
+    Its cell is flax's GRUCell, or PyTorch's (`TorchGRUCell`) under initializer "torch"."""
 
     hidden: int
     bidirectional: bool
