@@ -1,25 +1,30 @@
-"""jaxepochs: an epoch-centric JAX/Flax trainer; every epoch is one compiled XLA program."""
+"""jaxepochs: an epoch-centric JAX/Flax trainer; every epoch is one compiled XLA program.
 
-from jaxepochs.config import ConfigError, apply_overrides, base_config, load_config_file
-from jaxepochs.data import DataError
-from jaxepochs.early_stopping import EarlyStopping, EarlyStoppingState
-from jaxepochs.epoch import Metrics, TrainState, eval_epoch, train_epoch, train_step
-from jaxepochs.sweep_grid import SweepError
-from jaxepochs.train import NonFiniteLossError, TrainResult, WorkdirError, load, train_and_evaluate
+Layers (each imports only those below it): `core` (the pure run program: epoch, optimizer, early stopping),
+`models`, `data`, `host` (config, workdir, checkpoints, the host loop, outputs, CLI), `sweep` and `studies`.
+"""
+
+from jaxepochs.core.early_stopping import EarlyStopping, EarlyStoppingState
+from jaxepochs.core.epoch import Metrics, TrainState, eval_epoch, train_epoch, train_step
+from jaxepochs.data.loading import DataError
+from jaxepochs.host.config import ConfigError, apply_overrides, base_config, load_config_file
+from jaxepochs.host.run import NonFiniteLossError, TrainResult, load, train_and_evaluate
+from jaxepochs.host.workdir import WorkdirError
+from jaxepochs.sweep.grid import SweepError
 
 
 def sweep(config, grid, workdir, **kwargs):
-    """Trains every configuration of `grid` in one vmapped program per shape group; see sweep_run.sweep."""
-    from jaxepochs import sweep_run
+    """Trains every configuration of `grid` in one vmapped program per shape group; see jaxepochs.sweep.run."""
+    from jaxepochs.sweep import run
 
-    return sweep_run.sweep(config, grid, workdir, **kwargs)
+    return run.sweep(config, grid, workdir, **kwargs)
 
 
 __all__ = [
     "ConfigError",
+    "DataError",
     "EarlyStopping",
     "EarlyStoppingState",
-    "DataError",
     "Metrics",
     "NonFiniteLossError",
     "SweepError",

@@ -95,7 +95,7 @@ def compile_counter():
 def tiny_config(overrides: dict[str, str] | None = None):
     """mnist1d with a small MLP, 2 epochs and batch 64 (3600 / 64 is not whole), plus `overrides` as on the
     command line, e.g. {"train.epochs": "3"}."""
-    from jaxepochs.config import apply_overrides, base_config
+    from jaxepochs.host.config import apply_overrides, base_config
 
     defaults = {"model.hidden_sizes": "(16,)", "train.epochs": "2", "train.batch_size": "64"}
     return apply_overrides(base_config(), {**defaults, **(overrides or {})})

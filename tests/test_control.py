@@ -10,8 +10,9 @@ import pytest
 from conftest import tiny_config
 
 import jaxepochs
-from jaxepochs import cli, schedules
-from jaxepochs.config import ConfigError
+from jaxepochs.core import optim as schedules
+from jaxepochs.host import cli
+from jaxepochs.host.config import ConfigError
 
 
 def _rows(workdir):
@@ -40,7 +41,7 @@ def test_early_stopping_stops_restores_best_and_records_it(tmp_path):
     # restore_best: the run ends with the best epoch's parameters, so its final val_loss is the best one.
     assert summary["restored_best"] is True
     assert summary["val_loss"] == pytest.approx(losses[best - 1], rel=1e-5)
-    best_params = jaxepochs.train.load(tmp_path, "best").params
+    best_params = jaxepochs.load(tmp_path, "best").params
     for got, want in zip(jax.tree.leaves(result.state.params), jax.tree.leaves(best_params), strict=True):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from jaxepochs import config as config_lib
-from jaxepochs import data
+from jaxepochs.data import loading as data
+from jaxepochs.host import config as config_lib
 
 
 def test_mnist1d_args_default_is_get_dataset_args():

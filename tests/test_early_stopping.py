@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxepochs.early_stopping import (
+from jaxepochs.core.early_stopping import (
     STOP_REASONS,
     TRAINER_METRICS,
     EarlyStopping,

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxepochs import epoch as epoch_lib
+from jaxepochs.core import epoch as epoch_lib
 from jaxepochs.models import MLP
 
 

@@ -15,9 +15,9 @@ import pytest
 from conftest import tiny_config
 
 import jaxepochs
-from jaxepochs import config as config_lib
-from jaxepochs import epoch as epoch_lib
 from jaxepochs import models
+from jaxepochs.core import epoch as epoch_lib
+from jaxepochs.host import config as config_lib
 
 
 def n_params(params) -> int:

@@ -11,7 +11,7 @@ import pytest
 from conftest import tiny_config
 
 import jaxepochs
-from jaxepochs import config as config_lib
+from jaxepochs.host import config as config_lib
 
 TIMINGS = ("train_seconds", "seconds")
 

@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from jaxepochs import cli, reproduce
+from jaxepochs.host import cli
+from jaxepochs.studies import reproduce
 
 
 def _history(test_accuracy_per_epoch, steps_per_epoch=40):
@@ -147,7 +148,7 @@ def test_reproduce_mnist1d_quick_end_to_end(tmp_path):
 
 
 def test_double_descent_judges_the_points_and_the_peak():
-    from jaxepochs import double_descent
+    from jaxepochs.studies import double_descent
 
     reference = reproduce.load_reference("double-descent")
     finals = {}
@@ -170,7 +171,7 @@ def _grok_history(train_acc, test_acc, test_loss):
 
 
 def test_grokking_finds_the_delay_and_replays_early_stopping():
-    from jaxepochs import grokking
+    from jaxepochs.studies import grokking
 
     n = 60
     train = [min(1.0, 0.1 * e) for e in range(1, n + 1)]  # 100% from epoch 10

@@ -23,10 +23,12 @@ import pytest
 from conftest import EXPERIMENT, REPO, tiny_config
 
 import jaxepochs
-from jaxepochs import checkpoint as checkpoint_lib
-from jaxepochs import cli, models, train
-from jaxepochs import data as data_lib
-from jaxepochs.checkpoint import CheckpointError
+from jaxepochs import models
+from jaxepochs.data import loading as data_lib
+from jaxepochs.host import checkpoint as checkpoint_lib
+from jaxepochs.host import cli
+from jaxepochs.host import run as train
+from jaxepochs.host.checkpoint import CheckpointError
 
 SUBPROCESS_WAIT = 120.0  # generous: a loaded 2-core machine starts jax slowly
 CLI_EPOCHS = 100  # at ~0.15 s an epoch when checkpointing every epoch: still running when the test stops it
@@ -116,7 +118,7 @@ def _cli_env(cache_dir) -> dict[str, str]:
 
 
 def _start_cli(workdir, stderr_path, cache_dir, quiet: bool) -> subprocess.Popen:
-    command = [sys.executable, "-m", "jaxepochs.cli", "run", "--config", "experiments/mnist1d_mlp.py"]
+    command = [sys.executable, "-m", "jaxepochs.host.cli", "run", "--config", "experiments/mnist1d_mlp.py"]
     command += ["--workdir", str(workdir), *(["--quiet"] if quiet else [])]
     command += [f"--config.{key}={value}" for key, value in CLI_OVERRIDES.items()]
     with stderr_path.open("w") as stderr:  # a file, not a pipe: a full pipe would block the child

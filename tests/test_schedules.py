@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxepochs import schedules as S
+from jaxepochs.core import optim as S
 
 
 def sched_cfg(**fields):

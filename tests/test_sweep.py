@@ -13,8 +13,8 @@ import pytest
 from conftest import tiny_config
 
 import jaxepochs
-from jaxepochs import cli
-from jaxepochs import sweep_grid as grid_lib
+from jaxepochs.host import cli
+from jaxepochs.sweep import grid as grid_lib
 
 TIMINGS = ("train_seconds", "seconds")
 PER_CALL = {"train.epochs_per_call": "3"}  # the sweep's and the solo runs' program: 3 epochs per call

@@ -14,8 +14,8 @@ from conftest import tiny_config
 from tensorflow_datasets.testing.mocking import PickableDataSourceMock
 
 import jaxepochs
-from jaxepochs.config import ConfigError
-from jaxepochs.data import load_dataset
+from jaxepochs.data.loading import load_dataset
+from jaxepochs.host.config import ConfigError
 
 MOCK_EXAMPLES = 50  # per split
 

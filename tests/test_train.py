@@ -235,7 +235,7 @@ def test_compilation_cache_makes_a_second_run_compile_faster(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
 
     def compile_seconds(name: str) -> float:
-        command = [sys.executable, "-m", "jaxepochs.cli", "run", "--config", str(EXPERIMENT)]
+        command = [sys.executable, "-m", "jaxepochs.host.cli", "run", "--config", str(EXPERIMENT)]
         command += ["--workdir", str(tmp_path / name), "--quiet", "--config.train.epochs=1"]
         command += [f"--config.train.compilation_cache_dir={cache}"]
         subprocess.run(command, check=True, env=env, timeout=600)
@@ -250,7 +250,7 @@ def test_compilation_cache_makes_a_second_run_compile_faster(tmp_path):
 def test_unwritable_compilation_cache_dir_warns_and_runs_without(tmp_path, capsys):
     import jax
 
-    from jaxepochs import train
+    from jaxepochs.host import run as train
 
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
@@ -265,7 +265,7 @@ def test_unwritable_compilation_cache_dir_warns_and_runs_without(tmp_path, capsy
 
 
 def test_next_epoch_is_dispatched_before_the_previous_epochs_metrics_are_fetched(tmp_path, monkeypatch):
-    from jaxepochs import train
+    from jaxepochs.host import run as train
 
     events = []
     compile_run = train.compile_run

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jaxepochs import config as config_lib
+from jaxepochs.host import config as config_lib
 
 
 class UsageError(ValueError):
@@ -71,13 +71,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _sweep(args, overrides: dict[str, str], specs: dict[str, str]) -> int:
-    from jaxepochs import sweep_grid as sweep_lib
+    from jaxepochs.sweep import grid as sweep_lib
 
     config = config_lib.apply_overrides(config_lib.load_config_file(args.config), overrides)
     grid = sweep_lib.expand(config, specs, args.random, args.random_seed)
     if args.cv:
         sweep_lib.check_cv(args.cv, 2**31)  # K < 2 now; K above the example count once the data is read
-    from jaxepochs import sweep_run
+    from jaxepochs.sweep import run as sweep_run
 
     sweep_run.sweep(
         config,
@@ -105,9 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "reproduce":
             if overrides:
                 raise UsageError("reproduce takes no --config.* overrides; the references fix each recipe.")
-            from jaxepochs import reproduce
+            from jaxepochs.studies import common, reproduce
 
-            names = reproduce.available() if args.name == "all" else [args.name]
+            names = common.available() if args.name == "all" else [args.name]
             failed = 0
             for name in names:
                 workdir = args.workdir if len(names) == 1 else f"{args.workdir}/{name}"
@@ -117,9 +117,9 @@ def main(argv: list[str] | None = None) -> int:
                 failed += sum(not row["passed"] for row in rows)
             return 1 if failed else 0
         config = config_lib.apply_overrides(config_lib.load_config_file(args.config), overrides)
-        from jaxepochs import train  # imports jax: after the cheap checks
+        from jaxepochs.host import run  # imports jax: after the cheap checks
 
-        train.train_and_evaluate(config, args.workdir, quiet=args.quiet, restart=args.restart)
+        run.train_and_evaluate(config, args.workdir, quiet=args.quiet, restart=args.restart)
     except (ValueError, FloatingPointError) as e:  # our errors say what to fix; no traceback needed
         print(f"jaxepochs: error: {e}", file=sys.stderr)
         return 2

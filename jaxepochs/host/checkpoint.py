@@ -1,8 +1,9 @@
 """Checkpoints with orbax: everything a resumed run needs, saved asynchronously at epoch boundaries.
 
 A checkpoint (`WORKDIR/checkpoints/<epoch>/`) holds two items:
-- `arrays`: {"train": TrainState, "control": {"early_stopping": ..., "plateau": ...}, "best_params": params};
-- `meta`: JSON with the epoch, the history rows so far, steps_per_epoch and the model's input/class shapes.
+- `arrays`: the run's carry (`arrays_of`): {"train": TrainState, "early_stopping": ..., "plateau": ...,
+  "best_params": params}, without a run axis for a run and with one for a sweep's chunk;
+- `meta`: JSON with the epoch and the history rows so far.
 Resuming restores them exactly; the epoch's shuffle (`fold_in(key, epoch)`) and dropout keys
 (`fold_in(key, step)`) depend only on those, so a resumed run repeats an uninterrupted one bit for bit.
 """
@@ -10,10 +11,11 @@ Resuming restores them exactly; the epoch's shuffle (`fold_in(key, epoch)`) and 
 from __future__ import annotations
 
 import pathlib
-from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from jaxepochs.core.program import RunCarry
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -122,5 +124,17 @@ class Checkpointer:
         self._manager.close()
 
 
-def arrays_of(state, control: dict[str, Any], best_params) -> dict:
-    return {"train": state, "control": control, "best_params": best_params}
+def arrays_of(carry) -> dict:
+    """What a checkpoint holds of a RunCarry: all but `halted`, which a resumed run recomputes (a run halted by a
+    non-finite loss is saved at its last good epoch, and resuming it meets the same loss again)."""
+    return {
+        "train": carry.state,
+        "early_stopping": carry.es_state,
+        "plateau": carry.plateau,
+        "best_params": carry.best_params,
+    }
+
+
+def carry_of(arrays: dict, halted):
+    """The RunCarry of a checkpoint's arrays, halted where `halted` says."""
+    return RunCarry(arrays["train"], arrays["early_stopping"], arrays["plateau"], arrays["best_params"], halted)

@@ -8,6 +8,11 @@ import pathlib
 import sys
 from typing import Any
 
+import numpy as np
+
+from jaxepochs.core import early_stopping as early_stopping_lib
+from jaxepochs.core.epoch import Metrics
+
 PLOTTED = (("loss", "train_loss", "val_loss"), ("accuracy", "train_accuracy", "val_accuracy"))
 
 
@@ -45,6 +50,54 @@ def metrics_row(epoch: int, steps: int, train, val, test, lr) -> dict:
             row.update(totals.means(prefix))
     row["learning_rate"] = float(lr)
     return row
+
+
+def run_rows(rows, first_epoch: int, steps_per_epoch: int, run: int = 0) -> tuple[list[dict], int | None]:
+    """The metrics.jsonl rows of run `run` in a call's EpochRows (fetched to the host): the epochs it trained, and
+    the epoch whose training loss was not finite (its state was discarded; not among the rows), or None."""
+    out = []
+    for i in range(int(rows.ran)):
+        if not rows.trained[run, i]:
+            break
+        pick = lambda metrics, i=i: Metrics(*(np.asarray(a)[run, i] for a in metrics))
+        epoch = first_epoch + i
+        row = metrics_row(
+            epoch,
+            epoch * steps_per_epoch,
+            pick(rows.train),
+            pick(rows.val),
+            pick(rows.test),
+            rows.learning_rate[run, i],
+        )
+        if not math.isfinite(row["train_loss"]):
+            return out, epoch
+        out.append(row)
+    return out, None
+
+
+def stop_reason(es_state, may_stop: bool, non_finite_epoch: int | None, interrupted: bool) -> str:
+    """Why a run ended, from its carry's early-stopping state (so a rerun of a stopped run says the same)."""
+    if non_finite_epoch:
+        return "non_finite_loss"
+    if may_stop and bool(es_state.should_stop):
+        return early_stopping_lib.stop_reason_name(int(es_state.stop_reason))
+    return "interrupted" if interrupted else "completed"
+
+
+def stopping_fields(es_state, monitor: str, reason: str, non_finite_epoch: int | None) -> dict:
+    """summary.json's fields on the best epoch and the stop, of a run or of a sweep's member."""
+    best_epoch = int(es_state.best_epoch)
+    stopped = int(es_state.stop_epoch) if reason not in ("completed", "non_finite_loss", "interrupted") else 0
+    fields = {
+        "best_epoch": best_epoch,
+        "best_epoch_metric": monitor,
+        "best_value": float(es_state.best_value) if best_epoch else None,
+        "stopped_epoch": non_finite_epoch or stopped,
+        "stop_reason": reason,
+    }
+    if non_finite_epoch:
+        fields["non_finite_epoch"] = non_finite_epoch
+    return fields
 
 
 def format_row(row: dict) -> str:

@@ -9,16 +9,18 @@ from __future__ import annotations
 import ast
 import difflib
 import importlib.util
+import json
 import pathlib
 from collections.abc import Iterable
 
 import ml_collections
 
-from jaxepochs import early_stopping as early_stopping_lib
-from jaxepochs import schedules
+from jaxepochs.core import early_stopping as early_stopping_lib
+from jaxepochs.core import optim
+from jaxepochs.data import MNIST1D_ARGS
 
 MODELS = ("mlp", "cnn", "gru", "transformer")
-OPTIMIZERS = schedules.OPTIMIZERS
+OPTIMIZERS = optim.OPTIMIZERS
 
 
 class ConfigError(ValueError):
@@ -70,12 +72,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.eval_batch_size = 1000  # evaluation only; capped at the split size
     c.train.log_test = False  # also evaluate the test split every epoch (test_loss, test_accuracy in metrics.jsonl)
     c.train.test_every = 1  # with log_test: evaluate the test split every this many epochs (and after the last)
-    c.train.epochs_per_call = 1  # epochs per compiled call (multi_epoch.py): > 1 for long runs of short epochs
+    # Epochs per compiled call: 0 chooses them so the host meets the run about every host_interval_seconds (and
+    # never past a due checkpoint or the last epoch); N > 0 runs N epochs per call. The rows are the same.
+    c.train.epochs_per_call = 0
+    c.train.host_interval_seconds = 0.5
     # JAX's persistent compilation cache: a later run of the same shapes loads its programs instead of compiling
     # them. "" leaves JAX's own setting (off unless $JAX_COMPILATION_CACHE_DIR or jax.config sets it).
     c.train.compilation_cache_dir = "~/.cache/jaxepochs/xla"
 
-    c.optimizer = schedules.optimizer_config()  # name, learning_rate, momentum, weight_decay, clip_norm, schedule
+    c.optimizer = optimizer_config()  # name, learning_rate, momentum, b1, b2, weight_decay, clip_norm, schedule
 
     c.early_stopping = (
         ml_collections.ConfigDict()
@@ -103,21 +108,16 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-# mnist1d.data.get_dataset_args() of mnist1d 0.0.2+, less its download url (tests check they agree).
-MNIST1D_ARGS = {
-    "num_samples": 5000,
-    "train_split": 0.8,
-    "template_len": 12,
-    "padding": (36, 60),
-    "scale_coeff": 0.4,
-    "max_translation": 48,
-    "corr_noise_scale": 0.25,
-    "iid_noise_scale": 2e-2,
-    "shear_scale": 0.75,
-    "shuffle_seq": False,
-    "final_seq_length": 40,
-    "seed": 42,
-}
+def schedule_config() -> ml_collections.ConfigDict:
+    """The keys of `optimizer.schedule`, with their defaults (optim.SCHEDULE_DEFAULTS: every length in epochs)."""
+    return ml_collections.ConfigDict(dict(optim.SCHEDULE_DEFAULTS))
+
+
+def optimizer_config() -> ml_collections.ConfigDict:
+    """The keys of the `optimizer` section, with their defaults (optim.OPTIMIZER_DEFAULTS)."""
+    o = ml_collections.ConfigDict(dict(optim.OPTIMIZER_DEFAULTS))
+    o.schedule = schedule_config()
+    return o
 
 
 def mnist1d_args() -> ml_collections.ConfigDict:
@@ -172,15 +172,16 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         fail("train.eval_batch_size", f"{t.eval_batch_size!r} is not a positive integer", "Use 1 or more.")
     if not isinstance(t.epochs, int) or t.epochs < 0:
         fail("train.epochs", f"{t.epochs!r} is negative", "Use 0 (evaluate only) or more epochs.")
-    for key in ("test_every", "epochs_per_call"):
-        if not isinstance(t[key], int) or t[key] < 1:
-            fail(f"train.{key}", f"{t[key]!r} is not a positive integer", "Use 1 or more.")
-    if t.epochs_per_call > 1 and o.schedule.name == "reduce_on_plateau":
+    if not isinstance(t.test_every, int) or t.test_every < 1:
+        fail("train.test_every", f"{t.test_every!r} is not a positive integer", "Use 1 or more.")
+    if not isinstance(t.epochs_per_call, int) or t.epochs_per_call < 0:
         fail(
             "train.epochs_per_call",
-            f"{t.epochs_per_call} with optimizer.schedule.name=reduce_on_plateau",
-            "reduce_on_plateau decides on the host after every epoch; use train.epochs_per_call=1 with it.",
+            f"{t.epochs_per_call!r} is not a whole number >= 0",
+            "Use 0 (chosen from host_interval_seconds) or a number of epochs, 1 or more.",
         )
+    if not t.host_interval_seconds > 0:
+        fail("train.host_interval_seconds", f"{t.host_interval_seconds!r}", "Use a positive number of seconds.")
     if m.name not in MODELS:
         fail(
             "model.name",
@@ -214,7 +215,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         fail("data.validation_fraction", f"{d.validation_fraction!r}", "Use a fraction in [0, 1).")
     if not 0.0 <= d.label_noise <= 1.0:
         fail("data.label_noise", f"{d.label_noise!r}", "Use a fraction of labels in [0, 1].")
-    if d.name != "mnist1d" and d.args.to_dict() != mnist1d_args().to_dict():
+    if d.name != "mnist1d" and flatten(d.args) != flatten(mnist1d_args()):
         fail("data.args", f"{d.args.to_dict()}", f'It configures the mnist1d generator, but data.name is "{d.name}".')
     q = d.modular
     if d.name == "modular_addition" and (q.modulus < 2 or not 0.0 < q.train_fraction < 1.0):
@@ -237,10 +238,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                 f"num_samples={a.num_samples}, train_split={a.train_split}",
                 "Use num_samples >= 10 (one per class) and train_split in (0, 1).",
             )
+    has_validation = d.validation_fraction > 0
     try:
-        schedules.validate_schedule(o.schedule, t.epochs)
+        optim.validate_schedule(o.schedule.to_dict(), t.epochs)
         if config.early_stopping.enabled:
-            make_early_stopping(config.early_stopping, has_validation=d.validation_fraction > 0)
+            make_early_stopping(config.early_stopping, has_validation=has_validation)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     k = config.checkpoint
@@ -261,6 +263,19 @@ def make_early_stopping(es_config: ml_collections.ConfigDict, has_validation: bo
         return early_stopping_lib.EarlyStopping(**fields, known_monitors=available)
     except ValueError as e:
         raise ConfigError(f"config.early_stopping: {e}") from None
+
+
+def _tuples_where_the_schema_has_them(value, schema):
+    if isinstance(schema, ml_collections.ConfigDict) and isinstance(value, dict):
+        return {k: _tuples_where_the_schema_has_them(v, schema[k]) if k in schema else v for k, v in value.items()}
+    if isinstance(schema, tuple) and isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+    """A config.json read back as the config that wrote it (JSON has lists where the config had tuples)."""
+    return validate(ml_collections.ConfigDict(_tuples_where_the_schema_has_them(json.loads(text), base_config())))
 
 
 def load_config_file(path: str | pathlib.Path) -> ml_collections.ConfigDict:

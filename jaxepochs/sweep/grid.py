@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from jaxepochs import config as config_lib
+from jaxepochs.host import config as config_lib
 
 # Keys whose values are arrays in the carry (or the early-stopping hyperparameters): vmapped, not recompiled.
 TRACED = (

@@ -14,8 +14,8 @@ import pathlib
 
 import numpy as np
 
-from jaxepochs import early_stopping as early_stopping_lib
-from jaxepochs import reproduce as reproduce_lib
+from jaxepochs.core import early_stopping as early_stopping_lib
+from jaxepochs.studies import common as reproduce_lib
 
 
 def first_epoch_at(history: list[dict], metric: str, threshold: float) -> int | None:

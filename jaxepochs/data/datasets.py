@@ -14,7 +14,7 @@ import random
 import numpy as np
 import tensorflow_datasets as tfds
 
-from jaxepochs.config import MNIST1D_ARGS
+from jaxepochs.data import MNIST1D_ARGS
 
 DIGITS_SPLIT_SEED = 0  # scikit-learn's train_test_split(random_state=...) for the 80/20 digits split
 

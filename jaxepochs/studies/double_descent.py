@@ -12,7 +12,7 @@ import pathlib
 
 import numpy as np
 
-from jaxepochs import reproduce as reproduce_lib
+from jaxepochs.studies import common as reproduce_lib
 
 
 def _run_id(condition: str, width: int) -> str:

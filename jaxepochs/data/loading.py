@@ -53,7 +53,7 @@ def _absl_quiet():
 def _builder(name: str, directory: pathlib.Path, quiet: bool = False, data_config=None):
     import tensorflow_datasets as tfds
 
-    from jaxepochs import datasets
+    from jaxepochs.data import datasets
 
     if name in datasets.BUILTIN:
         kwargs = {}

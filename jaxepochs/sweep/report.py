@@ -14,28 +14,30 @@ def _minimize(monitor: str) -> bool:
     return "loss" in monitor
 
 
-def results(runs, histories: dict, finals: dict, states: dict) -> list[dict]:
-    """One row per run, ranked best first by its best monitored value (NaN last)."""
+def results(runs, histories: dict, summaries: dict) -> list[dict]:
+    """One row per run, ranked best first by its best monitored value (NaN last); `summaries` holds each run's
+    stopping fields and final test metrics (sweep.run's summaries, as in a run's summary.json)."""
     rows = []
     for run in runs:
-        state = states[run.name]
-        history = histories[run.name]
+        summary = summaries[run.name]
         row = {"run": run.name, **run.values}
         if run.fold >= 0:
             row["fold"] = run.fold
+        best = summary["best_value"]
         row.update(
             {
-                "epochs_run": len(history),
-                "best_epoch": state["best_epoch"],
-                "stopped_epoch": state["stopped_epoch"],
-                f"best_{state['monitor']}": state["best_value"],
-                **finals.get(run.name, {}),
+                "epochs_run": len(histories[run.name]),
+                "best_epoch": summary["best_epoch"],
+                "stopped_epoch": summary["stopped_epoch"],
+                "stop_reason": summary["stop_reason"],
+                f"best_{summary['best_epoch_metric']}": float("nan") if best is None else best,
+                **{f"final_{k}": v for k, v in summary.items() if k.startswith("test_")},
             }
         )
         rows.append(row)
     if not rows:
         return rows
-    monitor = states[runs[0].name]["monitor"]
+    monitor = summaries[runs[0].name]["best_epoch_metric"]
     key = f"best_{monitor}"
     sign = 1.0 if _minimize(monitor) else -1.0
     return sorted(rows, key=lambda r: (not math.isfinite(r[key]), sign * r[key] if math.isfinite(r[key]) else 0))

@@ -9,84 +9,19 @@ published points on top) and `histories/<experiment>_seed<k>.jsonl`.
 
 from __future__ import annotations
 
-import json
 import pathlib
-import shutil
-from typing import NamedTuple
 
 import numpy as np
 
-from jaxepochs import config as config_lib
+from jaxepochs.studies import double_descent, grokking
+from jaxepochs.studies.common import load_reference, load_rerun, row, run_seeds, write_report
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-REFERENCES = REPO / "experiments" / "references"
 QUICK = {"seeds": 1, "epochs": 8}  # --quick: the direction of every gap, not the published values
-
-
-def available() -> list[str]:
-    return sorted(path.stem for path in REFERENCES.glob("*.json"))
-
-
-def load_reference(name: str) -> dict:
-    path = REFERENCES / f"{name}.json"
-    if not path.is_file():
-        raise ValueError(f'No published reference "{name}". Available: {", ".join(available())}.')
-    return json.loads(path.read_text())
 
 
 def _experiments(reference: dict) -> list[str]:
     names = [v["experiment"] for v in reference["values"]] + [c["experiment"] for c in reference["curves"]]
     return list(dict.fromkeys(names))
-
-
-class SeedRun(NamedTuple):
-    history: list[dict]
-
-
-def run_seeds(
-    run_id: str, experiment: str, overrides: dict, workdir: pathlib.Path, seeds: int, quiet: bool, vmap: bool = False
-) -> list:
-    """Trains `experiment` with `overrides` once per seed into WORKDIR/runs/<run_id>/seed<k>/ (a finished run
-    resumes instantly) and copies each history to WORKDIR/histories/<run_id>_seed<k>.jsonl; TrainResults.
-    `vmap`: all seeds as one sweep (one vmapped program) in WORKDIR/sweeps/<run_id>/ instead."""
-    from jaxepochs import train
-
-    if vmap and seeds > 1:
-        return _sweep_seeds(run_id, experiment, overrides, workdir, seeds, quiet)
-    results = []
-    for seed in range(seeds):
-        config = config_lib.apply_overrides(
-            config_lib.load_config_file(REPO / "experiments" / f"{experiment}.py"), {**overrides, "seed": str(seed)}
-        )
-        if not quiet:
-            print(f"reproduce: {run_id} seed {seed} ({config.train.epochs} epochs)", flush=True)
-        result = train.train_and_evaluate(config, workdir / "runs" / run_id / f"seed{seed}", quiet=True)
-        results.append(result)
-        target = workdir / "histories" / f"{run_id}_seed{seed}.jsonl"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(workdir / "runs" / run_id / f"seed{seed}" / "metrics.jsonl", target)
-    return results
-
-
-def _sweep_seeds(run_id: str, experiment: str, overrides: dict, workdir: pathlib.Path, seeds: int, quiet: bool):
-    """`run_seeds` as one sweep over the seeds: each seed's history as its solo run's, to float32 round-off."""
-    from jaxepochs import sweep_run
-
-    config = config_lib.apply_overrides(
-        config_lib.load_config_file(REPO / "experiments" / f"{experiment}.py"), overrides
-    )
-    if not quiet:
-        print(f"reproduce: {run_id} seeds 0-{seeds - 1} as one sweep ({config.train.epochs} epochs)", flush=True)
-    grid = [{"seed": str(seed)} for seed in range(seeds)]
-    result = sweep_run.sweep(config, grid, workdir / "sweeps" / run_id, quiet=True)
-    runs = []
-    for seed, name in enumerate(sorted(result.histories)):  # r000, r001, ...: the grid's order
-        history = [{k: v for k, v in row.items() if k != "run"} for row in result.histories[name]]
-        target = workdir / "histories" / f"{run_id}_seed{seed}.jsonl"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text("".join(json.dumps(row) + "\n" for row in history))
-        runs.append(SeedRun(history))
-    return runs
 
 
 def _run_seeds(
@@ -108,14 +43,6 @@ def _at_step(steps: np.ndarray, values_se: np.ndarray, step: int) -> np.ndarray:
     """Per-seed value at the last logged step not after `step` (test metrics are logged once per epoch)."""
     index = int(np.searchsorted(steps, step, side="right")) - 1
     return values_se[:, max(index, 0)]
-
-
-def load_rerun(reference: dict) -> dict | None:
-    """The reference's rerun of the published code over seeds, if it names one ("rerun": {"file": ...}):
-    {"curves": {experiment: {seed: {step: value}}}, ...}, or None."""
-    if "rerun" not in reference:
-        return None
-    return json.loads((REFERENCES / reference["rerun"]["file"]).read_text())
 
 
 def _rerun_at(rerun: dict | None, experiment: str, step: int | None) -> np.ndarray | None:
@@ -165,89 +92,6 @@ def judge(reference: dict, histories: dict[str, list[list[dict]]], quick: bool) 
             theirs = _rerun_at(rerun, curve["experiment"], step)
             rows.append(row(what, published, ours, curve["tolerance"], theirs))
     return rows
-
-
-def row(
-    what: str,
-    published: float | tuple[float, float],
-    ours: np.ndarray,
-    tolerance: float,
-    rerun: np.ndarray | None = None,
-) -> dict:
-    """`published` is a value or a (low, high) range; the difference is to the nearer end (0 inside). `rerun`:
-    the published code's own per-seed values, judged by the same rule (how strict the rule is for that code)."""
-    mean, std = float(np.mean(ours)), float(np.std(ours))
-    low, high = published if isinstance(published, tuple) else (published, published)
-    difference = mean - min(max(mean, low), high)
-    judged = {
-        "what": what,
-        "published": published,
-        "mean": mean,
-        "std": std,
-        "difference": difference,
-        "tolerance": tolerance,
-        "passed": abs(difference) <= tolerance,
-    }
-    if rerun is not None:
-        theirs = row(what, published, rerun, tolerance)
-        judged.update(rerun_mean=theirs["mean"], rerun_std=theirs["std"], rerun_passed=theirs["passed"])
-    return judged
-
-
-def _ran_on() -> str:
-    import jax
-
-    device = jax.devices()[0]
-    return f"Ran on {device.platform} ({device.device_kind}), {jax.device_count()} device(s), jax {jax.__version__}."
-
-
-def write_report(
-    path: pathlib.Path, reference: dict, rows: list[dict], seeds: int, quick: bool, extra: list[str] = ()
-) -> None:
-    """report.md: the recipe, the judged table, the tolerance and why, `extra` Markdown lines, the sources."""
-    lines = [f"# Reproduction: {reference['title']}", "", f"Recipe: {reference['recipe']}.", ""]
-    lines.append(f"Seeds: {seeds}{' (quick: directions only, not published values)' if quick else ''}. {_ran_on()}")
-    with_rerun = any("rerun_mean" in r for r in rows)
-    header = "| result | published | ours (mean ± std) | difference | tolerance | verdict |"
-    if with_rerun:
-        header += f" {reference['rerun']['label']} (mean ± std) | ours - rerun | rerun's verdict |"
-    lines += ["", header, "|---" * header.count(" | ") + "|---|"]
-    for r in rows:
-        published = r["published"]
-        if isinstance(published, tuple):
-            published = f"{published[0]:.3f}-{published[1]:.3f}"
-        elif not isinstance(published, str):
-            published = f"{published:.3f}"
-        verdict = "pass" if r["passed"] else "FAIL"
-        tolerance = r.get("tolerance_text") or f"±{r['tolerance']:.3f}"
-        line = (
-            f"| {r['what']} | {published} | {r['mean']:.3f} ± {r['std']:.3f} | {r['difference']:+.3f} | "
-            f"{tolerance} | {verdict} |"
-        )
-        if with_rerun and "rerun_mean" in r:
-            gap = r["mean"] - r["rerun_mean"]
-            rerun_verdict = "pass" if r["rerun_passed"] else "FAIL"
-            line += f" {r['rerun_mean']:.3f} ± {r['rerun_std']:.3f} | {gap:+.3f} | {rerun_verdict} |"
-        elif with_rerun:
-            line += " | | |"
-        lines.append(line)
-    passed = sum(r["passed"] for r in rows)
-    lines += ["", f"**{passed} of {len(rows)} pass.**"]
-    if with_rerun:
-        judged = [r for r in rows if "rerun_mean" in r]
-        farthest = max(judged, key=lambda r: abs(r["mean"] - r["rerun_mean"]))
-        gap = farthest["mean"] - farthest["rerun_mean"]
-        lines += [
-            "",
-            f"{reference['rerun']['label']}, judged by the same rule: {sum(r['rerun_passed'] for r in judged)} of "
-            f"{len(judged)} pass. Ours against it: the largest difference of the means is {gap:+.3f} "
-            f"({farthest['what']}). {reference['rerun'].get('why', '')}",
-        ]
-    lines += ["", f"Tolerance: {reference.get('tolerance_why', '')}", ""]
-    lines += [*extra, ""] if extra else []
-    sources = {v["source"] for v in reference.get("values", []) + reference.get("curves", []) if "source" in v}
-    lines.append("Sources: " + "; ".join(sorted(sources | set(reference.get("sources", [])))))
-    path.write_text("\n".join(lines) + "\n")
 
 
 def plot(path: pathlib.Path, reference: dict, histories: dict[str, list[list[dict]]]) -> None:
@@ -304,12 +148,8 @@ def reproduce(
         raise ValueError(f"--seeds {seeds}: use 1 or more seeds.")
     kind = reference.get("kind", "benchmark")
     if kind == "double_descent":
-        from jaxepochs import double_descent
-
         return double_descent.reproduce(reference, workdir, seeds, quick, quiet, vmap)
     if kind == "grokking":
-        from jaxepochs import grokking
-
         return grokking.reproduce(reference, workdir, seeds, quick, quiet, vmap)
     epochs = QUICK["epochs"] if quick else None
     names = reference.get("quick_order", []) if quick else _experiments(reference)

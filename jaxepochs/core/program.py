@@ -1,0 +1,192 @@
+"""The run program, written once: K epochs of a batch of runs as one compiled XLA program.
+
+    run_epochs(carry_R, splits, es_hparams_R, first_epoch, num_epochs, last_epoch) -> (carry_R, EpochRows)
+
+Each epoch of each run is the shuffled training scan, the validation pass, the test split when due, early
+stopping's pure update, reduce-on-plateau's, the best epoch's parameters and the non-finite guard; nothing of it
+is decided anywhere else. Every array of the carry has a leading run axis R: `jaxepochs run` is a batch of one,
+`jaxepochs sweep` a batch of many (the epoch is `jax.vmap`ped over the runs), so a sweep member and its solo run
+are the same program and compute the same numbers. A run that halts (a non-finite training loss, or early
+stopping) keeps flowing through the batch with its updates masked, so the batch stays rectangular; the loop over
+epochs ends at `num_epochs` or when every run has halted. K = 1 is an ordinary call, not a second loop.
+
+A non-finite training loss discards that epoch (its state, early stopping and plateau updates are not kept) and
+halts the run; its row is returned so the host can name the epoch. Early stopping's epoch is kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxepochs.core import epoch as epoch_lib
+from jaxepochs.core import optim
+from jaxepochs.core.early_stopping import EarlyStopping, EarlyStoppingHParams, EarlyStoppingState
+
+
+class RunCarry(NamedTuple):
+    """Everything a run carries from epoch to epoch (and a checkpoint holds); a leading run axis in a program."""
+
+    state: epoch_lib.TrainState
+    es_state: EarlyStoppingState
+    plateau: optim.PlateauState | None  # reduce_on_plateau's state; None for other schedules
+    best_params: Any  # the parameters of es_state.best_epoch
+    halted: jax.Array  # bool [] a non-finite loss or early stopping ended the run: later epochs change nothing
+
+
+def start_carry(state: epoch_lib.TrainState, tracker: EarlyStopping, plateau) -> RunCarry:
+    """The carry of a run before its first epoch (no run axis)."""
+    return RunCarry(state, tracker.init(), plateau, state.params, jnp.zeros((), bool))
+
+
+class EpochRows(NamedTuple):
+    """What a call returns to the host: per run and epoch of the call, [R, K] each (zeros past `ran`)."""
+
+    train: epoch_lib.Metrics
+    val: epoch_lib.Metrics  # count 0 without a validation split
+    test: epoch_lib.Metrics  # count 0 on epochs the test split was not evaluated
+    learning_rate: jax.Array  # float32 [R, K] the rate of the epoch's last step
+    trained: jax.Array  # bool [R, K] the run had not halted before this epoch: the row is real
+    ran: jax.Array  # int32 [] epochs the call ran
+    halted: jax.Array  # bool [R] each run's halted flag after the call
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class RunSpec:
+    """What is compiled into the program: the model's apply function, the optimizer and the epoch's settings."""
+
+    apply_fn: Callable  # (params, x_b...) -> logits_bc
+    tx: Any  # optim.Optimizer (or any optax-style init/update pair)
+    batch_size: int
+    eval_batch_sizes: dict[str, int]  # "val" and/or "test" -> batch size; a split not named is not evaluated
+    tracker: EarlyStopping  # early stopping's rule; with may_stop False it only tracks the best epoch
+    may_stop: bool
+    epochs_per_call: int  # K: the most epochs one call runs (the size of EpochRows' epoch axis)
+    test_every: int = 1  # the test split on epochs divisible by this, and the last
+    shuffle: bool = True
+    plateau_monitor: str | None = None  # reduce_on_plateau's metric ("val_loss", "train_loss") where it is used
+    data_axes: dict[str, int | None] = dataclasses.field(default_factory=dict)  # split -> 0 if per run (CV folds)
+
+
+def _mean(metrics: epoch_lib.Metrics, name: str) -> jax.Array:
+    """`loss` or `accuracy` of a split's sums, as the host's Metrics.means computes it."""
+    count = jnp.maximum(metrics.count, 1.0)
+    return (metrics.loss_sum if name == "loss" else metrics.correct) / count
+
+
+def _metric(by_split: dict[str, epoch_lib.Metrics], monitor: str) -> jax.Array:
+    split, name = monitor.split("_", 1)
+    return _mean(by_split[split], name)
+
+
+def _evaluate(spec: RunSpec, name: str, params, splits) -> epoch_lib.Metrics:
+    x_n, y_n = splits[name]
+    return epoch_lib.eval_epoch(params, x_n, y_n, apply_fn=spec.apply_fn, batch_size=spec.eval_batch_sizes[name])
+
+
+def _one_epoch(spec: RunSpec, carry: RunCarry, splits, es_hparams, epoch, test_due):
+    """One epoch of one run: (carry, (train, val, test, learning rate)). Vmapped over the runs."""
+    x_n, y_n = splits["train"]
+    state, train_m = epoch_lib.train_epoch(
+        carry.state,
+        x_n,
+        y_n,
+        epoch,
+        apply_fn=spec.apply_fn,
+        tx=spec.tx,
+        batch_size=spec.batch_size,
+        shuffle=spec.shuffle,
+    )
+    zero = epoch_lib.Metrics.zeros()
+    val_m = _evaluate(spec, "val", state.params, splits) if "val" in spec.eval_batch_sizes else zero
+    test_m = zero
+    if "test" in spec.eval_batch_sizes:  # test_due is the same for every run: a real branch under vmap
+        test_m = jax.lax.cond(test_due, lambda p: _evaluate(spec, "test", p, splits), lambda p: zero, state.params)
+    by_split = {"train": train_m, "val": val_m}
+    es_state = spec.tracker.update(
+        carry.es_state, _metric(by_split, spec.tracker.monitor), _mean(train_m, "loss"), es_hparams
+    )
+    learning_rate = optim.learning_rate_of(state.opt_state).astype(jnp.float32)
+    plateau = carry.plateau
+    if plateau is not None:
+        plateau = optim.plateau_update(plateau, _metric(by_split, spec.plateau_monitor))
+        state = state._replace(opt_state=optim.with_plateau_scale(state.opt_state, plateau))
+    finite = jnp.isfinite(train_m.loss_sum)
+    # A run halted before this epoch keeps everything; a non-finite epoch is discarded and halts the run.
+    discard = carry.halted | ~finite
+    select = lambda old, nxt: jnp.where(discard, old, nxt)
+    improved = ~discard & (es_state.best_epoch == epoch)
+    out = RunCarry(
+        jax.tree.map(select, carry.state, state),
+        jax.tree.map(select, carry.es_state, es_state),
+        jax.tree.map(select, carry.plateau, plateau),
+        jax.tree.map(lambda old, nxt: jnp.where(improved, nxt, old), carry.best_params, state.params),
+        discard | (es_state.should_stop if spec.may_stop else False),
+    )
+    return out, (train_m, val_m, test_m, learning_rate)
+
+
+def make_run_epochs(spec: RunSpec):
+    """run_epochs(carry, splits, es_hparams, first_epoch, num_epochs, last_epoch) -> (carry, EpochRows).
+
+    `carry` and `es_hparams` have a leading run axis R; `splits` maps "train", "val", "test" to (x_n, y_n), with
+    a run axis where `spec.data_axes` says 0. The call runs epochs first_epoch, first_epoch + 1, ... for at most
+    min(num_epochs, K) epochs, and stops early once every run has halted; `last_epoch` is the run's last (the
+    test split is evaluated there)."""
+    k = spec.epochs_per_call
+
+    def run_epochs(
+        carry: RunCarry, splits: dict, es_hparams: EarlyStoppingHParams, first_epoch, num_epochs, last_epoch
+    ):
+        axes = {name: spec.data_axes.get(name) for name in splits}
+        one = jax.vmap(lambda c, s, h, e, t: _one_epoch(spec, c, s, h, e, t), in_axes=(0, axes, 0, None, None))
+        runs = carry.halted.shape[0]
+        zeros = lambda dtype=jnp.float32: jnp.zeros((runs, k), dtype)
+        metrics0 = epoch_lib.Metrics(zeros(), zeros(), zeros())
+        rows0 = EpochRows(metrics0, metrics0, metrics0, zeros(), zeros(bool), jnp.zeros((), jnp.int32), carry.halted)
+        count = jnp.minimum(num_epochs, k)
+
+        def cond(loop):
+            i, carry, _ = loop
+            return (i < count) & ~jnp.all(carry.halted)
+
+        def body(loop):
+            i, carry, rows = loop
+            epoch = first_epoch + i
+            test_due = (epoch % spec.test_every == 0) | (epoch == last_epoch)
+            trained = ~carry.halted
+            carry, (train_m, val_m, test_m, lr) = one(carry, splits, es_hparams, epoch, test_due)
+            put = lambda buffer, value: buffer.at[:, i].set(value)
+            rows = EpochRows(
+                jax.tree.map(put, rows.train, train_m),
+                jax.tree.map(put, rows.val, val_m),
+                jax.tree.map(put, rows.test, test_m),
+                put(rows.learning_rate, lr),
+                put(rows.trained, trained),
+                i + 1,
+                carry.halted,
+            )
+            return i + 1, carry, rows
+
+        _, carry, rows = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), carry, rows0))
+        return carry, rows
+
+    return run_epochs
+
+
+def make_evaluate(spec: RunSpec):
+    """evaluate(params_R, splits) -> {split: Metrics [R]} for the splits in `spec.eval_batch_sizes`: the final
+    evaluation of a batch of runs (the held-out splits are shared by the runs, or per run where data_axes says)."""
+
+    def evaluate(params, splits):
+        def one(p, s):
+            return {name: _evaluate(spec, name, p, s) for name in spec.eval_batch_sizes}
+
+        axes = {name: spec.data_axes.get(name) for name in splits}
+        return jax.vmap(one, in_axes=(0, axes))(params, splits)
+
+    return evaluate

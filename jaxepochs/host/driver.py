@@ -1,0 +1,106 @@
+"""The host loop of runs and sweeps: call the run program, read its rows, checkpoint on the cadence.
+
+The next call is dispatched before the last one's rows are read (its carry is the last call's output, still on
+the device, and a halted run stays halted inside the program), so logging and checkpointing overlap the device's
+next call and the device does not wait for the host. The host meets the run once per call; `Pace` sizes the
+calls. Nothing here runs per batch or per epoch on the device's critical path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+
+from jaxepochs.host.cadence import Pace, Periodic
+
+
+class Outcome(NamedTuple):
+    carry: Any  # after the last call whose rows were consumed
+    last_epoch: int  # the last epoch those rows cover
+    halted: bool  # every run had halted (early stopping or a non-finite loss)
+    host_seconds: float  # the host's bookkeeping per epoch (reading rows, logging, saving), beside the device
+
+
+class _Call(NamedTuple):
+    first_epoch: int
+    count: int  # epochs asked for (fewer run if every run halts)
+    carry: Any
+    rows: Any
+    dispatched: float
+
+
+def drive(
+    call: Callable[[Any, int, int], tuple[Any, Any]],
+    carry,
+    first_epoch: int,
+    last_epoch: int,
+    *,
+    pace: Pace,
+    checkpoints: Periodic,
+    consume: Callable[[Any, int, float], bool],
+    save: Callable[[Any, int], None],
+    interrupted: Callable[[], bool],
+) -> Outcome:
+    """Runs epochs first_epoch..last_epoch by calls of `call(carry, first, count) -> (carry, rows)`.
+
+    `consume(rows, first_epoch, seconds_per_epoch)` takes each call's rows (fetched to the host) and says whether
+    every run has halted; `save(carry, epoch)` runs when `checkpoints` is due after a call (not after the last:
+    the caller saves the outcome). Stops after the call in flight when `interrupted()`.
+    """
+    if first_epoch > last_epoch:
+        return Outcome(carry, first_epoch - 1, False, 0.0)
+
+    def dispatch(from_carry, first: int) -> _Call:
+        count = pace.next(first, last_epoch, checkpoints)
+        new_carry, rows = call(from_carry, first, count)
+        return _Call(first, count, new_carry, rows, time.perf_counter())
+
+    pending, previous_arrival, host_seconds, epochs_done = dispatch(carry, first_epoch), 0.0, 0.0, 0
+    while True:
+        following = pending.first_epoch + pending.count
+        # Dispatched before this call's rows are read: if every run halts in this call, the next one runs no epoch.
+        ahead = dispatch(pending.carry, following) if following <= last_epoch and not interrupted() else None
+        rows = jax.device_get(pending.rows)  # a few numbers per run and epoch
+        arrived = time.perf_counter()
+        ran = int(rows.ran)
+        seconds = arrived - max(pending.dispatched, previous_arrival)
+        pace.observe(ran, seconds)
+        halted = consume(rows, pending.first_epoch, seconds / max(ran, 1))
+        last_done = pending.first_epoch + ran - 1
+        if halted or interrupted():
+            ahead = None
+        if ahead is not None and checkpoints.due(last_done):
+            save(pending.carry, last_done)
+            checkpoints.done()
+        host_seconds += time.perf_counter() - arrived
+        epochs_done += ran
+        if ahead is None:
+            return Outcome(pending.carry, last_done, halted, host_seconds / max(epochs_done, 1))
+        pending, previous_arrival = ahead, arrived
+
+
+@contextlib.contextmanager
+def stop_on_ctrl_c(say: Callable[[str], None]):
+    """Ctrl-C asks the run to stop after the call in flight (and checkpoint); a second Ctrl-C aborts. Yields a
+    function that says whether a stop was asked. The handler stays until the final checkpoint is saved."""
+    requested: list[bool] = []
+
+    def on_sigint(signum, frame):
+        if requested:
+            raise KeyboardInterrupt
+        requested.append(True)
+        say("Ctrl-C: stopping after the epochs in flight (press again to abort without saving).")
+
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_sigint) if in_main_thread else None
+    try:
+        yield lambda: bool(requested)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous)

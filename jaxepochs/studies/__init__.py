@@ -1,0 +1,1 @@
+"""Reproductions of published results: they use the trainer; the trainer does not know them."""

@@ -1,0 +1,363 @@
+"""Runs a sweep: per program group, chunks of runs stacked on a leading run axis and trained by the run program
+(core/program.py: the program `jaxepochs run` trains one run with, vmapped over the chunk; sharded over the
+devices when there are several), through the same host loop as a run, then the outputs.
+
+Writes into the workdir: sweep.json (the specification, for resuming), sweep.jsonl (one row per run per
+epoch), results.csv (one row per run), cv.csv with --cv, sweep.png, and checkpoints/ per chunk (honouring the
+config's checkpoint section). A chunk of one run is the run's own program: the same numbers as `jaxepochs run`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import shutil
+import time
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxepochs import models
+from jaxepochs.core import epoch as epoch_lib
+from jaxepochs.core import optim
+from jaxepochs.core import program as program_lib
+from jaxepochs.data import loading as data_lib
+from jaxepochs.host import cadence, driver, report, setup
+from jaxepochs.host import checkpoint as checkpoint_lib
+from jaxepochs.host import config as config_lib
+from jaxepochs.host import run as run_lib
+from jaxepochs.sweep import grid as sweep_lib
+from jaxepochs.sweep import report as sweep_report
+
+
+class SweepResult(NamedTuple):
+    results: list[dict]  # one per run, as in results.csv, ranked best first
+    histories: dict[str, list[dict]]  # run name -> its rows
+    cv: list[dict]  # one per configuration with --cv: mean curve, recommended epochs, refit test metric
+    compile_seconds: float
+    seconds: float
+    summaries: dict[str, dict]  # run name -> summary.json's stopping fields and final test metrics, as a run's
+
+
+def _free_bytes() -> int:
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))  # host memory (CPU)
+
+
+def default_chunk(num_runs: int, params, batch_size: int, widest: int) -> int:
+    """Runs per program from free memory: per run, the parameters about five times (params, two optimizer
+    moments, best params, gradients) and the activations of a batch, with half the free memory to spare."""
+    param_bytes = sum(int(np.prod(p.shape)) * 4 for p in jax.tree.leaves(params))
+    per_run = 5 * param_bytes + 3 * 4 * batch_size * max(widest, 1)
+    return int(max(1, min(num_runs, _free_bytes() // 2 // max(per_run, 1))))
+
+
+def _widest(params) -> int:
+    return max(max(p.shape, default=1) for p in jax.tree.leaves(params))
+
+
+class _Group:
+    """The shared pieces of one program group: data, model, optimizer, tracker, and its compiled programs."""
+
+    def __init__(self, runs: list[sweep_lib.Run], cv: int, quiet: bool):
+        template = runs[0].config
+        self.config, self.cv = template, cv
+        dataset = data_lib.load_dataset(template, quiet)
+        self.dataset = dataset
+        n_train = dataset.train.y.shape[0]
+        if cv:
+            sweep_lib.check_cv(cv, n_train)
+            n_train = sweep_lib.fold_indices(n_train, cv, 0, template.data.split_seed)[0].shape[0]
+        setup.check_shapes(template, dataset, n_train)
+        self.has_val = bool(cv) or dataset.val.y.shape[0] > 0
+        steps = epoch_lib.steps_per_epoch(n_train, template.train.batch_size)
+        self.pieces = setup.make_pieces(template, dataset.num_classes, steps, self.has_val)
+        setup.check_model(template, self.pieces, dataset)
+        n_val = dataset.train.y.shape[0] // cv if cv else dataset.val.y.shape[0]
+        every_epoch = setup.eval_sizes(template, {"val": n_val})
+        if template.train.log_test:
+            every_epoch.update(setup.eval_sizes(template, {"test": dataset.test.y.shape[0]}))
+        self.spec = setup.run_spec(template, self.pieces, every_epoch, {"train": 0, "val": 0} if cv else {})
+        # The test split once, on the parameters each run ends with (its validation curve is in its history).
+        final_sizes = setup.eval_sizes(template, {"test": dataset.test.y.shape[0]})
+        self.final_spec = dataclasses.replace(self.spec, eval_batch_sizes=final_sizes)
+        self.programs: dict = {}  # (chunk size, sharded) -> Programs, shared by the chunks
+
+    def splits(self, runs: list[sweep_lib.Run]) -> dict:
+        """The arrays the runs train and are evaluated on: CV folds per run ([R, ...]), else shared."""
+        d = self.dataset
+        on_device = lambda x, y: (jnp.asarray(x), jnp.asarray(y))
+        if not self.cv:
+            splits = {"train": on_device(d.train.x, d.train.y)}
+            if "val" in self.spec.eval_batch_sizes:
+                splits["val"] = on_device(d.val.x, d.val.y)
+        else:
+            seed = self.config.data.split_seed
+            folds = [sweep_lib.fold_indices(d.train.y.shape[0], self.cv, r.fold, seed) for r in runs]
+            stack = lambda part: on_device(
+                np.stack([d.train.x[f[part]] for f in folds]), np.stack([d.train.y[f[part]] for f in folds])
+            )
+            splits = {"train": stack(0), "val": stack(1)}
+        if "test" in self.spec.eval_batch_sizes:
+            splits["test"] = on_device(d.test.x, d.test.y)
+        return splits
+
+    def init(self, runs: list[sweep_lib.Run]):
+        """The stacked carry of `runs` (each run's parameters from its seed, its optimizer's and early
+        stopping's numbers from its config) and their early-stopping hyperparameters."""
+        seeds = [r.config.seed for r in runs]
+        opt_hparams = [optim.hparams_of(r.config.optimizer.to_dict()) for r in runs]
+        carry = setup.init_carries(self.pieces, seeds, opt_hparams, self.dataset.train.x)
+        trackers = [setup.make_tracker(r.config, self.has_val)[0] for r in runs]
+        return carry, setup.es_hparams(trackers)
+
+    def compile(self, carry, splits, es_hparams) -> tuple:
+        start = time.perf_counter()
+        one = jnp.asarray(1, jnp.int32)
+        run_epochs = jax.jit(program_lib.make_run_epochs(self.spec))
+        run_epochs = run_epochs.lower(carry, splits, es_hparams, one, one, one).compile()
+        test = {"test": (jnp.asarray(self.dataset.test.x), jnp.asarray(self.dataset.test.y))}
+        evaluate = jax.jit(program_lib.make_evaluate(self.final_spec)).lower(carry.best_params, test).compile()
+        return run_epochs, evaluate, test, time.perf_counter() - start
+
+
+def _sharding(chunk: int):
+    """The run axis split across the devices (a mesh with a "runs" axis), or None on one device."""
+    devices = jax.devices()
+    if len(devices) < 2 or chunk % len(devices):
+        return None
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    return NamedSharding(Mesh(np.array(devices), ("runs",)), PartitionSpec("runs"))
+
+
+def _restore(ckpt, group: _Group, carry, progress) -> tuple:
+    """The chunk's newest checkpoint as (carry, histories, first epoch), or None."""
+    like = checkpoint_lib.arrays_of(jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), carry))
+    restored = ckpt.restore_latest(like, progress.message)
+    if restored is None:
+        return None
+    done, arrays, meta = restored
+    halted = np.asarray(arrays["early_stopping"].should_stop) & group.pieces.may_stop
+    return checkpoint_lib.carry_of(arrays, halted), meta["histories"], done + 1
+
+
+class _Chunk(NamedTuple):
+    histories: dict[str, list[dict]]
+    summaries: dict[str, dict]
+    compile_seconds: float
+
+
+def _train_chunk(group: _Group, runs, chunk_size: int, workdir: pathlib.Path, progress) -> _Chunk:
+    """Trains `runs` (padded to `chunk_size` with copies of the first, dropped after) to the end, resuming from
+    the chunk's checkpoint; the same host loop as a run (driver.drive), with each run's rows apart."""
+    config = group.config
+    padded = runs + [runs[0]] * (chunk_size - len(runs))
+    carry, es_hparams = group.init(padded)
+    splits = group.splits(padded)
+    sharding = _sharding(chunk_size)
+    if sharding is not None:
+        carry, es_hparams = jax.device_put((carry, es_hparams), sharding)
+        splits = {k: jax.device_put(v, sharding) if group.spec.data_axes.get(k) == 0 else v for k, v in splits.items()}
+    key = (chunk_size, sharding is not None)  # the chunks of a group share their size: one program for all
+    compile_seconds = 0.0
+    if key not in group.programs:
+        *programs, compile_seconds = group.compile(carry, splits, es_hparams)
+        group.programs[key] = programs
+    run_epochs, evaluate, test = group.programs[key]
+    histories = {run.name: [] for run in runs}
+    non_finite: dict[str, int] = {}
+    enabled = config.checkpoint.enabled
+    ckpt = checkpoint_lib.Checkpointer(workdir, config.checkpoint.max_to_keep) if enabled else None
+    first_epoch = 1
+    try:
+        restored = _restore(ckpt, group, carry, progress) if ckpt is not None else None
+        if restored is not None:
+            carry, histories, first_epoch = restored
+            carry = jax.device_put(carry, sharding) if sharding is not None else carry
+
+        def call(carry, first, count):
+            as_int = lambda value: np.asarray(value, np.int32)
+            return run_epochs(carry, splits, es_hparams, as_int(first), as_int(count), as_int(config.train.epochs))
+
+        def consume(rows, first, seconds) -> bool:
+            new = {}
+            for r, run in enumerate(runs):
+                new[run.name], bad = report.run_rows(rows, first, group.pieces.steps_per_epoch, r)
+                for row in new[run.name]:
+                    row["seconds"] = seconds
+                histories[run.name] += new[run.name]
+                if bad:
+                    non_finite[run.name] = bad
+            active = int(np.sum(~np.asarray(rows.halted)[: len(runs)]))
+            last = first + int(rows.ran) - 1
+            progress.advance(last, active, len(runs), new, group.pieces.tracker.monitor)
+            return bool(np.all(rows.halted))
+
+        def save(carry, epoch: int) -> None:
+            if ckpt is not None and epoch > 0:
+                ckpt.save(epoch, checkpoint_lib.arrays_of(carry), {"epoch": epoch, "histories": histories})
+
+        checkpoints = cadence.Periodic(config.checkpoint.every_epochs, config.checkpoint.every_seconds, enabled=enabled)
+        pace = cadence.Pace(
+            config.train.epochs_per_call, config.train.host_interval_seconds, group.spec.epochs_per_call
+        )
+        with driver.stop_on_ctrl_c(progress.message) as interrupted:
+            outcome = driver.drive(
+                call,
+                carry,
+                first_epoch,
+                config.train.epochs,
+                pace=pace,
+                checkpoints=checkpoints,
+                consume=consume,
+                save=save,
+                interrupted=interrupted,
+            )
+            save(outcome.carry, outcome.last_epoch)
+            if interrupted() and outcome.last_epoch < config.train.epochs and not outcome.halted:
+                raise KeyboardInterrupt
+    finally:
+        if ckpt is not None:
+            ckpt.close()
+    return _Chunk(histories, _summaries(group, runs, outcome.carry, evaluate, test, non_finite), compile_seconds)
+
+
+def _summaries(group: _Group, runs, carry, evaluate, test, non_finite: dict) -> dict[str, dict]:
+    """Each run's stopping fields and final test metrics, as its summary.json would hold them."""
+    restore_best = group.config.early_stopping.enabled and group.config.early_stopping.restore_best
+    params = carry.best_params if restore_best else carry.state.params  # padded runs too: no new shapes
+    totals = jax.device_get(evaluate(params, test))["test"]
+    es_all = jax.device_get(carry.es_state)
+    out = {}
+    for r, run in enumerate(runs):
+        es = jax.tree.map(lambda a, r=r: np.asarray(a)[r], es_all)
+        reason = report.stop_reason(es, group.pieces.may_stop, non_finite.get(run.name), False)
+        fields = report.stopping_fields(es, group.pieces.tracker.monitor, reason, non_finite.get(run.name))
+        final = epoch_lib.Metrics(*(np.asarray(a)[r] for a in totals)).means("test")
+        out[run.name] = {**fields, **final}
+    return out
+
+
+class _Progress:
+    """A bar over epochs (a line per call off a terminal): how many runs still train, and the best value yet."""
+
+    def __init__(self, total_epochs: int, quiet: bool):
+        self._progress = report.Progress(total_epochs, quiet)
+        self._best = float("nan")
+
+    def message(self, text: str) -> None:
+        self._progress.message(text)
+
+    def advance(self, epoch: int, active: int, runs: int, new_rows: dict, monitor: str) -> None:
+        """`new_rows`: each run's rows of the last call only, so the best so far is kept, not recomputed."""
+        values = [row[monitor] for rows in new_rows.values() for row in rows if monitor in row]
+        if values:
+            call_best = min(values) if "loss" in monitor else max(values)
+            better = min if "loss" in monitor else max
+            self._best = call_best if math.isnan(self._best) else better(self._best, call_best)
+        self._progress.advance(epoch, f"{active} of {runs} runs training, best {monitor} {self._best:.4f}")
+
+    def close(self) -> None:
+        self._progress.close()
+
+
+def _prepare(workdir: pathlib.Path, spec: dict, restart: bool) -> None:
+    path = workdir / "sweep.json"
+    if restart and workdir.exists():
+        for name in ("sweep.json", "sweep.jsonl", "results.csv", "cv.csv", "sweep.png"):
+            (workdir / name).unlink(missing_ok=True)
+        shutil.rmtree(workdir / "chunks", ignore_errors=True)
+    if path.exists() and json.loads(path.read_text()) != spec:
+        raise sweep_lib.SweepError(
+            f"{workdir} holds another sweep (its sweep.json differs). Use a new --workdir, or --restart to discard it."
+        )
+    if not path.exists() and workdir.exists() and any(workdir.iterdir()):
+        raise sweep_lib.SweepError(f"{workdir} is not empty and holds no sweep. Use a new --workdir.")
+    workdir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(spec, indent=2) + "\n")
+
+
+def _chunk_size(group: _Group, members: list, chunk: int) -> int:
+    """Runs per program: `chunk`, or as many as fit the free memory; whole shards of the run axis."""
+    example = jax.eval_shape(
+        lambda x: models.init_params(group.pieces.model, jax.random.PRNGKey(0), x),
+        jnp.asarray(group.dataset.train.x[:1]),
+    )
+    size = chunk or default_chunk(len(members), example, group.config.train.batch_size, _widest(example))
+    devices = len(jax.devices())
+    if size >= devices > 1:
+        size -= size % devices
+    return min(size, len(members)) if len(members) < devices else size
+
+
+def sweep(
+    config: ml_collections.ConfigDict,
+    grid: list[dict[str, str]],
+    workdir: str | pathlib.Path,
+    *,
+    cv: int = 0,
+    refit: bool = False,
+    chunk: int = 0,
+    quiet: bool = False,
+    restart: bool = False,
+) -> SweepResult:
+    """Trains every configuration of `grid` (overrides of `config`, as from `sweep.expand`), K folds each with
+    `cv` = K; `chunk` caps the runs trained at once (0: chosen from free memory). Resumes a sweep in `workdir`."""
+    start = time.perf_counter()
+    config = config_lib.validate(config)
+    run_lib.use_compilation_cache(config.train.compilation_cache_dir)
+    if cv:
+        if cv < 2:
+            raise sweep_lib.SweepError(f"--cv {cv}: cross-validation needs K >= 2 folds.")
+        config = config_lib.apply_overrides(config, {"data.validation_fraction": "0.0"})
+    if chunk < 0:
+        raise sweep_lib.SweepError(f"--chunk {chunk}: give the most runs to train at once (1 or more), or 0.")
+    if refit and not cv:
+        raise sweep_lib.SweepError("--refit retrains on the whole training split after --cv K; add --cv K.")
+    workdir = pathlib.Path(workdir)
+    spec = {"config": json.loads(config.to_json_best_effort()), "grid": grid, "cv": cv}
+    _prepare(workdir, spec, restart)
+    runs = sweep_lib.make_runs(config, grid, cv)
+    groups = sweep_lib.group_runs(runs)
+    progress = _Progress(max(r.config.train.epochs for r in runs), quiet)
+    histories: dict[str, list[dict]] = {}
+    summaries: dict[str, dict] = {}
+    compile_seconds = 0.0
+    try:
+        for g, members in enumerate(groups):
+            group = _Group(members, cv, quiet)
+            size = _chunk_size(group, members, chunk)
+            for c in range(0, len(members), size):
+                chunk_dir = workdir / "chunks" / f"group{g}_chunk{c // size}"
+                trained = _train_chunk(group, members[c : c + size], size, chunk_dir, progress)
+                compile_seconds += trained.compile_seconds
+                histories.update(trained.histories)
+                summaries.update(trained.summaries)
+    finally:
+        progress.close()
+    results = sweep_report.results(runs, histories, summaries)
+    cv_rows = sweep_report.cross_validation(runs, histories, cv) if cv else []
+    if refit:
+        for row in cv_rows:
+            refit_config = config_lib.apply_overrides(
+                config,
+                {**row["values"], "train.epochs": str(row["recommended_epochs"]), "data.validation_fraction": "0.0"},
+            )
+            result = run_lib.train_and_evaluate(
+                refit_config, workdir / "refit" / row["config"], quiet=True, restart=True
+            )
+            row["refit_test_loss"] = result.summary["test_loss"]
+            row["refit_test_accuracy"] = result.summary["test_accuracy"]
+    sweep_report.write(workdir, runs, histories, results, cv_rows, grid)
+    if not quiet:
+        print(sweep_report.table(results, cv_rows))
+    return SweepResult(results, histories, cv_rows, compile_seconds, time.perf_counter() - start, summaries)
