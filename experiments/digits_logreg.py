@@ -6,7 +6,7 @@
 about 0.95 after 20 epochs, in a few seconds on 2 CPU cores.
 """
 
-from jaxepochs.config import base_config
+from jaxepochs import base_config
 
 
 def get_config():

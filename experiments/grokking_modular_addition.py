@@ -20,7 +20,7 @@ the same function, other round-off). The final code on 2 CPU cores, seed 0 (`jax
 in about 17 min (`python benchmarks/grokking_speed.py`).
 """
 
-from jaxepochs.config import base_config
+from jaxepochs import base_config
 
 
 def get_config():

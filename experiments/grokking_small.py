@@ -12,7 +12,7 @@ epoch 1,180; 1,500 epochs in 31 s. On an NVIDIA H200 (seeds 0 / 1 / 2): test acc
 / 940, 9.9x later than train accuracy on average (experiments/results/grokking/).
 """
 
-from jaxepochs.config import base_config
+from jaxepochs import base_config
 
 MODULUS, TRAIN_FRACTION = 59, 0.5
 N_TRAIN = int(TRAIN_FRACTION * MODULUS**2)

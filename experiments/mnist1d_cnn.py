@@ -8,7 +8,7 @@ Measured (`jaxepochs reproduce mnist1d`, the notebook's recipe, 10 seeds, 150 ep
 (experiments/results/mnist1d/report.md).
 """
 
-from jaxepochs.config import base_config
+from jaxepochs import base_config
 
 
 def get_config():

@@ -12,7 +12,7 @@ at h=47-61, 45.5% at h=300. Measured here (2 seeds): 46.8% at h=16, 54.7% at h=4
 h=300 (experiments/results/double-descent/); one width takes 10-35 s on 2 CPU cores.
 """
 
-from jaxepochs.config import base_config
+from jaxepochs import base_config
 
 
 def get_config():

@@ -9,7 +9,7 @@ Measured (`jaxepochs reproduce mnist1d`, the notebook's recipe, 10 seeds, 150 ep
 against 0.903 ± 0.020 for the same recipe in PyTorch over 10 seeds (experiments/results/mnist1d/report.md).
 """
 
-from jaxepochs.config import base_config
+from jaxepochs import base_config
 
 
 def get_config():

@@ -13,11 +13,10 @@ training split for that many epochs and reports its test accuracy. Measured here
 
 import pathlib
 
-from jaxepochs.config import load_config_file
+from jaxepochs import load_config_file
 
 
 def get_config():
     config = load_config_file(pathlib.Path(__file__).with_name("mnist1d_mlp.py"))  # the default experiment
     config.train.epochs = 60
-    config.train.epochs_per_call = 10
     return config

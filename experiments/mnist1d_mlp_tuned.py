@@ -10,7 +10,7 @@ creeping up while the loss overfits, so monitor val_accuracy (--config.early_sto
 when accuracy is what you want.
 """
 
-from jaxepochs.config import base_config
+from jaxepochs import base_config
 
 
 def get_config():

@@ -127,7 +127,7 @@ def test_masked_loss_and_gradient_equal_those_of_the_real_rows(padding):
         return optax.softmax_cross_entropy_with_integer_labels(logits, y_real).mean()
 
     (loss, metrics), grads = jax.jit(
-        jax.value_and_grad(lambda p: epoch_lib.masked_loss(apply_fn, p, x_b, y_b, mask_b), has_aux=True)
+        jax.value_and_grad(lambda p: epoch_lib.loss_and_metrics(apply_fn, p, x_b, y_b, mask_b), has_aux=True)
     )(state.params)
     ref_loss, ref_grads = jax.jit(jax.value_and_grad(reference))(state.params)
 
@@ -139,7 +139,7 @@ def test_masked_loss_and_gradient_equal_those_of_the_real_rows(padding):
     assert float(metrics.correct) == correct
 
     # The padding rows do matter when not masked, so the equality above is the mask's doing.
-    unmasked = lambda p: epoch_lib.masked_loss(apply_fn, p, x_b, y_b, jnp.ones(8, bool))[0]
+    unmasked = lambda p: epoch_lib.loss_and_metrics(apply_fn, p, x_b, y_b, jnp.ones(8, bool))[0]
     unmasked_grads = jax.jit(jax.grad(unmasked))(state.params)
     differences = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), unmasked_grads, ref_grads)
     assert max(jax.tree.leaves(differences)) > 1e-4

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxepochs.host import cli
-from jaxepochs.studies import reproduce
+from jaxepochs.studies import common, reproduce
 
 
 def _history(test_accuracy_per_epoch, steps_per_epoch=40):
@@ -19,10 +19,10 @@ def _history(test_accuracy_per_epoch, steps_per_epoch=40):
 
 
 def test_every_reference_states_value_source_and_tolerance():
-    names = reproduce.available()
+    names = common.available()
     assert {"mnist1d", "double-descent", "grokking"} <= set(names)
     for name in names:
-        reference = reproduce.load_reference(name)
+        reference = common.load_reference(name)
         assert reference["tolerance_why"] and reference["recipe"]
         values = reference.get("values", []) + [
             p for run in reference.get("runs", []) for p in run.get("published", [])
@@ -36,13 +36,13 @@ def test_every_reference_states_value_source_and_tolerance():
             xs = curve.get("steps", curve.get("widths"))
             assert len(xs) == len(curve["values"]) and curve["source"]
         if "rerun" in reference:  # a rerun of the published code covers every judged experiment and step
-            rerun = reproduce.load_rerun(reference)
+            rerun = common.load_rerun(reference)
             assert reference["rerun"]["label"] and reference["rerun"]["why"] and rerun["command"]
             for curve in reference["curves"]:
                 for step in curve["steps"]:
                     assert len(reproduce._rerun_at(rerun, curve["experiment"], step)) >= 3
         for experiment in {v.get("experiment", reference.get("experiment")) for v in values} - {None}:
-            assert (reproduce.REPO / "experiments" / f"{experiment}.py").is_file()
+            assert common.experiment_module(experiment).is_file()
 
 
 def test_judge_passes_within_tolerance_and_fails_outside():
@@ -88,7 +88,7 @@ def test_a_result_published_twice_is_judged_against_the_range():
 
 
 def test_a_rerun_of_the_published_code_is_shown_and_judged_by_the_same_rule(tmp_path, monkeypatch):
-    monkeypatch.setattr(reproduce, "REFERENCES", tmp_path)
+    monkeypatch.setattr(common, "REFERENCES", tmp_path)
     (tmp_path / "reruns").mkdir()
     rerun_curves = {"a": {"0": {"80": 0.26, "120": 0.46}, "1": {"80": 0.28, "120": 0.47}}}  # means 0.27, 0.465
     (tmp_path / "reruns" / "a.json").write_text(json.dumps({"curves": rerun_curves}))
@@ -112,7 +112,7 @@ def test_a_rerun_of_the_published_code_is_shown_and_judged_by_the_same_rule(tmp_
     reference["curves"][0]["values"] = [0.2, 0.32]  # the rerun's 0.27 is now 0.05 under: it fails, ours passes
     rows = reproduce.judge(reference, histories_far, quick=False)
     assert rows[2]["passed"] and not rows[2]["rerun_passed"]
-    reproduce.write_report(tmp_path / "report.md", reference, rows, seeds=1, quick=False)
+    common.write_report(tmp_path / "report.md", reference, rows, seeds=1, quick=False)
     report = (tmp_path / "report.md").read_text()
     assert "| PyTorch rerun (mean ± std) | ours - rerun | rerun's verdict |" in report
     assert "| 0.270 ± 0.010 | +0.040 | FAIL |" in report
@@ -150,7 +150,7 @@ def test_reproduce_mnist1d_quick_end_to_end(tmp_path):
 def test_double_descent_judges_the_points_and_the_peak():
     from jaxepochs.studies import double_descent
 
-    reference = reproduce.load_reference("double-descent")
+    reference = common.load_reference("double-descent")
     finals = {}
     for condition, curve in ((c["condition"], c) for c in reference["curves"]):
         for width, value in zip(curve["widths"], curve["values"], strict=True):
@@ -212,15 +212,23 @@ def test_reproduce_grokking_quick_end_to_end(tmp_path):
     assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")
 
 
-def test_vmapped_seeds_match_the_sequential_runs(tmp_path):
-    overrides = {"data.validation_fraction": "0.0", "train.log_test": "True", "train.epochs": "3"}
-    solo = reproduce.run_seeds("lr", "mnist1d_logreg", overrides, tmp_path / "solo", 2, quiet=True)
-    swept = reproduce.run_seeds("lr", "mnist1d_logreg", overrides, tmp_path / "swept", 2, quiet=True, vmap=True)
+def test_vmapped_seeds_equal_the_sequential_runs_and_feed_the_reports(tmp_path):
+    """A sweep member is the run program on a batch of runs: its rows and summary equal its solo run's exactly;
+    and the double-descent report reads either (`--vmap` with 2+ seeds raised AttributeError: no summary)."""
+    from jaxepochs.studies import double_descent
+
+    overrides = {"train.log_test": "True", "train.epochs": "3", "early_stopping.enabled": "True"}
+    solo = common.run_seeds("lr", "mnist1d_logreg", overrides, tmp_path / "solo", 2, quiet=True)
+    swept = common.run_seeds("lr", "mnist1d_logreg", overrides, tmp_path / "swept", 2, quiet=True, vmap=True)
     assert (tmp_path / "swept" / "histories" / "lr_seed1.jsonl").exists()
     assert not (tmp_path / "swept" / "runs").exists()  # one sweep, not a run per seed
-    keys = ("train_loss", "train_accuracy", "test_loss", "test_accuracy")
+    untimed = lambda rows: [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
     for a, b in zip(solo, swept, strict=True):
-        assert [row["epoch"] for row in a.history] == [row["epoch"] for row in b.history] == [1, 2, 3]
-        for row_a, row_b in zip(a.history, b.history, strict=True):
-            np.testing.assert_allclose([row_b[k] for k in keys], [row_a[k] for k in keys], rtol=1e-4, atol=1e-6)
-    assert solo[0].history[-1]["train_loss"] != solo[1].history[-1]["train_loss"]  # the seeds differ
+        assert [row["epoch"] for row in a.history] == [1, 2, 3]
+        assert untimed(a.history) == untimed(b.history)
+        for key in ("best_epoch", "stopped_epoch", "stop_reason", "epochs_completed", "test_accuracy", "test_loss"):
+            assert a.summary[key] == b.summary[key], key
+    reference = {"early_stopping": {"why": "a test"}}
+    for runs in (solo, swept):
+        lines, rows = double_descent.early_stopping_lines(reference, {3: solo}, {3: runs}, epochs=3)
+        assert len(rows) == 1 and lines[-1].startswith("| 3 |")

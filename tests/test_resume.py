@@ -28,6 +28,7 @@ from jaxepochs.data import loading as data_lib
 from jaxepochs.host import checkpoint as checkpoint_lib
 from jaxepochs.host import cli
 from jaxepochs.host import run as train
+from jaxepochs.host import workdir as workdir_lib
 from jaxepochs.host.checkpoint import CheckpointError
 
 SUBPROCESS_WAIT = 120.0  # generous: a loaded 2-core machine starts jax slowly
@@ -225,7 +226,7 @@ def test_ctrl_c_saves_says_how_to_resume_and_resumes_exactly(run_cli_uninterrupt
     ref_workdir, ref = run_cli_uninterrupted
     workdir, returncode, err = stopped_cli_runs["interrupted"]
     assert returncode == 130, err[-3000:]
-    assert "Ctrl-C: stopping after this epoch" in err
+    assert "Ctrl-C: stopping after the epochs in flight" in err
     assert "Run the same command again to resume." in err
     interrupted_after = int(re.search(r"Interrupted after epoch (\d+); checkpoint saved in", err).group(1))
     rows = _rows(workdir)
@@ -375,7 +376,7 @@ def test_another_config_in_the_workdir_is_refused_naming_the_key(run6, tmp_path,
     shutil.copytree(ref_workdir, workdir)
     before = (workdir / "config.json").read_text()
     with pytest.raises(jaxepochs.WorkdirError, match=re.escape(f"another config ({shown})")):
-        train.prepare_workdir(workdir, jaxepochs.apply_overrides(config, override), restart=False)
+        workdir_lib.prepare_workdir(workdir, jaxepochs.apply_overrides(config, override), restart=False)
     assert (workdir / "config.json").read_text() == before
 
 
@@ -392,7 +393,7 @@ def test_epochs_and_checkpoint_settings_may_change_on_resume(run6, tmp_path, ove
     workdir = tmp_path / "used"
     shutil.copytree(ref_workdir, workdir)
     config = jaxepochs.apply_overrides(config, override)
-    assert train.prepare_workdir(workdir, config, restart=False) is True
+    assert workdir_lib.prepare_workdir(workdir, config, restart=False) is True
     assert json.loads((workdir / "config.json").read_text()) == json.loads(config.to_json_best_effort())
 
 

@@ -10,16 +10,17 @@ import numpy as np
 import pytest
 
 from jaxepochs.core import optim as S
+from jaxepochs.host import config as config_lib
 
 
 def sched_cfg(**fields):
-    cfg = S.schedule_config()
+    cfg = config_lib.schedule_config()
     cfg.update(fields)
     return cfg
 
 
 def opt_cfg(name="sgd", learning_rate=1.0, momentum=0.0, schedule=None, **fields):
-    cfg = S.optimizer_config()
+    cfg = config_lib.optimizer_config()
     cfg.update(dict(name=name, learning_rate=learning_rate, momentum=momentum, **fields))
     if schedule is not None:
         cfg.schedule = schedule
@@ -44,13 +45,13 @@ def applied_rates(tx, num_steps, opt_state=None):
 
 
 def test_config_sections_have_the_documented_keys():
-    s = S.schedule_config()
+    s = config_lib.schedule_config()
     assert s.name == "constant" and s.warmup_epochs == 0.0 and s.decay_epochs == 0.0
     assert s.final_fraction == 0.0 and tuple(s.boundaries_epochs) == () and s.factor == 0.1
     assert (s.pct_start, s.div_factor, s.final_div_factor) == (0.3, 25.0, 1e4)
     assert {"rate_per_epoch", "patience", "cooldown", "min_learning_rate", "rtol", "atol"} <= set(s.keys())
     assert s.monitor == "val_loss"
-    o = S.optimizer_config()
+    o = config_lib.optimizer_config()
     assert set(o.keys()) == {"name", "learning_rate", "momentum", "b1", "b2", "weight_decay", "clip_norm", "schedule"}
     assert o.clip_norm == 0.0 and o.schedule.name == "constant"
 
@@ -149,7 +150,7 @@ def test_update_k_applies_schedule_k_and_state_holds_the_last_steps_rate(schedul
     assert float(S.learning_rate_of(opt_state)) == pytest.approx(expected[spe - 1], rel=1e-5, abs=1e-8)
     rates, opt_state = applied_rates(tx, spe * (epochs - 1), opt_state)
     np.testing.assert_allclose(rates, expected[spe:], rtol=1e-5, atol=1e-8)
-    assert float(opt_state.hyperparams["learning_rate"]) == pytest.approx(expected[-1], rel=1e-5, abs=1e-8)
+    assert float(S.learning_rate_of(opt_state)) == pytest.approx(expected[-1], rel=1e-5, abs=1e-8)
 
 
 def test_clip_norm_bounds_the_update_and_keeps_the_rate_readable():
@@ -160,7 +161,7 @@ def test_clip_norm_bounds_the_update_and_keeps_the_rate_readable():
     state = clipped.init(params)
     updates, state = jax.jit(clipped.update)(grads, state, params)
     assert norm(updates) == pytest.approx(1.0, rel=1e-5)
-    assert float(state.hyperparams["learning_rate"]) == 1.0
+    assert float(S.learning_rate_of(state)) == 1.0
     small = jax.tree.map(lambda g: g / 1000, grads)  # norm 0.1 < 1: untouched
     updates, _ = jax.jit(clipped.update)(small, state, params)
     assert norm(updates) == pytest.approx(norm(small), rel=1e-5)
@@ -172,12 +173,12 @@ def test_clip_norm_bounds_the_update_and_keeps_the_rate_readable():
 def test_momentum_and_weight_decay_are_hyperparams():
     params = jnp.zeros(3)
     sgd = S.make_optimizer(opt_cfg(name="sgd", momentum=0.8), 2, 1).init(params)
-    assert float(sgd.hyperparams["momentum"]) == pytest.approx(0.8)
+    assert float(sgd.hparams.momentum) == pytest.approx(0.8)
     adamw = S.make_optimizer(opt_cfg(name="adamw", weight_decay=0.05, clip_norm=2.0), 2, 1).init(params)
-    assert float(adamw.hyperparams["weight_decay"]) == pytest.approx(0.05)
-    assert float(adamw.hyperparams["learning_rate"]) == 1.0
+    assert float(adamw.hparams.weight_decay) == pytest.approx(0.05)
+    assert float(S.learning_rate_of(adamw)) == 1.0
     adam = S.make_optimizer(opt_cfg(name="adam", learning_rate=3e-3), 2, 1).init(params)
-    assert float(adam.hyperparams["learning_rate"]) == pytest.approx(3e-3)
+    assert float(S.learning_rate_of(adam)) == pytest.approx(3e-3)
 
 
 def test_optimizer_section_without_schedule_keys_is_a_constant_rate():

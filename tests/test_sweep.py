@@ -125,7 +125,7 @@ def test_one_program_per_shape_group_not_per_run(tmp_path, compile_counter):
 
 
 def test_a_group_of_one_run_trains_as_that_run_alone(tmp_path):
-    """Each width is its own group of one run: trained as `jaxepochs run` trains it (the same programs, so the
+    """Each width is its own group of one run: a chunk of one is the program `jaxepochs run` trains it with (so the
     same numbers exactly); a diverging one ends at its last good epoch without stopping the sweep."""
     base = tiny_config({"train.epochs": "3", "optimizer.name": "sgd"})
     grid = grid_lib.expand(base, {"model.hidden_sizes": "(8,),(12,)", "optimizer.learning_rate": "0.1,1e30"})
@@ -140,8 +140,9 @@ def test_a_group_of_one_run_trains_as_that_run_alone(tmp_path):
     assert _untimed(result.histories[good["run"]]) == _untimed(alone.history)
     assert good["final_test_accuracy"] == alone.summary["test_accuracy"]
     assert good["best_epoch"] == alone.summary["best_epoch"] and good["epochs_run"] == 3
-    assert diverged["epochs_run"] < 3 and diverged["stopped_epoch"] == 0
-    assert sorted(p.name for p in (tmp_path / "sweep" / "chunks").iterdir()) == ["group0_alone", "group1_alone"]
+    assert diverged["epochs_run"] < 3 and diverged["stop_reason"] == "non_finite_loss"
+    assert diverged["stopped_epoch"] == diverged["epochs_run"] + 1  # as a run's summary names it
+    assert sorted(p.name for p in (tmp_path / "sweep" / "chunks").iterdir()) == ["group0_chunk0", "group1_chunk0"]
 
 
 def test_chunks_sharded_over_two_devices_match_one_run_at_a_time(tmp_path):

@@ -20,7 +20,6 @@ ROW_KEYS = {
     "val_loss",
     "val_accuracy",
     "learning_rate",
-    "train_seconds",
     "seconds",
 }
 SUMMARY_KEYS = {
@@ -268,22 +267,23 @@ def test_next_epoch_is_dispatched_before_the_previous_epochs_metrics_are_fetched
     from jaxepochs.host import run as train
 
     events = []
-    compile_run = train.compile_run
+    compile_programs = train.compile_programs
 
-    def recording_compile_run(*args, **kwargs):
-        compiled = compile_run(*args, **kwargs)
+    def recording_compile_programs(*args, **kwargs):
+        programs = compile_programs(*args, **kwargs)
 
-        def train_epoch(state, x, y, epoch):
-            events.append(("dispatch", int(epoch)))
-            return compiled.train_epoch(state, x, y, epoch)
+        def run_epochs(carry, first_epoch, count):
+            events.append(("dispatch", first_epoch))
+            return programs.run_epochs(carry, first_epoch, count)
 
-        return compiled._replace(train_epoch=train_epoch)
+        return programs._replace(run_epochs=run_epochs)
 
     write = train.report.MetricsLog.write
-    monkeypatch.setattr(train, "compile_run", recording_compile_run)
+    monkeypatch.setattr(train, "compile_programs", recording_compile_programs)
     monkeypatch.setattr(
         train.report.MetricsLog, "write", lambda log, row: (events.append(("log", row["epoch"])), write(log, row))
     )
-    result = jaxepochs.train_and_evaluate(tiny_config({"train.epochs": "3"}), tmp_path, quiet=True)
+    config = tiny_config({"train.epochs": "3", "train.epochs_per_call": "1"})
+    result = jaxepochs.train_and_evaluate(config, tmp_path, quiet=True)
     assert events == [("dispatch", 1), ("dispatch", 2), ("log", 1), ("dispatch", 3), ("log", 2), ("log", 3)]
     assert 0 <= result.summary["host_seconds_per_epoch"] < max(row["seconds"] for row in result.history)

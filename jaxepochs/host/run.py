@@ -301,17 +301,17 @@ def train_and_evaluate(
     finally:
         if ckpt is not None:
             ckpt.close()
-    state, summary = finish(run, programs, trained, history, timings)
-    report.write_json(workdir / "summary.json", summary)
-    if plot:
-        report.plot_curves(history, workdir / "curves.png", f"{run.dataset.name} {config.model.name}")
-    _report_end(summary, workdir, progress)
     if trained.interrupted:
         progress.message(
             f"Interrupted after epoch {len(history)}; checkpoint saved in {workdir}. Run the same command again "
             "to resume."
         )
         raise KeyboardInterrupt
+    state, summary = finish(run, programs, trained, history, timings)
+    report.write_json(workdir / "summary.json", summary)
+    if plot:
+        report.plot_curves(history, workdir / "curves.png", f"{run.dataset.name} {config.model.name}")
+    _report_end(summary, workdir, progress)
     if trained.non_finite_epoch:
         raise NonFiniteLossError(
             f"Training loss became non-finite in epoch {trained.non_finite_epoch}; the run stopped and kept the "

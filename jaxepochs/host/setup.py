@@ -34,6 +34,8 @@ class Pieces(NamedTuple):
     may_stop: bool  # early stopping is enabled (otherwise the tracker only tracks the best epoch)
     plateau: optim.PlateauState | None
     steps_per_epoch: int
+    init_params: Any  # jitted (seed, x_1f) -> (params, run key): see init_params_program
+    start: Any  # jitted (params, run key, OptHParams) -> the run's carry with a run axis of 1
 
 
 def check_shapes(config: ml_collections.ConfigDict, dataset: data_lib.Dataset, n_train: int | None = None) -> None:
@@ -78,7 +80,9 @@ def make_pieces(config, num_classes: int, steps_per_epoch: int, has_validation: 
     except ValueError as e:
         raise config_lib.ConfigError(str(e)) from None
     tracker, may_stop = make_tracker(config, has_validation)
-    return Pieces(models.make_model(config.model, num_classes), tx, tracker, may_stop, plateau, steps)
+    model = models.make_model(config.model, num_classes)
+    pieces = Pieces(model, tx, tracker, may_stop, plateau, steps, init_params_program(model), None)
+    return pieces._replace(start=jax.jit(functools.partial(_start, pieces)))
 
 
 def run_spec(config, pieces: Pieces, eval_sizes: dict[str, int], data_axes: dict | None = None) -> program_lib.RunSpec:
@@ -137,12 +141,11 @@ def _start(pieces: Pieces, params, run_key, opt_hparams) -> program_lib.RunCarry
 def init_carries(pieces: Pieces, seeds: list[int], opt_hparams: list[optim.OptHParams], x_1f):
     """The carry of runs with these seeds and optimizer hyperparameters, stacked on a leading run axis: each run's
     parameters from the init program (compiled once), its optimizer state from a second small program."""
-    init, start = init_params_program(pieces.model), jax.jit(functools.partial(_start, pieces))
     x_1f = jnp.asarray(x_1f[:1])
     parts = []
     for seed, hparams in zip(seeds, opt_hparams, strict=True):
-        params, run_key = init(jnp.asarray(seed, jnp.uint32), x_1f)
-        parts.append(start(params, run_key, optim.OptHParams(*(np.float32(v) for v in hparams))))
+        params, run_key = pieces.init_params(jnp.asarray(seed, jnp.uint32), x_1f)
+        parts.append(pieces.start(params, run_key, optim.OptHParams(*(np.float32(v) for v in hparams))))
     if len(parts) == 1:
         return parts[0]
     return jax.tree.map(lambda *leaves: np.concatenate(leaves), *jax.device_get(parts))

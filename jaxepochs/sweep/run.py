@@ -204,7 +204,8 @@ def _train_chunk(group: _Group, runs, chunk_size: int, workdir: pathlib.Path, pr
 
         def save(carry, epoch: int) -> None:
             if ckpt is not None and epoch > 0:
-                ckpt.save(epoch, checkpoint_lib.arrays_of(carry), {"epoch": epoch, "histories": histories})
+                copied = {name: list(rows) for name, rows in histories.items()}  # orbax writes it later
+                ckpt.save(epoch, checkpoint_lib.arrays_of(carry), {"epoch": epoch, "histories": copied})
 
         checkpoints = cadence.Periodic(config.checkpoint.every_epochs, config.checkpoint.every_seconds, enabled=enabled)
         pace = cadence.Pace(

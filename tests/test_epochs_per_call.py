@@ -1,4 +1,5 @@
-"""`train.epochs_per_call` > 1: many epochs per compiled call give the same run as one epoch per call."""
+"""Epochs per compiled call (`train.epochs_per_call`: N, or 0 for the host's pace) never change a run: the same
+run program runs every epoch, so the rows and states are equal bit for bit whatever the calls' sizes."""
 
 from __future__ import annotations
 
@@ -30,20 +31,24 @@ def _run(tmp_path, name: str, overrides: dict):
     return result, _rows(workdir), json.loads((workdir / "summary.json").read_text())
 
 
-def test_fused_epochs_match_one_epoch_per_call(tmp_path):
+def _same(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("per_call", ["3", "0"], ids=["three", "automatic"])
+def test_many_epochs_per_call_equal_one_epoch_per_call(tmp_path, per_call):
     common = {"train.epochs": "7", "train.log_test": "True", "train.test_every": "3"}
-    one, one_rows, one_summary = _run(tmp_path, "one", common)
-    fused, fused_rows, fused_summary = _run(tmp_path, "fused", {**common, "train.epochs_per_call": "3"})
-    assert len(fused_rows) == 7  # calls of 3, 3 and 1 epochs
-    for a, b in zip(_untimed(one_rows), _untimed(fused_rows), strict=True):
-        assert a.keys() == b.keys()
-        for key in a:
-            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+    one, one_rows, one_summary = _run(tmp_path, "one", {**common, "train.epochs_per_call": "1"})
+    # Automatic: a pace of 1 ms per call still grows the calls past one epoch after the first.
+    pace = {"train.host_interval_seconds": "0.001"} if per_call == "0" else {}
+    many, many_rows, many_summary = _run(tmp_path, "many", {**common, "train.epochs_per_call": per_call, **pace})
+    assert len(many_rows) == 7
+    assert _untimed(one_rows) == _untimed(many_rows)
     # The test split is evaluated on epochs 3 and 6 and after the last one only.
-    assert [row["epoch"] for row in fused_rows if "test_loss" in row] == [3, 6, 7]
-    assert fused_summary["best_epoch"] == one_summary["best_epoch"]
-    for a, b in zip(jax.tree.leaves(one.state.params), jax.tree.leaves(fused.state.params), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert [row["epoch"] for row in many_rows if "test_loss" in row] == [3, 6, 7]
+    assert many_summary["best_epoch"] == one_summary["best_epoch"]
+    _same(one.state, many.state)
 
 
 def test_fused_early_stopping_stops_at_the_same_epoch_and_restores_best(tmp_path):
@@ -55,14 +60,16 @@ def test_fused_early_stopping_stops_at_the_same_epoch_and_restores_best(tmp_path
         "model.hidden_sizes": "(64,)",
         "optimizer.learning_rate": "0.03",
     }
-    one, one_rows, one_summary = _run(tmp_path, "one", stop)
+    one, one_rows, one_summary = _run(tmp_path, "one", {**stop, "train.epochs_per_call": "1"})
     fused, fused_rows, fused_summary = _run(tmp_path, "fused", {**stop, "train.epochs_per_call": "8"})
     assert one_summary["stop_reason"] == fused_summary["stop_reason"] == "patience"
     assert fused_summary["stopped_epoch"] == one_summary["stopped_epoch"] < 30
     assert len(fused_rows) == len(one_rows) == one_summary["stopped_epoch"]  # nothing past the stop is logged
+    assert _untimed(fused_rows) == _untimed(one_rows)
     assert fused_summary["best_epoch"] == one_summary["best_epoch"]
-    assert fused_summary["val_loss"] == pytest.approx(one_summary["val_loss"], rel=1e-5)  # the best epoch's
-    assert fused_summary["val_loss"] == pytest.approx(fused_rows[fused_summary["best_epoch"] - 1]["val_loss"], 1e-5)
+    assert fused_summary["val_loss"] == one_summary["val_loss"]  # the best epoch's
+    assert fused_summary["val_loss"] == pytest.approx(fused_rows[fused_summary["best_epoch"] - 1]["val_loss"], 1e-6)
+    _same(one.state, fused.state)
 
 
 def test_fused_non_finite_loss_keeps_the_last_good_epoch(tmp_path):
@@ -91,7 +98,8 @@ def test_fused_run_compiles_once(tmp_path, compile_counter):
 @pytest.mark.parametrize(
     ("key", "value", "match"),
     [
-        ("train.epochs_per_call", "0", r"train\.epochs_per_call.*1 or more"),
+        ("train.epochs_per_call", "-1", r"train\.epochs_per_call.*whole number >= 0"),
+        ("train.host_interval_seconds", "0", r"train\.host_interval_seconds.*positive"),
         ("train.test_every", "0", r"train\.test_every.*1 or more"),
     ],
 )
@@ -100,9 +108,21 @@ def test_bad_fused_settings(key, value, match):
         tiny_config({key: value})
 
 
-def test_fused_epochs_refuse_reduce_on_plateau():
-    with pytest.raises(config_lib.ConfigError, match=r"reduce_on_plateau.*epochs_per_call=1"):
-        tiny_config({"train.epochs_per_call": "5", "optimizer.schedule.name": "reduce_on_plateau"})
+def test_reduce_on_plateau_decides_inside_the_program_at_any_pace(tmp_path):
+    """The plateau's update is part of the run program: calls of 4 epochs give the rows of calls of 1."""
+    plateau = {
+        "train.epochs": "9",
+        "optimizer.learning_rate": "0.05",
+        "optimizer.schedule.name": "reduce_on_plateau",
+        "optimizer.schedule.patience": "1",
+        "optimizer.schedule.factor": "0.5",
+    }
+    one, one_rows, _ = _run(tmp_path, "one", {**plateau, "train.epochs_per_call": "1"})
+    four, four_rows, _ = _run(tmp_path, "four", {**plateau, "train.epochs_per_call": "4"})
+    rates = [row["learning_rate"] for row in one_rows]
+    assert rates[0] == pytest.approx(0.05) and min(rates) < 0.05  # the plateau reduced the rate
+    assert _untimed(four_rows) == _untimed(one_rows)
+    _same(one.state, four.state)
 
 
 def test_fused_resume_at_any_epoch_is_bit_exact(tmp_path):
