@@ -46,6 +46,26 @@ def test_early_stopping_stops_restores_best_and_records_it(tmp_path):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
+def test_rerunning_a_stopped_run_keeps_its_stop_in_the_summary(tmp_path):
+    """The same command again in the workdir of a run that stopped early resumes it, finds it stopped, and
+    writes the same summary (it rewrote it as stop_reason "completed", stopped_epoch 0)."""
+    config = tiny_config(
+        {
+            "train.epochs": "30",
+            "model.hidden_sizes": "(64,)",
+            "optimizer.learning_rate": "0.03",
+            "early_stopping.enabled": "True",
+            "early_stopping.patience": "1",
+        }
+    )
+    first = jaxepochs.train_and_evaluate(config, tmp_path, quiet=True).summary
+    assert first["stop_reason"] == "patience" and 0 < first["stopped_epoch"] < 30
+    again = jaxepochs.train_and_evaluate(config, tmp_path, quiet=True)
+    assert len(again.history) == first["epochs_completed"]
+    for key in ("stop_reason", "stopped_epoch", "best_epoch", "best_value", "epochs_completed", "val_loss"):
+        assert again.summary[key] == first[key], key
+
+
 def test_early_stopping_on_accuracy_uses_max_mode(tmp_path):
     config = tiny_config(
         {

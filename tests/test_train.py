@@ -7,10 +7,12 @@ import math
 import shutil
 
 import jax
+import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import REPO, tiny_config
 
 import jaxepochs
+from jaxepochs.host import config as config_lib
 
 ROW_KEYS = {
     "epoch",
@@ -176,6 +178,20 @@ def test_logistic_regression_on_digits(tmp_path):
     assert summary["num_test_examples"] == 360
     assert summary["test_accuracy"] > 0.7  # chance is 0.1; 0.84 here after two epochs
     assert len(_rows(tmp_path)) == 2
+    # load() reads the run back (it refused every non-MNIST-1D run: config.json's lists are not the tuples of
+    # data.args, so validation took them for MNIST-1D settings on another dataset).
+    loaded = jaxepochs.load(tmp_path)
+    for got, want in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(result.state.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.mark.parametrize(
+    "experiment", sorted(p.name for p in (REPO / "experiments").glob("*.py") if p.stem != "__init__")
+)
+def test_config_json_reads_back_as_the_config_that_wrote_it(experiment):
+    config = jaxepochs.load_config_file(REPO / "experiments" / experiment)
+    again = config_lib.from_json(config.to_json_best_effort())
+    assert again.to_dict() == config.to_dict()
 
 
 def test_used_workdir_resumes_or_needs_restart(base_run, tmp_path):

@@ -88,6 +88,17 @@ def batch_indices(key: jax.Array, epoch: jax.Array, num_examples: int, batch_siz
     return idx_sb, mask_sb
 
 
+def _class_sum(x_bc: jax.Array) -> jax.Array:
+    """x.sum(-1) in a fixed order: halves added pairwise. XLA's row reduction sums in an order that depends on
+    the shape around it (the number of runs in a sweep), so the same run's loss would differ in its last bit."""
+    width = 1 << max(x_bc.shape[-1] - 1, 0).bit_length()
+    x_bc = jnp.pad(x_bc, [(0, 0)] * (x_bc.ndim - 1) + [(0, width - x_bc.shape[-1])])
+    while x_bc.shape[-1] > 1:
+        half = x_bc.shape[-1] // 2
+        x_bc = x_bc[..., :half] + x_bc[..., half:]
+    return x_bc[..., 0]
+
+
 def cross_entropy(logits_bc: jax.Array, y_b: jax.Array) -> jax.Array:
     """-log softmax(logits)[y] per row [B], accurate to float32's relative precision at any confidence.
 
@@ -98,9 +109,9 @@ def cross_entropy(logits_bc: jax.Array, y_b: jax.Array) -> jax.Array:
     """
     is_label_bc = jnp.arange(logits_bc.shape[-1]) == y_b[:, None]
     # The answer's logit by a masked sum, not take_along_axis: a gather costs more than the whole loss on CPU.
-    z_bc = logits_bc - jnp.where(is_label_bc, logits_bc, 0.0).sum(-1, keepdims=True)
+    z_bc = logits_bc - _class_sum(jnp.where(is_label_bc, logits_bc, 0.0))[:, None]
     m_b = jax.lax.stop_gradient(z_bc.max(-1))  # the identity holds for any m; the max keeps exp() in range
-    others_b = jnp.where(is_label_bc, 0.0, jnp.exp(z_bc - m_b[:, None])).sum(-1)
+    others_b = _class_sum(jnp.where(is_label_bc, 0.0, jnp.exp(z_bc - m_b[:, None])))
     return m_b + jnp.log1p(others_b + jnp.expm1(-m_b))
 
 

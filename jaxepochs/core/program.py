@@ -130,14 +130,21 @@ def _one_epoch(spec: RunSpec, carry: RunCarry, splits, es_hparams, epoch, test_d
     return out, (train_m, val_m, test_m, learning_rate)
 
 
-def make_run_epochs(spec: RunSpec):
+def make_run_epochs(spec: RunSpec, axis_name: str | None = None):
     """run_epochs(carry, splits, es_hparams, first_epoch, num_epochs, last_epoch) -> (carry, EpochRows).
 
     `carry` and `es_hparams` have a leading run axis R; `splits` maps "train", "val", "test" to (x_n, y_n), with
     a run axis where `spec.data_axes` says 0. The call runs epochs first_epoch, first_epoch + 1, ... for at most
     min(num_epochs, K) epochs, and stops early once every run has halted; `last_epoch` is the run's last (the
-    test split is evaluated there)."""
+    test split is evaluated there). With `axis_name`, the runs are split over the devices of that mesh axis
+    (under `jax.shard_map`): each device runs this program on its own runs, and they agree on when to stop."""
     k = spec.epochs_per_call
+
+    def all_halted(halted):
+        done = jnp.all(halted)
+        if axis_name is not None:
+            done = jax.lax.pmin(done.astype(jnp.int32), axis_name) > 0
+        return done
 
     def run_epochs(
         carry: RunCarry, splits: dict, es_hparams: EarlyStoppingHParams, first_epoch, num_epochs, last_epoch
@@ -151,11 +158,11 @@ def make_run_epochs(spec: RunSpec):
         count = jnp.minimum(num_epochs, k)
 
         def cond(loop):
-            i, carry, _ = loop
-            return (i < count) & ~jnp.all(carry.halted)
+            i, _, _, done = loop
+            return (i < count) & ~done
 
         def body(loop):
-            i, carry, rows = loop
+            i, carry, rows, _ = loop
             epoch = first_epoch + i
             test_due = (epoch % spec.test_every == 0) | (epoch == last_epoch)
             trained = ~carry.halted
@@ -170,9 +177,10 @@ def make_run_epochs(spec: RunSpec):
                 i + 1,
                 carry.halted,
             )
-            return i + 1, carry, rows
+            return i + 1, carry, rows, all_halted(carry.halted)
 
-        _, carry, rows = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), carry, rows0))
+        start = (jnp.zeros((), jnp.int32), carry, rows0, all_halted(carry.halted))
+        _, carry, rows, _ = jax.lax.while_loop(cond, body, start)
         return carry, rows
 
     return run_epochs

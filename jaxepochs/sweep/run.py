@@ -10,6 +10,7 @@ config's checkpoint section). A chunk of one run is the run's own program: the s
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -22,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxepochs import models
 from jaxepochs.core import epoch as epoch_lib
@@ -119,13 +122,23 @@ class _Group:
         trackers = [setup.make_tracker(r.config, self.has_val)[0] for r in runs]
         return carry, setup.es_hparams(trackers)
 
-    def compile(self, carry, splits, es_hparams) -> tuple:
+    def compile(self, carry, splits, es_hparams, sharding) -> tuple:
+        """The run program and the final evaluation of a chunk; with `sharding`, each device runs them on its
+        share of the runs (`jax.shard_map`): per device the very program a run alone compiles, on fewer runs."""
         start = time.perf_counter()
         one = jnp.asarray(1, jnp.int32)
-        run_epochs = jax.jit(program_lib.make_run_epochs(self.spec))
-        run_epochs = run_epochs.lower(carry, splits, es_hparams, one, one, one).compile()
+        run_epochs = program_lib.make_run_epochs(self.spec, "runs" if sharding is not None else None)
+        evaluate = program_lib.make_evaluate(self.final_spec)
         test = {"test": (jnp.asarray(self.dataset.test.x), jnp.asarray(self.dataset.test.y))}
-        evaluate = jax.jit(program_lib.make_evaluate(self.final_spec)).lower(carry.best_params, test).compile()
+        if sharding is not None:
+            runs, shared = P("runs"), P()
+            data = {name: runs if self.spec.data_axes.get(name) == 0 else shared for name in splits}
+            rows = program_lib.EpochRows(runs, runs, runs, runs, runs, shared, runs)
+            over = functools.partial(jax.shard_map, mesh=sharding.mesh, check_vma=False)
+            run_epochs = over(run_epochs, in_specs=(runs, data, runs, shared, shared, shared), out_specs=(runs, rows))
+            evaluate = over(evaluate, in_specs=(runs, {"test": shared}), out_specs=runs)
+        run_epochs = jax.jit(run_epochs).lower(carry, splits, es_hparams, one, one, one).compile()
+        evaluate = jax.jit(evaluate).lower(carry.best_params, test).compile()
         return run_epochs, evaluate, test, time.perf_counter() - start
 
 
@@ -134,9 +147,7 @@ def _sharding(chunk: int):
     devices = jax.devices()
     if len(devices) < 2 or chunk % len(devices):
         return None
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-    return NamedSharding(Mesh(np.array(devices), ("runs",)), PartitionSpec("runs"))
+    return NamedSharding(Mesh(np.array(devices), ("runs",)), P("runs"))
 
 
 def _restore(ckpt, group: _Group, carry, progress) -> tuple:
@@ -170,7 +181,7 @@ def _train_chunk(group: _Group, runs, chunk_size: int, workdir: pathlib.Path, pr
     key = (chunk_size, sharding is not None)  # the chunks of a group share their size: one program for all
     compile_seconds = 0.0
     if key not in group.programs:
-        *programs, compile_seconds = group.compile(carry, splits, es_hparams)
+        *programs, compile_seconds = group.compile(carry, splits, es_hparams, sharding)
         group.programs[key] = programs
     run_epochs, evaluate, test = group.programs[key]
     histories = {run.name: [] for run in runs}
