@@ -296,3 +296,18 @@ def test_cross_entropy_matches_optax_and_stays_accurate_when_nearly_certain():
     np.testing.assert_allclose(
         epoch_lib.cross_entropy(wrong, jnp.asarray([0])), 80.0 + np.log1p(np.exp(-80) + np.exp(-85)), rtol=1e-6
     )
+
+
+def test_permuting_the_split_whole_equals_gathering_each_batch():
+    """Small splits are permuted once per epoch and sliced; large ones gather per batch: the same batches, so the
+    same epoch, bit for bit."""
+    x, y = _problem(103)
+    apply_fn, tx, state = _model_and_state(x)
+    outcomes = []
+    for permute_whole in (True, False):
+        epoch = functools.partial(
+            epoch_lib.train_epoch, apply_fn=apply_fn, tx=tx, batch_size=10, permute_whole=permute_whole
+        )
+        outcomes.append(jax.jit(epoch)(state, x, y, jnp.asarray(3, jnp.int32)))
+    for a, b in zip(jax.tree.leaves(outcomes[0]), jax.tree.leaves(outcomes[1]), strict=True):
+        np.testing.assert_array_equal(a, b)

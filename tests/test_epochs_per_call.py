@@ -31,18 +31,40 @@ def _run(tmp_path, name: str, overrides: dict):
     return result, _rows(workdir), json.loads((workdir / "summary.json").read_text())
 
 
+def _record_calls(monkeypatch) -> list[tuple[int, int]]:
+    """Records the (first epoch, epochs) of every call of the run program."""
+    from jaxepochs.host import run as run_lib
+
+    calls = []
+    compile_programs = run_lib.compile_programs
+
+    def recording(*args, **kwargs):
+        programs = compile_programs(*args, **kwargs)
+
+        def run_epochs(carry, first_epoch, count):
+            calls.append((first_epoch, count))
+            return programs.run_epochs(carry, first_epoch, count)
+
+        return programs._replace(run_epochs=run_epochs)
+
+    monkeypatch.setattr(run_lib, "compile_programs", recording)
+    return calls
+
+
 def _same(a, b):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(x, y)
 
 
 @pytest.mark.parametrize("per_call", ["3", "0"], ids=["three", "automatic"])
-def test_many_epochs_per_call_equal_one_epoch_per_call(tmp_path, per_call):
+def test_many_epochs_per_call_equal_one_epoch_per_call(tmp_path, monkeypatch, per_call):
     common = {"train.epochs": "7", "train.log_test": "True", "train.test_every": "3"}
     one, one_rows, one_summary = _run(tmp_path, "one", {**common, "train.epochs_per_call": "1"})
-    # Automatic: a pace of 1 ms per call still grows the calls past one epoch after the first.
-    pace = {"train.host_interval_seconds": "0.001"} if per_call == "0" else {}
-    many, many_rows, many_summary = _run(tmp_path, "many", {**common, "train.epochs_per_call": per_call, **pace})
+    calls = _record_calls(monkeypatch)
+    many, many_rows, many_summary = _run(tmp_path, "many", {**common, "train.epochs_per_call": per_call})
+    # Automatic: one epoch, one more dispatched before the first is measured, then the rest (7 epochs take far
+    # less than the 0.5 s interval).
+    assert calls == ([(1, 3), (4, 3), (7, 1)] if per_call == "3" else [(1, 1), (2, 1), (3, 5)])
     assert len(many_rows) == 7
     assert _untimed(one_rows) == _untimed(many_rows)
     # The test split is evaluated on epochs 3 and 6 and after the last one only.
