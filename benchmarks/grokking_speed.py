@@ -20,10 +20,12 @@ import jax
 import jax.numpy as jnp
 
 import jaxepochs
-from jaxepochs import config as config_lib
-from jaxepochs import data as data_lib
-from jaxepochs import epoch as epoch_lib
-from jaxepochs import models, schedules, train
+from jaxepochs import models
+from jaxepochs.core import epoch as epoch_lib
+from jaxepochs.core import optim as schedules
+from jaxepochs.data import loading as data_lib
+from jaxepochs.host import config as config_lib
+from jaxepochs.host import setup
 
 
 def full_causal(p, tokens_bt):
@@ -42,7 +44,7 @@ def plain_seconds_per_epoch(config, epochs: int) -> float:
     dataset = data_lib.load_dataset(config, quiet=True)
     model = models.make_model(config.model, dataset.num_classes)
     tx = schedules.make_optimizer(config.optimizer, 1, config.train.epochs)
-    state = train.init_state(model, tx, 0, dataset.train.x)
+    state = setup.init_state(model, tx, 0, dataset.train.x)
     x, y = jnp.asarray(dataset.train.x), jnp.asarray(dataset.train.y)
     xt, yt = jnp.asarray(dataset.test.x), jnp.asarray(dataset.test.y)
     step = jax.jit(lambda s, e: epoch_lib.train_epoch(s, x, y, e, apply_fn=full_causal, tx=tx, batch_size=x.shape[0]))

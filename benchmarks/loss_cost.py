@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxepochs import epoch as epoch_lib
+from jaxepochs.core import epoch as epoch_lib
 
 STEPS = 1400
 

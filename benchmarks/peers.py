@@ -8,8 +8,8 @@
 Workloads: the MNIST-1D MLP and CNN (experiments/mnist1d_mlp.py, mnist1d_cnn.py: batch 100, Adam 1e-2), logistic
 regression on the 8x8 digits at batch size 1 (experiments/digits_logreg.py: SGD 1e-2; the per-step overhead case)
 and scaling: the MLP on 1x, 4x and 16x tiled copies of the MNIST-1D training split. The parent reads each dataset
-once with `jaxepochs.data.load_dataset` and takes the initial parameters from `jaxepochs.train.init_state` (what a
-run starts from); every contender trains from those arrays and parameters.
+once with `jaxepochs.data.loading.load_dataset` and takes the initial parameters from
+`jaxepochs.host.setup.init_state` (what a run starts from); every contender trains from those arrays and parameters.
 
 Each contender runs in its own subprocess (`--one WORKLOAD CONTENDER`), so peak RSS is its own and Keras and
 PyTorch never share a process with jaxepochs:
@@ -102,8 +102,8 @@ def _from_ends(start: float, ends: list[float], final_loss: float, steps: int) -
 
 
 def run_jaxepochs(data: dict, meta: dict, epochs: int, checkpoints: bool) -> dict:
-    from jaxepochs import config as config_lib
-    from jaxepochs import train
+    from jaxepochs.host import config as config_lib
+    from jaxepochs.host import run as train
 
     with tempfile.TemporaryDirectory() as tmp:
         overrides = {"train.epochs": str(epochs), "train.compilation_cache_dir": f"{tmp}/xla"}
@@ -177,8 +177,8 @@ def run_train_epoch(data: dict, meta: dict, epochs: int) -> dict:
     import jax.numpy as jnp
     import ml_collections
 
-    from jaxepochs import epoch as epoch_lib
-    from jaxepochs import schedules
+    from jaxepochs.core import epoch as epoch_lib
+    from jaxepochs.core import optim as schedules
 
     start = time.perf_counter()
     model = _flax_model(meta)
@@ -356,16 +356,18 @@ def prepare(name: str, tmp: str) -> str:
     """Reads the workload's dataset and jaxepochs' initial parameters once, for every contender."""
     import jax
 
-    from jaxepochs import config as config_lib
-    from jaxepochs import data as data_lib
-    from jaxepochs import models, schedules, train
+    from jaxepochs import models
+    from jaxepochs.core import optim as schedules
+    from jaxepochs.data import loading as data_lib
+    from jaxepochs.host import config as config_lib
+    from jaxepochs.host import setup
 
     experiment = f"experiments/{WORKLOADS[name].experiment}.py"
     config = config_lib.load_config_file(ROOT / experiment)
     dataset = data_lib.load_dataset(config, quiet=True)
     model = models.make_model(config.model, dataset.num_classes)
     tx = schedules.make_optimizer(config.optimizer, 1, config.train.epochs)
-    state = train.init_state(model, tx, config.seed, dataset.train.x)  # what train_and_evaluate starts from
+    state = setup.init_state(model, tx, config.seed, dataset.train.x)  # what train_and_evaluate starts from
     meta = {
         "experiment": experiment,
         "model": config.model.to_dict(),

@@ -26,10 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxepochs import config as config_lib
-from jaxepochs import data as data_lib
-from jaxepochs import epoch as epoch_lib
-from jaxepochs import models, train
+from jaxepochs import models
+from jaxepochs.core import epoch as epoch_lib
+from jaxepochs.data import loading as data_lib
+from jaxepochs.host import config as config_lib
+from jaxepochs.host import run as train
 
 
 def _median_seconds(fn, repeats: int) -> float:

@@ -25,10 +25,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxepochs import config as config_lib
-from jaxepochs import data as data_lib
-from jaxepochs import epoch as epoch_lib
-from jaxepochs import models, schedules, train
+from jaxepochs import models
+from jaxepochs.core import epoch as epoch_lib
+from jaxepochs.core import optim as schedules
+from jaxepochs.data import loading as data_lib
+from jaxepochs.host import config as config_lib
+from jaxepochs.host import setup
 
 
 def main() -> None:
@@ -76,8 +78,8 @@ def main() -> None:
 
         return jax.lax.scan(body, (params, opt_state), (x_sbf, y_sb))[0]
 
-    state = train.init_state(model, scheduled, config.seed, dataset.train.x)
-    plain_state = train.init_state(model, plain, config.seed, dataset.train.x)
+    state = setup.init_state(model, scheduled, config.seed, dataset.train.x)
+    plain_state = setup.init_state(model, plain, config.seed, dataset.train.x)
     shipped = functools.partial(epoch_lib.train_epoch, apply_fn=apply_fn, batch_size=batch_size)
     variants = {
         "jaxepochs train_epoch": (functools.partial(shipped, tx=scheduled), (state, x_nf, y_n, epoch)),

@@ -22,8 +22,8 @@ import time
 import jax
 
 import jaxepochs
-from jaxepochs import config as config_lib
-from jaxepochs import sweep_grid
+from jaxepochs.host import config as config_lib
+from jaxepochs.sweep import grid as sweep_grid
 
 
 def fresh_cache(directory: str) -> None:

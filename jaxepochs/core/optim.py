@@ -243,14 +243,16 @@ class Optimizer:
     shape: optax.Schedule  # the schedule of peak 1, of the 0-based step index
     defaults: tuple[float, ...]  # OptHParams' values for `init`
     clip_norm: float = 0.0
+    momentum: bool = True  # sgd: keep a momentum trace (False where momentum is 0: no trace to keep or update)
 
     def init(self, params) -> OptState:
         hparams = OptHParams(*(jnp.asarray(v, jnp.float32) for v in self.defaults))
         zeros = lambda: jax.tree.map(jnp.zeros_like, params)
         one = jnp.ones((), jnp.float32)
         count = jnp.zeros((), jnp.int32)
+        mu = zeros() if self.name != "sgd" or self.momentum else None
         nu = None if self.name == "sgd" else zeros()
-        return OptState(count, self._shape_at(count), hparams, one, one, zeros(), nu)
+        return OptState(count, self._shape_at(count), hparams, one, one, mu, nu)
 
     def _shape_at(self, count: jax.Array) -> jax.Array:
         return jnp.asarray(self.shape(count), jnp.float32)
@@ -263,8 +265,8 @@ class Optimizer:
         rate = h.learning_rate * shape * h.scale
         b1_power, b2_power, nu = state.b1_power, state.b2_power, state.nu
         if self.name == "sgd":  # optax.sgd: trace (mu = g + momentum * mu), then -rate * mu
-            mu = jax.tree.map(lambda g, t: g + h.momentum * t, grads, state.mu)
-            direction = mu
+            mu = jax.tree.map(lambda g, t: g + h.momentum * t, grads, state.mu) if self.momentum else None
+            direction = mu if self.momentum else grads
         else:  # optax.adam's moments and bias correction; adamw adds the decayed weights
             mu = jax.tree.map(lambda g, t: (1 - h.b1) * g + h.b1 * t, grads, state.mu)
             nu = jax.tree.map(lambda g, t: (1 - h.b2) * (g * g) + h.b2 * t, grads, state.nu)
@@ -305,7 +307,7 @@ def make_optimizer(spec: Mapping[str, Any], steps_per_epoch: int, total_epochs: 
     if clip_norm < 0:
         raise ValueError(f"config.optimizer.clip_norm = {clip_norm!r}. Use 0 (off) or a positive global norm.")
     shape = make_schedule(o["schedule"], 1.0, steps_per_epoch, total_epochs)
-    return Optimizer(o["name"], shape, tuple(hparams_of(o)), clip_norm)
+    return Optimizer(o["name"], shape, tuple(hparams_of(o)), clip_norm, momentum=float(o["momentum"]) != 0.0)
 
 
 def learning_rate_of(opt_state: OptState, plateau_state: PlateauState | None = None) -> jax.Array:

@@ -131,6 +131,13 @@ def init_params_program(model):
     return jax.jit(functools.partial(_init_params, model))
 
 
+def init_state(model, tx, seed: int, x) -> epoch_lib.TrainState:
+    """A run's initial TrainState (no run axis), as the run program starts it: for benchmarks and the core's
+    functions used directly."""
+    params, run_key = init_params_program(model)(jnp.asarray(seed, jnp.uint32), jnp.asarray(x[:1]))
+    return epoch_lib.TrainState(params, jax.jit(tx.init)(params), jnp.zeros((), jnp.int32), run_key)
+
+
 def _start(pieces: Pieces, params, run_key, opt_hparams) -> program_lib.RunCarry:
     opt_state = pieces.tx.init(params)._replace(hparams=opt_hparams)
     state = epoch_lib.TrainState(params, opt_state, jnp.zeros((), jnp.int32), run_key)

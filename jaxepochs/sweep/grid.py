@@ -135,9 +135,11 @@ def expand(base, specs: dict[str, str], random: int = 0, random_seed: int = 0) -
 
 
 def program_key(config) -> str:
-    """Everything but the traced values: runs with equal keys share one compiled program."""
+    """Everything but the traced values: runs with equal keys share one compiled program. (Momentum 0 is not
+    traced: sgd without momentum keeps no trace, a program of its own.)"""
     flat = config_lib.flatten(config)
-    return repr(sorted((k, repr(v)) for k, v in flat.items() if k not in TRACED))
+    static = sorted((k, repr(v)) for k, v in flat.items() if k not in TRACED)
+    return repr([*static, ("optimizer.momentum is 0", flat["optimizer.momentum"] == 0)])
 
 
 def make_runs(base, grid: list[dict[str, str]], cv: int = 0) -> list[Run]:
