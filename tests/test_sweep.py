@@ -78,60 +78,82 @@ def test_bad_sweep_specifications(specs, random, match):
         grid_lib.expand(tiny_config(), specs, random)
 
 
-def test_each_run_of_a_sweep_equals_the_same_run_alone_and_stops_on_its_own(tmp_path):
-    """4 runs (2 learning rates x 2 patiences) in one program, against each trained alone, epoch by epoch: the
-    impatient runs stop early and are frozen while the others train on."""
-    base = tiny_config(
-        {
-            **PER_CALL,
-            "train.epochs": "9",
-            "model.hidden_sizes": "(64,)",
-            "early_stopping.enabled": "True",
-            "early_stopping.restore_best": "True",
-        }
-    )
-    grid = grid_lib.expand(base, {"optimizer.learning_rate": "5e-3,3e-2", "early_stopping.patience": "1,50"})
-    result = jaxepochs.sweep(base, grid, tmp_path / "sweep", quiet=True)
-    assert len(result.histories) == 4
-    lengths = {name: len(rows) for name, rows in result.histories.items()}
-    assert lengths["r1"] == lengths["r3"] == 9 and lengths["r2"] < 9  # r2 (lr 3e-2, patience 1) stopped
-    for name, values in zip(sorted(result.histories), grid, strict=True):
-        alone = jaxepochs.train_and_evaluate(
-            jaxepochs.apply_overrides(base, values), tmp_path / f"alone_{name}", quiet=True
-        )
-        _close(result.histories[name], alone.history)
-        row = next(r for r in result.results if r["run"] == name)
-        assert row["stopped_epoch"] == alone.summary["stopped_epoch"]
-        assert row["best_epoch"] == alone.summary["best_epoch"]
-        assert row["final_test_accuracy"] == pytest.approx(alone.summary["test_accuracy"], abs=2e-3)
-
-
-SWEEP_AND_SOLO = """
+# Sweeps against the same runs trained alone, in a process with one device: there the member's arithmetic is
+# its solo run's, bit for bit. (This process has two devices, on which XLA's CPU kernels for a batch of runs sum
+# in another order than for one run: the last bits differ, and training's chaos grows them.)
+SWEEPS_AND_SOLO_RUNS = """
 import json, sys
 import jaxepochs
 from jaxepochs.sweep import grid as grid_lib
-base = jaxepochs.apply_overrides(jaxepochs.load_config_file(sys.argv[1]), {"train.epochs": "10"})
-grid = grid_lib.expand(base, {"optimizer.learning_rate": "0.001,0.01", "seed": "0,1"})
-swept = jaxepochs.sweep(base, grid, sys.argv[2] + "/sweep", quiet=True)
-alone = jaxepochs.train_and_evaluate(jaxepochs.apply_overrides(base, grid[3]), sys.argv[2] + "/run", quiet=True)
-untimed = lambda rows: [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
-print(json.dumps([grid[3], untimed(swept.histories["r3"]), untimed(alone.history), swept.summaries["r3"]["test_loss"],
-                  alone.summary["test_loss"]]))
+
+
+def compare(base, specs, workdir, alone_runs):
+    grid = grid_lib.expand(base, specs)
+    swept = jaxepochs.sweep(base, grid, workdir + "/sweep", quiet=True)
+    untimed = lambda rows: [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+    out = {}
+    for i in alone_runs:
+        name = sorted(swept.histories)[i]
+        alone = jaxepochs.train_and_evaluate(jaxepochs.apply_overrides(base, grid[i]), f"{workdir}/{name}", quiet=True)
+        keys = ("stop_reason", "stopped_epoch", "best_epoch", "test_loss", "test_accuracy")
+        out[name] = [grid[i], untimed(swept.histories[name]), untimed(alone.history),
+                     [swept.summaries[name][k] for k in keys], [alone.summary[k] for k in keys]]
+    return out
+
+
+default = jaxepochs.apply_overrides(jaxepochs.load_config_file(sys.argv[1]), {"train.epochs": "10"})
+stopping = jaxepochs.apply_overrides(jaxepochs.base_config(), json.loads(sys.argv[3]))
+print(json.dumps({
+    "default": compare(default, {"optimizer.learning_rate": "0.001,0.01", "seed": "0,1"}, sys.argv[2] + "/d", [3]),
+    "stopping": compare(stopping, {"optimizer.learning_rate": "5e-3,3e-2", "early_stopping.patience": "1,50"},
+                        sys.argv[2] + "/s", [0, 1, 2, 3]),
+}))
 """
 
 
-def test_a_sweep_member_equals_its_solo_run_bit_for_bit_on_one_device(tmp_path):
-    """The case that parted in the 3rd epoch (val_loss 1.3270 against 1.3287) when the sweep and the run were two
-    programs: the default experiment, 2 learning rates x 2 seeds, against lr 0.01 seed 1 alone, for 10 epochs. On
-    one device (a process of its own: this one has two)."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-    command = [sys.executable, "-c", SWEEP_AND_SOLO, str(EXPERIMENT), str(tmp_path)]
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+@pytest.fixture(scope="module")
+def one_device_sweeps(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("one_device")
+    # A compilation cache of its own: XLA's CPU code for a program differs with the process's device count, and
+    # the session's cache holds programs compiled with two. (The script must not import conftest: it sets two.)
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+        "JAX_COMPILATION_CACHE_DIR": str(workdir / "xla"),
+    }
+    stopping = {
+        "model.hidden_sizes": "(64,)",
+        "train.batch_size": "64",
+        "train.epochs": "9",
+        "train.epochs_per_call": "3",
+        "early_stopping.enabled": "True",
+        "early_stopping.restore_best": "True",
+    }
+    command = [sys.executable, "-c", SWEEPS_AND_SOLO_RUNS, str(EXPERIMENT), str(workdir), json.dumps(stopping)]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    values, swept, alone, swept_test_loss, alone_test_loss = json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_sweep_member_equals_its_solo_run_bit_for_bit_on_one_device(one_device_sweeps):
+    """The case that parted in the 3rd epoch (val_loss 1.3270 against 1.3287) when the sweep and the run were two
+    programs: the default experiment, 2 learning rates x 2 seeds, against lr 0.01 seed 1 alone, for 10 epochs."""
+    values, swept, alone, swept_summary, alone_summary = one_device_sweeps["default"]["r3"]
     assert values == {"optimizer.learning_rate": "0.01", "seed": "1"} and len(swept) == 10
     assert swept == alone
-    assert swept_test_loss == alone_test_loss
+    assert swept_summary == alone_summary
+
+
+def test_each_run_of_a_sweep_equals_the_same_run_alone_and_stops_on_its_own(one_device_sweeps):
+    """4 runs (2 learning rates x 2 patiences) in one program, against each trained alone: the impatient runs stop
+    early and are frozen while the others train on; every row and stopping field is the solo run's."""
+    runs = one_device_sweeps["stopping"]
+    lengths = {name: len(swept) for name, (_, swept, *_) in runs.items()}
+    assert lengths["r1"] == lengths["r3"] == 9 and lengths["r2"] < 9  # r2 (lr 3e-2, patience 1) stopped
+    for name, (_, swept, alone, swept_summary, alone_summary) in runs.items():
+        assert swept == alone, name
+        assert swept_summary == alone_summary, name
+    assert runs["r2"][3][:2] == ["patience", lengths["r2"]]
 
 
 def test_sweeps_honour_the_checkpoint_settings(tmp_path):

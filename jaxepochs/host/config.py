@@ -151,103 +151,105 @@ def _fill_defaults(config: ml_collections.ConfigDict, schema: ml_collections.Con
             _fill_defaults(config[key], default)
 
 
-def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Returns a copy of `config` with defaults filled in; raises ConfigError naming any problem."""
-    schema = base_config()
-    config = ml_collections.ConfigDict(config.to_dict())
-    _check_keys(config, schema, "")
-    _fill_defaults(config, schema)
+def _fail(key: str, problem: str, fix: str):
+    raise ConfigError(f"config.{key} = {problem}. {fix}")
 
-    def fail(key, problem, fix):
-        raise ConfigError(f"config.{key} = {problem}. {fix}")
 
-    t, m, o, d = config.train, config.model, config.optimizer, config.data
+def _validate_train(t: ml_collections.ConfigDict) -> None:
     if not isinstance(t.batch_size, int) or t.batch_size < 1:
-        fail(
-            "train.batch_size",
-            f"{t.batch_size!r} is not a positive integer",
-            "Use a batch size of 1 or more.",
-        )
+        _fail("train.batch_size", f"{t.batch_size!r} is not a positive integer", "Use a batch size of 1 or more.")
     if not isinstance(t.eval_batch_size, int) or t.eval_batch_size < 1:
-        fail("train.eval_batch_size", f"{t.eval_batch_size!r} is not a positive integer", "Use 1 or more.")
+        _fail("train.eval_batch_size", f"{t.eval_batch_size!r} is not a positive integer", "Use 1 or more.")
     if not isinstance(t.epochs, int) or t.epochs < 0:
-        fail("train.epochs", f"{t.epochs!r} is negative", "Use 0 (evaluate only) or more epochs.")
+        _fail("train.epochs", f"{t.epochs!r} is negative", "Use 0 (evaluate only) or more epochs.")
     if not isinstance(t.test_every, int) or t.test_every < 1:
-        fail("train.test_every", f"{t.test_every!r} is not a positive integer", "Use 1 or more.")
+        _fail("train.test_every", f"{t.test_every!r} is not a positive integer", "Use 1 or more.")
     if not isinstance(t.epochs_per_call, int) or t.epochs_per_call < 0:
-        fail(
+        _fail(
             "train.epochs_per_call",
             f"{t.epochs_per_call!r} is not a whole number >= 0",
             "Use 0 (chosen from host_interval_seconds) or a number of epochs, 1 or more.",
         )
     if not t.host_interval_seconds > 0:
-        fail("train.host_interval_seconds", f"{t.host_interval_seconds!r}", "Use a positive number of seconds.")
+        _fail("train.host_interval_seconds", f"{t.host_interval_seconds!r}", "Use a positive number of seconds.")
+
+
+def _validate_model(m: ml_collections.ConfigDict) -> None:
     if m.name not in MODELS:
-        fail(
-            "model.name",
-            f'"{m.name}" is not a known model{_suggest(m.name, MODELS)}',
-            f"Use one of {MODELS}.",
-        )
+        _fail("model.name", f'"{m.name}" is not a known model{_suggest(m.name, MODELS)}', f"Use one of {MODELS}.")
     if m.name == "cnn":
         n = len(m.channels)
         if n == 0 or len(m.kernel_sizes) != n or len(m.strides) != n:
-            fail(
+            _fail(
                 "model.channels/kernel_sizes/strides",
                 f"{tuple(m.channels)}/{tuple(m.kernel_sizes)}/{tuple(m.strides)}",
                 "Give one kernel size and one stride per convolution, and at least one convolution.",
             )
     convs = ("auto", "patches", "native")
     if m.conv not in convs:
-        fail("model.conv", f'"{m.conv}"{_suggest(m.conv, convs)}', 'Use "auto", "patches" or "native".')
+        _fail("model.conv", f'"{m.conv}"{_suggest(m.conv, convs)}', 'Use "auto", "patches" or "native".')
     if m.init not in ("flax", "torch"):
-        fail("model.init", f'"{m.init}"{_suggest(m.init, ("flax", "torch"))}', 'Use "flax" or "torch".')
+        _fail("model.init", f'"{m.init}"{_suggest(m.init, ("flax", "torch"))}', 'Use "flax" or "torch".')
     if any(int(h) < 1 for h in m.hidden_sizes):
-        fail("model.hidden_sizes", f"{tuple(m.hidden_sizes)}", "Every hidden size must be 1 or more.")
+        _fail("model.hidden_sizes", f"{tuple(m.hidden_sizes)}", "Every hidden size must be 1 or more.")
+    if m.name == "transformer" and (m.d_model % m.num_heads or min(m.d_model, m.num_heads, m.d_mlp) < 1):
+        _fail(
+            "model.d_model/num_heads/d_mlp",
+            f"{m.d_model}/{m.num_heads}/{m.d_mlp}",
+            "Use positive sizes with d_model divisible by num_heads.",
+        )
+
+
+def _validate_data(d: ml_collections.ConfigDict) -> None:
+    if not 0.0 <= d.validation_fraction < 1.0:
+        _fail("data.validation_fraction", f"{d.validation_fraction!r}", "Use a fraction in [0, 1).")
+    if not 0.0 <= d.label_noise <= 1.0:
+        _fail("data.label_noise", f"{d.label_noise!r}", "Use a fraction of labels in [0, 1].")
+    if d.name != "mnist1d" and flatten(d.args) != flatten(mnist1d_args()):
+        _fail("data.args", f"{d.args.to_dict()}", f'It configures the mnist1d generator, but data.name is "{d.name}".')
+    q = d.modular
+    if d.name == "modular_addition" and (q.modulus < 2 or not 0.0 < q.train_fraction < 1.0):
+        _fail(
+            "data.modular",
+            f"modulus={q.modulus}, train_fraction={q.train_fraction}",
+            "Use a modulus of 2 or more and a train_fraction in (0, 1).",
+        )
+    a = d.args
+    if d.name == "mnist1d" and (a.num_samples < 10 or not 0.0 < a.train_split < 1.0):
+        _fail(
+            "data.args",
+            f"num_samples={a.num_samples}, train_split={a.train_split}",
+            "Use num_samples >= 10 (one per class) and train_split in (0, 1).",
+        )
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Returns a copy of `config` with defaults filled in; raises ConfigError naming any problem."""
+    schema = base_config()
+    config = ml_collections.ConfigDict(config.to_dict())
+    _check_keys(config, schema, "")
+    _fill_defaults(config, schema)
+    _validate_train(config.train)
+    _validate_model(config.model)
+    o = config.optimizer
     if o.name not in OPTIMIZERS:
-        fail(
+        _fail(
             "optimizer.name",
             f'"{o.name}" is not a known optimizer{_suggest(o.name, OPTIMIZERS)}',
             f"Use one of {OPTIMIZERS}.",
         )
     if not o.learning_rate > 0:
-        fail("optimizer.learning_rate", f"{o.learning_rate!r}", "The learning rate must be positive.")
-    if not 0.0 <= d.validation_fraction < 1.0:
-        fail("data.validation_fraction", f"{d.validation_fraction!r}", "Use a fraction in [0, 1).")
-    if not 0.0 <= d.label_noise <= 1.0:
-        fail("data.label_noise", f"{d.label_noise!r}", "Use a fraction of labels in [0, 1].")
-    if d.name != "mnist1d" and flatten(d.args) != flatten(mnist1d_args()):
-        fail("data.args", f"{d.args.to_dict()}", f'It configures the mnist1d generator, but data.name is "{d.name}".')
-    q = d.modular
-    if d.name == "modular_addition" and (q.modulus < 2 or not 0.0 < q.train_fraction < 1.0):
-        fail(
-            "data.modular",
-            f"modulus={q.modulus}, train_fraction={q.train_fraction}",
-            "Use a modulus of 2 or more and a train_fraction in (0, 1).",
-        )
-    if m.name == "transformer" and (m.d_model % m.num_heads or min(m.d_model, m.num_heads, m.d_mlp) < 1):
-        fail(
-            "model.d_model/num_heads/d_mlp",
-            f"{m.d_model}/{m.num_heads}/{m.d_mlp}",
-            "Use positive sizes with d_model divisible by num_heads.",
-        )
-    if d.name == "mnist1d":
-        a = d.args
-        if a.num_samples < 10 or not 0.0 < a.train_split < 1.0:
-            fail(
-                "data.args",
-                f"num_samples={a.num_samples}, train_split={a.train_split}",
-                "Use num_samples >= 10 (one per class) and train_split in (0, 1).",
-            )
-    has_validation = d.validation_fraction > 0
+        _fail("optimizer.learning_rate", f"{o.learning_rate!r}", "The learning rate must be positive.")
+    _validate_data(config.data)
     try:
-        optim.validate_schedule(o.schedule.to_dict(), t.epochs)
+        optim.validate_schedule(o.schedule.to_dict(), config.train.epochs)
         if config.early_stopping.enabled:
-            make_early_stopping(config.early_stopping, has_validation=has_validation)
+            make_early_stopping(config.early_stopping, has_validation=config.data.validation_fraction > 0)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     k = config.checkpoint
     if k.every_epochs < 0 or k.every_seconds < 0 or k.max_to_keep < 1:
-        fail(
+        _fail(
             "checkpoint",
             f"every_epochs={k.every_epochs}, every_seconds={k.every_seconds}, max_to_keep={k.max_to_keep}",
             "Use every_epochs >= 0, every_seconds >= 0 and max_to_keep >= 1.",
