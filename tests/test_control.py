@@ -11,7 +11,7 @@ from conftest import tiny_config
 
 import jaxepochs
 from jaxepochs.core import optim as schedules
-from jaxepochs.host import cli
+from jaxepochs import cli
 from jaxepochs.host.config import ConfigError
 
 

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from jaxepochs.host import cli
+from jaxepochs import cli
 from jaxepochs.studies import common, reproduce
 
 

@@ -26,7 +26,7 @@ import jaxepochs
 from jaxepochs import models
 from jaxepochs.data import loading as data_lib
 from jaxepochs.host import checkpoint as checkpoint_lib
-from jaxepochs.host import cli
+from jaxepochs import cli
 from jaxepochs.host import run as train
 from jaxepochs.host import workdir as workdir_lib
 from jaxepochs.host.checkpoint import CheckpointError
@@ -119,7 +119,7 @@ def _cli_env(cache_dir) -> dict[str, str]:
 
 
 def _start_cli(workdir, stderr_path, cache_dir, quiet: bool) -> subprocess.Popen:
-    command = [sys.executable, "-m", "jaxepochs.host.cli", "run", "--config", "experiments/mnist1d_mlp.py"]
+    command = [sys.executable, "-m", "jaxepochs.cli", "run", "--config", "experiments/mnist1d_mlp.py"]
     command += ["--workdir", str(workdir), *(["--quiet"] if quiet else [])]
     command += [f"--config.{key}={value}" for key, value in CLI_OVERRIDES.items()]
     with stderr_path.open("w") as stderr:  # a file, not a pipe: a full pipe would block the child

@@ -16,7 +16,7 @@ import pytest
 from conftest import EXPERIMENT, tiny_config
 
 import jaxepochs
-from jaxepochs.host import cli
+from jaxepochs import cli
 from jaxepochs.sweep import grid as grid_lib
 
 TIMINGS = ("train_seconds", "seconds")

@@ -250,7 +250,7 @@ def test_compilation_cache_makes_a_second_run_compile_faster(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
 
     def compile_seconds(name: str) -> float:
-        command = [sys.executable, "-m", "jaxepochs.host.cli", "run", "--config", str(EXPERIMENT)]
+        command = [sys.executable, "-m", "jaxepochs.cli", "run", "--config", str(EXPERIMENT)]
         command += ["--workdir", str(tmp_path / name), "--quiet", "--config.train.epochs=1"]
         command += [f"--config.train.compilation_cache_dir={cache}"]
         subprocess.run(command, check=True, env=env, timeout=600)

@@ -1,2 +1,2 @@
-"""The host: config, workdir, checkpoints, the cadence of calls and checkpoints, the host loop (`driver`), a
-run's stages (`run`), its outputs (`report`) and the command line (`cli`)."""
+"""The host: config, workdir, checkpoints, the cadence of calls and checkpoints, the host loop (`driver`), what a
+config makes of the core (`setup`), a run's stages (`run`) and its outputs (`report`)."""

@@ -125,10 +125,16 @@ def _init_params(model, seed, x_1f):
     return models.init_params(model, init_key, x_1f), run_key  # the run key: raw uint32[2], checkpointable
 
 
+# The parameters' initialisation runs once per run: XLA's optimisation level 1 compiles it in a third of the
+# time (the MNIST-1D MLP's random initialisers: 0.3 s against 0.9 s on CPU) and runs it as fast (a 4 x 2048^2
+# MLP: 0.13 s either way). Its values are this program's, for runs and sweeps alike.
+INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
+
+
 def init_params_program(model):
     """(seed uint32[], x_1f) -> (params, run key), jitted. It depends on the model alone, so runs that differ in
-    anything else find it in the compilation cache; on CPU it is the costly compile of a small model (threefry)."""
-    return jax.jit(functools.partial(_init_params, model))
+    anything else find it in the compilation cache."""
+    return jax.jit(functools.partial(_init_params, model), compiler_options=INIT_COMPILER_OPTIONS)
 
 
 def init_state(model, tx, seed: int, x) -> epoch_lib.TrainState:
