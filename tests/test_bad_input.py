@@ -10,8 +10,8 @@ import pytest
 from conftest import EXPERIMENT, tiny_config
 
 import jaxepochs
-from jaxepochs.data.loading import DataError, Split, check_split, load_dataset, split_validation
 from jaxepochs import cli
+from jaxepochs.data.loading import DataError, Split, check_split, load_dataset, split_validation
 from jaxepochs.host.config import ConfigError, apply_overrides, base_config, load_config_file, validate
 
 # --- configs ------------------------------------------------------------------------------------------------

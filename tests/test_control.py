@@ -10,8 +10,8 @@ import pytest
 from conftest import tiny_config
 
 import jaxepochs
-from jaxepochs.core import optim as schedules
 from jaxepochs import cli
+from jaxepochs.core import optim as schedules
 from jaxepochs.host.config import ConfigError
 
 

@@ -23,10 +23,9 @@ import pytest
 from conftest import EXPERIMENT, REPO, tiny_config
 
 import jaxepochs
-from jaxepochs import models
+from jaxepochs import cli, models
 from jaxepochs.data import loading as data_lib
 from jaxepochs.host import checkpoint as checkpoint_lib
-from jaxepochs import cli
 from jaxepochs.host import run as train
 from jaxepochs.host import workdir as workdir_lib
 from jaxepochs.host.checkpoint import CheckpointError
