@@ -1,15 +1,17 @@
-"""Where a jaxepochs epoch spends its time beyond the bare scan: one piece removed at a time, in one process.
+"""Where a jaxepochs training epoch spends its time beyond the bare scan: one piece changed at a time, in one process.
 
-    python benchmarks/step_profile.py [--experiment experiments/digits_logreg.py] [--rounds 9]
+    python benchmarks/step_profile.py [--experiment experiments/digits_logreg.py] [--rounds 7]
 
 Each variant is the compiled training epoch of the experiment's model and data, timed in interleaved rounds
-(the median of 11 calls per round; the table gives the best round, the least disturbed by other processes):
-  - jaxepochs: `epoch.train_epoch` as shipped (on-device shuffle, gather per batch, metric sums, the epoch
-    schedule inside `optax.inject_hyperparams`, a partial last batch masked);
-  - no metrics: the same without the loss and accuracy sums;
-  - plain optimizer: the same with `optax.adam`/`optax.sgd` at a constant rate instead of the injected schedule;
-  - no shuffle: batches in order (still gathered per batch);
-  - bare: the same step over pre-batched arrays, plain optimizer, no metrics (benchmarks/peers.py's limit).
+(the median of 9 calls per round; the table gives the best round, the least disturbed by other processes):
+  - jaxepochs: `core.epoch.train_epoch` as shipped (on-device shuffle, the split permuted whole or gathered per
+    batch, the loss and its metric sums, core/optim.py's optimizer with the epoch schedule);
+  - no accuracy sum: the same without counting the correct predictions;
+  - gather per batch / permute whole: the other of the two ways to take the epoch's batches;
+  - optax's optimizer: `optax.adam`/`optax.sgd` at a constant rate instead of core/optim.py's;
+  - optax inject_hyperparams: the optimizer jaxepochs used before (`optax.inject_hyperparams` over the optimizer);
+  - no shuffle: batches in order (sliced);
+  - bare: the same step over pre-batched arrays, optax's loss and optimizer, no metrics (peers.py's limit).
 The differences between rows are the costs of the pieces, per step: at batch size 1 each op in the loop body
 has a fixed cost on CPU, so the per-step overhead shows there first.
 """
@@ -20,6 +22,7 @@ import argparse
 import functools
 import statistics
 import time
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -27,86 +30,93 @@ import optax
 
 from jaxepochs import models
 from jaxepochs.core import epoch as epoch_lib
-from jaxepochs.core import optim as schedules
+from jaxepochs.core import optim
 from jaxepochs.data import loading as data_lib
 from jaxepochs.host import config as config_lib
 from jaxepochs.host import setup
 
 
+def _without_accuracy(apply_fn, params, x_b, y_b, mask_b=None, fixed_order=False):
+    loss, metrics = LOSS_AND_METRICS(apply_fn, params, x_b, y_b, mask_b, fixed_order)
+    return loss, metrics._replace(correct=jnp.zeros((), jnp.float32))
+
+
+LOSS_AND_METRICS = epoch_lib.loss_and_metrics
+
+
+def _bare(apply_fn, tx, xs, ys):
+    def step(carry, batch):
+        params, opt_state, loss_sum = carry
+        loss_fn = lambda p: optax.softmax_cross_entropy_with_integer_labels(apply_fn(p, batch[0]), batch[1]).mean()
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state, loss_sum + loss), None
+
+    return lambda params, opt_state: jax.lax.scan(step, (params, opt_state, 0.0), (xs, ys))[0]
+
+
+def variants(config, dataset) -> dict:
+    x, y = jnp.asarray(dataset.train.x), jnp.asarray(dataset.train.y)
+    n, batch_size = x.shape[0], config.train.batch_size
+    steps = epoch_lib.steps_per_epoch(n, batch_size)
+    model = models.make_model(config.model, dataset.num_classes)
+    apply_fn = lambda params, x_b: model.apply({"params": params}, x_b)
+    ours = optim.make_optimizer(config.optimizer.to_dict(), steps, config.train.epochs)
+    rate = config.optimizer.learning_rate
+    plain = optax.adam(rate) if config.optimizer.name == "adam" else optax.sgd(rate)
+    injected = optax.inject_hyperparams(optax.adam if config.optimizer.name == "adam" else optax.sgd)(
+        learning_rate=rate
+    )
+    states = {tx: setup.init_state(model, tx, config.seed, dataset.train.x) for tx in (ours, plain, injected)}
+    epoch = functools.partial(epoch_lib.train_epoch, apply_fn=apply_fn, batch_size=batch_size)
+    whole = batch_size > 1 and x.size * x.dtype.itemsize <= epoch_lib.PERMUTE_WHOLE_BYTES
+    args = lambda tx: (states[tx], x, y, jnp.int32(1))
+    cut = (n // batch_size) * batch_size
+    xs, ys = x[:cut].reshape(n // batch_size, batch_size, *x.shape[1:]), y[:cut].reshape(n // batch_size, batch_size)
+    return {
+        "jaxepochs train_epoch": (functools.partial(epoch, tx=ours), args(ours), None),
+        "  no accuracy sum": (functools.partial(epoch, tx=ours), args(ours), _without_accuracy),
+        "  permute whole" if not whole else "  gather per batch": (
+            functools.partial(epoch, tx=ours, permute_whole=not whole),
+            args(ours),
+            None,
+        ),
+        "  optax's optimizer": (functools.partial(epoch, tx=plain), args(plain), None),
+        "  optax inject_hyperparams (before)": (functools.partial(epoch, tx=injected), args(injected), None),
+        "  no shuffle": (functools.partial(epoch, tx=ours, shuffle=False), args(ours), None),
+        "bare scan (pre-batched)": (
+            _bare(apply_fn, plain, xs, ys),
+            (states[plain].params, states[plain].opt_state),
+            None,
+        ),
+    }, steps
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--experiment", default="experiments/digits_logreg.py")
-    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args()
     config = config_lib.load_config_file(args.experiment)
     dataset = data_lib.load_dataset(config, True)
-    x_nf, y_n = jnp.asarray(dataset.train.x), jnp.asarray(dataset.train.y)
-    batch_size, n = config.train.batch_size, x_nf.shape[0]
-    steps = epoch_lib.steps_per_epoch(n, batch_size)
-    model = models.make_model(config.model, dataset.num_classes)
-    apply_fn = lambda params, x: model.apply({"params": params}, x)
-    scheduled = schedules.make_optimizer(config.optimizer, steps, config.train.epochs)
-    rate = config.optimizer.learning_rate
-    plain = optax.adam(rate) if config.optimizer.name == "adam" else optax.sgd(rate)
-    epoch = jnp.int32(1)
-
-    def without_metrics(state, x, y, epoch, tx, shuffle=True):
-        idx_sb, _ = epoch_lib.batch_indices(jax.random.fold_in(state.key, 0), epoch, n, batch_size, shuffle)
-
-        def body(state, idx_b):
-            grads = jax.grad(
-                lambda p: optax.softmax_cross_entropy_with_integer_labels(apply_fn(p, x[idx_b]), y[idx_b]).mean()
-            )(state.params)
-            updates, opt_state = tx.update(grads, state.opt_state, state.params)
-            return state._replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state), None
-
-        state, _ = jax.lax.scan(body, state, idx_sb[: n // batch_size], unroll=epoch_lib.SCAN_UNROLL)
-        return state
-
-    whole = (n // batch_size) * batch_size
-    x_sbf = x_nf[:whole].reshape(n // batch_size, batch_size, *x_nf.shape[1:])
-    y_sb = y_n[:whole].reshape(n // batch_size, batch_size)
-
-    def bare(params, opt_state, tx):
-        def body(carry, batch):
-            params, opt_state = carry
-            grads = jax.grad(
-                lambda p: optax.softmax_cross_entropy_with_integer_labels(apply_fn(p, batch[0]), batch[1]).mean()
-            )(params)
-            updates, opt_state = tx.update(grads, opt_state, params)
-            return (optax.apply_updates(params, updates), opt_state), None
-
-        return jax.lax.scan(body, (params, opt_state), (x_sbf, y_sb))[0]
-
-    state = setup.init_state(model, scheduled, config.seed, dataset.train.x)
-    plain_state = setup.init_state(model, plain, config.seed, dataset.train.x)
-    shipped = functools.partial(epoch_lib.train_epoch, apply_fn=apply_fn, batch_size=batch_size)
-    variants = {
-        "jaxepochs train_epoch": (functools.partial(shipped, tx=scheduled), (state, x_nf, y_n, epoch)),
-        "  no metrics": (functools.partial(without_metrics, tx=scheduled), (state, x_nf, y_n, epoch)),
-        "  no metrics, plain optimizer": (
-            functools.partial(without_metrics, tx=plain),
-            (plain_state, x_nf, y_n, epoch),
-        ),
-        "  ... and no shuffle": (
-            functools.partial(without_metrics, tx=plain, shuffle=False),
-            (plain_state, x_nf, y_n, epoch),
-        ),
-        "bare scan (pre-batched)": (functools.partial(bare, tx=plain), (plain_state.params, plain_state.opt_state)),
-    }
-    compiled = {name: jax.jit(fn).lower(*fn_args).compile() for name, (fn, fn_args) in variants.items()}
-    best = {name: float("inf") for name in variants}
+    table, steps = variants(config, dataset)
+    compiled = {}
+    for name, (fn, fn_args, loss) in table.items():
+        with mock.patch.object(epoch_lib, "loss_and_metrics", loss or LOSS_AND_METRICS):
+            compiled[name] = jax.jit(fn).lower(*fn_args).compile()
+    best = {name: float("inf") for name in table}
     for _ in range(args.rounds):
         for name, fn in compiled.items():
-            fn_args = variants[name][1]
+            fn_args = table[name][1]
             jax.block_until_ready(fn(*fn_args))
             times = []
-            for _ in range(11):
+            for _ in range(9):
                 start = time.perf_counter()
                 jax.block_until_ready(fn(*fn_args))
                 times.append(time.perf_counter() - start)
             best[name] = min(best[name], statistics.median(times))
-    print(f"{args.experiment}: {n} examples, batch {batch_size}, {steps} steps per epoch ({jax.devices()[0].platform})")
+    n, batch = dataset.train.y.shape[0], config.train.batch_size
+    print(f"{args.experiment}: {n} examples, batch {batch}, {steps} steps per epoch ({jax.devices()[0].platform})")
     print("| variant | ms per epoch | us per step | vs bare |")
     print("|---|---|---|---|")
     for name, seconds in best.items():

@@ -233,13 +233,19 @@ def train_epoch(
 
 
 def eval_epoch(params, x_n, y_n, *, apply_fn: ApplyFn, batch_size: int) -> Metrics:
-    """Loss and accuracy sums over a whole split, in order, in one scan with the same padding and masking."""
-    idx_sb, mask_sb = batch_indices(None, 0, x_n.shape[0], batch_size, shuffle=False)
-
-    def body(totals, step_input):
-        idx_b, mask_b = step_input
-        _, metrics = loss_and_metrics(apply_fn, params, x_n[idx_b], y_n[idx_b], mask_b, fixed_order=True)
-        return totals + metrics, None
-
-    totals, _ = jax.lax.scan(body, Metrics.zeros(), (idx_sb, mask_sb))
+    """Loss and accuracy sums over a whole split, in order: a scan over its whole batches (sliced, unmasked),
+    then the partial last batch, if any, padded and masked as in training."""
+    n = x_n.shape[0]
+    whole = n // batch_size
+    metrics_of = lambda x_b, y_b, mask_b=None: loss_and_metrics(apply_fn, params, x_b, y_b, mask_b, fixed_order=True)[1]
+    totals = Metrics.zeros()
+    if whole == 1:  # the usual validation split: one batch, no loop
+        totals = metrics_of(x_n[:batch_size], y_n[:batch_size])
+    elif whole > 1:
+        cut = lambda a: a[: whole * batch_size].reshape(whole, batch_size, *a.shape[1:])
+        body = lambda totals, batch: (totals + metrics_of(*batch), None)
+        totals, _ = jax.lax.scan(body, totals, (cut(x_n), cut(y_n)))
+    if whole * batch_size < n:
+        idx_b = jnp.minimum(jnp.arange(whole * batch_size, (whole + 1) * batch_size), n - 1)
+        totals = totals + metrics_of(x_n[idx_b], y_n[idx_b], jnp.arange(batch_size) < n - whole * batch_size)
     return totals
