@@ -50,7 +50,8 @@ def _parser() -> argparse.ArgumentParser:
         "--vmap",
         action="store_true",
         help="each experiment's seeds as one sweep (one vmapped program): far faster on an accelerator; the "
-        "same numbers to float32 round-off, which a chaotic result (grokking's epoch) can amplify",
+        "same numbers (bit for bit on one device; elsewhere to float32 round-off, which a chaotic result such as "
+        "grokking's epoch can amplify)",
     )
     swp = sub.add_parser(
         "sweep",

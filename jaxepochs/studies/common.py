@@ -79,7 +79,8 @@ def run_seeds(
 
 
 def _sweep_seeds(run_id: str, experiment: str, overrides: dict, workdir: pathlib.Path, seeds: int, quiet: bool):
-    """`run_seeds` as one sweep over the seeds: each seed's history as its solo run's, to float32 round-off."""
+    """`run_seeds` as one sweep over the seeds: each seed's history and summary as its solo run's (the same run
+    program; bit for bit on one device)."""
     config = config_lib.apply_overrides(config_lib.load_config_file(experiment_module(experiment)), overrides)
     if not quiet:
         print(f"reproduce: {run_id} seeds 0-{seeds - 1} as one sweep ({config.train.epochs} epochs)", flush=True)

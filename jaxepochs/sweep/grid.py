@@ -6,10 +6,10 @@
     jaxepochs sweep ... --cv 5 [--refit]
 
 Values that live in arrays (`TRACED`: the seed, the optimizer's rates, early stopping's numbers) are a leading
-run axis of the carry of `multi_epoch`'s many-epoch program, vmapped, so one program trains every run of a
+run axis of the carry of the run program (core/program.py), vmapped, so one program trains every run of a
 group; runs that differ in anything else (batch size, widths, dataset, schedule shape) form separate groups,
-one program each. A run that stops early (or diverges) is frozen by the vmapped while loop while the others
-go on. With several devices the run axis is sharded over them. Cross-validation (`--cv K`) trains each
+one program each. A run that stops early (or diverges) is frozen inside the program while the others go on.
+With several devices the run axis is split over them. Cross-validation (`--cv K`) trains each
 configuration on K folds of the training split as K more runs of the same program.
 """
 
