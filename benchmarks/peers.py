@@ -24,7 +24,7 @@ PyTorch never share a process with jaxepochs:
   - Keras 3 on its JAX backend: `model.fit(shuffle=True)`, steps_per_execution 1 and steps per epoch.
   - PyTorch eager (on the GPU where there is one, else the CPU): a loop over shuffled index batches,
     torch.optim; torch's default thread count.
-jaxepochs compiles cold (a fresh compilation cache). Scaling compares `jaxepochs.epoch.train_epoch`, compiled as
+jaxepochs compiles cold (a fresh compilation cache). Scaling compares `jaxepochs.core.epoch.train_epoch`, compiled as
 benchmarks/step_cost.py does (train_and_evaluate reads its data from the config, it cannot be fed arrays), with
 the bare scan.
 

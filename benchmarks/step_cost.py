@@ -6,7 +6,7 @@ Workloads: the MNIST-1D MLP (40-100-100-10, batch 100, Adam 1e-2) and logistic r
 batch size 1 (the per-step overhead case). Contenders, same model, data, optimizer and step count:
   - bare: the training set pre-batched once on the host, `lax.scan` of forward/backward/Adam over it, one jitted
     call per epoch; nothing else (no shuffle, no masking, no metrics). Our limit.
-  - jaxepochs epoch: `jaxepochs.epoch.train_epoch` compiled (on-device shuffle, padding mask, metric sums).
+  - jaxepochs epoch: `jaxepochs.core.epoch.train_epoch` compiled (on-device shuffle, padding mask, metric sums).
   - jaxepochs run: `train_and_evaluate` as a user runs it (validation pass and logging each epoch), steady
     state taken from its metrics.jsonl `train_seconds` after the first epoch.
   - python loop: a jitted step called from Python once per batch.

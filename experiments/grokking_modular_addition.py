@@ -11,7 +11,7 @@ hundred epochs; test accuracy jumps to ~100% thousands of epochs later (their Fi
 section 5: memorisation, circuit formation, cleanup ending near epoch 13k of their 40k-epoch run).
 As the reference code (Nanda et al.'s transformers.py): logits over all 114 tokens, their train/test split
 (Python's random.shuffle, seed 0, 3,830 training pairs), and a cross-entropy that stays exact when the answer is
-nearly certain (theirs is computed in float64; see jaxepochs.epoch.cross_entropy).
+nearly certain (theirs is computed in float64; see jaxepochs.core.epoch.cross_entropy).
 Measured (`jaxepochs reproduce grokking --seeds 3`, NVIDIA H200, experiments/results/grokking/): train accuracy
 99% at epoch 139-140, test accuracy 99% at epochs 4,160 / 8,840 / 5,100 (seeds 0 / 1 / 2), final test accuracy
 1.000; about 20 s per 15,000-epoch run there (at commit 5b34723, before the loss was rewritten for speed:

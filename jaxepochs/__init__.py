@@ -1,7 +1,8 @@
-"""jaxepochs: an epoch-centric JAX/Flax trainer; every epoch is one compiled XLA program.
+"""jaxepochs: an epoch-centric JAX/Flax trainer; whole epochs run as one compiled XLA program.
 
-Layers (each imports only those below it): `core` (the pure run program: epoch, optimizer, early stopping),
-`models`, `data`, `host` (config, workdir, checkpoints, the host loop, outputs, CLI), `sweep` and `studies`.
+Layers, each importing only those listed before it: `core` (the pure run program: epoch, optimizer, early
+stopping), `models`, `data`, `host` (config, workdir, checkpoints, the host loop, outputs), `sweep`, `studies`
+and `cli`.
 """
 
 from jaxepochs.core.early_stopping import EarlyStopping, EarlyStoppingState

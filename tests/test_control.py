@@ -66,6 +66,25 @@ def test_rerunning_a_stopped_run_keeps_its_stop_in_the_summary(tmp_path):
         assert again.summary[key] == first[key], key
 
 
+def test_restore_best_without_a_monitored_epoch_keeps_the_last_parameters(tmp_path):
+    """start_from_epoch beyond the run: no epoch was monitored, so there is no best epoch to restore (the best
+    parameters are still the initial ones)."""
+    config = tiny_config(
+        {
+            "train.epochs": "2",
+            "early_stopping.enabled": "True",
+            "early_stopping.start_from_epoch": "5",
+            "early_stopping.restore_best": "True",
+        }
+    )
+    result = jaxepochs.train_and_evaluate(config, tmp_path, quiet=True)
+    assert result.summary["best_epoch"] == 0 and result.summary["restored_best"] is False
+    assert result.summary["val_loss"] == pytest.approx(result.history[-1]["val_loss"], rel=1e-6)
+    best = jaxepochs.load(tmp_path, "best").params
+    for got, want in zip(jax.tree.leaves(best), jax.tree.leaves(result.state.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 def test_early_stopping_on_accuracy_uses_max_mode(tmp_path):
     config = tiny_config(
         {

@@ -291,3 +291,29 @@ def test_sweep_command_cross_validates_refits_and_writes_its_outputs(tmp_path, c
     assert (tmp_path / "sweep.png").read_bytes().startswith(b"\x89PNG")
     assert cli.main([*argv[:-3], "--sweep.optimizer.learning_rte=1e-3"]) == 2
     assert 'Did you mean "learning_rate"' in capsys.readouterr().err
+
+
+def test_a_diverged_member_stays_diverged_when_the_sweep_resumes(tmp_path):
+    """A run halted by a non-finite loss is saved as halted: resuming the sweep (from a middle checkpoint, or once
+    finished) neither trains it again nor forgets why it stopped."""
+    base = tiny_config({"train.epochs": "6", "optimizer.name": "sgd", "checkpoint.every_epochs": "2"})
+    grid = grid_lib.expand(base, {"optimizer.learning_rate": "0.1,1e30"})
+    first = jaxepochs.sweep(base, grid, tmp_path, quiet=True)
+    assert first.summaries["r1"]["stop_reason"] == "non_finite_loss" and len(first.histories["r1"]) < 4
+    again = jaxepochs.sweep(base, grid, tmp_path, quiet=True)  # finished: nothing to train
+    assert again.summaries == first.summaries
+    shutil.rmtree(tmp_path / "chunks" / "group0_chunk0" / "checkpoints" / "6")  # resume from epoch 4
+    resumed = jaxepochs.sweep(base, grid, tmp_path, quiet=True)
+    assert resumed.summaries == first.summaries
+    for name in ("r0", "r1"):
+        assert _untimed(resumed.histories[name]) == _untimed(first.histories[name])
+
+
+def test_a_plateau_floor_keeps_learning_rates_apart():
+    """reduce_on_plateau's floor is min_learning_rate / learning_rate, a static setting: with a floor, runs at
+    other learning rates are other programs (without one, the learning rate is a traced value)."""
+    plateau = {"optimizer.schedule.name": "reduce_on_plateau"}
+    for floor, groups in (("0.0", 1), ("1e-4", 2)):
+        base = tiny_config({**plateau, "optimizer.schedule.min_learning_rate": floor})
+        runs = grid_lib.make_runs(base, grid_lib.expand(base, {"optimizer.learning_rate": "1e-3,1e-2"}))
+        assert len(grid_lib.group_runs(runs)) == groups, floor

@@ -1,7 +1,7 @@
 """When the host acts: one cadence object for checkpoints (runs and sweeps alike), and the pace of the calls.
 
 `Periodic` is CLU's `PeriodicAction` for epochs: due every `every_epochs` epochs, or, with 0, once
-`every_seconds` have passed since it last ran; `request()` makes it due at the next call boundary (Ctrl-C, the end).
+`every_seconds` have passed since it last ran; `request()` makes it due after the next call, on demand.
 `Pace` chooses how many epochs the next compiled call runs: a fixed number, or as many as take about
 `interval` seconds, measured from the calls so far; never past the last epoch or the next due checkpoint.
 """

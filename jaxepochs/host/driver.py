@@ -32,7 +32,8 @@ class _Call(NamedTuple):
     count: int  # epochs asked for (fewer run if every run halts)
     carry: Any
     rows: Any
-    dispatched: float
+    ready_at: float | None  # when the call returned with its results ready (XLA's CPU client runs a program
+    # with a loop in the dispatching thread); None when it ran asynchronously (ready when read)
 
 
 def drive(
@@ -59,17 +60,19 @@ def drive(
     def dispatch(from_carry, first: int) -> _Call:
         count = pace.next(first, last_epoch, checkpoints)
         new_carry, rows = call(from_carry, first, count)
-        return _Call(first, count, new_carry, rows, time.perf_counter())
+        return _Call(first, count, new_carry, rows, time.perf_counter() if rows.ran.is_ready() else None)
 
-    pending, previous_arrival, host_seconds, epochs_done = dispatch(carry, first_epoch), 0.0, 0.0, 0
+    # A call's seconds: from the previous call's results to its own (the device is busy in between).
+    previous_ready, host_seconds, epochs_done = time.perf_counter(), 0.0, 0
+    pending = dispatch(carry, first_epoch)
     while True:
         following = pending.first_epoch + pending.count
         # Dispatched before this call's rows are read: if every run halts in this call, the next one runs no epoch.
         ahead = dispatch(pending.carry, following) if following <= last_epoch and not interrupted() else None
         rows = jax.device_get(pending.rows)  # a few numbers per run and epoch
         arrived = time.perf_counter()
-        ran = int(rows.ran)
-        seconds = arrived - max(pending.dispatched, previous_arrival)
+        ready = pending.ready_at or arrived
+        ran, seconds = int(rows.ran), ready - previous_ready
         pace.observe(ran, seconds)
         halted = consume(rows, pending.first_epoch, seconds / max(ran, 1))
         last_done = pending.first_epoch + ran - 1
@@ -82,7 +85,7 @@ def drive(
         epochs_done += ran
         if ahead is None:
             return Outcome(pending.carry, last_done, halted, host_seconds / max(epochs_done, 1))
-        pending, previous_arrival = ahead, arrived
+        pending, previous_ready = ahead, ready
 
 
 @contextlib.contextmanager

@@ -203,7 +203,7 @@ def train(run: Setup, programs: Programs, carry, history: list[dict], workdir: p
             log.close()
             progress.close()
         save(outcome.carry, len(history))  # not after an exception: the last periodic checkpoint stands
-        stopped_by_user = interrupted() and len(history) < config.train.epochs and not non_finite
+        stopped_by_user = interrupted() and len(history) < config.train.epochs and not (non_finite or outcome.halted)
     return Trained(outcome.carry, non_finite[0] if non_finite else None, stopped_by_user, outcome.host_seconds)
 
 
@@ -212,7 +212,8 @@ def finish(run: Setup, trained: Trained, history: list[dict], timings: dict) -> 
     config, dataset = run.config, run.dataset
     carry = setup.without_run_axis(jax.device_get(trained.carry))
     es_state = carry.es_state
-    restored_best = bool(config.early_stopping.enabled and config.early_stopping.restore_best and history)
+    # The best epoch's parameters, where an epoch was monitored (start_from_epoch may leave none).
+    restored_best = bool(config.early_stopping.enabled and config.early_stopping.restore_best and es_state.best_epoch)
     state = carry.state._replace(params=carry.best_params) if restored_best else carry.state
     final, compile_seconds = final_metrics(run, state.params)
     reason = report.stop_reason(es_state, run.pieces.may_stop, trained.non_finite_epoch, trained.interrupted)
@@ -310,10 +311,12 @@ def train_and_evaluate(
         if ckpt is not None:
             ckpt.close()
     if trained.interrupted:
-        progress.message(
-            f"Interrupted after epoch {len(history)}; checkpoint saved in {workdir}. Run the same command again "
-            "to resume."
+        saved = (
+            f"checkpoint saved in {workdir}. Run the same command again to resume."
+            if ckpt is not None
+            else "checkpoint.enabled is False, so nothing was saved to resume from."
         )
+        progress.message(f"Interrupted after epoch {len(history)}; {saved}")
         raise KeyboardInterrupt
     state, summary = finish(run, trained, history, timings)
     report.write_json(workdir / "summary.json", summary)
@@ -351,4 +354,5 @@ def load(workdir: str | pathlib.Path, epoch: int | str | None = None) -> epoch_l
     finally:
         ckpt.close()
     state = arrays["train"]
-    return state._replace(params=arrays["best_params"]) if epoch == "best" else state
+    has_best = int(arrays["early_stopping"].best_epoch) > 0  # no epoch monitored yet: the last is the best known
+    return state._replace(params=arrays["best_params"]) if epoch == "best" and has_best else state

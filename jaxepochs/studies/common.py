@@ -20,7 +20,16 @@ from jaxepochs.host import config as config_lib
 from jaxepochs.host import run as run_lib
 from jaxepochs.sweep import run as sweep_run
 
-EXPERIMENTS = pathlib.Path(str(importlib.resources.files("jaxepochs.experiments")))
+
+def _experiments_dir() -> pathlib.Path:
+    """experiments/ as the installed package jaxepochs.experiments, or in a checkout put on the path uninstalled."""
+    try:
+        return pathlib.Path(str(importlib.resources.files("jaxepochs.experiments")))
+    except ModuleNotFoundError:
+        return pathlib.Path(__file__).resolve().parents[2] / "experiments"
+
+
+EXPERIMENTS = _experiments_dir()
 REFERENCES = EXPERIMENTS / "references"
 
 

@@ -138,7 +138,11 @@ def program_key(config) -> str:
     """Everything but the traced values: runs with equal keys share one compiled program. (Momentum 0 is not
     traced: sgd without momentum keeps no trace, a program of its own.)"""
     flat = config_lib.flatten(config)
-    static = sorted((k, repr(v)) for k, v in flat.items() if k not in TRACED)
+    # reduce_on_plateau's floor is a fraction of the learning rate in its (static) settings: with a floor, the
+    # learning rate is not traced either.
+    floored = flat["optimizer.schedule.name"] == "reduce_on_plateau" and flat["optimizer.schedule.min_learning_rate"]
+    traced = [k for k in TRACED if not (floored and k == "optimizer.learning_rate")]
+    static = sorted((k, repr(v)) for k, v in flat.items() if k not in traced)
     return repr([*static, ("optimizer.momentum is 0", flat["optimizer.momentum"] == 0)])
 
 

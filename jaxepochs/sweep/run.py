@@ -55,11 +55,12 @@ def _free_bytes() -> int:
     return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))  # host memory (CPU)
 
 
-def default_chunk(num_runs: int, params, batch_size: int, widest: int) -> int:
+def default_chunk(num_runs: int, params, batch_size: int, widest: int, data_bytes: int = 0) -> int:
     """Runs per program from free memory: per run, the parameters about five times (params, two optimizer
-    moments, best params, gradients) and the activations of a batch, with half the free memory to spare."""
+    moments, best params, gradients), the activations of a batch and `data_bytes` (the training split that each
+    run's epoch permutes whole: its own copy), with half the free memory to spare."""
     param_bytes = sum(int(np.prod(p.shape)) * 4 for p in jax.tree.leaves(params))
-    per_run = 5 * param_bytes + 3 * 4 * batch_size * max(widest, 1)
+    per_run = 5 * param_bytes + 3 * 4 * batch_size * max(widest, 1) + data_bytes
     return int(max(1, min(num_runs, _free_bytes() // 2 // max(per_run, 1))))
 
 
@@ -150,15 +151,18 @@ def _sharding(chunk: int):
     return NamedSharding(Mesh(np.array(devices), ("runs",)), P("runs"))
 
 
-def _restore(ckpt, group: _Group, carry, progress) -> tuple:
-    """The chunk's newest checkpoint as (carry, histories, first epoch), or None."""
+def _restore(ckpt, group: _Group, carry, names: list[str], progress) -> tuple:
+    """The chunk's newest checkpoint as (carry, histories, non-finite epochs, first epoch), or None. A run that
+    had stopped early or met a non-finite loss stays halted (`names`: each run's, padding included)."""
     like = checkpoint_lib.arrays_of(jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), carry))
     restored = ckpt.restore_latest(like, progress.message)
     if restored is None:
         return None
     done, arrays, meta = restored
+    non_finite = meta.get("non_finite", {})
     halted = np.asarray(arrays["early_stopping"].should_stop) & group.pieces.may_stop
-    return checkpoint_lib.carry_of(arrays, halted), meta["histories"], done + 1
+    halted = halted | np.array([name in non_finite for name in names])
+    return checkpoint_lib.carry_of(arrays, halted), meta["histories"], non_finite, done + 1
 
 
 class _Chunk(NamedTuple):
@@ -190,9 +194,10 @@ def _train_chunk(group: _Group, runs, chunk_size: int, workdir: pathlib.Path, pr
     ckpt = checkpoint_lib.Checkpointer(workdir, config.checkpoint.max_to_keep) if enabled else None
     first_epoch = 1
     try:
-        restored = _restore(ckpt, group, carry, progress) if ckpt is not None else None
+        names = [run.name for run in padded]
+        restored = _restore(ckpt, group, carry, names, progress) if ckpt is not None else None
         if restored is not None:
-            carry, histories, first_epoch = restored
+            carry, histories, non_finite, first_epoch = restored
             carry = jax.device_put(carry, sharding) if sharding is not None else carry
 
         def call(carry, first, count):
@@ -216,7 +221,8 @@ def _train_chunk(group: _Group, runs, chunk_size: int, workdir: pathlib.Path, pr
         def save(carry, epoch: int) -> None:
             if ckpt is not None and epoch > 0:
                 copied = {name: list(rows) for name, rows in histories.items()}  # orbax writes it later
-                ckpt.save(epoch, checkpoint_lib.arrays_of(carry), {"epoch": epoch, "histories": copied})
+                meta = {"epoch": epoch, "histories": copied, "non_finite": dict(non_finite)}
+                ckpt.save(epoch, checkpoint_lib.arrays_of(carry), meta)
 
         checkpoints = cadence.Periodic(config.checkpoint.every_epochs, config.checkpoint.every_seconds, enabled=enabled)
         pace = cadence.Pace(
@@ -246,9 +252,13 @@ def _train_chunk(group: _Group, runs, chunk_size: int, workdir: pathlib.Path, pr
 def _summaries(group: _Group, runs, carry, evaluate, test, non_finite: dict) -> dict[str, dict]:
     """Each run's stopping fields and final test metrics, as its summary.json would hold them."""
     restore_best = group.config.early_stopping.enabled and group.config.early_stopping.restore_best
-    params = carry.best_params if restore_best else carry.state.params  # padded runs too: no new shapes
-    totals = jax.device_get(evaluate(params, test))["test"]
     es_all = jax.device_get(carry.es_state)
+    params = carry.state.params  # padded runs too: no new shapes
+    if restore_best:  # each run's best epoch's, where it had one (an epoch monitored)
+        has_best = np.asarray(es_all.best_epoch) > 0
+        pick = lambda best, last: np.where(has_best.reshape(-1, *[1] * (np.ndim(best) - 1)), best, last)
+        params = jax.tree.map(pick, jax.device_get(carry.best_params), jax.device_get(params))
+    totals = jax.device_get(evaluate(params, test))["test"]
     out = {}
     for r, run in enumerate(runs):
         es = jax.tree.map(lambda a, r=r: np.asarray(a)[r], es_all)
@@ -304,11 +314,13 @@ def _chunk_size(group: _Group, members: list, chunk: int) -> int:
         lambda x: models.init_params(group.pieces.model, jax.random.PRNGKey(0), x),
         jnp.asarray(group.dataset.train.x[:1]),
     )
-    size = chunk or default_chunk(len(members), example, group.config.train.batch_size, _widest(example))
+    batch_size, x = group.config.train.batch_size, group.dataset.train.x
+    copied = x.nbytes if batch_size > 1 and x.nbytes <= epoch_lib.PERMUTE_WHOLE_BYTES else 0
+    size = min(chunk or default_chunk(len(members), example, batch_size, _widest(example), copied), len(members))
     devices = len(jax.devices())
     if size >= devices > 1:
-        size -= size % devices
-    return min(size, len(members)) if len(members) < devices else size
+        size -= size % devices  # whole shards of the run axis
+    return size
 
 
 def sweep(
