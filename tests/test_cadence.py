@@ -1,7 +1,12 @@
-"""The host's cadence: checkpoints every n epochs or t seconds (and on request), and the pace of the calls."""
+"""The host's cadence (checkpoints every n epochs or t seconds, and on request; the pace of the calls) and its loop."""
 
 from __future__ import annotations
 
+import types
+
+import pytest
+
+from jaxepochs.host import driver
 from jaxepochs.host.cadence import Pace, Periodic
 
 
@@ -59,3 +64,47 @@ def test_automatic_pace_grows_to_the_interval_from_measured_epochs():
     pace.observe(1, 0.0625)
     clock.now = 0.75  # 0.25 s to the checkpoint: 4 epochs of 1/16 s, though 8 would fill the interval
     assert pace.next(2000, 10_000, timed) == 4
+
+
+class _Ran:
+    """A call's `ran` as the driver sees it: the epochs run, and whether they were done when the call returned."""
+
+    def __init__(self, epochs: int, ready: bool):
+        self.epochs, self.ready = epochs, ready
+
+    def is_ready(self) -> bool:
+        return self.ready
+
+    def __int__(self) -> int:
+        return self.epochs
+
+
+@pytest.mark.parametrize("ready", [False, True], ids=["asynchronous", "synchronous"])
+def test_the_next_call_overlaps_the_host_only_where_calls_are_asynchronous(ready):
+    """An asynchronous call (GPU, TPU) is followed by the next before its rows are read; a call that returned
+    finished (XLA's CPU client runs it in the calling thread) is followed after the host's work."""
+    events = []
+
+    def call(carry, first, count):
+        events.append(("dispatch", first))
+        return carry, types.SimpleNamespace(ran=_Ran(count, ready))
+
+    def consume(rows, first, seconds):
+        events.append(("read", first))
+        return False
+
+    outcome = driver.drive(
+        call,
+        "carry",
+        1,
+        3,
+        pace=Pace(fixed=1, interval=0.5, limit=1),
+        checkpoints=Periodic(enabled=False),
+        consume=consume,
+        save=lambda carry, epoch: None,
+        interrupted=lambda: False,
+    )
+    assert outcome.last_epoch == 3 and not outcome.halted
+    overlapped = [("dispatch", 1), ("dispatch", 2), ("read", 1), ("dispatch", 3), ("read", 2), ("read", 3)]
+    in_turn = [("dispatch", 1), ("read", 1), ("dispatch", 2), ("read", 2), ("dispatch", 3), ("read", 3)]
+    assert events == (in_turn if ready else overlapped)

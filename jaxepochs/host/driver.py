@@ -1,9 +1,10 @@
 """The host loop of runs and sweeps: call the run program, read its rows, checkpoint on the cadence.
 
-The next call is dispatched before the last one's rows are read (its carry is the last call's output, still on
-the device, and a halted run stays halted inside the program), so logging and checkpointing overlap the device's
-next call and the device does not wait for the host. The host meets the run once per call; `Pace` sizes the
-calls. Nothing here runs per batch or per epoch on the device's critical path.
+On an asynchronous backend (GPU, TPU) the next call is dispatched before the last one's rows are read (its carry
+is the last call's output, still on the device, and a halted run stays halted inside the program), so logging and
+checkpointing overlap the device's next call and the device does not wait for the host. XLA's CPU client runs a
+call in the dispatching thread: there the next call follows the host's work. The host meets the run once per
+call; `Pace` sizes the calls. Nothing here runs per batch or per epoch.
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ class _Call(NamedTuple):
     # with a loop in the dispatching thread); None when it ran asynchronously (ready when read)
 
 
+def _is_ready(value) -> bool:
+    return getattr(value, "is_ready", lambda: True)()
+
+
 def drive(
     call: Callable[[Any, int, int], tuple[Any, Any]],
     carry,
@@ -47,12 +52,16 @@ def drive(
     consume: Callable[[Any, int, float], bool],
     save: Callable[[Any, int], None],
     interrupted: Callable[[], bool],
+    overlap: bool = True,
 ) -> Outcome:
     """Runs epochs first_epoch..last_epoch by calls of `call(carry, first, count) -> (carry, rows)`.
 
     `consume(rows, first_epoch, seconds_per_epoch)` takes each call's rows (fetched to the host) and says whether
     every run has halted; `save(carry, epoch)` runs when `checkpoints` is due after a call (not after the last:
-    the caller saves the outcome). Stops after the call in flight when `interrupted()`.
+    the caller saves the outcome). Stops after the call in flight when `interrupted()`. `overlap`: dispatch the
+    next call before reading the last. Not on CPU: XLA's CPU client runs some calls in the dispatching thread
+    and some in its own, so a call dispatched ahead could finish before the last one's rows were read and their
+    seconds would mix; and the host's work takes the same cores anyway.
     """
     if first_epoch > last_epoch:
         return Outcome(carry, first_epoch - 1, False, 0.0)
@@ -60,15 +69,18 @@ def drive(
     def dispatch(from_carry, first: int) -> _Call:
         count = pace.next(first, last_epoch, checkpoints)
         new_carry, rows = call(from_carry, first, count)
-        return _Call(first, count, new_carry, rows, time.perf_counter() if rows.ran.is_ready() else None)
+        return _Call(first, count, new_carry, rows, time.perf_counter() if _is_ready(rows.ran) else None)
 
     # A call's seconds: from the previous call's results to its own (the device is busy in between).
     previous_ready, host_seconds, epochs_done = time.perf_counter(), 0.0, 0
     pending = dispatch(carry, first_epoch)
     while True:
         following = pending.first_epoch + pending.count
-        # Dispatched before this call's rows are read: if every run halts in this call, the next one runs no epoch.
-        ahead = dispatch(pending.carry, following) if following <= last_epoch and not interrupted() else None
+        going_on = following <= last_epoch and not interrupted()
+        # Asynchronous backends get the next call before this one's rows are read, so the host's work overlaps
+        # the device's (if every run halts in this call, the next runs no epoch). A call that returned finished
+        # ran in this thread: nothing would overlap, so the next one waits for the host's work.
+        ahead = dispatch(pending.carry, following) if going_on and overlap and pending.ready_at is None else None
         rows = jax.device_get(pending.rows)  # a few numbers per run and epoch
         arrived = time.perf_counter()
         ready = pending.ready_at or arrived
@@ -76,16 +88,51 @@ def drive(
         pace.observe(ran, seconds)
         halted = consume(rows, pending.first_epoch, seconds / max(ran, 1))
         last_done = pending.first_epoch + ran - 1
-        if halted or interrupted():
-            ahead = None
-        if ahead is not None and checkpoints.due(last_done):
+        going_on = going_on and not (halted or interrupted())
+        if going_on and checkpoints.due(last_done):
             save(pending.carry, last_done)
             checkpoints.done()
         host_seconds += time.perf_counter() - arrived
         epochs_done += ran
-        if ahead is None:
+        if not going_on:
             return Outcome(pending.carry, last_done, halted, host_seconds / max(epochs_done, 1))
-        pending, previous_ready = ahead, ready
+        pending, previous_ready = ahead or dispatch(pending.carry, following), ready
+
+
+def train_loop(
+    config,
+    call,
+    carry,
+    first_epoch: int,
+    *,
+    limit: int,
+    consume,
+    save,
+    say,
+    checkpointing: bool,
+    final_epoch: Callable[[Outcome], int],
+) -> tuple[Outcome, bool]:
+    """`drive` at the config's pace and checkpoint cadence, under the Ctrl-C handler, then the final checkpoint
+    (`save(carry, final_epoch(outcome))`, still under the handler): the loop of runs and sweeps alike. Returns
+    the outcome and whether Ctrl-C asked to stop. `limit`: the program's most epochs per call."""
+    t, k = config.train, config.checkpoint
+    checkpoints = Periodic(k.every_epochs, k.every_seconds, enabled=checkpointing)
+    pace = Pace(t.epochs_per_call, t.host_interval_seconds, limit)
+    with stop_on_ctrl_c(say) as interrupted:
+        outcome = drive(
+            call,
+            carry,
+            first_epoch,
+            t.epochs,
+            pace=pace,
+            checkpoints=checkpoints,
+            consume=consume,
+            save=save,
+            interrupted=interrupted,
+            overlap=jax.default_backend() != "cpu",
+        )
+        save(outcome.carry, final_epoch(outcome))
+        return outcome, interrupted()
 
 
 @contextlib.contextmanager

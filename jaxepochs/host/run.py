@@ -28,9 +28,9 @@ import numpy as np
 from jaxepochs.core import epoch as epoch_lib
 from jaxepochs.core import program as program_lib
 from jaxepochs.data import loading as data_lib
-from jaxepochs.host import cadence, driver, report, setup
 from jaxepochs.host import checkpoint as checkpoint_lib
 from jaxepochs.host import config as config_lib
+from jaxepochs.host import driver, report, setup
 from jaxepochs.host import workdir as workdir_lib
 from jaxepochs.host.workdir import WorkdirError
 
@@ -180,30 +180,23 @@ def train(run: Setup, programs: Programs, carry, history: list[dict], workdir: p
             arrays = checkpoint_lib.arrays_of(setup.without_run_axis(jax.device_get(carry)))
             ckpt.save(epoch, arrays, {"epoch": epoch, "history": list(history)})  # a copy: orbax writes it later
 
-    checkpoints = cadence.Periodic(
-        config.checkpoint.every_epochs, config.checkpoint.every_seconds, enabled=ckpt is not None
-    )
-    pace = cadence.Pace(config.train.epochs_per_call, config.train.host_interval_seconds, run.spec.epochs_per_call)
-    outcome = driver.Outcome(carry, len(history), bool(carry.halted[0]), 0.0)
-    with driver.stop_on_ctrl_c(progress.message) as interrupted:
-        try:
-            if programs.run_epochs is not None and not outcome.halted:
-                outcome = driver.drive(
-                    programs.run_epochs,
-                    carry,
-                    len(history) + 1,
-                    config.train.epochs,
-                    pace=pace,
-                    checkpoints=checkpoints,
-                    consume=consume,
-                    save=save,
-                    interrupted=interrupted,
-                )
-        finally:
-            log.close()
-            progress.close()
-        save(outcome.carry, len(history))  # not after an exception: the last periodic checkpoint stands
-        stopped_by_user = interrupted() and len(history) < config.train.epochs and not (non_finite or outcome.halted)
+    try:
+        outcome, interrupted = driver.train_loop(
+            config,
+            programs.run_epochs,
+            carry,
+            len(history) + 1,
+            limit=run.spec.epochs_per_call,
+            consume=consume,
+            save=save,
+            say=progress.message,
+            checkpointing=ckpt is not None,
+            final_epoch=lambda outcome: len(history),  # the last good epoch: not a non-finite one
+        )
+    finally:
+        log.close()
+        progress.close()
+    stopped_by_user = interrupted and len(history) < config.train.epochs and not (non_finite or outcome.halted)
     return Trained(outcome.carry, non_finite[0] if non_finite else None, stopped_by_user, outcome.host_seconds)
 
 

@@ -31,9 +31,9 @@ from jaxepochs.core import epoch as epoch_lib
 from jaxepochs.core import optim
 from jaxepochs.core import program as program_lib
 from jaxepochs.data import loading as data_lib
-from jaxepochs.host import cadence, driver, report, setup
 from jaxepochs.host import checkpoint as checkpoint_lib
 from jaxepochs.host import config as config_lib
+from jaxepochs.host import driver, report, setup
 from jaxepochs.host import run as run_lib
 from jaxepochs.sweep import grid as sweep_lib
 from jaxepochs.sweep import report as sweep_report
@@ -224,25 +224,20 @@ def _train_chunk(group: _Group, runs, chunk_size: int, workdir: pathlib.Path, pr
                 meta = {"epoch": epoch, "histories": copied, "non_finite": dict(non_finite)}
                 ckpt.save(epoch, checkpoint_lib.arrays_of(carry), meta)
 
-        checkpoints = cadence.Periodic(config.checkpoint.every_epochs, config.checkpoint.every_seconds, enabled=enabled)
-        pace = cadence.Pace(
-            config.train.epochs_per_call, config.train.host_interval_seconds, group.spec.epochs_per_call
+        outcome, interrupted = driver.train_loop(
+            config,
+            call,
+            carry,
+            first_epoch,
+            limit=group.spec.epochs_per_call,
+            consume=consume,
+            save=save,
+            say=progress.message,
+            checkpointing=ckpt is not None,
+            final_epoch=lambda outcome: outcome.last_epoch,
         )
-        with driver.stop_on_ctrl_c(progress.message) as interrupted:
-            outcome = driver.drive(
-                call,
-                carry,
-                first_epoch,
-                config.train.epochs,
-                pace=pace,
-                checkpoints=checkpoints,
-                consume=consume,
-                save=save,
-                interrupted=interrupted,
-            )
-            save(outcome.carry, outcome.last_epoch)
-            if interrupted() and outcome.last_epoch < config.train.epochs and not outcome.halted:
-                raise KeyboardInterrupt
+        if interrupted and outcome.last_epoch < config.train.epochs and not outcome.halted:
+            raise KeyboardInterrupt
     finally:
         if ckpt is not None:
             ckpt.close()
