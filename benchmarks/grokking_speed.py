@@ -23,6 +23,7 @@ import jaxepochs
 from jaxepochs import models
 from jaxepochs.core import epoch as epoch_lib
 from jaxepochs.core import optim as schedules
+from jaxepochs.core import task as task_lib
 from jaxepochs.data import loading as data_lib
 from jaxepochs.host import config as config_lib
 from jaxepochs.host import setup
@@ -47,8 +48,10 @@ def plain_seconds_per_epoch(config, epochs: int) -> float:
     state = setup.init_state(model, tx, 0, dataset.train.x)
     x, y = jnp.asarray(dataset.train.x), jnp.asarray(dataset.train.y)
     xt, yt = jnp.asarray(dataset.test.x), jnp.asarray(dataset.test.y)
-    step = jax.jit(lambda s, e: epoch_lib.train_epoch(s, x, y, e, apply_fn=full_causal, tx=tx, batch_size=x.shape[0]))
-    test = jax.jit(lambda p: epoch_lib.eval_epoch(p, xt, yt, apply_fn=full_causal, batch_size=xt.shape[0]))
+    task = task_lib.make_task(lambda params, model_state, x_b, key, train: (full_causal(params, x_b), model_state))
+    data, held_out = {"x": x, "y": y}, {"x": xt, "y": yt}
+    step = jax.jit(lambda s, e: epoch_lib.train_epoch(s, data, e, task=task, tx=tx, batch_size=x.shape[0]))
+    test = jax.jit(lambda p: epoch_lib.eval_epoch(p, None, held_out, task=task, batch_size=xt.shape[0]))
     state, _ = step(state, 1)
     jax.block_until_ready(test(state.params))
     start = time.perf_counter()

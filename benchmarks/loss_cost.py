@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxepochs.core import epoch as epoch_lib
+from jaxepochs.core import task as task_lib
 
 STEPS = 1400
 
@@ -46,7 +46,7 @@ def main() -> None:
         x_sbd = jnp.asarray(rng.normal(size=(STEPS, batch, features)), jnp.float32)
         y_sb = jnp.asarray(rng.integers(0, classes, (STEPS, batch)))
         w_dc = jnp.zeros((features, classes))
-        losses = {"optax": optax.softmax_cross_entropy_with_integer_labels, "jaxepochs": epoch_lib.cross_entropy}
+        losses = {"optax": optax.softmax_cross_entropy_with_integer_labels, "jaxepochs": task_lib.cross_entropy}
         epochs = {name: make_epoch(fn, x_sbd, y_sb) for name, fn in losses.items()}
         for epoch in epochs.values():
             jax.block_until_ready(epoch(w_dc))

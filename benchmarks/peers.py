@@ -179,6 +179,7 @@ def run_train_epoch(data: dict, meta: dict, epochs: int) -> dict:
 
     from jaxepochs.core import epoch as epoch_lib
     from jaxepochs.core import optim as schedules
+    from jaxepochs.core import task as task_lib
 
     start = time.perf_counter()
     model = _flax_model(meta)
@@ -188,12 +189,14 @@ def run_train_epoch(data: dict, meta: dict, epochs: int) -> dict:
     state = epoch_lib.TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), jax.random.PRNGKey(1))
     x_n, y_n = jnp.asarray(data["x"]), jnp.asarray(data["y"])
     apply_fn = lambda p, x: model.apply({"params": p}, x)
-    run = jax.jit(functools.partial(epoch_lib.train_epoch, apply_fn=apply_fn, tx=tx, batch_size=meta["batch_size"]))
+    task = task_lib.make_task(lambda params, model_state, x_b, key, train: (apply_fn(params, x_b), model_state))
+    epoch = functools.partial(epoch_lib.train_epoch, task=task, tx=tx, batch_size=meta["batch_size"])
+    run = jax.jit(lambda state, x, y, e: epoch(state, {"x": x, "y": y}, e))
     ends = []
     for e in range(1, epochs + 1):
         state, totals = jax.block_until_ready(run(state, x_n, y_n, jnp.asarray(e, jnp.int32)))
         ends.append(time.perf_counter())
-    return _from_ends(start, ends, float(totals.loss_sum / totals.count), int(state.step))
+    return _from_ends(start, ends, float(totals.mean("loss")), int(state.step))
 
 
 def keras_model(keras, meta: dict, params: dict, input_shape: tuple):

@@ -28,6 +28,7 @@ import optax
 
 from jaxepochs import models
 from jaxepochs.core import epoch as epoch_lib
+from jaxepochs.core import task as task_lib
 from jaxepochs.data import loading as data_lib
 from jaxepochs.host import config as config_lib
 from jaxepochs.host import run as train
@@ -85,7 +86,9 @@ def bench(name: str, overrides: dict[str, str], repeats: int, epochs_per_repeat:
     rows.append((name, "bare lax.scan (limit)", 1 / bare_s, 1.0))
 
     state = epoch_lib.TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), jax.random.key(1))
-    epoch_fn = jax.jit(functools.partial(epoch_lib.train_epoch, apply_fn=apply_fn, tx=tx, batch_size=batch_size))
+    task = task_lib.make_task(task_lib.linen_apply(model))
+    epoch = functools.partial(epoch_lib.train_epoch, task=task, tx=tx, batch_size=batch_size)
+    epoch_fn = jax.jit(lambda state, x, y, e: epoch(state, {"x": x, "y": y}, e))
     holder = [state]
     counter = [0]
 

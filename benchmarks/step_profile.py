@@ -22,7 +22,6 @@ import argparse
 import functools
 import statistics
 import time
-from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -31,17 +30,10 @@ import optax
 from jaxepochs import models
 from jaxepochs.core import epoch as epoch_lib
 from jaxepochs.core import optim
+from jaxepochs.core import task as task_lib
 from jaxepochs.data import loading as data_lib
 from jaxepochs.host import config as config_lib
 from jaxepochs.host import setup
-
-
-def _without_accuracy(apply_fn, params, x_b, y_b, mask_b=None, fixed_order=False):
-    loss, metrics = LOSS_AND_METRICS(apply_fn, params, x_b, y_b, mask_b, fixed_order)
-    return loss, metrics._replace(correct=jnp.zeros((), jnp.float32))
-
-
-LOSS_AND_METRICS = epoch_lib.loss_and_metrics
 
 
 def _bare(apply_fn, tx, xs, ys):
@@ -61,34 +53,31 @@ def variants(config, dataset) -> dict:
     steps = epoch_lib.steps_per_epoch(n, batch_size)
     model = models.make_model(config.model, dataset.num_classes)
     apply_fn = lambda params, x_b: model.apply({"params": params}, x_b)
+    task = task_lib.make_task(task_lib.linen_apply(model))
+    no_accuracy = task._replace(metrics=lambda outputs, batch: {})
     ours = optim.make_optimizer(config.optimizer.to_dict(), steps, config.train.epochs)
     rate = config.optimizer.learning_rate
     plain = optax.adam(rate) if config.optimizer.name == "adam" else optax.sgd(rate)
-    injected = optax.inject_hyperparams(optax.adam if config.optimizer.name == "adam" else optax.sgd)(
-        learning_rate=rate
-    )
+    optax_optimizer = optax.adam if config.optimizer.name == "adam" else optax.sgd
+    injected = optax.inject_hyperparams(optax_optimizer)(learning_rate=rate)
     states = {tx: setup.init_state(model, tx, config.seed, dataset.train.x) for tx in (ours, plain, injected)}
-    epoch = functools.partial(epoch_lib.train_epoch, apply_fn=apply_fn, batch_size=batch_size)
     whole = batch_size > 1 and x.size * x.dtype.itemsize <= epoch_lib.PERMUTE_WHOLE_BYTES
-    args = lambda tx: (states[tx], x, y, jnp.int32(1))
+    data = {"x": x, "y": y}
+
+    def epoch(tx, task=task, **kwargs):
+        return functools.partial(epoch_lib.train_epoch, task=task, tx=tx, batch_size=batch_size, **kwargs)
+
+    args = lambda tx: (states[tx], data, jnp.int32(1))
     cut = (n // batch_size) * batch_size
     xs, ys = x[:cut].reshape(n // batch_size, batch_size, *x.shape[1:]), y[:cut].reshape(n // batch_size, batch_size)
     return {
-        "jaxepochs train_epoch": (functools.partial(epoch, tx=ours), args(ours), None),
-        "  no accuracy sum": (functools.partial(epoch, tx=ours), args(ours), _without_accuracy),
-        "  permute whole" if not whole else "  gather per batch": (
-            functools.partial(epoch, tx=ours, permute_whole=not whole),
-            args(ours),
-            None,
-        ),
-        "  optax's optimizer": (functools.partial(epoch, tx=plain), args(plain), None),
-        "  optax inject_hyperparams (before)": (functools.partial(epoch, tx=injected), args(injected), None),
-        "  no shuffle": (functools.partial(epoch, tx=ours, shuffle=False), args(ours), None),
-        "bare scan (pre-batched)": (
-            _bare(apply_fn, plain, xs, ys),
-            (states[plain].params, states[plain].opt_state),
-            None,
-        ),
+        "jaxepochs train_epoch": (epoch(ours), args(ours)),
+        "  no accuracy sum": (epoch(ours, task=no_accuracy), args(ours)),
+        "  permute whole" if not whole else "  gather per batch": (epoch(ours, permute_whole=not whole), args(ours)),
+        "  optax's optimizer": (epoch(plain), args(plain)),
+        "  optax inject_hyperparams (before)": (epoch(injected), args(injected)),
+        "  no shuffle": (epoch(ours, shuffle=False), args(ours)),
+        "bare scan (pre-batched)": (_bare(apply_fn, plain, xs, ys), (states[plain].params, states[plain].opt_state)),
     }, steps
 
 
@@ -100,10 +89,7 @@ def main() -> None:
     config = config_lib.load_config_file(args.experiment)
     dataset = data_lib.load_dataset(config, True)
     table, steps = variants(config, dataset)
-    compiled = {}
-    for name, (fn, fn_args, loss) in table.items():
-        with mock.patch.object(epoch_lib, "loss_and_metrics", loss or LOSS_AND_METRICS):
-            compiled[name] = jax.jit(fn).lower(*fn_args).compile()
+    compiled = {name: jax.jit(fn).lower(*fn_args).compile() for name, (fn, fn_args) in table.items()}
     best = {name: float("inf") for name in table}
     for _ in range(args.rounds):
         for name, fn in compiled.items():

@@ -12,6 +12,7 @@ import optax
 import pytest
 
 from jaxepochs.core import epoch as epoch_lib
+from jaxepochs.core import task as task_lib
 from jaxepochs.models import MLP
 
 
@@ -49,6 +50,32 @@ def _full_batch(apply_fn, params, x, y):
 
     loss, accuracy, loss_sum, correct = compute(params)
     return float(loss), float(accuracy), float(loss_sum), int(correct)
+
+
+def _task(apply_fn):
+    """The classification task of a plain (params, x) -> logits function."""
+    return task_lib.make_task(lambda params, model_state, x, key, train: (apply_fn(params, x), model_state))
+
+
+def _epoch(apply_fn, tx, batch_size, **kwargs):
+    """train_epoch as (state, x, y, epoch) -> (state, Metrics)."""
+    task = _task(apply_fn)
+    epoch = functools.partial(epoch_lib.train_epoch, task=task, tx=tx, batch_size=batch_size, **kwargs)
+    return lambda state, x, y, e: epoch(state, {"x": x, "y": y}, e)
+
+
+def _eval(apply_fn, batch_size):
+    """eval_epoch as (params, x, y) -> Metrics."""
+    task = _task(apply_fn)
+    return lambda params, x, y: epoch_lib.eval_epoch(params, None, {"x": x, "y": y}, task=task, batch_size=batch_size)
+
+
+def _loss(apply_fn, params, x_b, y_b, mask_b):
+    """loss_and_metrics in training: (mean loss, Metrics)."""
+    loss, (metrics, _) = epoch_lib.loss_and_metrics(
+        _task(apply_fn), params, None, {"x": x_b, "y": y_b}, None, True, mask_b
+    )
+    return loss, metrics
 
 
 _batch_indices = jax.jit(epoch_lib.batch_indices, static_argnums=(2, 3, 4))
@@ -126,20 +153,20 @@ def test_masked_loss_and_gradient_equal_those_of_the_real_rows(padding):
         logits = apply_fn(params, x_real)
         return optax.softmax_cross_entropy_with_integer_labels(logits, y_real).mean()
 
-    (loss, metrics), grads = jax.jit(
-        jax.value_and_grad(lambda p: epoch_lib.loss_and_metrics(apply_fn, p, x_b, y_b, mask_b), has_aux=True)
-    )(state.params)
+    (loss, metrics), grads = jax.jit(jax.value_and_grad(lambda p: _loss(apply_fn, p, x_b, y_b, mask_b), has_aux=True))(
+        state.params
+    )
     ref_loss, ref_grads = jax.jit(jax.value_and_grad(reference))(state.params)
 
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-6, atol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), grads, ref_grads)
     assert float(metrics.count) == 5.0
-    np.testing.assert_allclose(metrics.loss_sum, 5 * ref_loss, rtol=1e-6)
+    np.testing.assert_allclose(metrics.sums["loss"], 5 * ref_loss, rtol=1e-6)
     _, accuracy, _, correct = _full_batch(apply_fn, state.params, x_real, y_real)
-    assert float(metrics.correct) == correct
+    assert float(metrics.sums["accuracy"]) == correct
 
     # The padding rows do matter when not masked, so the equality above is the mask's doing.
-    unmasked = lambda p: epoch_lib.loss_and_metrics(apply_fn, p, x_b, y_b, jnp.ones(8, bool))[0]
+    unmasked = lambda p: _loss(apply_fn, p, x_b, y_b, jnp.ones(8, bool))[0]
     unmasked_grads = jax.jit(jax.grad(unmasked))(state.params)
     differences = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), unmasked_grads, ref_grads)
     assert max(jax.tree.leaves(differences)) > 1e-4
@@ -150,20 +177,20 @@ def test_train_epoch_counts_every_example_exactly_once():
     x, y = _problem(n)
     # Learning rate 0: the parameters stay put, so the epoch's sums are those of one full-batch pass.
     apply_fn, tx, state = _model_and_state(x, tx=optax.inject_hyperparams(optax.sgd)(learning_rate=0.0))
-    train = jax.jit(functools.partial(epoch_lib.train_epoch, apply_fn=apply_fn, tx=tx, batch_size=b))
+    train = jax.jit(_epoch(apply_fn, tx, b))
     new_state, totals = train(state, x, y, jnp.asarray(1, jnp.int32))
     assert float(totals.count) == n
     assert int(new_state.step) == math.ceil(n / b)
     _, _, loss_sum, correct = _full_batch(apply_fn, state.params, x, y)
-    np.testing.assert_allclose(float(totals.loss_sum), loss_sum, rtol=1e-5)
-    assert float(totals.correct) == correct
+    np.testing.assert_allclose(float(totals.sums["loss"]), loss_sum, rtol=1e-5)
+    assert float(totals.sums["accuracy"]) == correct
 
 
 def test_train_epoch_metrics_count_with_learning():
     n, b = 103, 10
     x, y = _problem(n)
     apply_fn, tx, state = _model_and_state(x)
-    train = jax.jit(functools.partial(epoch_lib.train_epoch, apply_fn=apply_fn, tx=tx, batch_size=b))
+    train = jax.jit(_epoch(apply_fn, tx, b))
     new_state, totals = train(state, x, y, jnp.asarray(1, jnp.int32))
     assert float(totals.count) == n
     means = totals.means("train")
@@ -178,7 +205,7 @@ def test_train_epoch_metrics_count_with_learning():
 def test_eval_epoch_matches_full_batch(batch_size):
     x, y = _problem(103, seed=3)
     apply_fn, _, state = _model_and_state(x)
-    evaluate = jax.jit(functools.partial(epoch_lib.eval_epoch, apply_fn=apply_fn, batch_size=batch_size))
+    evaluate = jax.jit(_eval(apply_fn, batch_size))
     totals = evaluate(state.params, x, y)
     means = totals.means("val")
     loss, accuracy, _, _ = _full_batch(apply_fn, state.params, x, y)
@@ -188,14 +215,14 @@ def test_eval_epoch_matches_full_batch(batch_size):
 
 
 def test_metrics_means_of_nothing_is_zero_not_nan():
-    means = epoch_lib.Metrics.zeros().means("val")
+    means = epoch_lib.Metrics.zeros(("loss", "accuracy")).means("val")
     assert means == {"val_loss": 0.0, "val_accuracy": 0.0}
 
 
 def test_jitted_train_epoch_compiles_once_for_all_epochs(compile_counter):
     x, y = _problem(103)
     apply_fn, tx, state = _model_and_state(x)
-    train = jax.jit(functools.partial(epoch_lib.train_epoch, apply_fn=apply_fn, tx=tx, batch_size=10))
+    train = jax.jit(_epoch(apply_fn, tx, 10))
     with compile_counter() as first:
         state1, totals1 = train(state, x, y, jnp.asarray(1, jnp.int32))
         jax.block_until_ready(state1)
@@ -209,7 +236,7 @@ def test_jitted_train_epoch_compiles_once_for_all_epochs(compile_counter):
     assert train._cache_size() == cache_size == 1
     assert int(state3.step) == 3 * 11
     # The two epochs saw different orders (and different parameters), so their sums differ.
-    assert float(totals1.loss_sum) != float(totals2.loss_sum)
+    assert float(totals1.sums["loss"]) != float(totals2.sums["loss"])
 
 
 def test_one_epoch_reduces_the_loss_on_a_separable_problem():
@@ -220,8 +247,8 @@ def test_one_epoch_reduces_the_loss_on_a_separable_problem():
     x, y = jnp.asarray(x), jnp.asarray(y)
     tx = optax.inject_hyperparams(optax.adam)(learning_rate=5e-2)
     apply_fn, tx, state = _model_and_state(x, classes=2, tx=tx)
-    train = jax.jit(functools.partial(epoch_lib.train_epoch, apply_fn=apply_fn, tx=tx, batch_size=32))
-    evaluate = jax.jit(functools.partial(epoch_lib.eval_epoch, apply_fn=apply_fn, batch_size=64))
+    train = jax.jit(_epoch(apply_fn, tx, 32))
+    evaluate = jax.jit(_eval(apply_fn, 64))
 
     before = evaluate(state.params, x, y).means("train")
     state, _ = train(state, x, y, jnp.asarray(1, jnp.int32))
@@ -261,15 +288,15 @@ def test_unshuffled_epoch_is_the_in_order_loop_of_train_step():
     """train.shuffle=False: batches 0..B-1, B..2B-1, ... every epoch, as a plain in-order loop (last one padded)."""
     x, y = _problem(50)
     apply_fn, tx, state = _model_and_state(x)
-    epoch_fn = jax.jit(functools.partial(epoch_lib.train_epoch, apply_fn=apply_fn, tx=tx, batch_size=16, shuffle=False))
+    epoch_fn = jax.jit(_epoch(apply_fn, tx, 16, shuffle=False))
     fused, _ = epoch_fn(state, x, y, jnp.int32(7))
-    step = jax.jit(functools.partial(epoch_lib.train_step, apply_fn=apply_fn, tx=tx))
+    step = jax.jit(functools.partial(epoch_lib.train_step, task=_task(apply_fn), tx=tx))
     looped = state
     for start in range(0, 50, 16):
         idx = np.arange(start, start + 16)
         mask = idx < 50
         idx = np.where(mask, idx, 0)
-        looped, _ = step(looped, (x[idx], y[idx], jnp.asarray(mask)))
+        looped, _ = step(looped, {"x": x[idx], "y": y[idx]}, mask_b=jnp.asarray(mask))
     for a, b in zip(jax.tree.leaves(fused.params), jax.tree.leaves(looped.params), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
@@ -279,22 +306,22 @@ def test_cross_entropy_matches_optax_and_stays_accurate_when_nearly_certain():
     logits = jnp.asarray(rng.normal(0, 3, (64, 10)), jnp.float32)
     y = jnp.asarray(rng.integers(0, 10, 64))
     expected = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-    np.testing.assert_allclose(epoch_lib.cross_entropy(logits, y), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(task_lib.cross_entropy(logits, y), expected, rtol=1e-5, atol=1e-6)
     # Nearly certain rows: the answer's logit 18-30 above the rest (p_y > 1 - 1e-7), where optax's float32
     # logsumexp rounds to a loss of exactly 0 and a zero gradient on the answer's logit.
     confident = np.zeros((3, 114), np.float32)
     confident[:, 5] = [18.0, 24.0, 30.0]
     labels = jnp.full((3,), 5)
-    ours = jax.jit(epoch_lib.cross_entropy)(jnp.asarray(confident), labels)
+    ours = jax.jit(task_lib.cross_entropy)(jnp.asarray(confident), labels)
     reference = np.log1p(113 * np.exp(-confident[:, 5].astype(np.float64)))  # exact, in float64
     assert float(optax.softmax_cross_entropy_with_integer_labels(jnp.asarray(confident), labels)[2]) == 0.0
     np.testing.assert_allclose(ours, reference, rtol=1e-5)
-    grad_answer = jax.grad(lambda z: epoch_lib.cross_entropy(z, labels).sum())(jnp.asarray(confident))[:, 5]
+    grad_answer = jax.grad(lambda z: task_lib.cross_entropy(z, labels).sum())(jnp.asarray(confident))[:, 5]
     np.testing.assert_allclose(grad_answer, -113 * np.exp(-confident[:, 5].astype(np.float64)), rtol=1e-5)
     # A confidently wrong row (the answer far below another class) stays finite and exact too.
     wrong = jnp.asarray([[0.0, 80.0, -5.0]])
     np.testing.assert_allclose(
-        epoch_lib.cross_entropy(wrong, jnp.asarray([0])), 80.0 + np.log1p(np.exp(-80) + np.exp(-85)), rtol=1e-6
+        task_lib.cross_entropy(wrong, jnp.asarray([0])), 80.0 + np.log1p(np.exp(-80) + np.exp(-85)), rtol=1e-6
     )
 
 
@@ -305,9 +332,7 @@ def test_permuting_the_split_whole_equals_gathering_each_batch():
     apply_fn, tx, state = _model_and_state(x)
     outcomes = []
     for permute_whole in (True, False):
-        epoch = functools.partial(
-            epoch_lib.train_epoch, apply_fn=apply_fn, tx=tx, batch_size=10, permute_whole=permute_whole
-        )
+        epoch = _epoch(apply_fn, tx, 10, permute_whole=permute_whole)
         outcomes.append(jax.jit(epoch)(state, x, y, jnp.asarray(3, jnp.int32)))
     (state_a, metrics_a), (state_b, metrics_b) = outcomes
     for a, b in zip(

@@ -17,6 +17,7 @@ from conftest import tiny_config
 import jaxepochs
 from jaxepochs import models
 from jaxepochs.core import epoch as epoch_lib
+from jaxepochs.core import task as task_lib
 from jaxepochs.host import config as config_lib
 
 
@@ -157,8 +158,9 @@ def test_gru_jitted_epoch_gives_finite_loss():
     params = init(model, x_n)
     tx = optax.adam(1e-2)
     state = epoch_lib.TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), jax.random.PRNGKey(3))
-    apply_fn = lambda p, x_b: model.apply({"params": p}, x_b)  # noqa: E731
-    run = jax.jit(functools.partial(epoch_lib.train_epoch, apply_fn=apply_fn, tx=tx, batch_size=16))
+    task = task_lib.make_task(task_lib.linen_apply(model))
+    epoch = functools.partial(epoch_lib.train_epoch, task=task, tx=tx, batch_size=16)
+    run = jax.jit(lambda state, x, y, e: epoch(state, {"x": x, "y": y}, e))
     state, totals = run(state, x_n, y_n, jnp.asarray(0))
     loss = totals.means("train")["train_loss"]
     assert math.isfinite(loss) and float(totals.count) == 64

@@ -4,7 +4,6 @@ checkpoint or a non-finite loss) repeats an uninterrupted one bit for bit; load(
 from __future__ import annotations
 
 import contextlib
-import functools
 import io
 import json
 import math
@@ -24,6 +23,7 @@ from conftest import EXPERIMENT, REPO, tiny_config
 
 import jaxepochs
 from jaxepochs import cli, models
+from jaxepochs.core import task as task_lib
 from jaxepochs.data import loading as data_lib
 from jaxepochs.host import checkpoint as checkpoint_lib
 from jaxepochs.host import run as train
@@ -435,12 +435,10 @@ def test_load_best_without_early_stopping_is_the_lowest_val_loss_epoch(run_cli_u
     dataset = data_lib.load_dataset(config, quiet=True)
     model = models.make_model(config.model, dataset.num_classes)
     x_val, y_val = dataset.val
+    task = task_lib.make_task(task_lib.linen_apply(model))
+    size = min(config.train.eval_batch_size, x_val.shape[0])
     evaluate = jax.jit(
-        functools.partial(
-            jaxepochs.eval_epoch,
-            apply_fn=lambda params, x: model.apply({"params": params}, x),
-            batch_size=min(config.train.eval_batch_size, x_val.shape[0]),
-        )
+        lambda params, x, y: jaxepochs.eval_epoch(params, None, {"x": x, "y": y}, task=task, batch_size=size)
     )
     val = jax.device_get(evaluate(best_state.params, x_val, y_val)).means("val")
     assert val["val_loss"] == pytest.approx(rows[best - 1]["val_loss"], rel=1e-6)

@@ -6,6 +6,7 @@ index 0 and masked out, so its loss and gradient are those of the real rows alon
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -14,7 +15,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-SHUFFLE_STREAM, DROPOUT_STREAM = 0, 1  # fold_in tags: independent random streams from one run key
+from jaxepochs.core.task import Task
+
+SHUFFLE_STREAM, DROPOUT_STREAM, AUGMENT_STREAM = 0, 1, 2  # fold_in tags: independent streams from one run key
 
 
 class TrainState(NamedTuple):
@@ -22,28 +25,31 @@ class TrainState(NamedTuple):
     opt_state: Any  # the optimizer's state (optim.OptState: holds the learning rate)
     step: jax.Array  # int32 [] optimizer steps taken
     key: jax.Array  # PRNG key of the run; epochs and steps fold into it, it never advances
+    model_state: Any = None  # what the model changes as it trains (BatchNorm's statistics); None or {} if nothing
 
 
 class Metrics(NamedTuple):
     """Sums over the examples seen; divided once, on the host, at the end of the epoch."""
 
-    loss_sum: jax.Array  # float32 []
-    correct: jax.Array  # float32 []
+    sums: dict  # name -> float32 [] the sum of the per-example values over the real examples; "loss" always
     count: jax.Array  # float32 [] real (unmasked) examples
 
     @staticmethod
-    def zeros() -> Metrics:
-        return Metrics(jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+    def zeros(names) -> Metrics:
+        """`names`: the metrics' names, "loss" among them."""
+        return Metrics({name: jnp.zeros((), jnp.float32) for name in names}, jnp.zeros((), jnp.float32))
 
     def __add__(self, other: Metrics) -> Metrics:  # type: ignore[override]
-        return Metrics(*(a + b for a, b in zip(self, other, strict=True)))
+        return Metrics(jax.tree.map(jnp.add, self.sums, other.sums), self.count + other.count)
+
+    def mean(self, name: str):
+        """A metric's mean over the examples (a traced value inside a program)."""
+        return self.sums[name] / jnp.maximum(self.count, 1.0)
 
     def means(self, prefix: str) -> dict[str, float]:
         count = max(float(self.count), 1.0)
-        return {
-            f"{prefix}_loss": float(self.loss_sum) / count,
-            f"{prefix}_accuracy": float(self.correct) / count,
-        }
+        names = ["loss", *sorted(name for name in self.sums if name != "loss")]
+        return {f"{prefix}_{name}": float(self.sums[name]) / count for name in names}
 
 
 ApplyFn = Callable[[Any, jax.Array], jax.Array]  # (params, x_b...) -> logits_bc
@@ -104,67 +110,56 @@ def batch_indices(key: jax.Array, epoch: jax.Array, num_examples: int, batch_siz
     return idx_sb, mask_sb
 
 
-def _class_sum(x_bc: jax.Array, fixed_order: bool) -> jax.Array:
-    """x.sum(-1); with `fixed_order`, halves added pairwise. XLA's row reduction sums in an order that depends on
-    the shape around it (the number of runs in a sweep), so a run's held-out loss differed in its last bit
-    between a sweep and the run alone; evaluation sums in the fixed order. Training does not (it costs 0.4 us a
-    step at batch size 1 on CPU, half the step) and has not needed to: its sums came out the same."""
-    if not fixed_order:
-        return x_bc.sum(-1)
-    width = 1 << max(x_bc.shape[-1] - 1, 0).bit_length()
-    x_bc = jnp.pad(x_bc, [(0, 0)] * (x_bc.ndim - 1) + [(0, width - x_bc.shape[-1])])
-    while x_bc.shape[-1] > 1:
-        half = x_bc.shape[-1] // 2
-        x_bc = x_bc[..., :half] + x_bc[..., half:]
-    return x_bc[..., 0]
+def num_examples(data) -> int:
+    """The leading axis of a batch (a pytree of arrays with one leading example axis)."""
+    return jax.tree.leaves(data)[0].shape[0]
 
 
-def cross_entropy(logits_bc: jax.Array, y_b: jax.Array, fixed_order: bool = False) -> jax.Array:
-    """-log softmax(logits)[y] per row [B], accurate to float32's relative precision at any confidence.
-
-    With z = logits - logits[y] and m = max(z) >= 0, -log p_y = m + log1p(sum_{j != y} exp(z_j - m) + expm1(-m)).
-    The usual logsumexp form rounds 1 + tiny to 1 once p_y > 1 - 6e-8, so the loss and the gradient on the
-    correct logit become exactly 0 while weight decay still pulls; Nanda et al. (2023) compute their grokking loss
-    in float64 for this reason. This form keeps both in float32, as fast as optax's loss on CPU.
-    """
-    is_label_bc = jnp.arange(logits_bc.shape[-1]) == y_b[:, None]
-    # The answer's logit by a masked sum, not take_along_axis: a gather costs more than the whole loss on CPU.
-    z_bc = logits_bc - _class_sum(jnp.where(is_label_bc, logits_bc, 0.0), fixed_order)[:, None]
-    m_b = jax.lax.stop_gradient(z_bc.max(-1))  # the identity holds for any m; the max keeps exp() in range
-    others_b = _class_sum(jnp.where(is_label_bc, 0.0, jnp.exp(z_bc - m_b[:, None])), fixed_order)
-    return m_b + jnp.log1p(others_b + jnp.expm1(-m_b))
+def take(data, idx):
+    """The examples `idx` (an index array, or a slice) of every array of a batch."""
+    return jax.tree.map(lambda a: a[idx], data)
 
 
 def loss_and_metrics(
-    apply_fn: ApplyFn, params, x_b, y_b, mask_b=None, fixed_order: bool = False
-) -> tuple[jax.Array, Metrics]:
-    """The mean cross-entropy of a batch and its metric sums: the one loss body of training and evaluation.
+    task: Task, params, model_state, batch, key, train: bool, mask_b=None
+) -> tuple[jax.Array, tuple[Metrics, Any]]:
+    """The mean loss of a batch, its metric sums and the model's new state: the one loss body of training and
+    evaluation.
 
     `mask_b` (bool [B]) marks the real rows of a padded batch: the mean and the sums are theirs alone. Without
     it every row is real and nothing is masked (on CPU each op in a loop body has a fixed cost: at batch size 1
-    the mask's ops were a fifth of a step); `count` is then the batch size, a constant. `fixed_order`: see
-    `cross_entropy` (evaluation).
+    the mask's ops were a fifth of a step); `count` is then the batch size, a constant. Evaluation (`train`
+    False) uses the task's evaluation loss.
     """
-    logits_bc = apply_fn(params, x_b)
-    losses_b = cross_entropy(logits_bc, y_b, fixed_order)
-    correct_b = jnp.argmax(logits_bc, -1) == y_b
+    outputs, model_state = task.apply(params, model_state, batch["x"], key, train)
+    values = {"loss": (task.loss if train else task.evaluation_loss())(outputs, batch), **task.metrics(outputs, batch)}
     if mask_b is None:
-        count = jnp.asarray(y_b.shape[0], jnp.float32)
-        loss_sum, correct = losses_b.sum(), correct_b.sum().astype(jnp.float32)
+        count = jnp.asarray(num_examples(batch), jnp.float32)
+        sums = {name: v_b.sum().astype(jnp.float32) for name, v_b in values.items()}
     else:
         weights_b = mask_b.astype(jnp.float32)
         count = weights_b.sum()
-        loss_sum, correct = (losses_b * weights_b).sum(), (correct_b * weights_b).sum()
-    return loss_sum / jnp.maximum(count, 1.0), Metrics(loss_sum, correct, count)
+        sums = {name: (v_b * weights_b).sum() for name, v_b in values.items()}
+    return sums["loss"] / jnp.maximum(count, 1.0), (Metrics(sums, count), model_state)
 
 
-def train_step(state: TrainState, batch, *, apply_fn: ApplyFn, tx) -> tuple[TrainState, Metrics]:
-    """One optimizer step on a batch (x_b, y_b) of real rows, or (x_b, y_b, mask_b) padded. Pure."""
-    loss_fn = lambda params: loss_and_metrics(apply_fn, params, *batch)
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+def _step_key(state: TrainState, stream: int) -> jax.Array:
+    """This step's key of a random stream (dropout, augmentation): resuming at any step draws the same keys, and
+    XLA drops it where nothing draws from it."""
+    return jax.random.fold_in(jax.random.fold_in(state.key, stream), state.step)
+
+
+def train_step(state: TrainState, batch, *, task: Task, tx, augment=None, mask_b=None) -> tuple[TrainState, Metrics]:
+    """One optimizer step on a batch of real rows, or of padded ones marked by `mask_b`. Pure. `augment(key,
+    batch) -> batch` changes the batch first (random crops, flips, noise)."""
+    if augment is not None:
+        batch = augment(_step_key(state, AUGMENT_STREAM), batch)
+    key = _step_key(state, DROPOUT_STREAM)
+    loss_fn = lambda params: loss_and_metrics(task, params, state.model_state, batch, key, True, mask_b)
+    (_, (metrics, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    return TrainState(params, opt_state, state.step + 1, state.key), metrics
+    return TrainState(params, opt_state, state.step + 1, state.key, model_state), metrics
 
 
 # Two steps per loop iteration: XLA fuses across them and the loop's per-iteration cost halves (measured on
@@ -178,74 +173,86 @@ SCAN_UNROLL = 2
 PERMUTE_WHOLE_BYTES = 1 << 28
 
 
-def _whole_batches(x_n, y_n, idx_sb, permute_whole: bool, in_order: bool):
+def _nbytes(data) -> int:
+    return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(data))
+
+
+def _whole_batches(data_n, idx_sb, permute_whole: bool, in_order: bool):
     """The epoch's whole batches as scan inputs and how a step gets its batch from one: [S, B, ...] arrays
     (sliced in order, or gathered in the epoch's order once), or the indices [S, B] to gather per step."""
     steps, batch_size = idx_sb.shape
+    cut = lambda a: a.reshape(steps, batch_size, *a.shape[1:])
     if in_order:  # no permutation: the leading rows are the batches
-        cut = lambda a: a[: steps * batch_size].reshape(steps, batch_size, *a.shape[1:])
-        return (cut(x_n), cut(y_n)), lambda batch: batch
+        return jax.tree.map(lambda a: cut(a[: steps * batch_size]), data_n), lambda batch: batch
     if not permute_whole:
-        return idx_sb, lambda idx_b: (x_n[idx_b], y_n[idx_b])
+        return idx_sb, lambda idx_b: take(data_n, idx_b)
     order = idx_sb.reshape(-1)
-    xs = x_n[order].reshape(steps, batch_size, *x_n.shape[1:])
-    return (xs, y_n[order].reshape(steps, batch_size)), lambda batch: batch
+    return jax.tree.map(lambda a: cut(a[order]), data_n), lambda batch: batch
 
 
 def train_epoch(
     state: TrainState,
-    x_n,
-    y_n,
+    data_n,
     epoch,
     *,
-    apply_fn: ApplyFn,
+    task: Task,
     tx,
     batch_size: int,
     shuffle: bool = True,
     permute_whole: bool | None = None,
+    augment=None,
 ):
     """Shuffles with fold_in(key, epoch) (unless `shuffle` is False: batches in order, as some published recipes
-    train) and scans over all ceil(N / B) batches: the N // B whole batches unmasked, then the partial last
-    batch, if any, padded to B rows and masked. `permute_whole` (default: for splits up to PERMUTE_WHOLE_BYTES
-    and batches of 2 or more) gathers the epoch's order once instead of per batch; the batches and the results
-    are the same."""
+    train) and scans over all ceil(N / B) batches of `data_n` (a batch of N examples): the N // B whole batches
+    unmasked, then the partial last batch, if any, padded to B rows and masked. `permute_whole` (default: for
+    splits up to PERMUTE_WHOLE_BYTES and batches of 2 or more) gathers the epoch's order once instead of per
+    batch; the batches and the results are the same."""
     shuffle_key = jax.random.fold_in(state.key, SHUFFLE_STREAM)
-    num_examples = x_n.shape[0]
-    idx_sb, mask_sb = batch_indices(shuffle_key, epoch, num_examples, batch_size, shuffle)
-    whole = num_examples // batch_size
+    n = num_examples(data_n)
+    idx_sb, mask_sb = batch_indices(shuffle_key, epoch, n, batch_size, shuffle)
+    whole = n // batch_size
     if permute_whole is None:
-        permute_whole = batch_size > 1 and x_n.size * x_n.dtype.itemsize <= PERMUTE_WHOLE_BYTES
-    inputs, batch_of = _whole_batches(x_n, y_n, idx_sb[:whole], permute_whole, in_order=not shuffle)
+        permute_whole = batch_size > 1 and _nbytes(data_n) <= PERMUTE_WHOLE_BYTES
+    inputs, batch_of = _whole_batches(data_n, idx_sb[:whole], permute_whole, in_order=not shuffle)
+    step = functools.partial(train_step, task=task, tx=tx, augment=augment)
 
     def body(carry, step_input):
-        state, loss_sum, correct = carry
-        state, metrics = train_step(state, batch_of(step_input), apply_fn=apply_fn, tx=tx)
-        return (state, loss_sum + metrics.loss_sum, correct + metrics.correct), None
+        state, sums = carry
+        state, metrics = step(state, batch_of(step_input))
+        return (state, jax.tree.map(jnp.add, sums, metrics.sums)), None
 
-    zero = jnp.zeros((), jnp.float32)
-    (state, loss_sum, correct), _ = jax.lax.scan(body, (state, zero, zero), inputs, unroll=SCAN_UNROLL)
-    totals = Metrics(loss_sum, correct, jnp.asarray(whole * batch_size, jnp.float32))
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: step(state, batch_of(_first(inputs)))[1].sums))
+    (state, sums), _ = jax.lax.scan(body, (state, zeros), inputs, unroll=SCAN_UNROLL)
+    totals = Metrics(sums, jnp.asarray(whole * batch_size, jnp.float32))
     if whole < idx_sb.shape[0]:  # the partial last batch
-        idx_b, mask_b = idx_sb[whole], mask_sb[whole]
-        state, metrics = train_step(state, (x_n[idx_b], y_n[idx_b], mask_b), apply_fn=apply_fn, tx=tx)
+        state, metrics = step(state, take(data_n, idx_sb[whole]), mask_b=mask_sb[whole])
         totals = totals + metrics
     return state, totals
 
 
-def eval_epoch(params, x_n, y_n, *, apply_fn: ApplyFn, batch_size: int) -> Metrics:
-    """Loss and accuracy sums over a whole split, in order: a scan over its whole batches (sliced, unmasked),
-    then the partial last batch, if any, padded and masked as in training."""
-    n = x_n.shape[0]
+def _first(inputs):
+    return jax.tree.map(lambda a: a[0], inputs)
+
+
+def eval_epoch(params, model_state, data_n, *, task: Task, batch_size: int) -> Metrics:
+    """The metric sums over a whole split, in order, in evaluation mode: a scan over its whole batches (sliced,
+    unmasked), then the partial last batch, if any, padded and masked as in training."""
+    n = num_examples(data_n)
     whole = n // batch_size
-    metrics_of = lambda x_b, y_b, mask_b=None: loss_and_metrics(apply_fn, params, x_b, y_b, mask_b, fixed_order=True)[1]
-    totals = Metrics.zeros()
+
+    def metrics_of(batch, mask_b=None):
+        return loss_and_metrics(task, params, model_state, batch, None, False, mask_b)[1][0]
+
     if whole == 1:  # the usual validation split: one batch, no loop
-        totals = metrics_of(x_n[:batch_size], y_n[:batch_size])
-    elif whole > 1:
+        totals = metrics_of(take(data_n, slice(0, batch_size)))
+    elif whole == 0:
+        totals = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: metrics_of(take(data_n, slice(0, n)))))
+    else:
         cut = lambda a: a[: whole * batch_size].reshape(whole, batch_size, *a.shape[1:])
-        body = lambda totals, batch: (totals + metrics_of(*batch), None)
-        totals, _ = jax.lax.scan(body, totals, (cut(x_n), cut(y_n)))
+        batches = jax.tree.map(cut, data_n)
+        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: metrics_of(_first(batches))))
+        totals, _ = jax.lax.scan(lambda t, batch: (t + metrics_of(batch), None), zeros, batches)
     if whole * batch_size < n:
         idx_b = jnp.minimum(jnp.arange(whole * batch_size, (whole + 1) * batch_size), n - 1)
-        totals = totals + metrics_of(x_n[idx_b], y_n[idx_b], jnp.arange(batch_size) < n - whole * batch_size)
+        totals = totals + metrics_of(take(data_n, idx_b), jnp.arange(batch_size) < n - whole * batch_size)
     return totals

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from jaxepochs.core import epoch as epoch_lib
 from jaxepochs.core import optim
 from jaxepochs.core.early_stopping import EarlyStopping, EarlyStoppingHParams, EarlyStoppingState
+from jaxepochs.core.task import Task
 
 
 class RunCarry(NamedTuple):
@@ -59,8 +60,9 @@ class EpochRows(NamedTuple):
 class RunSpec:
     """What is compiled into the program: the model's apply function, the optimizer and the epoch's settings."""
 
-    apply_fn: Callable  # (params, x_b...) -> logits_bc
+    task: Task  # the model's apply, the loss and the metrics (core/task.py)
     tx: Any  # optim.Optimizer (or any optax-style init/update pair)
+    metric_names: tuple[str, ...]  # "loss" and the task's metrics: the structure of every split's sums
     batch_size: int
     eval_batch_sizes: dict[str, int]  # "val" and/or "test" -> batch size; a split not named is not evaluated
     tracker: EarlyStopping  # early stopping's rule; with may_stop False it only tracks the best epoch
@@ -70,52 +72,46 @@ class RunSpec:
     shuffle: bool = True
     plateau_monitor: str | None = None  # reduce_on_plateau's metric ("val_loss", "train_loss") where it is used
     data_axes: dict[str, int | None] = dataclasses.field(default_factory=dict)  # split -> 0 if per run (CV folds)
-
-
-def _mean(metrics: epoch_lib.Metrics, name: str) -> jax.Array:
-    """`loss` or `accuracy` of a split's sums, as the host's Metrics.means computes it."""
-    count = jnp.maximum(metrics.count, 1.0)
-    return (metrics.loss_sum if name == "loss" else metrics.correct) / count
+    augment: Callable | None = None  # (key, batch) -> batch, in each training step
 
 
 def _metric(by_split: dict[str, epoch_lib.Metrics], monitor: str) -> jax.Array:
     split, name = monitor.split("_", 1)
-    return _mean(by_split[split], name)
+    return by_split[split].mean(name)
 
 
-def _evaluate(spec: RunSpec, name: str, params, splits) -> epoch_lib.Metrics:
-    x_n, y_n = splits[name]
-    return epoch_lib.eval_epoch(params, x_n, y_n, apply_fn=spec.apply_fn, batch_size=spec.eval_batch_sizes[name])
+def _evaluate(spec: RunSpec, name: str, state: epoch_lib.TrainState, splits) -> epoch_lib.Metrics:
+    batch_size = spec.eval_batch_sizes[name]
+    return epoch_lib.eval_epoch(state.params, state.model_state, splits[name], task=spec.task, batch_size=batch_size)
 
 
 def _one_epoch(spec: RunSpec, carry: RunCarry, splits, es_hparams, epoch, test_due):
     """One epoch of one run: (carry, (train, val, test, learning rate)). Vmapped over the runs."""
-    x_n, y_n = splits["train"]
     state, train_m = epoch_lib.train_epoch(
         carry.state,
-        x_n,
-        y_n,
+        splits["train"],
         epoch,
-        apply_fn=spec.apply_fn,
+        task=spec.task,
         tx=spec.tx,
         batch_size=spec.batch_size,
         shuffle=spec.shuffle,
+        augment=spec.augment,
     )
-    zero = epoch_lib.Metrics.zeros()
-    val_m = _evaluate(spec, "val", state.params, splits) if "val" in spec.eval_batch_sizes else zero
+    zero = epoch_lib.Metrics.zeros(spec.metric_names)
+    val_m = _evaluate(spec, "val", state, splits) if "val" in spec.eval_batch_sizes else zero
     test_m = zero
     if "test" in spec.eval_batch_sizes:  # test_due is the same for every run: a real branch under vmap
-        test_m = jax.lax.cond(test_due, lambda p: _evaluate(spec, "test", p, splits), lambda p: zero, state.params)
+        test_m = jax.lax.cond(test_due, lambda s: _evaluate(spec, "test", s, splits), lambda s: zero, state)
     by_split = {"train": train_m, "val": val_m}
     es_state = spec.tracker.update(
-        carry.es_state, _metric(by_split, spec.tracker.monitor), _mean(train_m, "loss"), es_hparams
+        carry.es_state, _metric(by_split, spec.tracker.monitor), train_m.mean("loss"), es_hparams
     )
     learning_rate = optim.learning_rate_of(state.opt_state).astype(jnp.float32)
     plateau = carry.plateau
     if plateau is not None:
         plateau = optim.plateau_update(plateau, _metric(by_split, spec.plateau_monitor))
         state = state._replace(opt_state=optim.with_plateau_scale(state.opt_state, plateau))
-    finite = jnp.isfinite(train_m.loss_sum)
+    finite = jnp.isfinite(train_m.sums["loss"])
     # A run halted before this epoch keeps everything; a non-finite epoch is discarded and halts the run.
     discard = carry.halted | ~finite
     select = lambda old, nxt: jnp.where(discard, old, nxt)
@@ -133,7 +129,7 @@ def _one_epoch(spec: RunSpec, carry: RunCarry, splits, es_hparams, epoch, test_d
 def make_run_epochs(spec: RunSpec, axis_name: str | None = None):
     """run_epochs(carry, splits, es_hparams, first_epoch, num_epochs, last_epoch) -> (carry, EpochRows).
 
-    `carry` and `es_hparams` have a leading run axis R; `splits` maps "train", "val", "test" to (x_n, y_n), with
+    `carry` and `es_hparams` have a leading run axis R; `splits` maps "train", "val", "test" to batches, with
     a run axis where `spec.data_axes` says 0. The call runs epochs first_epoch, first_epoch + 1, ... for at most
     min(num_epochs, K) epochs, and stops early once every run has halted; `last_epoch` is the run's last (the
     test split is evaluated there). With `axis_name`, the runs are split over the devices of that mesh axis
@@ -153,7 +149,7 @@ def make_run_epochs(spec: RunSpec, axis_name: str | None = None):
         one = jax.vmap(lambda c, s, h, e, t: _one_epoch(spec, c, s, h, e, t), in_axes=(0, axes, 0, None, None))
         runs = carry.halted.shape[0]
         zeros = lambda dtype=jnp.float32: jnp.zeros((runs, k), dtype)
-        metrics0 = epoch_lib.Metrics(zeros(), zeros(), zeros())
+        metrics0 = epoch_lib.Metrics({name: zeros() for name in spec.metric_names}, zeros())
         rows0 = EpochRows(metrics0, metrics0, metrics0, zeros(), zeros(bool), jnp.zeros((), jnp.int32), carry.halted)
         count = jnp.minimum(num_epochs, k)
 
@@ -187,14 +183,15 @@ def make_run_epochs(spec: RunSpec, axis_name: str | None = None):
 
 
 def make_evaluate(spec: RunSpec):
-    """evaluate(params_R, splits) -> {split: Metrics [R]} for the splits in `spec.eval_batch_sizes`: the final
-    evaluation of a batch of runs (the held-out splits are shared by the runs, or per run where data_axes says)."""
+    """evaluate(state_R, splits) -> {split: Metrics [R]} for the splits in `spec.eval_batch_sizes`: the final
+    evaluation of a batch of runs' TrainStates (the held-out splits are shared by the runs, or per run where
+    data_axes says)."""
 
-    def evaluate(params, splits):
-        def one(p, s):
-            return {name: _evaluate(spec, name, p, s) for name in spec.eval_batch_sizes}
+    def evaluate(state, splits):
+        def one(s, data):
+            return {name: _evaluate(spec, name, s, data) for name in spec.eval_batch_sizes}
 
         axes = {name: spec.data_axes.get(name) for name in splits}
-        return jax.vmap(one, in_axes=(0, axes))(params, splits)
+        return jax.vmap(one, in_axes=(0, axes))(state, splits)
 
     return evaluate

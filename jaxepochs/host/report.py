@@ -8,10 +8,10 @@ import pathlib
 import sys
 from typing import Any
 
+import jax
 import numpy as np
 
 from jaxepochs.core import early_stopping as early_stopping_lib
-from jaxepochs.core.epoch import Metrics
 
 PLOTTED = (("loss", "train_loss", "val_loss"), ("accuracy", "train_accuracy", "val_accuracy"))
 
@@ -59,7 +59,7 @@ def run_rows(rows, first_epoch: int, steps_per_epoch: int, run: int = 0) -> tupl
     for i in range(int(rows.ran)):
         if not rows.trained[run, i]:
             break
-        pick = lambda metrics, i=i: Metrics(*(np.asarray(a)[run, i] for a in metrics))
+        pick = lambda metrics, i=i: jax.tree.map(lambda a: np.asarray(a)[run, i], metrics)
         epoch = first_epoch + i
         row = metrics_row(
             epoch,

@@ -90,15 +90,14 @@ def set_up(config: ml_collections.ConfigDict, quiet: bool) -> Setup:
     setup.check_shapes(config, dataset)
     has_val = dataset.val.y.shape[0] > 0
     steps = epoch_lib.steps_per_epoch(dataset.train.y.shape[0], config.train.batch_size)
-    pieces = setup.make_pieces(config, dataset.num_classes, steps, has_val)
-    setup.check_model(config, pieces, dataset)
+    setup.check_model(config, dataset)
+    pieces = setup.make_pieces(config, dataset.num_classes, steps, has_val, setup.example_of(dataset.train))
     held_out = {name: getattr(dataset, name) for name in ("val", "test") if getattr(dataset, name).y.shape[0]}
     sizes = setup.eval_sizes(config, {name: split.y.shape[0] for name, split in held_out.items()})
     every_epoch = {name: size for name, size in sizes.items() if name == "val" or config.train.log_test}
     spec = setup.run_spec(config, pieces, every_epoch)
-    on_device = lambda split: (jnp.asarray(split.x), jnp.asarray(split.y))
-    splits = {"train": on_device(dataset.train), **{name: on_device(held_out[name]) for name in every_epoch}}
-    held_out = {name: splits.get(name) or on_device(split) for name, split in held_out.items()}
+    splits = {"train": setup.on_device(dataset.train), **{k: setup.on_device(held_out[k]) for k in every_epoch}}
+    held_out = {name: splits.get(name) or setup.on_device(split) for name, split in held_out.items()}
     return Setup(config, dataset, pieces, spec, splits, held_out)
 
 
@@ -114,15 +113,16 @@ def compile_programs(run: Setup, abstract_carry) -> Programs:
     return Programs(run_epochs, time.perf_counter() - start)
 
 
-def final_metrics(run: Setup, params) -> tuple[dict, float]:
-    """Every held-out split's metrics on `params`, and the seconds its program took to compile. It compiles
-    here, at the end, not before the first epoch: 0.3 s that the first epoch no longer waits for."""
+def final_metrics(run: Setup, state) -> tuple[dict, float]:
+    """Every held-out split's metrics of `state` (a TrainState, no run axis), and the seconds its program took to
+    compile. It compiles here, at the end, not before the first epoch: 0.3 s that the first epoch no longer
+    waits for."""
     start = time.perf_counter()
-    sizes = setup.eval_sizes(run.config, {name: x.shape[0] for name, (x, _) in run.held_out.items()})
+    sizes = setup.eval_sizes(run.config, {name: epoch_lib.num_examples(d) for name, d in run.held_out.items()})
     evaluate = jax.jit(program_lib.make_evaluate(dataclasses.replace(run.spec, eval_batch_sizes=sizes)))
-    compiled = evaluate.lower(setup.with_run_axis(params), run.held_out).compile()
+    compiled = evaluate.lower(setup.with_run_axis(state), run.held_out).compile()
     seconds = time.perf_counter() - start
-    totals = jax.device_get(compiled(setup.with_run_axis(params), run.held_out))
+    totals = jax.device_get(compiled(setup.with_run_axis(state), run.held_out))
     return {k: v for name, split in totals.items() for k, v in _first(split).means(name).items()}, seconds
 
 
@@ -208,7 +208,7 @@ def finish(run: Setup, trained: Trained, history: list[dict], timings: dict) -> 
     # The best epoch's parameters, where an epoch was monitored (start_from_epoch may leave none).
     restored_best = bool(config.early_stopping.enabled and config.early_stopping.restore_best and es_state.best_epoch)
     state = carry.state._replace(params=carry.best_params) if restored_best else carry.state
-    final, compile_seconds = final_metrics(run, state.params)
+    final, compile_seconds = final_metrics(run, state)
     reason = report.stop_reason(es_state, run.pieces.may_stop, trained.non_finite_epoch, trained.interrupted)
     summary = {
         "dataset": dataset.name,
@@ -233,7 +233,7 @@ def finish(run: Setup, trained: Trained, history: list[dict], timings: dict) -> 
 
 
 def _first(totals: epoch_lib.Metrics) -> epoch_lib.Metrics:
-    return epoch_lib.Metrics(*(np.asarray(a)[0] for a in totals))
+    return jax.tree.map(lambda a: np.asarray(a)[0], totals)
 
 
 def _report_end(summary: dict, workdir: pathlib.Path, progress) -> None:
@@ -263,6 +263,8 @@ def write_run_json(workdir: pathlib.Path, run: Setup) -> None:
             "num_classes": d.num_classes,
             "input_shape": list(d.train.x.shape[1:]),
             "input_dtype": str(d.train.x.dtype),
+            "label_shape": list(d.train.y.shape[1:]),
+            "label_dtype": str(d.train.y.dtype),
             "num_val_examples": int(d.val.y.shape[0]),
         },
     )
@@ -332,9 +334,12 @@ def load(workdir: str | pathlib.Path, epoch: int | str | None = None) -> epoch_l
         raise WorkdirError(f"{workdir} holds no jaxepochs run (no run.json); pass the --workdir of a run.")
     config = config_lib.from_json((workdir / "config.json").read_text())
     run = json.loads((workdir / "run.json").read_text())
-    pieces = setup.make_pieces(config, run["num_classes"], run["steps_per_epoch"], run["num_val_examples"] > 0)
-    example = np.zeros([1, *run["input_shape"]], run.get("input_dtype", "float32"))
-    like = checkpoint_lib.arrays_of(setup.without_run_axis(setup.abstract_carry(pieces, example)))
+    x_1 = np.zeros([1, *run["input_shape"]], run.get("input_dtype", "float32"))
+    example = {"x": x_1, "y": np.zeros([1, *run.get("label_shape", [])], run.get("label_dtype", "int32"))}
+    pieces = setup.make_pieces(
+        config, run["num_classes"], run["steps_per_epoch"], run["num_val_examples"] > 0, example
+    )
+    like = checkpoint_lib.arrays_of(setup.without_run_axis(setup.abstract_carry(pieces, x_1)))
     ckpt = checkpoint_lib.Checkpointer(workdir)
     try:
         saved = ckpt.epochs()

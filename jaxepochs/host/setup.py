@@ -17,6 +17,7 @@ from jaxepochs.core import early_stopping as early_stopping_lib
 from jaxepochs.core import epoch as epoch_lib
 from jaxepochs.core import optim
 from jaxepochs.core import program as program_lib
+from jaxepochs.core import task as task_lib
 from jaxepochs.data import loading as data_lib
 from jaxepochs.host import config as config_lib
 
@@ -29,13 +30,15 @@ class Pieces(NamedTuple):
     """The parts of a run (or of a sweep's group of runs) that its config and dataset decide."""
 
     model: Any  # a flax module
+    task: task_lib.Task  # the model's apply, the loss and the metrics
+    metric_names: tuple[str, ...]  # "loss" and the task's metrics, in the order rows show them
     tx: optim.Optimizer
     tracker: early_stopping_lib.EarlyStopping
     may_stop: bool  # early stopping is enabled (otherwise the tracker only tracks the best epoch)
     plateau: optim.PlateauState | None
     steps_per_epoch: int
-    init_params: Any  # jitted (seed, x_1f) -> (params, run key): see init_params_program
-    start: Any  # jitted (params, run key, OptHParams) -> the run's carry with a run axis of 1
+    init_params: Any  # jitted (seed, x_1) -> (params, model state, run key): see init_params_program
+    start: Any  # jitted (params, model state, run key, OptHParams) -> the run's carry with a run axis of 1
 
 
 def check_shapes(config: ml_collections.ConfigDict, dataset: data_lib.Dataset, n_train: int | None = None) -> None:
@@ -65,8 +68,20 @@ def make_tracker(config, has_validation: bool) -> tuple[early_stopping_lib.Early
     return early_stopping_lib.EarlyStopping(monitor=monitor, patience=2**30, stop_on_nonfinite=False), False
 
 
-def make_pieces(config, num_classes: int, steps_per_epoch: int, has_validation: bool) -> Pieces:
-    """The model, optimizer, tracker and plateau state of `config`; ConfigError naming a setting that cannot run."""
+def metric_names(task: task_lib.Task, model, example) -> tuple[str, ...]:
+    """ "loss" and the names of the task's metrics, traced on `example` (a batch of one) without compiling."""
+
+    def names(x, y):
+        params, model_state = task_lib.linen_init(model, jax.random.PRNGKey(0), x)
+        outputs, _ = task.apply(params, model_state, x, None, False)
+        return task.metrics(outputs, {"x": x, "y": y})
+
+    return ("loss", *sorted(jax.eval_shape(names, example["x"], example["y"])))
+
+
+def make_pieces(config, num_classes: int, steps_per_epoch: int, has_validation: bool, example) -> Pieces:
+    """The model, task, optimizer, tracker and plateau state of `config`; ConfigError naming a setting that cannot
+    run. `example`: a batch of one example, to trace the model and its metrics with."""
     s = config.optimizer.schedule
     if s.name == "reduce_on_plateau" and s.monitor == "val_loss" and not has_validation:
         raise config_lib.ConfigError(
@@ -81,17 +96,19 @@ def make_pieces(config, num_classes: int, steps_per_epoch: int, has_validation: 
         raise config_lib.ConfigError(str(e)) from None
     tracker, may_stop = make_tracker(config, has_validation)
     model = models.make_model(config.model, num_classes)
-    pieces = Pieces(model, tx, tracker, may_stop, plateau, steps, init_params_program(model), None)
+    task = task_lib.make_task(task_lib.linen_apply(model))
+    names = metric_names(task, model, example)
+    pieces = Pieces(model, task, names, tx, tracker, may_stop, plateau, steps, init_params_program(model), None)
     return pieces._replace(start=jax.jit(functools.partial(_start, pieces)))
 
 
 def run_spec(config, pieces: Pieces, eval_sizes: dict[str, int], data_axes: dict | None = None) -> program_lib.RunSpec:
     """The run program's spec: `eval_sizes` names the held-out splits evaluated every epoch (val) or when due
     (test, with train.log_test) and their batch sizes."""
-    model = pieces.model
     return program_lib.RunSpec(
-        apply_fn=lambda params, x: model.apply({"params": params}, x),
+        task=pieces.task,
         tx=pieces.tx,
+        metric_names=pieces.metric_names,
         batch_size=config.train.batch_size,
         eval_batch_sizes=eval_sizes,
         tracker=pieces.tracker,
@@ -109,10 +126,21 @@ def eval_sizes(config, sizes: dict[str, int]) -> dict[str, int]:
     return {name: min(config.train.eval_batch_size, n) for name, n in sizes.items() if n}
 
 
-def check_model(config, pieces: Pieces, dataset: data_lib.Dataset) -> None:
+def on_device(split) -> dict:
+    """A split's arrays as the trainer's batch: {"x": ..., "y": ...} on the device."""
+    return {"x": jnp.asarray(split.x), "y": jnp.asarray(split.y)}
+
+
+def example_of(split) -> dict:
+    """A batch of the split's first example, to trace with."""
+    return {"x": np.asarray(split.x[:1]), "y": np.asarray(split.y[:1])}
+
+
+def check_model(config, dataset: data_lib.Dataset) -> None:
     """Traces the parameters' shapes without compiling: a model that cannot take the inputs fails here, first."""
+    model = models.make_model(config.model, dataset.num_classes)
     try:
-        jax.eval_shape(functools.partial(models.init_params, pieces.model, jax.random.PRNGKey(0)), dataset.train.x[:1])
+        jax.eval_shape(functools.partial(task_lib.linen_init, model, jax.random.PRNGKey(0)), dataset.train.x[:1])
     except (ValueError, TypeError) as e:
         raise config_lib.ConfigError(
             f"model.name={config.model.name} cannot take {dataset.name}'s inputs of shape "
@@ -120,9 +148,10 @@ def check_model(config, pieces: Pieces, dataset: data_lib.Dataset) -> None:
         ) from e
 
 
-def _init_params(model, seed, x_1f):
+def _init_params(model, seed, x_1):
     init_key, run_key = jax.random.split(jax.random.PRNGKey(seed))
-    return models.init_params(model, init_key, x_1f), run_key  # the run key: raw uint32[2], checkpointable
+    params, model_state = task_lib.linen_init(model, init_key, x_1)
+    return params, model_state, run_key  # the run key: raw uint32[2], checkpointable
 
 
 # The parameters' initialisation runs once per run: XLA's optimisation level 1 compiles it in a third of the
@@ -132,21 +161,21 @@ INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
 
 
 def init_params_program(model):
-    """(seed uint32[], x_1f) -> (params, run key), jitted. It depends on the model alone, so runs that differ in
-    anything else find it in the compilation cache."""
+    """(seed uint32[], x_1) -> (params, model state, run key), jitted. It depends on the model alone, so runs that
+    differ in anything else find it in the compilation cache."""
     return jax.jit(functools.partial(_init_params, model), compiler_options=INIT_COMPILER_OPTIONS)
 
 
 def init_state(model, tx, seed: int, x) -> epoch_lib.TrainState:
     """A run's initial TrainState (no run axis), as the run program starts it: for benchmarks and the core's
     functions used directly."""
-    params, run_key = init_params_program(model)(jnp.asarray(seed, jnp.uint32), jnp.asarray(x[:1]))
-    return epoch_lib.TrainState(params, jax.jit(tx.init)(params), jnp.zeros((), jnp.int32), run_key)
+    params, model_state, run_key = init_params_program(model)(jnp.asarray(seed, jnp.uint32), jnp.asarray(x[:1]))
+    return epoch_lib.TrainState(params, jax.jit(tx.init)(params), jnp.zeros((), jnp.int32), run_key, model_state)
 
 
-def _start(pieces: Pieces, params, run_key, opt_hparams) -> program_lib.RunCarry:
+def _start(pieces: Pieces, params, model_state, run_key, opt_hparams) -> program_lib.RunCarry:
     opt_state = pieces.tx.init(params)._replace(hparams=opt_hparams)
-    state = epoch_lib.TrainState(params, opt_state, jnp.zeros((), jnp.int32), run_key)
+    state = epoch_lib.TrainState(params, opt_state, jnp.zeros((), jnp.int32), run_key, model_state)
     carry = program_lib.start_carry(state, pieces.tracker, pieces.plateau)
     return jax.tree.map(lambda a: a[None], carry)
 
@@ -157,8 +186,9 @@ def init_carries(pieces: Pieces, seeds: list[int], opt_hparams: list[optim.OptHP
     x_1f = jnp.asarray(x_1f[:1])
     parts = []
     for seed, hparams in zip(seeds, opt_hparams, strict=True):
-        params, run_key = pieces.init_params(jnp.asarray(seed, jnp.uint32), x_1f)
-        parts.append(pieces.start(params, run_key, optim.OptHParams(*(np.float32(v) for v in hparams))))
+        params, model_state, run_key = pieces.init_params(jnp.asarray(seed, jnp.uint32), x_1f)
+        hparams = optim.OptHParams(*(np.float32(v) for v in hparams))
+        parts.append(pieces.start(params, model_state, run_key, hparams))
     if len(parts) == 1:
         return parts[0]
     return jax.tree.map(lambda *leaves: np.concatenate(leaves), *jax.device_get(parts))

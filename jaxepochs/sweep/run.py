@@ -83,8 +83,9 @@ class _Group:
         setup.check_shapes(template, dataset, n_train)
         self.has_val = bool(cv) or dataset.val.y.shape[0] > 0
         steps = epoch_lib.steps_per_epoch(n_train, template.train.batch_size)
-        self.pieces = setup.make_pieces(template, dataset.num_classes, steps, self.has_val)
-        setup.check_model(template, self.pieces, dataset)
+        setup.check_model(template, dataset)
+        example = setup.example_of(dataset.train)
+        self.pieces = setup.make_pieces(template, dataset.num_classes, steps, self.has_val, example)
         n_val = dataset.train.y.shape[0] // cv if cv else dataset.val.y.shape[0]
         every_epoch = setup.eval_sizes(template, {"val": n_val})
         if template.train.log_test:
@@ -98,7 +99,7 @@ class _Group:
     def splits(self, runs: list[sweep_lib.Run]) -> dict:
         """The arrays the runs train and are evaluated on: CV folds per run ([R, ...]), else shared."""
         d = self.dataset
-        on_device = lambda x, y: (jnp.asarray(x), jnp.asarray(y))
+        on_device = lambda x, y: {"x": jnp.asarray(x), "y": jnp.asarray(y)}
         if not self.cv:
             splits = {"train": on_device(d.train.x, d.train.y)}
             if "val" in self.spec.eval_batch_sizes:
@@ -130,7 +131,7 @@ class _Group:
         one = jnp.asarray(1, jnp.int32)
         run_epochs = program_lib.make_run_epochs(self.spec, "runs" if sharding is not None else None)
         evaluate = program_lib.make_evaluate(self.final_spec)
-        test = {"test": (jnp.asarray(self.dataset.test.x), jnp.asarray(self.dataset.test.y))}
+        test = {"test": setup.on_device(self.dataset.test)}
         if sharding is not None:
             runs, shared = P("runs"), P()
             data = {name: runs if self.spec.data_axes.get(name) == 0 else shared for name in splits}
@@ -139,7 +140,7 @@ class _Group:
             run_epochs = over(run_epochs, in_specs=(runs, data, runs, shared, shared, shared), out_specs=(runs, rows))
             evaluate = over(evaluate, in_specs=(runs, {"test": shared}), out_specs=runs)
         run_epochs = jax.jit(run_epochs).lower(carry, splits, es_hparams, one, one, one).compile()
-        evaluate = jax.jit(evaluate).lower(carry.best_params, test).compile()
+        evaluate = jax.jit(evaluate).lower(carry.state, test).compile()
         return run_epochs, evaluate, test, time.perf_counter() - start
 
 
@@ -248,18 +249,18 @@ def _summaries(group: _Group, runs, carry, evaluate, test, non_finite: dict) -> 
     """Each run's stopping fields and final test metrics, as its summary.json would hold them."""
     restore_best = group.config.early_stopping.enabled and group.config.early_stopping.restore_best
     es_all = jax.device_get(carry.es_state)
-    params = carry.state.params  # padded runs too: no new shapes
+    state = jax.device_get(carry.state)  # padded runs too: no new shapes
     if restore_best:  # each run's best epoch's, where it had one (an epoch monitored)
         has_best = np.asarray(es_all.best_epoch) > 0
         pick = lambda best, last: np.where(has_best.reshape(-1, *[1] * (np.ndim(best) - 1)), best, last)
-        params = jax.tree.map(pick, jax.device_get(carry.best_params), jax.device_get(params))
-    totals = jax.device_get(evaluate(params, test))["test"]
+        state = state._replace(params=jax.tree.map(pick, jax.device_get(carry.best_params), state.params))
+    totals = jax.device_get(evaluate(state, test))["test"]
     out = {}
     for r, run in enumerate(runs):
         es = jax.tree.map(lambda a, r=r: np.asarray(a)[r], es_all)
         reason = report.stop_reason(es, group.pieces.may_stop, non_finite.get(run.name), False)
         fields = report.stopping_fields(es, group.pieces.tracker.monitor, reason, non_finite.get(run.name))
-        final = epoch_lib.Metrics(*(np.asarray(a)[r] for a in totals)).means("test")
+        final = jax.tree.map(lambda a, r=r: np.asarray(a)[r], totals).means("test")
         out[run.name] = {**fields, **final}
     return out
 

@@ -1,0 +1,147 @@
+"""The seam where a model and its objective enter the epoch: a `Task` of pure functions.
+
+    apply(params, model_state, x_b, key, train) -> (outputs, model_state)   # the model, linen or NNX behind it
+    loss(outputs, batch) -> per-example loss [B]     # the epoch applies the padding mask and takes the mean
+    metrics(outputs, batch) -> {name: per-example values [B]}
+
+A batch is a pytree of arrays with one leading example axis, holding "x" (any pytree: the model's input) and "y".
+`model_state` holds what a model changes as it trains (BatchNorm's statistics); `key` is the step's key for
+dropout and other randomness. The built-in tasks are these functions for classification (today's exact
+cross-entropy and accuracy), regression (mean squared error; mse, mae) and binary labels (sigmoid cross-entropy;
+accuracy); a user's experiment module may give its own loss and metrics.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+TASKS = ("classification", "regression", "binary")
+
+
+class Task(NamedTuple):
+    apply: Callable  # (params, model_state, x_b, key, train: bool) -> (outputs, model_state)
+    loss: Callable  # (outputs, batch) -> float [B]
+    metrics: Callable  # (outputs, batch) -> {name: float [B]}
+    eval_loss: Callable | None = None  # evaluation's loss, where it differs (classification: classes summed in order)
+
+    def evaluation_loss(self) -> Callable:
+        return self.eval_loss or self.loss
+
+
+def _class_sum(x_bc: jax.Array, fixed_order: bool) -> jax.Array:
+    """x.sum(-1); with `fixed_order`, halves added pairwise. XLA's row reduction sums in an order that depends on
+    the shape around it (the number of runs in a sweep), so a run's held-out loss differed in its last bit
+    between a sweep and the run alone; evaluation sums in the fixed order. Training does not (it costs 0.4 us a
+    step at batch size 1 on CPU, half the step) and has not needed to: its sums came out the same."""
+    if not fixed_order:
+        return x_bc.sum(-1)
+    width = 1 << max(x_bc.shape[-1] - 1, 0).bit_length()
+    x_bc = jnp.pad(x_bc, [(0, 0)] * (x_bc.ndim - 1) + [(0, width - x_bc.shape[-1])])
+    while x_bc.shape[-1] > 1:
+        half = x_bc.shape[-1] // 2
+        x_bc = x_bc[..., :half] + x_bc[..., half:]
+    return x_bc[..., 0]
+
+
+def cross_entropy(logits_bc: jax.Array, y_b: jax.Array, fixed_order: bool = False) -> jax.Array:
+    """-log softmax(logits)[y] per row [B], accurate to float32's relative precision at any confidence.
+
+    With z = logits - logits[y] and m = max(z) >= 0, -log p_y = m + log1p(sum_{j != y} exp(z_j - m) + expm1(-m)).
+    The usual logsumexp form rounds 1 + tiny to 1 once p_y > 1 - 6e-8, so the loss and the gradient on the
+    correct logit become exactly 0 while weight decay still pulls; Nanda et al. (2023) compute their grokking loss
+    in float64 for this reason. This form keeps both in float32, as fast as optax's loss on CPU.
+    """
+    is_label_bc = jnp.arange(logits_bc.shape[-1]) == y_b[:, None]
+    # The answer's logit by a masked sum, not take_along_axis: a gather costs more than the whole loss on CPU.
+    z_bc = logits_bc - _class_sum(jnp.where(is_label_bc, logits_bc, 0.0), fixed_order)[:, None]
+    m_b = jax.lax.stop_gradient(z_bc.max(-1))  # the identity holds for any m; the max keeps exp() in range
+    others_b = _class_sum(jnp.where(is_label_bc, 0.0, jnp.exp(z_bc - m_b[:, None])), fixed_order)
+    return m_b + jnp.log1p(others_b + jnp.expm1(-m_b))
+
+
+def _per_example(values: jax.Array) -> jax.Array:
+    """[B, ...] -> [B]: the mean over each example's other axes (several regression targets, several labels)."""
+    return values.reshape(values.shape[0], -1).mean(-1) if values.ndim > 1 else values
+
+
+def classification_loss(outputs, batch, fixed_order: bool = False) -> jax.Array:
+    return cross_entropy(outputs, batch["y"], fixed_order)
+
+
+def classification_metrics(outputs, batch) -> dict[str, jax.Array]:
+    return {"accuracy": (jnp.argmax(outputs, -1) == batch["y"]).astype(jnp.float32)}
+
+
+def regression_loss(outputs, batch) -> jax.Array:
+    return _per_example(jnp.square(outputs - batch["y"].reshape(outputs.shape)))
+
+
+def regression_metrics(outputs, batch) -> dict[str, jax.Array]:
+    error = outputs - batch["y"].reshape(outputs.shape)
+    return {"mse": _per_example(jnp.square(error)), "mae": _per_example(jnp.abs(error))}
+
+
+def binary_loss(outputs, batch) -> jax.Array:
+    return _per_example(optax.sigmoid_binary_cross_entropy(outputs, batch["y"].reshape(outputs.shape)))
+
+
+def binary_metrics(outputs, batch) -> dict[str, jax.Array]:
+    hits = (outputs > 0) == (batch["y"].reshape(outputs.shape) > 0.5)
+    return {"accuracy": _per_example(hits.astype(jnp.float32))}
+
+
+BUILTIN_LOSSES = {"classification": classification_loss, "regression": regression_loss, "binary": binary_loss}
+BUILTIN_METRICS = {
+    "classification": classification_metrics,
+    "regression": regression_metrics,
+    "binary": binary_metrics,
+}
+
+
+def make_task(apply: Callable, task: str = "classification", loss=None, metrics=None) -> Task:
+    """The Task of a built-in objective (TASKS), or of the user's `loss` and `metrics` where given."""
+    eval_loss = None
+    if loss is None and task == "classification":
+        eval_loss = lambda outputs, batch: classification_loss(outputs, batch, fixed_order=True)
+    return Task(apply, loss or BUILTIN_LOSSES[task], metrics or BUILTIN_METRICS[task], eval_loss)
+
+
+def takes_train(module) -> bool:
+    """Whether a flax module's __call__ takes `train` (the trainer then passes True in training, False else)."""
+    try:
+        return "train" in inspect.signature(module.__call__).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def linen_apply(module) -> Callable:
+    """The Task's apply of a flax linen module: its mutable collections are the model state (updated in
+    training only), `key` is the "dropout" stream, and `train` is passed where __call__ takes it."""
+    with_train = takes_train(module)
+
+    def apply(params, model_state, x_b, key, train: bool):
+        kwargs = {"train": train} if with_train else {}
+        if key is not None:
+            kwargs["rngs"] = {"dropout": key}
+        variables = {"params": params, **(model_state or {})}
+        if train and model_state:
+            outputs, updated = module.apply(variables, x_b, mutable=list(model_state), **kwargs)
+            return outputs, dict(updated)
+        return module.apply(variables, x_b, **kwargs), model_state
+
+    return apply
+
+
+def linen_init(module, key: jax.Array, x_1) -> tuple[Any, Any]:
+    """(params, model_state) of a linen module: its "params" collection and every other one."""
+    kwargs = {"train": False} if takes_train(module) else {}
+    # "params" draws from `key` itself, as module.init(key, x) does: the built-in models' parameters are theirs.
+    variables = dict(module.init({"params": key, "dropout": jax.random.fold_in(key, 1)}, x_1, **kwargs))
+    params = variables.pop("params")
+    return params, variables
