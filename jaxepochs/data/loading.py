@@ -16,8 +16,19 @@ import numpy as np
 
 
 class Split(NamedTuple):
-    x: np.ndarray  # float32 [N, *feature_shape]
-    y: np.ndarray  # int32 [N]
+    x: object  # the inputs: an array [N, ...] (float32, or int32 tokens), or a pytree of them
+    y: np.ndarray  # the labels [N, ...]: int32 class ids, or float32 targets
+
+
+def count(split: Split) -> int:
+    return int(split.y.shape[0])
+
+
+def take(split: Split, idx) -> Split:
+    """The examples `idx` of a split (its inputs may be a pytree)."""
+    import jax
+
+    return Split(jax.tree.map(lambda a: np.asarray(a)[idx], split.x), split.y[idx])
 
 
 class Dataset(NamedTuple):
@@ -25,7 +36,7 @@ class Dataset(NamedTuple):
     train: Split
     val: Split  # N may be 0 when data.validation_fraction is 0
     test: Split
-    num_classes: int
+    num_classes: int  # classification: the classes; regression and binary: the outputs per example
 
 
 class DataError(ValueError):
@@ -111,25 +122,58 @@ def _read_split(builder, split: str, x_key: str, y_key: str) -> Split:
         x = x.astype(np.float32) / 255.0
     # Other integer inputs are tokens, kept as int32 for an embedding.
     x = x.astype(np.int32) if np.issubdtype(x.dtype, np.integer) else x.astype(np.float32)
-    return Split(x, y.astype(np.int32))
+    # Integer labels are class ids; any other labels are kept as float targets (the task decides what they mean).
+    y = y.astype(np.int32) if np.issubdtype(y.dtype, np.integer) or y.dtype == bool else y.astype(np.float32)
+    return Split(x, y)
 
 
-def check_split(split: Split, num_classes: int, what: str) -> None:
-    """Raises DataError for mismatched lengths, non-finite inputs or labels outside [0, num_classes)."""
-    if split.x.shape[0] != split.y.shape[0]:
+def _leaves(x) -> list:
+    import jax
+
+    return [np.asarray(a) for a in jax.tree.leaves(x)]
+
+
+def check_split(split: Split, num_classes: int, what: str, task: str = "classification") -> None:
+    """Raises DataError for mismatched lengths, non-finite inputs, or labels that do not fit the task:
+    classification needs integer class ids in [0, num_classes); regression float targets; binary 0/1 labels."""
+    n = split.y.shape[0] if np.ndim(split.y) else 0
+    for leaf in _leaves(split.x):
+        if leaf.ndim == 0 or leaf.shape[0] != n:
+            raise DataError(
+                f"{what}: {leaf.shape[0] if leaf.ndim else 'no'} inputs but {n} labels; every input needs one label "
+                "(each array's leading axis counts the examples)."
+            )
+        if np.issubdtype(leaf.dtype, np.floating) and not np.isfinite(leaf).all():
+            raise DataError(f"{what}: inputs contain NaN or inf; clean the data before training.")
+    _check_labels(split.y, num_classes, what, task)
+
+
+def _check_labels(y: np.ndarray, num_classes: int, what: str, task: str) -> None:
+    integer = np.issubdtype(y.dtype, np.integer)
+    if task == "classification":
+        if not integer:
+            raise DataError(
+                f"{what}: labels are {y.dtype} values, not integer class ids; task classification would have to "
+                'reinterpret them. For real-valued targets set config.task = "regression" (for 0/1 labels, '
+                '"binary"); for classes, give integer labels.'
+            )
+        if y.ndim != 1:
+            raise DataError(f"{what}: labels have shape {y.shape}; classification needs class ids of shape [N].")
+        if y.size and (y.min() < 0 or y.max() >= num_classes):
+            raise DataError(
+                f"{what}: labels span [{y.min()}, {y.max()}] but the model has {num_classes} classes "
+                f"(valid labels 0..{num_classes - 1}). Set model.num_classes to at least {y.max() + 1}, "
+                "or fix the labels."
+            )
+    elif task == "regression" and integer:
         raise DataError(
-            f"{what}: {split.x.shape[0]} inputs but {split.y.shape[0]} labels; every input needs one label."
+            f'{what}: labels are {y.dtype}; task "regression" takes float targets. Convert them '
+            '(y.astype("float32")), or set config.task = "classification" if they are class ids.'
         )
-    if split.y.ndim != 1:
-        raise DataError(f"{what}: labels have shape {split.y.shape}; expected integer class ids of shape [N].")
-    if split.y.size and (split.y.min() < 0 or split.y.max() >= num_classes):
-        raise DataError(
-            f"{what}: labels span [{split.y.min()}, {split.y.max()}] but the model has {num_classes} classes "
-            f"(valid labels 0..{num_classes - 1}). Set model.num_classes to at least {split.y.max() + 1}, "
-            "or fix the labels."
-        )
-    if not np.isfinite(split.x).all():
-        raise DataError(f"{what}: inputs contain NaN or inf; clean the data before training.")
+    elif task == "binary" and y.size and not np.isin(y, (0, 1)).all():
+        raise DataError(f'{what}: task "binary" takes labels 0 and 1; these hold other values ({np.unique(y)[:5]}).')
+    if not integer and y.size and not np.isfinite(y).all():
+        raise DataError(f"{what}: labels contain NaN or inf; clean the data before training.")
 
 
 def add_label_noise(split: Split, fraction: float, num_classes: int, seed: int) -> Split:
@@ -151,24 +195,91 @@ def split_validation(train: Split, fraction: float, seed: int) -> tuple[Split, S
         raise DataError(f"data.validation_fraction={fraction} leaves no training examples out of {n}.")
     order = np.random.default_rng(seed).permutation(n)
     val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
-    return Split(train.x[train_idx], train.y[train_idx]), Split(train.x[val_idx], train.y[val_idx])
+    return take(train, train_idx), take(train, val_idx)
+
+
+def num_outputs(task: str, splits: list[Split], num_classes: int = 0) -> int:
+    """Classification: the classes (`num_classes`, or the largest label + 1); else the targets per example."""
+    if task == "classification":
+        return num_classes or max(int(split.y.max()) + 1 for split in splits if split.y.size)
+    return int(np.prod(splits[0].y.shape[1:], dtype=int))
+
+
+def _finish(config, name: str, full_train: Split, test: Split, val: Split | None, num_classes: int) -> Dataset:
+    """Checks the splits against the task, adds label noise (classification) and holds out validation."""
+    d, task = config.data, config.task
+    check_split(full_train, num_classes, f"{name} training split", task)
+    check_split(test, num_classes, f"{name} test split", task)
+    if val is not None:
+        check_split(val, num_classes, f"{name} validation split", task)
+    if task == "classification":
+        full_train = add_label_noise(full_train, d.label_noise, num_classes, d.split_seed)
+    train, held_out = (
+        (full_train, val) if val is not None else split_validation(full_train, d.validation_fraction, d.split_seed)
+    )
+    return Dataset(name, train, held_out, test, num_classes)
+
+
+def from_arrays(config: ml_collections.ConfigDict, splits, where: str) -> Dataset:
+    """A dataset of in-memory splits (an experiment module's get_data): {"train": batch, "test": batch} and
+    optionally "validation", each {"x": array or pytree, "y": array}; `where` names their source in errors."""
+    if (
+        not isinstance(splits, dict)
+        or not {"train", "test"} <= set(splits)
+        or set(splits) - {"train", "test", "validation"}
+    ):
+        keys = sorted(splits) if isinstance(splits, dict) else type(splits).__name__
+        raise DataError(
+            f'{where} returned {keys}; return {{"train": batch, "test": batch}} and optionally "validation", '
+            'each batch a dict {"x": inputs, "y": labels} of arrays with one leading example axis.'
+        )
+    parts = {}
+    for name, batch in splits.items():
+        if not isinstance(batch, dict) or set(batch) != {"x", "y"}:
+            keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+            raise DataError(f'{where}: split "{name}" is {keys}; give a dict with "x" (inputs) and "y" (labels).')
+        x = _as_arrays(batch["x"])
+        y = np.asarray(batch["y"])
+        y = y.astype(np.int32) if np.issubdtype(y.dtype, np.integer) else y.astype(np.float32)
+        parts[name] = Split(x, y)
+    full_train, test, val = parts["train"], parts["test"], parts.get("validation")
+    present = [split for split in (full_train, test, val) if split is not None]
+    for split, label in ((full_train, "train"), (test, "test"), (val, "validation")):
+        if split is not None and count(split) == 0:
+            raise DataError(f'{where}: split "{label}" is empty; every split needs examples.')
+    num_classes = num_outputs(config.task, present, config.model.num_classes)
+    return _finish(config, where, full_train, test, val, num_classes)
+
+
+def _as_arrays(x):
+    import jax
+
+    def as_array(a):
+        a = np.asarray(a)
+        if np.issubdtype(a.dtype, np.floating):
+            return a.astype(np.float32)
+        return a.astype(np.int32) if np.issubdtype(a.dtype, np.integer) else a
+
+    return jax.tree.map(as_array, x)
 
 
 def load_dataset(config: ml_collections.ConfigDict, quiet: bool = False) -> Dataset:
     """Reads `config.data` into checked train/val/test arrays; `config.model.num_classes` 0 means the dataset's."""
     d = config.data
     builder = _builder(d.name, data_dir(d), quiet, d)
-    keys = builder.info.supervised_keys
-    if not keys or len(keys) != 2:
-        raise DataError(f"Dataset {d.name} has no (input, label) supervised_keys; jaxepochs needs a classifier.")
-    x_key, y_key = keys
+    keys = builder.info.supervised_keys or ()
+    x_key = d.input_key or (keys[0] if len(keys) == 2 else "")
+    y_key = d.label_key or (keys[1] if len(keys) == 2 else "")
+    features = list(builder.info.features)
+    for key, what in ((x_key, "input"), (y_key, "label")):
+        if key not in features:
+            raise DataError(
+                f"Dataset {d.name} has no {what} feature {key!r}; its features are {features}. Set data.input_key "
+                "and data.label_key."
+            )
     full_train = _read_split(builder, d.train_split, x_key, y_key)
     test = _read_split(builder, d.test_split, x_key, y_key)
     label_feature = builder.info.features[y_key]
-    dataset_classes = getattr(label_feature, "num_classes", None) or int(full_train.y.max()) + 1
-    num_classes = config.model.num_classes or dataset_classes
-    check_split(full_train, num_classes, f"{d.name} {d.train_split} split")
-    check_split(test, num_classes, f"{d.name} {d.test_split} split")
-    full_train = add_label_noise(full_train, d.label_noise, num_classes, d.split_seed)
-    train, val = split_validation(full_train, d.validation_fraction, d.split_seed)
-    return Dataset(d.name, train, val, test, num_classes)
+    classes = getattr(label_feature, "num_classes", None) if config.task == "classification" else None
+    num_classes = config.model.num_classes or classes or num_outputs(config.task, [full_train, test])
+    return _finish(config, d.name, full_train, test, None, num_classes)

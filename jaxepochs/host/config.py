@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import hashlib
 import importlib.util
 import json
 import pathlib
@@ -20,6 +21,7 @@ from jaxepochs.core import optim
 from jaxepochs.data import MNIST1D_ARGS
 
 MODELS = ("mlp", "cnn", "gru", "transformer")
+TASKS = ("classification", "regression", "binary")  # core.task.TASKS
 OPTIMIZERS = optim.OPTIMIZERS
 
 
@@ -31,6 +33,15 @@ def base_config() -> ml_collections.ConfigDict:
     """Every key jaxepochs knows, with its default."""
     c = ml_collections.ConfigDict()
     c.seed = 0
+    # What the model learns: classification (integer labels, cross-entropy, accuracy), regression (float targets,
+    # mean squared error; mse, mae) or binary (0/1 labels, sigmoid cross-entropy, accuracy). An experiment
+    # module's loss_fn and metrics_fn replace the task's.
+    c.task = "classification"
+    # The experiment module the config came from (written by load_config_file): its hooks (get_model, loss_fn,
+    # metrics_fn, get_data, augment) are read from it, and config.json records it and a hash of its source.
+    c.experiment = ml_collections.ConfigDict()
+    c.experiment.module = ""
+    c.experiment.source_sha256 = ""
 
     c.data = ml_collections.ConfigDict()
     c.data.name = "mnist1d"  # a built-in dataset (mnist1d, digits) or "tfds:<name>" for a prepared TFDS one
@@ -39,6 +50,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.split_seed = 0  # seeds the validation split; independent of `seed` so runs share one split
     c.data.train_split = "train"  # TFDS split names, for tfds:<name> datasets
     c.data.test_split = "test"
+    c.data.input_key = ""  # tfds:<name>: the feature that is the input; "" = the first of its supervised keys
+    c.data.label_key = ""  # tfds:<name>: the feature that is the label; "" = the second of its supervised keys
     c.data.label_noise = 0.0  # fraction of training labels redrawn uniformly over the classes (seeded by split_seed)
     c.data.args = mnist1d_args()  # mnist1d only: the generator's get_dataset_args(); a variant is its own TFDS config
     c.data.modular = ml_collections.ConfigDict()  # modular_addition only: (a + b) mod p, each setting a TFDS config
@@ -231,6 +244,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _fill_defaults(config, schema)
     _validate_train(config.train)
     _validate_model(config.model)
+    if config.task not in TASKS:
+        _fail("task", f'"{config.task}" is not a known task{_suggest(config.task, TASKS)}', f"Use one of {TASKS}.")
     o = config.optimizer
     if o.name not in OPTIMIZERS:
         _fail(
@@ -243,8 +258,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _validate_data(config.data)
     try:
         optim.validate_schedule(o.schedule.to_dict(), config.train.epochs)
-        if config.early_stopping.enabled:
-            make_early_stopping(config.early_stopping, has_validation=config.data.validation_fraction > 0)
+        names = _task_metrics(config)
+        if config.early_stopping.enabled and names:  # a module's metrics_fn: checked once its names are known
+            make_early_stopping(config.early_stopping, config.data.validation_fraction > 0, names)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     k = config.checkpoint
@@ -257,9 +273,13 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return config
 
 
-def make_early_stopping(es_config: ml_collections.ConfigDict, has_validation: bool = True):
-    """The EarlyStopping of an `early_stopping` section; ValueError naming the key and the valid choices."""
-    available = early_stopping_lib.TRAINER_METRICS if has_validation else ("train_loss", "train_accuracy")
+def make_early_stopping(
+    es_config: ml_collections.ConfigDict, has_validation: bool = True, metric_names=("loss", "accuracy")
+):
+    """The EarlyStopping of an `early_stopping` section; ConfigError naming the key and the valid choices. The
+    monitor is one of the logged metrics: train_<name> or (with a validation split) val_<name>."""
+    splits = ("train", "val") if has_validation else ("train",)
+    available = tuple(f"{split}_{name}" for split in splits for name in metric_names)
     fields = {key: value for key, value in es_config.items() if key != "enabled"}
     try:
         return early_stopping_lib.EarlyStopping(**fields, known_monitors=available)
@@ -280,17 +300,52 @@ def from_json(text: str) -> ml_collections.ConfigDict:
     return validate(ml_collections.ConfigDict(_tuples_where_the_schema_has_them(json.loads(text), base_config())))
 
 
+TASK_METRICS = {  # "loss" and the built-in tasks' metrics (core/task.py)
+    "classification": ("loss", "accuracy"),
+    "regression": ("loss", "mae", "mse"),
+    "binary": ("loss", "accuracy"),
+}
+
+
+def _task_metrics(config) -> tuple[str, ...] | None:
+    """The metrics' names, where the config alone tells them (None when the module gives its own metrics_fn)."""
+    path = config.experiment.module
+    if path and pathlib.Path(path).is_file() and hasattr(import_experiment(path), "metrics_fn"):
+        return None
+    return TASK_METRICS[config.task]
+
+
 def load_config_file(path: str | pathlib.Path) -> ml_collections.ConfigDict:
     """Imports an experiment module by path and returns its validated `get_config()`."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise ConfigError(f"No experiment module at {path}. Pass a file such as experiments/mnist1d_mlp.py.")
-    spec = importlib.util.spec_from_file_location(f"jaxepochs_experiment_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = import_experiment(path)
     if not hasattr(module, "get_config"):
         raise ConfigError(f"{path} has no get_config(); an experiment module must define one.")
-    return validate(module.get_config())
+    config = module.get_config()
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f"{path}: get_config() returned {type(config).__name__}; return jaxepochs.base_config().")
+    config.experiment = ml_collections.ConfigDict(
+        {"module": str(path.resolve()), "source_sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    )
+    return validate(config)
+
+
+def import_experiment(path: str | pathlib.Path):
+    """The experiment module at `path`, imported (once per path and source: edits are seen)."""
+    path = pathlib.Path(path).resolve()
+    source = path.read_bytes()
+    key = (str(path), hashlib.sha256(source).hexdigest())
+    if key not in _MODULES:
+        spec = importlib.util.spec_from_file_location(f"jaxepochs_experiment_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _MODULES[key] = module
+    return _MODULES[key]
+
+
+_MODULES: dict = {}
 
 
 def _parse_value(text: str, current):

@@ -31,6 +31,7 @@ from jaxepochs.data import loading as data_lib
 from jaxepochs.host import checkpoint as checkpoint_lib
 from jaxepochs.host import config as config_lib
 from jaxepochs.host import driver, report, setup
+from jaxepochs.host import hooks as hooks_lib
 from jaxepochs.host import workdir as workdir_lib
 from jaxepochs.host.workdir import WorkdirError
 
@@ -84,16 +85,16 @@ def use_compilation_cache(directory: str) -> None:
 
 
 def set_up(config: ml_collections.ConfigDict, quiet: bool) -> Setup:
-    """The data, model, optimizer, early stopping and the run program's spec: every error a config can cause is
-    raised here, before anything compiles."""
-    dataset = data_lib.load_dataset(config, quiet)
+    """The data, model, task, optimizer, early stopping and the run program's spec: every error a config or an
+    experiment module's hook can cause is raised here, before anything compiles."""
+    hooks = hooks_lib.load_hooks(config)
+    dataset = setup.load_data(config, hooks, quiet)
     setup.check_shapes(config, dataset)
-    has_val = dataset.val.y.shape[0] > 0
-    steps = epoch_lib.steps_per_epoch(dataset.train.y.shape[0], config.train.batch_size)
-    setup.check_model(config, dataset)
-    pieces = setup.make_pieces(config, dataset.num_classes, steps, has_val, setup.example_of(dataset.train))
-    held_out = {name: getattr(dataset, name) for name in ("val", "test") if getattr(dataset, name).y.shape[0]}
-    sizes = setup.eval_sizes(config, {name: split.y.shape[0] for name, split in held_out.items()})
+    has_val = data_lib.count(dataset.val) > 0
+    steps = epoch_lib.steps_per_epoch(data_lib.count(dataset.train), config.train.batch_size)
+    pieces = setup.make_pieces(config, dataset, hooks, steps, has_val)
+    held_out = {name: getattr(dataset, name) for name in ("val", "test") if data_lib.count(getattr(dataset, name))}
+    sizes = setup.eval_sizes(config, {name: data_lib.count(split) for name, split in held_out.items()})
     every_epoch = {name: size for name, size in sizes.items() if name == "val" or config.train.log_test}
     spec = setup.run_spec(config, pieces, every_epoch)
     splits = {"train": setup.on_device(dataset.train), **{k: setup.on_device(held_out[k]) for k in every_epoch}}
@@ -142,8 +143,8 @@ def start_carry(run: Setup, abstract_carry, resuming: bool, ckpt, progress) -> t
             halted = run.pieces.may_stop and bool(arrays["early_stopping"].should_stop)
             progress.message(f"Resuming {ckpt.directory.parent} from the checkpoint of epoch {done}.")
             return setup.with_run_axis(checkpoint_lib.carry_of(arrays, np.asarray(halted))), meta["history"]
-    tx = run.pieces.tx
-    return setup.init_carries(run.pieces, [run.config.seed], [tx.defaults], run.dataset.train.x), []
+    x_1 = setup.first_example(run.dataset.train)
+    return setup.init_carries(run.pieces, [run.config], [run.pieces.tx.defaults], x_1), []
 
 
 class Trained(NamedTuple):
@@ -212,10 +213,10 @@ def finish(run: Setup, trained: Trained, history: list[dict], timings: dict) -> 
     reason = report.stop_reason(es_state, run.pieces.may_stop, trained.non_finite_epoch, trained.interrupted)
     summary = {
         "dataset": dataset.name,
-        "model": config.model.name,
-        "num_train_examples": int(dataset.train.y.shape[0]),
-        "num_val_examples": int(dataset.val.y.shape[0]),
-        "num_test_examples": int(dataset.test.y.shape[0]),
+        "model": config.model.name if run.pieces.hooks.get_model is None else type(run.pieces.source.module).__name__,
+        "num_train_examples": data_lib.count(dataset.train),
+        "num_val_examples": data_lib.count(dataset.val),
+        "num_test_examples": data_lib.count(dataset.test),
         "num_parameters": int(sum(np.size(p) for p in jax.tree.leaves(state.params))),
         "batch_size": config.train.batch_size,
         "steps_per_epoch": run.pieces.steps_per_epoch,
@@ -261,11 +262,10 @@ def write_run_json(workdir: pathlib.Path, run: Setup) -> None:
         {
             "steps_per_epoch": run.pieces.steps_per_epoch,
             "num_classes": d.num_classes,
-            "input_shape": list(d.train.x.shape[1:]),
-            "input_dtype": str(d.train.x.dtype),
+            "inputs": jax.tree.map(lambda a: [list(np.shape(a)[1:]), str(np.asarray(a).dtype)], d.train.x),
             "label_shape": list(d.train.y.shape[1:]),
             "label_dtype": str(d.train.y.dtype),
-            "num_val_examples": int(d.val.y.shape[0]),
+            "num_val_examples": data_lib.count(d.val),
         },
     )
 
@@ -291,7 +291,7 @@ def train_and_evaluate(
     resuming = workdir_lib.prepare_workdir(workdir, config, restart)
     write_run_json(workdir, run)
     progress = report.Progress(config.train.epochs, quiet)
-    abstract_carry = setup.abstract_carry(run.pieces, run.dataset.train.x)
+    abstract_carry = setup.abstract_carry(run.pieces, config, setup.first_example(run.dataset.train))
     ckpt = checkpoint_lib.Checkpointer(workdir, config.checkpoint.max_to_keep) if config.checkpoint.enabled else None
     try:
         # The programs compile in a second thread while the initialisation compiles and runs here: XLA's
@@ -327,6 +327,18 @@ def train_and_evaluate(
     return TrainResult(state, history, summary)
 
 
+def _shapes_of(run: dict) -> data_lib.Dataset:
+    """A dataset of two zero examples shaped as the run's (run.json), to rebuild its model and state from."""
+    is_leaf = lambda spec: isinstance(spec, list) and len(spec) == 2 and isinstance(spec[1], str)
+    inputs = run.get("inputs", [run.get("input_shape"), run.get("input_dtype", "float32")])
+    x = jax.tree.map(lambda spec: np.zeros([2, *spec[0]], spec[1]), inputs, is_leaf=is_leaf)
+    split = data_lib.Split(x, np.zeros([2, *run.get("label_shape", [])], run.get("label_dtype", "int32")))
+    empty = data_lib.take(split, slice(0, 0))
+    return data_lib.Dataset(
+        "run.json", split, empty if not run["num_val_examples"] else split, split, run["num_classes"]
+    )
+
+
 def load(workdir: str | pathlib.Path, epoch: int | str | None = None) -> epoch_lib.TrainState:
     """The train state of a run's checkpoint: the newest (None), "best" (its best epoch's parameters) or epoch N."""
     workdir = pathlib.Path(workdir)
@@ -334,12 +346,11 @@ def load(workdir: str | pathlib.Path, epoch: int | str | None = None) -> epoch_l
         raise WorkdirError(f"{workdir} holds no jaxepochs run (no run.json); pass the --workdir of a run.")
     config = config_lib.from_json((workdir / "config.json").read_text())
     run = json.loads((workdir / "run.json").read_text())
-    x_1 = np.zeros([1, *run["input_shape"]], run.get("input_dtype", "float32"))
-    example = {"x": x_1, "y": np.zeros([1, *run.get("label_shape", [])], run.get("label_dtype", "int32"))}
-    pieces = setup.make_pieces(
-        config, run["num_classes"], run["steps_per_epoch"], run["num_val_examples"] > 0, example
-    )
-    like = checkpoint_lib.arrays_of(setup.without_run_axis(setup.abstract_carry(pieces, x_1)))
+    dataset = _shapes_of(run)
+    hooks = hooks_lib.load_hooks(config)
+    pieces = setup.make_pieces(config, dataset, hooks, run["steps_per_epoch"], run["num_val_examples"] > 0)
+    x_1 = setup.first_example(dataset.train)
+    like = checkpoint_lib.arrays_of(setup.without_run_axis(setup.abstract_carry(pieces, config, x_1)))
     ckpt = checkpoint_lib.Checkpointer(workdir)
     try:
         saved = ckpt.epochs()

@@ -1,18 +1,18 @@
-"""What a config makes of the core: the model, the optimizer, early stopping, the run program's spec and the
-initial carry. Runs and sweeps build their programs here, the same way; nothing here compiles but `init_carries`.
+"""What a config makes of the core: the model and task (host/seam.py), the optimizer, early stopping, the run
+program's spec and the initial carry. Runs and sweeps build their programs here, the same way; nothing here
+compiles but `init_carries`.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxepochs import models
 from jaxepochs.core import early_stopping as early_stopping_lib
 from jaxepochs.core import epoch as epoch_lib
 from jaxepochs.core import optim
@@ -20,6 +20,8 @@ from jaxepochs.core import program as program_lib
 from jaxepochs.core import task as task_lib
 from jaxepochs.data import loading as data_lib
 from jaxepochs.host import config as config_lib
+from jaxepochs.host import hooks as hooks_lib
+from jaxepochs.host import seam
 
 # With train.epochs_per_call = 0 a call runs up to this many epochs (the size of the rows it returns: 52 bytes a
 # run and epoch); the host's pace chooses how many. One program serves every pace and every run length.
@@ -29,24 +31,32 @@ AUTO_EPOCHS_PER_CALL = 512
 class Pieces(NamedTuple):
     """The parts of a run (or of a sweep's group of runs) that its config and dataset decide."""
 
-    model: Any  # a flax module
+    source: seam.ModelSource  # the model: its apply and how a run's parameters start
     task: task_lib.Task  # the model's apply, the loss and the metrics
     metric_names: tuple[str, ...]  # "loss" and the task's metrics, in the order rows show them
+    hooks: hooks_lib.Hooks  # the experiment module's (augment is used by the run program)
     tx: optim.Optimizer
     tracker: early_stopping_lib.EarlyStopping
     may_stop: bool  # early stopping is enabled (otherwise the tracker only tracks the best epoch)
     plateau: optim.PlateauState | None
     steps_per_epoch: int
-    init_params: Any  # jitted (seed, x_1) -> (params, model state, run key): see init_params_program
-    start: Any  # jitted (params, model state, run key, OptHParams) -> the run's carry with a run axis of 1
+    start: object  # jitted (params, model state, run key, OptHParams) -> the run's carry with a run axis of 1
+
+
+def load_data(config: ml_collections.ConfigDict, hooks: hooks_lib.Hooks, quiet: bool) -> data_lib.Dataset:
+    """The experiment module's get_data(config), or the config's dataset."""
+    if hooks.get_data is None:
+        return data_lib.load_dataset(config, quiet)
+    return data_lib.from_arrays(config, hooks.get_data(config), f"get_data in {hooks.module}")
 
 
 def check_shapes(config: ml_collections.ConfigDict, dataset: data_lib.Dataset, n_train: int | None = None) -> None:
     """ConfigError for a batch larger than the training set, or tokens beyond the transformer's vocabulary."""
-    n_train = dataset.train.y.shape[0] if n_train is None else n_train
-    if config.model.name == "transformer" and np.issubdtype(dataset.train.x.dtype, np.integer):
+    n_train = data_lib.count(dataset.train) if n_train is None else n_train
+    x = dataset.train.x
+    if config.model.name == "transformer" and isinstance(x, np.ndarray) and np.issubdtype(x.dtype, np.integer):
         vocab = config.model.vocab_size or dataset.num_classes + 1
-        top = max(int(dataset.train.x.max()), int(dataset.test.x.max()))
+        top = max(int(x.max()), int(dataset.test.x.max()))
         if top >= vocab:
             raise config_lib.ConfigError(
                 f"{dataset.name} has token ids up to {top}, but the transformer's vocabulary is 0..{vocab - 1}. "
@@ -59,46 +69,34 @@ def check_shapes(config: ml_collections.ConfigDict, dataset: data_lib.Dataset, n
         )
 
 
-def make_tracker(config, has_validation: bool) -> tuple[early_stopping_lib.EarlyStopping, bool]:
-    """The early-stopping rule, and whether it may stop the run; disabled, it only tracks the best epoch."""
+def make_tracker(config, has_validation: bool, metric_names=("loss", "accuracy")):
+    """The early-stopping rule and whether it may stop the run (disabled, it only tracks the best epoch)."""
     if config.early_stopping.enabled:
-        return config_lib.make_early_stopping(config.early_stopping, has_validation), True
+        return config_lib.make_early_stopping(config.early_stopping, has_validation, metric_names), True
     # Never stops (a stopped state freezes, and the best epoch must keep being tracked).
     monitor = "val_loss" if has_validation else "train_loss"
     return early_stopping_lib.EarlyStopping(monitor=monitor, patience=2**30, stop_on_nonfinite=False), False
 
 
-def metric_names(task: task_lib.Task, model, example) -> tuple[str, ...]:
-    """ "loss" and the names of the task's metrics, traced on `example` (a batch of one) without compiling."""
-
-    def names(x, y):
-        params, model_state = task_lib.linen_init(model, jax.random.PRNGKey(0), x)
-        outputs, _ = task.apply(params, model_state, x, None, False)
-        return task.metrics(outputs, {"x": x, "y": y})
-
-    return ("loss", *sorted(jax.eval_shape(names, example["x"], example["y"])))
-
-
-def make_pieces(config, num_classes: int, steps_per_epoch: int, has_validation: bool, example) -> Pieces:
-    """The model, task, optimizer, tracker and plateau state of `config`; ConfigError naming a setting that cannot
-    run. `example`: a batch of one example, to trace the model and its metrics with."""
+def make_pieces(config, dataset: data_lib.Dataset, hooks: hooks_lib.Hooks, steps_per_epoch: int, has_validation: bool):
+    """The model, task, optimizer, tracker and plateau state of `config`; ConfigError naming a setting or hook
+    that cannot run (the model, loss and metrics are traced on two training examples, nothing compiles)."""
     s = config.optimizer.schedule
     if s.name == "reduce_on_plateau" and s.monitor == "val_loss" and not has_validation:
         raise config_lib.ConfigError(
             'config.optimizer.schedule.monitor = "val_loss" without a validation split (data.validation_fraction '
             'is 0). Monitor "train_loss", or hold out a validation split.'
         )
-    steps = steps_per_epoch
     try:
-        tx = optim.make_optimizer(config.optimizer.to_dict(), steps, config.train.epochs)
+        tx = optim.make_optimizer(config.optimizer.to_dict(), steps_per_epoch, config.train.epochs)
         plateau = optim.plateau_init(config.optimizer.to_dict())
     except ValueError as e:
         raise config_lib.ConfigError(str(e)) from None
-    tracker, may_stop = make_tracker(config, has_validation)
-    model = models.make_model(config.model, num_classes)
-    task = task_lib.make_task(task_lib.linen_apply(model))
-    names = metric_names(task, model, example)
-    pieces = Pieces(model, task, names, tx, tracker, may_stop, plateau, steps, init_params_program(model), None)
+    source = seam.model_source(config, dataset.num_classes, hooks)
+    task = seam.make_task(config, source, hooks)
+    names = seam.check(config, source, task, hooks, dataset.train, dataset.num_classes)
+    tracker, may_stop = make_tracker(config, has_validation, names)
+    pieces = Pieces(source, task, names, hooks, tx, tracker, may_stop, plateau, steps_per_epoch, None)
     return pieces._replace(start=jax.jit(functools.partial(_start, pieces)))
 
 
@@ -118,6 +116,7 @@ def run_spec(config, pieces: Pieces, eval_sizes: dict[str, int], data_axes: dict
         shuffle=config.train.shuffle,
         plateau_monitor=config.optimizer.schedule.monitor if pieces.plateau is not None else None,
         data_axes=data_axes or {},
+        augment=pieces.hooks.augment,
     )
 
 
@@ -128,48 +127,18 @@ def eval_sizes(config, sizes: dict[str, int]) -> dict[str, int]:
 
 def on_device(split) -> dict:
     """A split's arrays as the trainer's batch: {"x": ..., "y": ...} on the device."""
-    return {"x": jnp.asarray(split.x), "y": jnp.asarray(split.y)}
+    return {"x": jax.tree.map(jnp.asarray, split.x), "y": jnp.asarray(split.y)}
 
 
-def example_of(split) -> dict:
-    """A batch of the split's first example, to trace with."""
-    return {"x": np.asarray(split.x[:1]), "y": np.asarray(split.y[:1])}
-
-
-def check_model(config, dataset: data_lib.Dataset) -> None:
-    """Traces the parameters' shapes without compiling: a model that cannot take the inputs fails here, first."""
-    model = models.make_model(config.model, dataset.num_classes)
-    try:
-        jax.eval_shape(functools.partial(task_lib.linen_init, model, jax.random.PRNGKey(0)), dataset.train.x[:1])
-    except (ValueError, TypeError) as e:
-        raise config_lib.ConfigError(
-            f"model.name={config.model.name} cannot take {dataset.name}'s inputs of shape "
-            f"{dataset.train.x.shape[1:]}: {e}"
-        ) from e
-
-
-def _init_params(model, seed, x_1):
-    init_key, run_key = jax.random.split(jax.random.PRNGKey(seed))
-    params, model_state = task_lib.linen_init(model, init_key, x_1)
-    return params, model_state, run_key  # the run key: raw uint32[2], checkpointable
-
-
-# The parameters' initialisation runs once per run: XLA's optimisation level 1 compiles it in a third of the
-# time (the MNIST-1D MLP's random initialisers: 0.3 s against 0.9 s on CPU) and runs it as fast (a 4 x 2048^2
-# MLP: 0.13 s either way). Its values are this program's, for runs and sweeps alike.
-INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
-
-
-def init_params_program(model):
-    """(seed uint32[], x_1) -> (params, model state, run key), jitted. It depends on the model alone, so runs that
-    differ in anything else find it in the compilation cache."""
-    return jax.jit(functools.partial(_init_params, model), compiler_options=INIT_COMPILER_OPTIONS)
+def first_example(split):
+    """The inputs of the split's first example, a batch of one (to initialise a model with)."""
+    return jax.tree.map(lambda a: np.asarray(a)[:1], split.x)
 
 
 def init_state(model, tx, seed: int, x) -> epoch_lib.TrainState:
-    """A run's initial TrainState (no run axis), as the run program starts it: for benchmarks and the core's
-    functions used directly."""
-    params, model_state, run_key = init_params_program(model)(jnp.asarray(seed, jnp.uint32), jnp.asarray(x[:1]))
+    """A linen model's initial TrainState (no run axis), as the run program starts it: for benchmarks and the
+    core's functions used directly."""
+    params, model_state, run_key = seam.init_params_program(model)(jnp.asarray(seed, jnp.uint32), jnp.asarray(x[:1]))
     return epoch_lib.TrainState(params, jax.jit(tx.init)(params), jnp.zeros((), jnp.int32), run_key, model_state)
 
 
@@ -180,13 +149,13 @@ def _start(pieces: Pieces, params, model_state, run_key, opt_hparams) -> program
     return jax.tree.map(lambda a: a[None], carry)
 
 
-def init_carries(pieces: Pieces, seeds: list[int], opt_hparams: list[optim.OptHParams], x_1f):
-    """The carry of runs with these seeds and optimizer hyperparameters, stacked on a leading run axis: each run's
-    parameters from the init program (compiled once), its optimizer state from a second small program."""
-    x_1f = jnp.asarray(x_1f[:1])
+def init_carries(pieces: Pieces, configs: list, opt_hparams: list[optim.OptHParams], x_1):
+    """The carry of runs with these configs (their seeds) and optimizer hyperparameters, stacked on a leading run
+    axis: each run's parameters from the model's init (for linen one program, compiled once), its optimizer state
+    from a second small program."""
     parts = []
-    for seed, hparams in zip(seeds, opt_hparams, strict=True):
-        params, model_state, run_key = pieces.init_params(jnp.asarray(seed, jnp.uint32), x_1f)
+    for config, hparams in zip(configs, opt_hparams, strict=True):
+        params, model_state, run_key = pieces.source.init(config, x_1)
         hparams = optim.OptHParams(*(np.float32(v) for v in hparams))
         parts.append(pieces.start(params, model_state, run_key, hparams))
     if len(parts) == 1:
@@ -194,14 +163,10 @@ def init_carries(pieces: Pieces, seeds: list[int], opt_hparams: list[optim.OptHP
     return jax.tree.map(lambda *leaves: np.concatenate(leaves), *jax.device_get(parts))
 
 
-def abstract_carry(pieces: Pieces, x_1f) -> program_lib.RunCarry:
+def abstract_carry(pieces: Pieces, config, x_1) -> program_lib.RunCarry:
     """The shapes and dtypes of a run's carry (leading run axis 1), traced without compiling."""
     hparams = optim.OptHParams(*(np.float32(v) for v in pieces.tx.defaults))
-
-    def init(seed, x):
-        return _start(pieces, *_init_params(pieces.model, seed, x), hparams)
-
-    return jax.eval_shape(init, jnp.zeros((), jnp.uint32), jnp.asarray(x_1f[:1]))
+    return jax.eval_shape(lambda x: _start(pieces, *pieces.source.trace_init(config, x), hparams), x_1)
 
 
 def without_run_axis(tree):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pathlib
 import shutil
+import warnings
 
 import ml_collections
 
@@ -19,11 +20,22 @@ RESUMABLE_KEYS = (  # may change when resuming
     "checkpoint.",
     "data.data_dir",
     "train.compilation_cache_dir",
+    "experiment.",  # a changed module is said when resuming (workdir.prepare_workdir), not refused
 )
 
 
 class WorkdirError(ValueError):
     """The workdir holds a run that this one cannot continue."""
+
+
+def _say_if_the_module_changed(workdir: pathlib.Path, old: dict, new: dict) -> None:
+    was, now = old.get("experiment.source_sha256", ""), new.get("experiment.source_sha256", "")
+    if was and now and was != now:
+        warnings.warn(
+            f"The experiment module {new.get('experiment.module')} changed since the run in {workdir} started; it "
+            "resumes with the module as it is now. Use --restart to train the new one from the start.",
+            stacklevel=3,
+        )
 
 
 def prepare_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict, restart: bool) -> bool:
@@ -55,6 +67,7 @@ def prepare_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict, re
                 "(restart=True) to discard that run. Only train.epochs, train.epochs_per_call, "
                 "train.host_interval_seconds, checkpoint.* and data.data_dir may change when resuming."
             )
+        _say_if_the_module_changed(workdir, old, new)
         if not config.checkpoint.enabled:
             raise WorkdirError(
                 f"{workdir} holds a run, and checkpoint.enabled=False cannot resume it. Enable checkpoints, use a "

@@ -26,7 +26,6 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxepochs import models
 from jaxepochs.core import epoch as epoch_lib
 from jaxepochs.core import optim
 from jaxepochs.core import program as program_lib
@@ -34,6 +33,7 @@ from jaxepochs.data import loading as data_lib
 from jaxepochs.host import checkpoint as checkpoint_lib
 from jaxepochs.host import config as config_lib
 from jaxepochs.host import driver, report, setup
+from jaxepochs.host import hooks as hooks_lib
 from jaxepochs.host import run as run_lib
 from jaxepochs.sweep import grid as sweep_lib
 from jaxepochs.sweep import report as sweep_report
@@ -74,54 +74,52 @@ class _Group:
     def __init__(self, runs: list[sweep_lib.Run], cv: int, quiet: bool):
         template = runs[0].config
         self.config, self.cv = template, cv
-        dataset = data_lib.load_dataset(template, quiet)
+        hooks = hooks_lib.load_hooks(template)
+        dataset = setup.load_data(template, hooks, quiet)
         self.dataset = dataset
-        n_train = dataset.train.y.shape[0]
+        n_train = data_lib.count(dataset.train)
         if cv:
             sweep_lib.check_cv(cv, n_train)
             n_train = sweep_lib.fold_indices(n_train, cv, 0, template.data.split_seed)[0].shape[0]
         setup.check_shapes(template, dataset, n_train)
-        self.has_val = bool(cv) or dataset.val.y.shape[0] > 0
+        self.has_val = bool(cv) or data_lib.count(dataset.val) > 0
         steps = epoch_lib.steps_per_epoch(n_train, template.train.batch_size)
-        setup.check_model(template, dataset)
-        example = setup.example_of(dataset.train)
-        self.pieces = setup.make_pieces(template, dataset.num_classes, steps, self.has_val, example)
-        n_val = dataset.train.y.shape[0] // cv if cv else dataset.val.y.shape[0]
+        self.pieces = setup.make_pieces(template, dataset, hooks, steps, self.has_val)
+        n_val = data_lib.count(dataset.train) // cv if cv else data_lib.count(dataset.val)
         every_epoch = setup.eval_sizes(template, {"val": n_val})
         if template.train.log_test:
-            every_epoch.update(setup.eval_sizes(template, {"test": dataset.test.y.shape[0]}))
+            every_epoch.update(setup.eval_sizes(template, {"test": data_lib.count(dataset.test)}))
         self.spec = setup.run_spec(template, self.pieces, every_epoch, {"train": 0, "val": 0} if cv else {})
         # The test split once, on the parameters each run ends with (its validation curve is in its history).
-        final_sizes = setup.eval_sizes(template, {"test": dataset.test.y.shape[0]})
+        final_sizes = setup.eval_sizes(template, {"test": data_lib.count(dataset.test)})
         self.final_spec = dataclasses.replace(self.spec, eval_batch_sizes=final_sizes)
         self.programs: dict = {}  # (chunk size, sharded) -> Programs, shared by the chunks
 
     def splits(self, runs: list[sweep_lib.Run]) -> dict:
         """The arrays the runs train and are evaluated on: CV folds per run ([R, ...]), else shared."""
         d = self.dataset
-        on_device = lambda x, y: {"x": jnp.asarray(x), "y": jnp.asarray(y)}
         if not self.cv:
-            splits = {"train": on_device(d.train.x, d.train.y)}
+            splits = {"train": setup.on_device(d.train)}
             if "val" in self.spec.eval_batch_sizes:
-                splits["val"] = on_device(d.val.x, d.val.y)
+                splits["val"] = setup.on_device(d.val)
         else:
             seed = self.config.data.split_seed
-            folds = [sweep_lib.fold_indices(d.train.y.shape[0], self.cv, r.fold, seed) for r in runs]
-            stack = lambda part: on_device(
-                np.stack([d.train.x[f[part]] for f in folds]), np.stack([d.train.y[f[part]] for f in folds])
+            folds = [sweep_lib.fold_indices(data_lib.count(d.train), self.cv, r.fold, seed) for r in runs]
+            stack = lambda part: jax.tree.map(
+                lambda *a: jnp.asarray(np.stack(a)), *[setup.on_device(data_lib.take(d.train, f[part])) for f in folds]
             )
             splits = {"train": stack(0), "val": stack(1)}
         if "test" in self.spec.eval_batch_sizes:
-            splits["test"] = on_device(d.test.x, d.test.y)
+            splits["test"] = setup.on_device(d.test)
         return splits
 
     def init(self, runs: list[sweep_lib.Run]):
         """The stacked carry of `runs` (each run's parameters from its seed, its optimizer's and early
         stopping's numbers from its config) and their early-stopping hyperparameters."""
-        seeds = [r.config.seed for r in runs]
         opt_hparams = [optim.hparams_of(r.config.optimizer.to_dict()) for r in runs]
-        carry = setup.init_carries(self.pieces, seeds, opt_hparams, self.dataset.train.x)
-        trackers = [setup.make_tracker(r.config, self.has_val)[0] for r in runs]
+        x_1 = setup.first_example(self.dataset.train)
+        carry = setup.init_carries(self.pieces, [r.config for r in runs], opt_hparams, x_1)
+        trackers = [setup.make_tracker(r.config, self.has_val, self.pieces.metric_names)[0] for r in runs]
         return carry, setup.es_hparams(trackers)
 
     def compile(self, carry, splits, es_hparams, sharding) -> tuple:
@@ -306,12 +304,11 @@ def _prepare(workdir: pathlib.Path, spec: dict, restart: bool) -> None:
 
 def _chunk_size(group: _Group, members: list, chunk: int) -> int:
     """Runs per program: `chunk`, or as many as fit the free memory; whole shards of the run axis."""
-    example = jax.eval_shape(
-        lambda x: models.init_params(group.pieces.model, jax.random.PRNGKey(0), x),
-        jnp.asarray(group.dataset.train.x[:1]),
-    )
-    batch_size, x = group.config.train.batch_size, group.dataset.train.x
-    copied = x.nbytes if batch_size > 1 and x.nbytes <= epoch_lib.PERMUTE_WHOLE_BYTES else 0
+    x_1 = setup.first_example(group.dataset.train)
+    example, _, _ = jax.eval_shape(lambda x: group.pieces.source.trace_init(group.config, x), x_1)
+    batch_size = group.config.train.batch_size
+    data_bytes = sum(np.asarray(a).nbytes for a in jax.tree.leaves(group.dataset.train.x))
+    copied = data_bytes if batch_size > 1 and data_bytes <= epoch_lib.PERMUTE_WHOLE_BYTES else 0
     size = min(chunk or default_chunk(len(members), example, batch_size, _widest(example), copied), len(members))
     devices = len(jax.devices())
     if size >= devices > 1:

@@ -1,0 +1,123 @@
+"""An experiment module's own pieces: the hooks the trainer takes from it, checked before anything compiles.
+
+    get_config()                 -> the config (required)
+    get_model(config)            -> a flax linen nn.Module or a flax nnx.Module
+    loss_fn(outputs, batch)      -> the per-example loss [B] (the trainer masks the padding and takes the mean)
+    metrics_fn(outputs, batch)   -> {name: per-example values [B]}, logged as train_<name>, val_<name>, test_<name>
+    get_data(config)             -> {"train": batch, "test": batch, optionally "validation": batch}, in memory
+    augment(key, batch)          -> a batch, inside each training step on the device
+
+A batch is a dict of arrays with one leading example axis: "x" (any pytree, the model's input) and "y". Whatever
+a module leaves out takes the built-in default. A function whose name is close to a hook's, or that starts with
+"get_", and that the trainer does not use, is said (a warning), so that a typo is not silently ignored.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import json
+import warnings
+from collections.abc import Callable
+from typing import NamedTuple
+
+import ml_collections
+
+from jaxepochs.host import config as config_lib
+
+HOOKS = {
+    "get_model": ("config",),
+    "loss_fn": ("outputs", "batch"),
+    "metrics_fn": ("outputs", "batch"),
+    "get_data": ("config",),
+    "augment": ("key", "batch"),
+}
+
+
+class Hooks(NamedTuple):
+    module: str  # the experiment module's path ("" without one)
+    get_model: Callable | None = None
+    loss_fn: Callable | None = None
+    metrics_fn: Callable | None = None
+    get_data: Callable | None = None
+    augment: Callable | None = None
+
+
+def _check_signature(path: str, name: str, function) -> None:
+    if not callable(function):
+        raise config_lib.ConfigError(f"{path}: {name} is a {type(function).__name__}, not a function.")
+    expected = HOOKS[name]
+    try:
+        parameters = list(inspect.signature(function).parameters.values())
+    except (TypeError, ValueError):
+        return
+    required = [
+        p for p in parameters if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    variadic = any(p.kind == p.VAR_POSITIONAL for p in parameters)
+    if len(required) > len(expected) or (len(positional) < len(expected) and not variadic):
+        raise config_lib.ConfigError(
+            f"{path}: {name}{inspect.signature(function)} cannot be called as {name}({', '.join(expected)}). "
+            f"Define it as def {name}({', '.join(expected)}): ..."
+        )
+
+
+def _say_unused(path: str, module) -> None:
+    """Warns of the module's functions that look meant for the trainer but that it does not use."""
+    known = ("get_config", *HOOKS)
+    for name, value in vars(module).items():
+        if name in known or name.startswith("_") or not inspect.isfunction(value):
+            continue
+        if value.__module__ != module.__name__:  # imported, not written here
+            continue
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+        if close or name.startswith("get_"):
+            hint = f' Did you mean "{close[0]}"?' if close else ""
+            warnings.warn(
+                f"{path}: {name}() is not a hook jaxepochs uses, so it is not called.{hint} The hooks are "
+                f"{', '.join(known)}; a helper of your own can start with an underscore.",
+                stacklevel=2,
+            )
+
+
+def _say_unused_config(path: str, hooks: Hooks, config: ml_collections.ConfigDict) -> None:
+    """get_model and get_data replace config.model and config.data: settings there that differ from the
+    defaults would be ignored, so they are said."""
+    defaults = config_lib.base_config()
+    for hook, section, kept in (
+        ("get_model", "model", ()),
+        ("get_data", "data", ("validation_fraction", "split_seed")),
+    ):
+        if getattr(hooks, hook) is None:
+            continue
+        ours = config_lib.flatten(json.loads(config[section].to_json_best_effort()))
+        theirs = config_lib.flatten(json.loads(defaults[section].to_json_best_effort()))
+        changed = [f"{section}.{k}" for k in ours if ours[k] != theirs.get(k) and k.split(".")[0] not in kept]
+        if changed:
+            warnings.warn(
+                f"{path}: {hook} gives the {section}, so config.{', config.'.join(changed)} is not used. Read it in "
+                f"{hook}(config), or leave it at its default.",
+                stacklevel=2,
+            )
+
+
+def load_hooks(config: ml_collections.ConfigDict) -> Hooks:
+    """The hooks of the config's experiment module (none for a config built without one)."""
+    path = config.experiment.module
+    if not path:
+        return Hooks("")
+    try:
+        module = config_lib.import_experiment(path)
+    except FileNotFoundError:
+        raise config_lib.ConfigError(
+            f"The experiment module {path} (config.experiment.module) is gone; its model and hooks are needed. "
+            "Restore it, or point config.experiment.module at it."
+        ) from None
+    found = {name: getattr(module, name) for name in HOOKS if hasattr(module, name)}
+    for name, function in found.items():
+        _check_signature(path, name, function)
+    _say_unused(path, module)
+    hooks = Hooks(path, **found)
+    _say_unused_config(path, hooks, config)
+    return hooks
