@@ -1,0 +1,186 @@
+"""Users' own experiments: a module's model (linen or NNX), loss, metrics, data and augmentation; the tasks; and
+the errors a module's hooks meet before anything compiles."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+from conftest import REPO
+
+import jaxepochs
+from jaxepochs.data.loading import DataError
+from jaxepochs.host.config import ConfigError
+
+EXPERIMENTS = REPO / "experiments"
+UNTIMED = lambda rows: [{k: v for k, v in row.items() if k != "seconds"} for row in rows]  # noqa: E731
+
+MODULE = """
+import numpy as np
+import jaxepochs
+
+
+def get_config():
+    config = jaxepochs.base_config()
+    config.model.hidden_sizes = (8,)
+    config.train.epochs = 2
+    config.train.batch_size = 16
+{config}
+    return config
+
+
+def get_data(config):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(96, 5)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64)
+{data}
+    return {{"train": {{"x": x[:64], "y": y[:64]}}, "test": {{"x": x[64:], "y": y[64:]}}}}
+{extra}
+"""
+
+
+def _module(tmp_path, config: str = "", data: str = "", extra: str = "", name: str = "exp.py"):
+    path = tmp_path / name
+    indent = lambda text: textwrap.indent(textwrap.dedent(text).strip("\n"), "    ") if text else ""
+    path.write_text(MODULE.format(config=indent(config), data=indent(data), extra=textwrap.dedent(extra)))
+    return path
+
+
+def _same(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_an_nnx_model_trains_loads_and_sweeps_as_its_runs(tmp_path):
+    config = jaxepochs.apply_overrides(jaxepochs.load_config_file(EXPERIMENTS / "wine_nnx.py"), {"train.epochs": "3"})
+    result = jaxepochs.train_and_evaluate(config, tmp_path / "run", quiet=True)
+    assert len(result.history) == 3 and result.summary["test_accuracy"] > 0.6
+    assert result.summary["model"] == "WineNet"
+    loaded = jaxepochs.load(tmp_path / "run")
+    _same(loaded.params, result.state.params)
+    _same(loaded.model_state, result.state.model_state)  # BatchNorm's statistics, restored
+    swept = jaxepochs.sweep(config, [{"seed": "0"}, {"seed": "1"}], tmp_path / "sweep", quiet=True, chunk=1)
+    assert UNTIMED(swept.histories["r0"]) == UNTIMED(result.history)  # a chunk of one: the run's program
+    assert UNTIMED(swept.histories["r1"]) != UNTIMED(result.history)  # another seed: other parameters
+
+
+def test_batchnorm_dropout_and_augmentation_resume_exactly(tmp_path):
+    """digits_cnn: BatchNorm's statistics in the state, Dropout and the random shift keyed from the step; 3 epochs
+    at once equal 1 then 2 more after a resume, bit for bit."""
+    base = jaxepochs.load_config_file(EXPERIMENTS / "digits_cnn.py")
+    short = {"train.batch_size": "128", "checkpoint.every_epochs": "1"}
+    whole = jaxepochs.train_and_evaluate(
+        jaxepochs.apply_overrides(base, {**short, "train.epochs": "3"}), tmp_path / "whole", quiet=True
+    )
+    jaxepochs.train_and_evaluate(
+        jaxepochs.apply_overrides(base, {**short, "train.epochs": "1"}), tmp_path / "resumed", quiet=True
+    )
+    resumed = jaxepochs.train_and_evaluate(
+        jaxepochs.apply_overrides(base, {**short, "train.epochs": "3"}), tmp_path / "resumed", quiet=True
+    )
+    assert UNTIMED(resumed.history) == UNTIMED(whole.history)
+    _same(resumed.state, whole.state)
+    stats = whole.state.model_state["batch_stats"]
+    assert float(np.abs(np.asarray(stats["BatchNorm_0"]["mean"])).max()) > 0  # updated by training
+
+
+def test_regression_task_logs_mse_and_mae_and_stops_on_val_mae(tmp_path):
+    overrides = {"train.epochs": "40", "early_stopping.patience": "3"}
+    config = jaxepochs.apply_overrides(jaxepochs.load_config_file(EXPERIMENTS / "diabetes_regression.py"), overrides)
+    result = jaxepochs.train_and_evaluate(config, tmp_path, quiet=True)
+    row = result.history[0]
+    assert {"train_loss", "train_mae", "train_mse", "val_loss", "val_mae", "val_mse"} <= set(row)
+    assert row["train_loss"] == pytest.approx(row["train_mse"], rel=1e-5)
+    summary = result.summary
+    assert summary["best_epoch_metric"] == "val_mae" and summary["stop_reason"] == "patience"
+    assert 0.3 < summary["test_mae"] < 0.6  # predicting the mean: 0.59
+
+
+def test_binary_task_and_a_module_of_its_own_loss_and_metrics(tmp_path):
+    binary = _module(tmp_path, config='config.task = "binary"\nconfig.train.epochs = 20', name="binary.py")
+    result = jaxepochs.train_and_evaluate(jaxepochs.load_config_file(binary), tmp_path / "binary", quiet=True)
+    assert result.summary["test_accuracy"] > 0.8
+    own = _module(
+        tmp_path,
+        config='config.early_stopping.enabled = True\nconfig.early_stopping.monitor = "val_margin"\n'
+        'config.early_stopping.mode = "max"',
+        extra="""
+        import jax.numpy as jnp
+
+        def loss_fn(outputs, batch):
+            return jnp.mean((outputs - jnp.eye(outputs.shape[-1])[batch["y"]]) ** 2, axis=-1)
+
+        def metrics_fn(outputs, batch):
+            return {"margin": jnp.take_along_axis(outputs, batch["y"][:, None], 1)[:, 0] - outputs.mean(-1)}
+        """,
+        name="own.py",
+    )
+    result = jaxepochs.train_and_evaluate(jaxepochs.load_config_file(own), tmp_path / "own", quiet=True)
+    assert {"train_margin", "val_margin", "test_margin"} <= set(result.history[0]) | set(result.summary)
+    assert "train_accuracy" not in result.history[0]  # the module's metrics replace the task's
+    assert result.summary["best_epoch_metric"] == "val_margin"
+
+
+def test_config_json_records_the_module_and_a_changed_module_is_said(tmp_path):
+    path = _module(tmp_path)
+    jaxepochs.train_and_evaluate(jaxepochs.load_config_file(path), tmp_path / "run", quiet=True)
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())["experiment"]
+    assert recorded["module"] == str(path.resolve()) and len(recorded["source_sha256"]) == 64
+    path.write_text(path.read_text() + "\n# an edit\n")
+    config = jaxepochs.apply_overrides(jaxepochs.load_config_file(path), {"train.epochs": "3"})
+    with pytest.warns(UserWarning, match="changed since the run"):
+        jaxepochs.train_and_evaluate(config, tmp_path / "run", quiet=True)
+
+
+def test_a_misnamed_hook_is_said(tmp_path):
+    path = _module(tmp_path, extra="def get_modle(config):\n    return None\n")
+    with pytest.warns(UserWarning, match='get_modle.*Did you mean "get_model"'):
+        jaxepochs.train_and_evaluate(jaxepochs.load_config_file(path), tmp_path / "run", quiet=True)
+
+
+BAD_HOOKS = [
+    (
+        "",
+        "",
+        "import jax.numpy as jnp\ndef loss_fn(outputs, batch):\n    return jnp.mean(outputs)\n",
+        ConfigError,
+        r"loss_fn in .*exp\.py returned \(\) for a batch of 2; it must return the per-example loss \[B\]",
+    ),
+    (
+        "",
+        "",
+        "def metrics_fn(outputs, batch):\n    return {'width': outputs.shape[-1] * 1.0}\n",
+        ConfigError,
+        r'metric "width" is .* give its per-example values \[B\]',
+    ),
+    ("", "", "def get_model():\n    return None\n", ConfigError, r"cannot be called as get_model\(config\)"),
+    ("", "", "def augment(batch):\n    return batch\n", ConfigError, r"cannot be called as augment\(key, batch\)"),
+    ("", "y = y.astype(np.float32)", "", DataError, r'not integer class ids.*config\.task = "regression"'),
+    ('config.task = "regression"', "", "", DataError, r'task "regression" takes float targets'),
+    ("", "x[3, 1] = np.nan", "", DataError, r"inputs contain NaN or inf"),
+    ("", "y = y[:-1]", "", DataError, r"test split: 32 inputs but 31 labels"),
+    (
+        'config.task = "regression"',
+        "y = np.stack([x[:, 0]] * 3, 1)",
+        "import flax.linen as nn\n\ndef get_model(config):\n    return nn.Dense(2)\n",
+        ConfigError,
+        r"task \"regression\" cannot take the model's outputs \(2, 2\) and labels \(2, 3\)",
+    ),
+]
+
+
+@pytest.mark.parametrize(("config", "data", "extra", "error", "match"), BAD_HOOKS)
+def test_bad_hooks_and_data_name_the_hook_and_the_fix(tmp_path, config, data, extra, error, match):
+    path = _module(tmp_path, config=config, data=data, extra=extra)
+    with pytest.raises(error, match=match):
+        jaxepochs.train_and_evaluate(jaxepochs.load_config_file(path), tmp_path / "run", quiet=True)
+    assert not (tmp_path / "run").exists()  # nothing written, nothing compiled
+
+
+def test_get_data_of_the_wrong_shape_names_the_fix(tmp_path):
+    path = _module(tmp_path, extra="def get_data(config):\n    return {'train': ([1.0], [0])}\n")
+    with pytest.raises(DataError, match=r'get_data in .* returned \[\'train\'\]; return \{"train": batch, "test"'):
+        jaxepochs.train_and_evaluate(jaxepochs.load_config_file(path), tmp_path / "run", quiet=True)
