@@ -14,7 +14,7 @@ from conftest import tiny_config
 from tensorflow_datasets.testing.mocking import PickableDataSourceMock
 
 import jaxepochs
-from jaxepochs.data.loading import load_dataset
+from jaxepochs.data.loading import DataError, load_dataset
 from jaxepochs.host.config import ConfigError
 
 MOCK_EXAMPLES = 50  # per split
@@ -116,6 +116,16 @@ def test_cnn_on_images_is_a_config_error(mnist_metadata, tmp_path):
         pytest.raises(ConfigError, match=r"model\.name=cnn cannot take.*\(28, 28, 1\)"),
     ):
         jaxepochs.train_and_evaluate(config, tmp_path, quiet=True)
+
+
+def test_tfds_input_and_label_keys_name_the_features(mnist_metadata):
+    """data.input_key / data.label_key choose the features (the supervised keys by default); a feature the dataset
+    lacks is an error that lists its features."""
+    with _mock_tfds(mnist_metadata):
+        dataset = load_dataset(_mnist_config({"data.input_key": "image", "data.label_key": "label"}))
+        assert dataset.train.x.shape == (45, 28, 28, 1)
+        with pytest.raises(DataError, match=r"no input feature 'pixels'; its features are \['image', 'label'\]"):
+            load_dataset(_mnist_config({"data.input_key": "pixels"}))
 
 
 def test_no_tensorflow_import():
