@@ -13,6 +13,7 @@ from conftest import REPO
 
 import jaxepochs
 from jaxepochs.data.loading import DataError
+from jaxepochs.host import report
 from jaxepochs.host.config import ConfigError
 
 EXPERIMENTS = REPO / "experiments"
@@ -96,6 +97,9 @@ def test_regression_task_logs_mse_and_mae_and_stops_on_val_mae(tmp_path):
     assert row["train_loss"] == pytest.approx(row["train_mse"], rel=1e-5)
     summary = result.summary
     assert summary["best_epoch_metric"] == "val_mae" and summary["stop_reason"] == "patience"
+    line = report.format_row(row)  # the progress line: every metric
+    assert all(f"{key} " in line for key in ("train_mae", "train_mse", "val_mae", "val_mse"))
+    assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")
     assert 0.3 < summary["test_mae"] < 0.6  # predicting the mean: 0.59
 
 

@@ -220,9 +220,10 @@ def _finish(config, name: str, full_train: Split, test: Split, val: Split | None
     return Dataset(name, train, held_out, test, num_classes)
 
 
-def from_arrays(config: ml_collections.ConfigDict, splits, where: str) -> Dataset:
+def from_arrays(config: ml_collections.ConfigDict, splits, where: str, name: str = "") -> Dataset:
     """A dataset of in-memory splits (an experiment module's get_data): {"train": batch, "test": batch} and
-    optionally "validation", each {"x": array or pytree, "y": array}; `where` names their source in errors."""
+    optionally "validation", each {"x": array or pytree, "y": array}; `where` names their source in errors,
+    `name` the dataset in the outputs."""
     if (
         not isinstance(splits, dict)
         or not {"train", "test"} <= set(splits)
@@ -248,7 +249,8 @@ def from_arrays(config: ml_collections.ConfigDict, splits, where: str) -> Datase
         if split is not None and count(split) == 0:
             raise DataError(f'{where}: split "{label}" is empty; every split needs examples.')
     num_classes = num_outputs(config.task, present, config.model.num_classes)
-    return _finish(config, where, full_train, test, val, num_classes)
+    dataset = _finish(config, where, full_train, test, val, num_classes)
+    return dataset._replace(name=name or where)
 
 
 def _as_arrays(x):

@@ -13,8 +13,6 @@ import numpy as np
 
 from jaxepochs.core import early_stopping as early_stopping_lib
 
-PLOTTED = (("loss", "train_loss", "val_loss"), ("accuracy", "train_accuracy", "val_accuracy"))
-
 
 def _jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
@@ -100,11 +98,14 @@ def stopping_fields(es_state, monitor: str, reason: str, non_finite_epoch: int |
     return fields
 
 
+def metric_keys(row: dict, splits=("train", "val")) -> list[str]:
+    """The row's metrics of `splits`, loss first, in the order they were logged (train_loss, train_accuracy, ...)."""
+    return [key for key in row if key.split("_", 1)[0] in splits]
+
+
 def format_row(row: dict) -> str:
     parts = [f"epoch {row['epoch']}"]
-    for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
-        if key in row:
-            parts.append(f"{key} {row[key]:.4f}")
+    parts += [f"{key} {row[key]:.4f}" for key in metric_keys(row)]
     parts.append(f"lr {row['learning_rate']:.3g}")
     parts.append(f"{row['seconds'] * 1e3:.1f} ms")
     return "  ".join(parts)
@@ -128,7 +129,7 @@ class Progress:
         if self._bar is None:
             print(format_row(row), file=self._stream, flush=True)
             return
-        shown = {k: f"{row[k]:.4f}" for k in ("train_loss", "val_loss", "val_accuracy") if k in row}
+        shown = {k: f"{row[k]:.4f}" for k in metric_keys(row) if k != "train_loss" or "val_loss" not in row}
         self._bar.set_postfix(shown, refresh=False)
         self._bar.update(1)
 
@@ -161,19 +162,19 @@ class Progress:
 
 
 def plot_curves(history: list[dict], path: pathlib.Path, title: str) -> None:
-    """Loss and accuracy against epochs, train and validation."""
+    """Every logged metric against epochs, a panel each: train and validation (test where logged)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    epochs = [row["epoch"] for row in history]
-    for ax, (name, train_key, val_key) in zip(axes, PLOTTED, strict=True):
-        for key, label in ((train_key, "train"), (val_key, "validation")):
-            values = [row.get(key) for row in history]
-            if values and all(v is not None for v in values):
-                ax.plot(epochs, values, label=label)
+    names = [k.split("_", 1)[1] for k in metric_keys(history[0] if history else {}, ("train",))] or ["loss"]
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        for split, label in (("train", "train"), ("val", "validation"), ("test", "test")):
+            points = [(row["epoch"], row[f"{split}_{name}"]) for row in history if f"{split}_{name}" in row]
+            if points and (split != "test" or len(points) > 1):
+                ax.plot(*zip(*points, strict=True), label=label)
         ax.set_xlabel("epoch")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)

@@ -247,11 +247,8 @@ def _report_end(summary: dict, workdir: pathlib.Path, progress) -> None:
             f"Stopped early at epoch {summary['stopped_epoch']} ({summary['stop_reason']}); best epoch "
             f"{summary['best_epoch']}."
         )
-    progress.message(
-        f"test_loss {summary.get('test_loss', float('nan')):.4f}  "
-        f"test_accuracy {summary.get('test_accuracy', float('nan')):.4f}  "
-        f"({summary['total_seconds']:.1f} s, outputs in {workdir})"
-    )
+    tested = "  ".join(f"{k} {v:.4f}" for k, v in summary.items() if k.startswith("test_"))
+    progress.message(f"{tested}  ({summary['total_seconds']:.1f} s, outputs in {workdir})")
 
 
 def write_run_json(workdir: pathlib.Path, run: Setup) -> None:

@@ -6,6 +6,7 @@ compiles but `init_carries`.
 from __future__ import annotations
 
 import functools
+import pathlib
 from typing import NamedTuple
 
 import jax
@@ -47,7 +48,8 @@ def load_data(config: ml_collections.ConfigDict, hooks: hooks_lib.Hooks, quiet: 
     """The experiment module's get_data(config), or the config's dataset."""
     if hooks.get_data is None:
         return data_lib.load_dataset(config, quiet)
-    return data_lib.from_arrays(config, hooks.get_data(config), f"get_data in {hooks.module}")
+    name = f"{pathlib.Path(hooks.module).stem}.get_data"
+    return data_lib.from_arrays(config, hooks.get_data(config), f"get_data in {hooks.module}", name)
 
 
 def check_shapes(config: ml_collections.ConfigDict, dataset: data_lib.Dataset, n_train: int | None = None) -> None:
