@@ -5,6 +5,7 @@ and `jaxepochs reproduce NAME|all --workdir DIR [--seeds K] [--quick]`."""
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
 from jaxepochs.host import config as config_lib
@@ -76,8 +77,6 @@ def _sweep(args, overrides: dict[str, str], specs: dict[str, str]) -> int:
 
     config = config_lib.apply_overrides(config_lib.load_config_file(args.config), overrides)
     grid = sweep_lib.expand(config, specs, args.random, args.random_seed)
-    if args.cv:
-        sweep_lib.check_cv(args.cv, 2**31)  # K < 2 now; K above the example count once the data is read
     from jaxepochs.sweep import run as sweep_run
 
     sweep_run.sweep(
@@ -91,6 +90,27 @@ def _sweep(args, overrides: dict[str, str], specs: dict[str, str]) -> int:
         restart=args.restart,
     )
     return 0
+
+
+_WHAT_TO_DO = {  # errno -> what a user can do about it
+    errno.ENOSPC: "free space on that disk, or give a --workdir on another one, then run the command again: the "
+    "run resumes from its last checkpoint",
+    errno.EDQUOT: "free space within your quota, then run the command again: the run resumes from its last checkpoint",
+    errno.EACCES: "give a path you may write to",
+    errno.EPERM: "give a path you may write to",
+    errno.EROFS: "give a path on a writable file system",
+    errno.ENOTDIR: "a part of that path is a file: give a path under a directory",
+    errno.EEXIST: "a file is in the way: remove it, or give another path",
+    errno.EISDIR: "a directory is in the way: remove it, or give another path",
+}
+
+
+def os_error_message(e: OSError) -> str:
+    """One line: what failed, on which path, and what to do."""
+    where = f" ({e.filename})" if e.filename else ""
+    what = e.strerror or str(e)
+    fix = _WHAT_TO_DO.get(e.errno, "check that path and run the command again")
+    return f"{what}{where}: {fix}."
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FloatingPointError) as e:  # our errors say what to fix; no traceback needed
         print(f"jaxepochs: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the disk or the file system refused: say which path, and what to do
+        print(f"jaxepochs: error: {os_error_message(e)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     return 0

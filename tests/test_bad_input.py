@@ -87,9 +87,9 @@ def test_cnn_needs_one_kernel_and_stride_per_convolution():
 @pytest.mark.parametrize(
     "key, value, words",
     [
-        ("train.epochs", "abc", r'train\.epochs=abc: cannot read "abc" as an int'),
-        ("train.batch_size", "2.5", r'cannot read "2\.5" as an int'),
-        ("optimizer.learning_rate", "fast", r'cannot read "fast" as a float'),
+        ("train.epochs", "abc", r'train\.epochs=abc: cannot read "abc" as a whole number'),
+        ("train.batch_size", "2.5", r'cannot read "2\.5" as a whole number'),
+        ("optimizer.learning_rate", "fast", r'cannot read "fast" as a number'),
         ("model.hidden_sizes", "wide", r'cannot read "wide" as a tuple'),
     ],
 )

@@ -227,13 +227,14 @@ def test_ctrl_c_saves_says_how_to_resume_and_resumes_exactly(run_cli_uninterrupt
     assert returncode == 130, err[-3000:]
     assert "Ctrl-C: stopping after the epochs in flight" in err
     assert "Run the same command again to resume." in err
-    interrupted_after = int(re.search(r"Interrupted after epoch (\d+); checkpoint saved in", err).group(1))
+    interrupted_after = int(re.search(r"Interrupted after epoch (\d+); checkpoint and outputs saved", err).group(1))
     rows = _rows(workdir)
     assert 1 <= interrupted_after == len(rows) < CLI_EPOCHS
     assert [row["epoch"] for row in rows] == list(range(1, len(rows) + 1))
     assert _saved_epochs(workdir)[-1] == len(rows)  # the epoch it stopped after was checkpointed
     _assert_checkpoints_consistent(workdir, rows)
-    assert not (workdir / "summary.json").exists()
+    summary = json.loads((workdir / "summary.json").read_text())  # the outputs of the epochs it trained
+    assert summary["stop_reason"] == "interrupted" and summary["epochs_completed"] == len(rows)
     assert int(jaxepochs.load(workdir).step) == rows[-1]["steps"] == len(rows) * ref.summary["steps_per_epoch"]
 
     result = jaxepochs.train_and_evaluate(tiny_config(CLI_RESUME), workdir, quiet=True)

@@ -14,6 +14,8 @@ from typing import NamedTuple
 import ml_collections
 import numpy as np
 
+from jaxepochs.data import lock
+
 
 class Split(NamedTuple):
     x: object  # the inputs: an array [N, ...] (float32, or int32 tokens), or a pytree of them
@@ -61,6 +63,29 @@ def _absl_quiet():
         logging.set_verbosity(level)
 
 
+def _prepare(make, name: str, directory: pathlib.Path, quiet: bool):
+    """Builds a built-in dataset in `directory`, one process at a time: a second process that wants it waits,
+    then finds it prepared (two preparing at once would collide in TFDS's temporary files)."""
+    import tensorflow_datasets as tfds
+
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(
+            f"data.data_dir {directory} cannot be created ({e.strerror}); point data.data_dir (or $TFDS_DATA_DIR) "
+            "at a writable directory."
+        ) from None
+    with lock.wait_for(directory / f".{name}.prepare.lock", f"preparing {name} in {directory}", quiet):
+        builder = make()  # afresh: the process it waited for may have prepared it
+        if not builder.is_prepared():
+            if not quiet:
+                which = f" ({builder.builder_config.name})" if builder.builder_config else ""
+                print(f"jaxepochs: preparing {name}{which} in {directory} (once)", file=sys.stderr)
+            tfds.disable_progress_bar()
+            builder.download_and_prepare()
+    return builder
+
+
 def _builder(name: str, directory: pathlib.Path, quiet: bool = False, data_config=None):
     import tensorflow_datasets as tfds
 
@@ -76,14 +101,11 @@ def _builder(name: str, directory: pathlib.Path, quiet: bool = False, data_confi
             variant = datasets.modular_config(m.modulus, m.train_fraction, m.seed)
             known = [c.name for c in datasets.ModularAddition.BUILDER_CONFIGS]
             kwargs["config"] = variant.name if variant.name in known else variant
+        make = lambda: datasets.BUILTIN[name](data_dir=str(directory), file_format="array_record", **kwargs)
         with _absl_quiet():
-            builder = datasets.BUILTIN[name](data_dir=str(directory), file_format="array_record", **kwargs)
+            builder = make()
             if not builder.is_prepared():  # built locally, once: nothing is downloaded
-                if not quiet:
-                    which = f" ({builder.builder_config.name})" if builder.builder_config else ""
-                    print(f"jaxepochs: preparing {name}{which} in {directory} (once)", file=sys.stderr)
-                tfds.disable_progress_bar()
-                builder.download_and_prepare()
+                builder = _prepare(make, name, directory, quiet)
         return builder
     if not name.startswith("tfds:"):
         known = ", ".join(sorted(datasets.BUILTIN))
@@ -112,10 +134,17 @@ def _read_split(builder, split: str, x_key: str, y_key: str) -> Split:
             f'Dataset {builder.name} has no split "{split}"; it has {sorted(builder.info.splits)}. '
             "Set data.train_split / data.test_split."
         )
-    source = builder.as_data_source(split=split)
-    if len(source) == 0:
+    try:
+        source = builder.as_data_source(split=split)
+        examples = source.__getitems__(list(range(len(source))))
+    except Exception as e:  # array_record and TFDS raise RuntimeError, OSError, ValueError... for damaged files
+        raise DataError(
+            f'Split "{split}" of {builder.name} in {builder.data_path} cannot be read ({type(e).__name__}: {e}); '
+            f"its files are damaged. Delete {builder.data_path} and prepare it again (a built-in dataset is "
+            "prepared again by the next run)."
+        ) from None
+    if not examples:
         raise DataError(f'Split "{split}" of {builder.name} is empty; choose a split that holds examples.')
-    examples = source.__getitems__(list(range(len(source))))
     x = np.stack([np.asarray(e[x_key]) for e in examples])
     y = np.asarray([e[y_key] for e in examples])
     if x.dtype == np.uint8:  # images: pixels to [0, 1]

@@ -164,6 +164,46 @@ def _fill_defaults(config: ml_collections.ConfigDict, schema: ml_collections.Con
             _fill_defaults(config[key], default)
 
 
+def _kind_problem(value, default) -> str | None:
+    """Why `value` cannot stand where the schema has `default`, or None: whole numbers stay whole (True is not
+    one, nor is 2.5), numbers stay numbers, flags stay flags, text stays text."""
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
+    is_number = lambda v: is_int(v) or isinstance(v, float)
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "is not True or False"
+    if is_int(default):
+        return None if is_int(value) else "is not a whole number"
+    if isinstance(default, float):
+        return None if is_number(value) else "is not a number"
+    if isinstance(default, str):
+        return None if isinstance(value, str) else "is not a string"
+    if isinstance(default, tuple | list) and default:
+        if not isinstance(value, tuple | list):
+            return "is not a tuple"
+        element = default[0]
+        return next((f"holds {v!r}, which {p}" for v in value if (p := _kind_problem(v, element))), None)
+    return None
+
+
+def _check_types(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict, prefix: str) -> None:
+    for key, default in schema.items():
+        value = config[key]
+        if isinstance(default, ml_collections.ConfigDict):
+            _check_types(value, default, f"{prefix}{key}.")
+        elif default is not None and value is not None and (problem := _kind_problem(value, default)):
+            _fail(f"{prefix}{key}", f"{value!r} {problem}", f"Use a value like the default, {default!r}.")
+
+
+SEED_KEYS = ("seed", "data.split_seed", "data.modular.seed")
+
+
+def _validate_seeds(config: ml_collections.ConfigDict) -> None:
+    for key in SEED_KEYS:
+        value = flatten(config)[key]
+        if not 0 <= value < 2**32:
+            _fail(key, f"{value!r} is out of range", "Use a seed from 0 to 2**32 - 1.")
+
+
 def _fail(key: str, problem: str, fix: str):
     raise ConfigError(f"config.{key} = {problem}. {fix}")
 
@@ -174,7 +214,7 @@ def _validate_train(t: ml_collections.ConfigDict) -> None:
     if not isinstance(t.eval_batch_size, int) or t.eval_batch_size < 1:
         _fail("train.eval_batch_size", f"{t.eval_batch_size!r} is not a positive integer", "Use 1 or more.")
     if not isinstance(t.epochs, int) or t.epochs < 0:
-        _fail("train.epochs", f"{t.epochs!r} is negative", "Use 0 (evaluate only) or more epochs.")
+        _fail("train.epochs", f"{t.epochs!r} is negative", "Use 0 (evaluate only) or more epochs.")  # types: above
     if not isinstance(t.test_every, int) or t.test_every < 1:
         _fail("train.test_every", f"{t.test_every!r} is not a positive integer", "Use 1 or more.")
     if not isinstance(t.epochs_per_call, int) or t.epochs_per_call < 0:
@@ -237,11 +277,19 @@ def _validate_data(d: ml_collections.ConfigDict) -> None:
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Returns a copy of `config` with defaults filled in; raises ConfigError naming any problem."""
+    """Returns a copy of `config` with defaults filled in; raises ConfigError naming any problem. A plain dict
+    is taken as the ConfigDict it spells (missing keys at their defaults)."""
     schema = base_config()
-    config = ml_collections.ConfigDict(config.to_dict())
+    if not isinstance(config, ml_collections.ConfigDict | dict):
+        raise TypeError(
+            f"config is {type(config).__name__}; pass an ml_collections.ConfigDict (an experiment module's "
+            "get_config(), or jaxepochs.base_config() with your changes) or a dict of the same keys."
+        )
+    config = ml_collections.ConfigDict(config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config)
     _check_keys(config, schema, "")
     _fill_defaults(config, schema)
+    _check_types(config, schema, "")
+    _validate_seeds(config)
     _validate_train(config.train)
     _validate_model(config.model)
     if config.task not in TASKS:
@@ -372,8 +420,8 @@ def _parse_value(text: str, current):
             return type(current)(value)
     elif current is None:
         return value
-    kind = type(current).__name__
-    raise ConfigError(f'cannot read "{text}" as {"an" if kind[0] in "aeiou" else "a"} {kind}')
+    kind = {"int": "a whole number", "float": "a number", "bool": "True or False"}.get(type(current).__name__)
+    raise ConfigError(f'cannot read "{text}" as {kind or "a " + type(current).__name__}')
 
 
 def flatten(config: ml_collections.ConfigDict | dict, prefix: str = "") -> dict:

@@ -28,6 +28,14 @@ class Outcome(NamedTuple):
     host_seconds: float  # the host's bookkeeping per epoch (reading rows, logging, saving), beside the device
 
 
+class WriteFailed(Exception):
+    """`consume` failed to write (OSError): the outcome to save before the error is raised."""
+
+    def __init__(self, outcome: Outcome, error: OSError):
+        super().__init__(str(error))
+        self.outcome, self.error = outcome, error
+
+
 class _Call(NamedTuple):
     first_epoch: int
     count: int  # epochs asked for (fewer run if every run halts)
@@ -63,7 +71,7 @@ def drive(
     and some in its own, so a call dispatched ahead could finish before the last one's rows were read and their
     seconds would mix; and the host's work takes the same cores anyway.
     """
-    if first_epoch > last_epoch:
+    if first_epoch > last_epoch or interrupted():  # a Ctrl-C before the first call: train nothing more
         return Outcome(carry, first_epoch - 1, False, 0.0)
 
     def dispatch(from_carry, first: int) -> _Call:
@@ -86,8 +94,11 @@ def drive(
         ready = pending.ready_at or arrived
         ran, seconds = int(rows.ran), ready - previous_ready
         pace.observe(ran, seconds)
-        halted = consume(rows, pending.first_epoch, seconds / max(ran, 1))
         last_done = pending.first_epoch + ran - 1
+        try:
+            halted = consume(rows, pending.first_epoch, seconds / max(ran, 1))
+        except OSError as error:  # a full disk, say: the caller saves this call's carry before anything closes
+            raise WriteFailed(Outcome(pending.carry, last_done, False, 0.0), error) from error
         going_on = going_on and not (halted or interrupted())
         if going_on and checkpoints.due(last_done):
             save(pending.carry, last_done)
@@ -108,17 +119,20 @@ def train_loop(
     limit: int,
     consume,
     save,
-    say,
+    interrupted: Callable[[], bool],
     checkpointing: bool,
     final_epoch: Callable[[Outcome], int],
-) -> tuple[Outcome, bool]:
-    """`drive` at the config's pace and checkpoint cadence, under the Ctrl-C handler, then the final checkpoint
-    (`save(carry, final_epoch(outcome))`, still under the handler): the loop of runs and sweeps alike. Returns
-    the outcome and whether Ctrl-C asked to stop. `limit`: the program's most epochs per call."""
+) -> Outcome:
+    """`drive` at the config's pace and checkpoint cadence, then the final checkpoint (`save(carry,
+    final_epoch(outcome))`): the loop of runs and sweeps alike. The caller holds the Ctrl-C handler
+    (`stop_on_ctrl_c`) around it, and around the outputs that follow. `limit`: the program's most epochs per call.
+
+    When `consume` cannot write (a full disk), the carry of the epochs it was given is still saved (if the disk
+    takes it) before the OSError is raised: nothing trained is lost that can be kept."""
     t, k = config.train, config.checkpoint
     checkpoints = Periodic(k.every_epochs, k.every_seconds, enabled=checkpointing)
     pace = Pace(t.epochs_per_call, t.host_interval_seconds, limit)
-    with stop_on_ctrl_c(say) as interrupted:
+    try:
         outcome = drive(
             call,
             carry,
@@ -131,21 +145,26 @@ def train_loop(
             interrupted=interrupted,
             overlap=jax.default_backend() != "cpu",
         )
-        save(outcome.carry, final_epoch(outcome))
-        return outcome, interrupted()
+    except WriteFailed as failed:
+        with contextlib.suppress(Exception):  # the disk may refuse the checkpoint too: the write's error counts
+            save(failed.outcome.carry, final_epoch(failed.outcome))
+        raise failed.error from None
+    save(outcome.carry, final_epoch(outcome))
+    return outcome
 
 
 @contextlib.contextmanager
 def stop_on_ctrl_c(say: Callable[[str], None]):
-    """Ctrl-C asks the run to stop after the call in flight (and checkpoint); a second Ctrl-C aborts. Yields a
-    function that says whether a stop was asked. The handler stays until the final checkpoint is saved."""
+    """Ctrl-C asks the run to stop after the call in flight, then save its checkpoint and write its outputs; a
+    second Ctrl-C aborts. Yields a function that says whether a stop was asked. Held from the moment a run
+    touches its workdir until its outputs are written, so one Ctrl-C at any moment ends with both."""
     requested: list[bool] = []
 
     def on_sigint(signum, frame):
         if requested:
             raise KeyboardInterrupt
         requested.append(True)
-        say("Ctrl-C: stopping after the epochs in flight (press again to abort without saving).")
+        say("Ctrl-C: stopping after the epochs in flight, then saving (press again to abort without saving).")
 
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, on_sigint) if in_main_thread else None

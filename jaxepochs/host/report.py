@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import pathlib
 import sys
 from typing import Any
@@ -20,24 +22,76 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def write_text(path: pathlib.Path, text: str) -> None:
+    """Writes `path` whole or not at all: a reader (or a rerun after a full disk) never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+    tmp.replace(path)
+
+
 def write_json(path: pathlib.Path, obj: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps({k: _jsonable(v) for k, v in obj.items()}, indent=2) + "\n")
-    tmp.replace(path)  # atomic: a reader never sees half a file
+    write_text(path, json.dumps({k: _jsonable(v) for k, v in obj.items()}, indent=2) + "\n")
 
 
 class MetricsLog:
-    """Appends one JSON object per epoch to metrics.jsonl, flushed so a crash keeps every finished epoch."""
+    """metrics.jsonl: the rows so far (`rows`, a resumed run's: any partial last line of the file is gone), then
+    one JSON object per epoch, appended whole. A row the disk does not take is cut off again, so the file never
+    ends in half a row; the OSError is raised to the caller."""
 
-    def __init__(self, path: pathlib.Path):
-        self._file = path.open("w")
+    def __init__(self, path: pathlib.Path, rows: list[dict]):
+        self._path = path
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._size = 0
+        for row in rows:
+            self.write(row)
 
     def write(self, row: dict) -> None:
-        self._file.write(json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n")
-        self._file.flush()
+        line = (json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n").encode()
+        try:
+            written = 0
+            while written < len(line):  # os.write may take part of it
+                written += os.write(self._fd, line[written:])
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, self._size)
+            e.filename = e.filename or str(self._path)
+            raise
+        self._size += len(line)
 
     def close(self) -> None:
-        self._file.close()
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+
+
+DIVERGENCE_FACTOR = 1e3  # a training loss this many times the first epoch's is reported as diverging
+
+
+def diverged_epoch(history: list[dict]) -> int | None:
+    """The first epoch whose training loss exceeds DIVERGENCE_FACTOR times the first epoch's, or None."""
+    first = history[0].get("train_loss") if history else None
+    if not first or not math.isfinite(first) or first <= 0:
+        return None
+    return next((row["epoch"] for row in history if row["train_loss"] > DIVERGENCE_FACTOR * first), None)
+
+
+def divergence_fields(history: list[dict]) -> dict:
+    """summary.json's record of a diverging training loss: {"diverged_epoch": N}, or nothing."""
+    epoch = diverged_epoch(history)
+    return {"diverged_epoch": epoch} if epoch else {}
+
+
+def divergence_warning(history: list[dict], epoch: int) -> str:
+    first = history[0]["train_loss"]
+    loss = next(row["train_loss"] for row in history if row["epoch"] == epoch)
+    return (
+        f"warning: the training loss is diverging: {loss:.4g} in epoch {epoch}, more than {DIVERGENCE_FACTOR:g} "
+        f"times epoch 1's {first:.4g}. Training goes on; lower optimizer.learning_rate, set optimizer.clip_norm, "
+        "or set early_stopping.divergence_threshold to stop such runs."
+    )
 
 
 def metrics_row(epoch: int, steps: int, train, val, test, lr) -> dict:

@@ -28,6 +28,7 @@ import numpy as np
 from jaxepochs.core import epoch as epoch_lib
 from jaxepochs.core import program as program_lib
 from jaxepochs.data import loading as data_lib
+from jaxepochs.data import lock
 from jaxepochs.host import checkpoint as checkpoint_lib
 from jaxepochs.host import config as config_lib
 from jaxepochs.host import driver, report, setup
@@ -150,30 +151,36 @@ def start_carry(run: Setup, abstract_carry, resuming: bool, ckpt, progress) -> t
 class Trained(NamedTuple):
     carry: Any  # run axis 1, after the last good epoch
     non_finite_epoch: int | None
-    interrupted: bool
+    interrupted: bool  # Ctrl-C stopped it before its last epoch
     host_seconds: float
 
 
-def train(run: Setup, programs: Programs, carry, history: list[dict], workdir: pathlib.Path, ckpt, progress):
+def train(run: Setup, programs: Programs, carry, history: list[dict], workdir: pathlib.Path, ckpt, progress, stop):
     """The host loop of a run: calls of the run program, each call's rows logged, checkpoints on their cadence,
-    and the last good epoch checkpointed at the end, at a stop, at Ctrl-C and before a non-finite loss."""
+    and the last good epoch checkpointed at the end, at a stop, at Ctrl-C (`stop()` says one came), before a
+    non-finite loss and when metrics.jsonl cannot be written."""
     config = run.config
-    log = report.MetricsLog(workdir / "metrics.jsonl")
-    for row in history:  # rows past the resumed checkpoint are dropped: they will be recomputed identically
-        log.write(row)
+    log = report.MetricsLog(workdir / "metrics.jsonl", history)  # rows past the resumed checkpoint are recomputed
     progress.skip(len(history))
     non_finite: list[int] = []
+    watch_divergence = config.early_stopping.divergence_threshold is None
+    warned = [report.diverged_epoch(history) is not None]  # a resumed run said so before
 
     def consume(rows, first_epoch: int, seconds: float) -> bool:
         new, bad = report.run_rows(rows, first_epoch, run.pieces.steps_per_epoch)
         for row in new:
             row["seconds"] = seconds
+        history.extend(new)  # before the writes: if the disk refuses them, the checkpoint still holds these epochs
+        non_finite.extend([bad] if bad else [])
+        for row in new:
             log.write(row)
-            history.append(row)
             progress.update(row)
         if bad:
-            non_finite.append(bad)
             progress.message(f"epoch {bad}: training loss is not finite; stopping.")
+        diverged = report.diverged_epoch(history) if watch_divergence and not warned[0] else None
+        if diverged:
+            warned[0] = True
+            progress.message(report.divergence_warning(history, diverged))
         return bool(rows.halted[0])
 
     def save(carry, epoch: int) -> None:
@@ -182,7 +189,7 @@ def train(run: Setup, programs: Programs, carry, history: list[dict], workdir: p
             ckpt.save(epoch, arrays, {"epoch": epoch, "history": list(history)})  # a copy: orbax writes it later
 
     try:
-        outcome, interrupted = driver.train_loop(
+        outcome = driver.train_loop(
             config,
             programs.run_epochs,
             carry,
@@ -190,14 +197,14 @@ def train(run: Setup, programs: Programs, carry, history: list[dict], workdir: p
             limit=run.spec.epochs_per_call,
             consume=consume,
             save=save,
-            say=progress.message,
+            interrupted=stop,
             checkpointing=ckpt is not None,
             final_epoch=lambda outcome: len(history),  # the last good epoch: not a non-finite one
         )
     finally:
         log.close()
         progress.close()
-    stopped_by_user = interrupted and len(history) < config.train.epochs and not (non_finite or outcome.halted)
+    stopped_by_user = stop() and len(history) < config.train.epochs and not (non_finite or outcome.halted)
     return Trained(outcome.carry, non_finite[0] if non_finite else None, stopped_by_user, outcome.host_seconds)
 
 
@@ -223,6 +230,7 @@ def finish(run: Setup, trained: Trained, history: list[dict], timings: dict) -> 
         "epochs_completed": len(history),
         **report.stopping_fields(es_state, run.pieces.tracker.monitor, reason, trained.non_finite_epoch),
         "restored_best": restored_best,
+        **report.divergence_fields(history),
         **final,
         "compile_seconds": timings["compile"] + compile_seconds,
         "train_seconds": sum(row["seconds"] for row in history),
@@ -278,43 +286,29 @@ def train_and_evaluate(
     """Trains `config` for `train.epochs` epochs in `workdir`, resuming a run already there.
 
     Writes config.json, run.json, metrics.jsonl, summary.json, curves.png (unless `plot` is False: a sweep
-    draws its own) and checkpoints/.
+    draws its own) and checkpoints/. Holds the workdir's lock throughout (a second process is refused), and from
+    the moment it touches the workdir a Ctrl-C stops the run at the next call's end, saves it, writes its
+    outputs, then raises KeyboardInterrupt.
     """
     timings = {"start": time.perf_counter()}
+    workdir = workdir_lib.as_workdir(workdir)
     config = config_lib.validate(config)
     use_compilation_cache(config.train.compilation_cache_dir)
     run = set_up(config, quiet)
-    workdir = pathlib.Path(workdir)
-    resuming = workdir_lib.prepare_workdir(workdir, config, restart)
-    write_run_json(workdir, run)
-    progress = report.Progress(config.train.epochs, quiet)
-    abstract_carry = setup.abstract_carry(run.pieces, config, setup.first_example(run.dataset.train))
-    ckpt = checkpoint_lib.Checkpointer(workdir, config.checkpoint.max_to_keep) if config.checkpoint.enabled else None
-    try:
-        # The programs compile in a second thread while the initialisation compiles and runs here: XLA's
-        # compiles overlap (a cold MNIST-1D MLP run on 2 CPU cores: 7.9 s -> 7.2 s, the mean of 5 pairs).
-        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-            compiling = pool.submit(compile_programs, run, abstract_carry)
-            carry, history = start_carry(run, abstract_carry, resuming, ckpt, progress)
-            programs = compiling.result()
-        timings["compile"] = programs.seconds
-        trained = train(run, programs, carry, history, workdir, ckpt, progress)
-    finally:
-        if ckpt is not None:
-            ckpt.close()
-    if trained.interrupted:
-        saved = (
-            f"checkpoint saved in {workdir}. Run the same command again to resume."
-            if ckpt is not None
-            else "checkpoint.enabled is False, so nothing was saved to resume from."
-        )
-        progress.message(f"Interrupted after epoch {len(history)}; {saved}")
-        raise KeyboardInterrupt
-    state, summary = finish(run, trained, history, timings)
-    report.write_json(workdir / "summary.json", summary)
-    if plot:
-        report.plot_curves(history, workdir / "curves.png", f"{run.dataset.name} {config.model.name}")
-    _report_end(summary, workdir, progress)
+    with lock.hold(workdir, "workdir"):
+        progress = report.Progress(config.train.epochs, quiet)
+        with driver.stop_on_ctrl_c(progress.message) as stop:
+            resuming = workdir_lib.prepare_workdir(workdir, config, restart, progress.message)
+            write_run_json(workdir, run)
+            trained, history = _train_in(run, workdir, resuming, progress, stop, timings)
+            state, summary = finish(run, trained, history, timings)
+            report.write_json(workdir / "summary.json", summary)
+            if plot:
+                report.plot_curves(history, workdir / "curves.png", f"{run.dataset.name} {config.model.name}")
+            _report_end(summary, workdir, progress)
+            if stop():
+                _say_interrupted(trained, history, workdir, config, progress)
+                raise KeyboardInterrupt
     if trained.non_finite_epoch:
         raise NonFiniteLossError(
             f"Training loss became non-finite in epoch {trained.non_finite_epoch}; the run stopped and kept the "
@@ -322,6 +316,35 @@ def train_and_evaluate(
             "or set optimizer.clip_norm."
         )
     return TrainResult(state, history, summary)
+
+
+def _train_in(run: Setup, workdir: pathlib.Path, resuming: bool, progress, stop, timings: dict):
+    """Compiles, restores or initialises, and trains: (Trained, history). The checkpoints are written before it
+    returns (or raises)."""
+    config = run.config
+    abstract_carry = setup.abstract_carry(run.pieces, config, setup.first_example(run.dataset.train))
+    with checkpoint_lib.opened(workdir, config.checkpoint.max_to_keep, config.checkpoint.enabled) as ckpt:
+        # The programs compile in a second thread while the initialisation compiles and runs here: XLA's
+        # compiles overlap (a cold MNIST-1D MLP run on 2 CPU cores: 7.9 s -> 7.2 s, the mean of 5 pairs).
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+            compiling = pool.submit(compile_programs, run, abstract_carry)
+            carry, history = start_carry(run, abstract_carry, resuming, ckpt, progress)
+            programs = compiling.result()
+        timings["compile"] = programs.seconds
+        trained = train(run, programs, carry, history, workdir, ckpt, progress, stop)
+    return trained, history
+
+
+def _say_interrupted(trained: Trained, history: list[dict], workdir: pathlib.Path, config, progress) -> None:
+    if not trained.interrupted:
+        progress.message(f"Ctrl-C: the run had finished epoch {len(history)}; its checkpoint and outputs are saved.")
+        return
+    saved = (
+        f"checkpoint and outputs saved in {workdir}. Run the same command again to resume."
+        if config.checkpoint.enabled
+        else f"outputs saved in {workdir}; checkpoint.enabled is False, so there is nothing to resume from."
+    )
+    progress.message(f"Interrupted after epoch {len(history)}; {saved}")
 
 
 def _shapes_of(run: dict) -> data_lib.Dataset:
@@ -341,7 +364,10 @@ def load(workdir: str | pathlib.Path, epoch: int | str | None = None) -> epoch_l
     workdir = pathlib.Path(workdir)
     if not (workdir / "run.json").exists():
         raise WorkdirError(f"{workdir} holds no jaxepochs run (no run.json); pass the --workdir of a run.")
-    config = config_lib.from_json((workdir / "config.json").read_text())
+    try:
+        config = config_lib.from_json((workdir / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise WorkdirError(f"{workdir / 'config.json'} is damaged ({e}); the run there cannot be read.") from None
     run = json.loads((workdir / "run.json").read_text())
     dataset = _shapes_of(run)
     hooks = hooks_lib.load_hooks(config)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import shutil
 import warnings
@@ -11,6 +12,7 @@ import ml_collections
 
 from jaxepochs.host import checkpoint as checkpoint_lib
 from jaxepochs.host import config as config_lib
+from jaxepochs.host import report as report_lib
 
 RUN_FILES = ("metrics.jsonl", "summary.json", "curves.png", "run.json")
 RESUMABLE_KEYS = (  # may change when resuming
@@ -38,46 +40,115 @@ def _say_if_the_module_changed(workdir: pathlib.Path, old: dict, new: dict) -> N
         )
 
 
-def prepare_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict, restart: bool) -> bool:
-    """Makes `workdir` ready; True when it holds a run of the same config to resume."""
+def as_workdir(workdir) -> pathlib.Path:
+    """`workdir` as a path that can be a run's directory: TypeError for what is not a path, WorkdirError for a
+    path that is a file, lies under a file or cannot be written. Checked before anything else runs."""
+    if not isinstance(workdir, str | os.PathLike) or not str(workdir):
+        raise TypeError(
+            f"workdir is {workdir!r} ({type(workdir).__name__}); pass the run's directory as a str or pathlib.Path."
+        )
+    path = pathlib.Path(workdir).expanduser()
+    if path.exists() and not path.is_dir():
+        raise WorkdirError(f"--workdir {path} is a file, not a directory. Give a directory (it is created if missing).")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise WorkdirError(f"--workdir {path} cannot be created: {existing} is a file. Give a path under a directory.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise WorkdirError(
+            f"--workdir {path}: {existing} is not writable (permission denied, or a read-only file system). Give a "
+            "directory you can write to."
+        )
+    return path
+
+
+def checkpointed_epochs(workdir: pathlib.Path) -> list[int]:
+    """The epochs of the finished checkpoints in `workdir` (orbax names each by its epoch; a temporary
+    directory of an unfinished save has a longer name)."""
+    directory = workdir / checkpoint_lib.CHECKPOINT_DIR
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
+
+
+def _has_finished_epoch(workdir: pathlib.Path) -> bool:
+    """Whether an earlier command in `workdir` left something to keep: a checkpointed epoch, or a finished run's
+    summary (with checkpoints off). Epochs logged but not checkpointed would be trained again anyway."""
+    return bool(checkpointed_epochs(workdir)) or (workdir / "summary.json").exists()
+
+
+def _discard(workdir: pathlib.Path) -> None:
+    shutil.rmtree(workdir / checkpoint_lib.CHECKPOINT_DIR, ignore_errors=True)
+    for name in (*RUN_FILES, "config.json"):
+        (workdir / name).unlink(missing_ok=True)
+
+
+def _read_config_json(workdir: pathlib.Path) -> dict:
+    try:
+        return json.loads((workdir / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise WorkdirError(
+            f"{workdir / 'config.json'} is damaged ({e}), so the run there cannot be resumed. Use a new --workdir, "
+            "or --restart (restart=True) to discard it."
+        ) from None
+
+
+def _check_epochs(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
+    """A run trained past the epochs asked for now cannot be resumed to them: refused, not silently kept."""
+    done = max(checkpointed_epochs(workdir), default=0)
+    if done > config.train.epochs:
+        raise WorkdirError(
+            f"{workdir} holds a run trained to epoch {done}, past train.epochs={config.train.epochs}. To continue "
+            f"it, set train.epochs to {done} or more; for an earlier epoch's state, jaxepochs.load(workdir, "
+            "epoch=N) reads any kept checkpoint; --restart (restart=True) trains afresh."
+        )
+
+
+def _check_resumable(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
+    """WorkdirError unless `workdir`'s run is `config`'s, up to the keys that may change, and can be resumed."""
+    if not (workdir / "config.json").exists():
+        raise WorkdirError(
+            f"{workdir} holds run outputs but no config.json, so it cannot be resumed. Use a new --workdir, "
+            "or --restart (restart=True) to discard them."
+        )
+    old = config_lib.flatten(_read_config_json(workdir))
+    new = config_lib.flatten(json.loads(config.to_json_best_effort()))
+    # A key that the run's jaxepochs did not have yet resumes at its default (the behaviour it had then).
+    defaults = config_lib.flatten(json.loads(config_lib.base_config().to_json_best_effort()))
+    old.update({k: v for k, v in new.items() if k not in old and defaults.get(k, object()) == v})
+    differing = [
+        k for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_KEYS)
+    ]
+    if differing:
+        shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differing[:8])
+        raise WorkdirError(
+            f"{workdir} holds a run with another config ({shown}). Use a new --workdir, or --restart "
+            "(restart=True) to discard that run. Only train.epochs, train.epochs_per_call, "
+            "train.host_interval_seconds, checkpoint.* and data.data_dir may change when resuming."
+        )
+    _say_if_the_module_changed(workdir, old, new)
+    if not config.checkpoint.enabled:
+        raise WorkdirError(
+            f"{workdir} holds a run, and checkpoint.enabled=False cannot resume it. Enable checkpoints, use a "
+            "new --workdir, or --restart (restart=True) to start over."
+        )
+    if not (workdir / checkpoint_lib.CHECKPOINT_DIR).exists():
+        raise WorkdirError(
+            f"{workdir} holds a run without checkpoints to resume from. Use a new --workdir, or --restart "
+            "(restart=True) to start over."
+        )
+    _check_epochs(workdir, config)
+
+
+def prepare_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict, restart: bool, say=print) -> bool:
+    """Makes `workdir` ready; True when it holds a run of the same config to resume. A workdir whose earlier
+    command finished no epoch (it failed or was killed first) holds nothing to resume: it starts afresh."""
     used = any((workdir / name).exists() for name in (*RUN_FILES, "config.json", checkpoint_lib.CHECKPOINT_DIR))
+    if used and not restart and not _has_finished_epoch(workdir):
+        say(f"{workdir} holds no finished epoch of an earlier run; starting afresh.")
+        restart = True
     if used and restart:
-        shutil.rmtree(workdir / checkpoint_lib.CHECKPOINT_DIR, ignore_errors=True)
-        for name in (*RUN_FILES, "config.json"):
-            (workdir / name).unlink(missing_ok=True)
+        _discard(workdir)
         used = False
     if used:
-        if not (workdir / "config.json").exists():
-            raise WorkdirError(
-                f"{workdir} holds run outputs but no config.json, so it cannot be resumed. Use a new --workdir, "
-                "or --restart (restart=True) to discard them."
-            )
-        old = config_lib.flatten(json.loads((workdir / "config.json").read_text()))
-        new = config_lib.flatten(json.loads(config.to_json_best_effort()))
-        # A key that the run's jaxepochs did not have yet resumes at its default (the behaviour it had then).
-        defaults = config_lib.flatten(json.loads(config_lib.base_config().to_json_best_effort()))
-        old.update({k: v for k, v in new.items() if k not in old and defaults.get(k, object()) == v})
-        differing = [
-            k for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_KEYS)
-        ]
-        if differing:
-            shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differing[:8])
-            raise WorkdirError(
-                f"{workdir} holds a run with another config ({shown}). Use a new --workdir, or --restart "
-                "(restart=True) to discard that run. Only train.epochs, train.epochs_per_call, "
-                "train.host_interval_seconds, checkpoint.* and data.data_dir may change when resuming."
-            )
-        _say_if_the_module_changed(workdir, old, new)
-        if not config.checkpoint.enabled:
-            raise WorkdirError(
-                f"{workdir} holds a run, and checkpoint.enabled=False cannot resume it. Enable checkpoints, use a "
-                "new --workdir, or --restart (restart=True) to start over."
-            )
-        if not (workdir / checkpoint_lib.CHECKPOINT_DIR).exists():
-            raise WorkdirError(
-                f"{workdir} holds a run without checkpoints to resume from. Use a new --workdir, or --restart "
-                "(restart=True) to start over."
-            )
+        _check_resumable(workdir, config)
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    report_lib.write_text(workdir / "config.json", config.to_json_best_effort(indent=2) + "\n")
     return used

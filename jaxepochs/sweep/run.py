@@ -30,11 +30,13 @@ from jaxepochs.core import epoch as epoch_lib
 from jaxepochs.core import optim
 from jaxepochs.core import program as program_lib
 from jaxepochs.data import loading as data_lib
+from jaxepochs.data import lock
 from jaxepochs.host import checkpoint as checkpoint_lib
 from jaxepochs.host import config as config_lib
 from jaxepochs.host import driver, report, setup
 from jaxepochs.host import hooks as hooks_lib
 from jaxepochs.host import run as run_lib
+from jaxepochs.host import workdir as workdir_lib
 from jaxepochs.sweep import grid as sweep_lib
 from jaxepochs.sweep import report as sweep_report
 
@@ -170,7 +172,7 @@ class _Chunk(NamedTuple):
     compile_seconds: float
 
 
-def _train_chunk(group: _Group, runs, chunk_size: int, workdir: pathlib.Path, progress) -> _Chunk:
+def _train_chunk(group: _Group, runs, chunk_size: int, workdir: pathlib.Path, progress, stop) -> _Chunk:
     """Trains `runs` (padded to `chunk_size` with copies of the first, dropped after) to the end, resuming from
     the chunk's checkpoint; the same host loop as a run (driver.drive), with each run's rows apart."""
     config = group.config
@@ -190,9 +192,8 @@ def _train_chunk(group: _Group, runs, chunk_size: int, workdir: pathlib.Path, pr
     histories = {run.name: [] for run in runs}
     non_finite: dict[str, int] = {}
     enabled = config.checkpoint.enabled
-    ckpt = checkpoint_lib.Checkpointer(workdir, config.checkpoint.max_to_keep) if enabled else None
     first_epoch = 1
-    try:
+    with checkpoint_lib.opened(workdir, config.checkpoint.max_to_keep, enabled) as ckpt:
         names = [run.name for run in padded]
         restored = _restore(ckpt, group, carry, names, progress) if ckpt is not None else None
         if restored is not None:
@@ -223,7 +224,7 @@ def _train_chunk(group: _Group, runs, chunk_size: int, workdir: pathlib.Path, pr
                 meta = {"epoch": epoch, "histories": copied, "non_finite": dict(non_finite)}
                 ckpt.save(epoch, checkpoint_lib.arrays_of(carry), meta)
 
-        outcome, interrupted = driver.train_loop(
+        outcome = driver.train_loop(
             config,
             call,
             carry,
@@ -231,15 +232,12 @@ def _train_chunk(group: _Group, runs, chunk_size: int, workdir: pathlib.Path, pr
             limit=group.spec.epochs_per_call,
             consume=consume,
             save=save,
-            say=progress.message,
+            interrupted=stop,
             checkpointing=ckpt is not None,
             final_epoch=lambda outcome: outcome.last_epoch,
         )
-        if interrupted and outcome.last_epoch < config.train.epochs and not outcome.halted:
-            raise KeyboardInterrupt
-    finally:
-        if ckpt is not None:
-            ckpt.close()
+    if stop() and outcome.last_epoch < config.train.epochs and not outcome.halted:
+        raise KeyboardInterrupt  # saved: the sweep's rerun resumes this chunk
     return _Chunk(histories, _summaries(group, runs, outcome.carry, evaluate, test, non_finite), compile_seconds)
 
 
@@ -286,20 +284,57 @@ class _Progress:
         self._progress.close()
 
 
-def _prepare(workdir: pathlib.Path, spec: dict, restart: bool) -> None:
+SWEEP_FILES = ("sweep.json", "chunking.json", "sweep.jsonl", "results.csv", "cv.csv", "sweep.png")
+
+
+def _discard(workdir: pathlib.Path) -> None:
+    for name in SWEEP_FILES:
+        (workdir / name).unlink(missing_ok=True)
+    shutil.rmtree(workdir / "chunks", ignore_errors=True)
+    shutil.rmtree(workdir / "refit", ignore_errors=True)
+
+
+def _has_progress(workdir: pathlib.Path) -> bool:
+    """Whether a sweep in `workdir` got anywhere: a chunk's checkpoint, or its outputs."""
+    chunks = workdir / "chunks"
+    checkpointed = chunks.is_dir() and any(
+        p.name.isdigit() for chunk in chunks.iterdir() for p in (chunk / checkpoint_lib.CHECKPOINT_DIR).glob("*")
+    )
+    return checkpointed or (workdir / "results.csv").exists()
+
+
+def _prepare(workdir: pathlib.Path, spec: dict, restart: bool, say) -> None:
     path = workdir / "sweep.json"
+    if path.exists() and not restart and not _has_progress(workdir):
+        say(f"{workdir} holds a sweep that finished no epoch; starting afresh.")
+        restart = True
     if restart and workdir.exists():
-        for name in ("sweep.json", "sweep.jsonl", "results.csv", "cv.csv", "sweep.png"):
-            (workdir / name).unlink(missing_ok=True)
-        shutil.rmtree(workdir / "chunks", ignore_errors=True)
-    if path.exists() and json.loads(path.read_text()) != spec:
+        _discard(workdir)
+    try:
+        same = json.loads(path.read_text()) == spec if path.exists() else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        same = False
+    if same is False:
         raise sweep_lib.SweepError(
             f"{workdir} holds another sweep (its sweep.json differs). Use a new --workdir, or --restart to discard it."
         )
-    if not path.exists() and workdir.exists() and any(workdir.iterdir()):
+    if same is None and workdir.exists() and any(p.name != lock.LOCK_FILE for p in workdir.iterdir()):
         raise sweep_lib.SweepError(f"{workdir} is not empty and holds no sweep. Use a new --workdir.")
     workdir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(spec, indent=2) + "\n")
+    report.write_text(path, json.dumps(spec, indent=2) + "\n")
+
+
+def _recorded_chunk(workdir: pathlib.Path, g: int, size: int, say) -> int:
+    """The chunk size group `g` was started with (a resumed sweep keeps it: its checkpoints hold chunks of that
+    many runs, and the runs compute the same in any chunking), else `size`, recorded in chunking.json."""
+    path = workdir / "chunking.json"
+    recorded = json.loads(path.read_text()) if path.exists() else {}
+    if str(g) in recorded:
+        if recorded[str(g)] != size:
+            say(f"Resuming group {g} in chunks of {recorded[str(g)]} runs, as it started (not {size}).")
+        return recorded[str(g)]
+    report.write_text(path, json.dumps({**recorded, str(g): size}) + "\n")
+    return size
 
 
 def _chunk_size(group: _Group, members: list, chunk: int) -> int:
@@ -328,53 +363,72 @@ def sweep(
     restart: bool = False,
 ) -> SweepResult:
     """Trains every configuration of `grid` (overrides of `config`, as from `sweep.expand`), K folds each with
-    `cv` = K; `chunk` caps the runs trained at once (0: chosen from free memory). Resumes a sweep in `workdir`."""
+    `cv` = K; `chunk` caps the runs trained at once (0: chosen from free memory). Resumes a sweep in `workdir`
+    (in the chunks it started with). Holds the workdir's lock; a Ctrl-C saves the chunk in flight and stops."""
     start = time.perf_counter()
-    config = config_lib.validate(config)
+    workdir = workdir_lib.as_workdir(workdir)
+    config = _check_arguments(config_lib.validate(config), cv, refit, chunk)
     run_lib.use_compilation_cache(config.train.compilation_cache_dir)
+    runs = sweep_lib.make_runs(config, grid, cv)
+    groups = [(_Group(members, cv, quiet), members) for members in sweep_lib.group_runs(runs)]  # data checked
+    spec = {"config": json.loads(config.to_json_best_effort()), "grid": grid, "cv": cv}
+    with lock.hold(workdir, "sweep workdir"):
+        progress = _Progress(max(r.config.train.epochs for r in runs), quiet)
+        with driver.stop_on_ctrl_c(progress.message) as stop:
+            _prepare(workdir, spec, restart, progress.message)
+            histories, summaries, compile_seconds = _train_groups(groups, workdir, chunk, progress, stop)
+            results = sweep_report.results(runs, histories, summaries)
+            cv_rows = sweep_report.cross_validation(runs, histories, cv) if cv else []
+            if refit:
+                _refit(config, cv_rows, workdir)
+            sweep_report.write(workdir, runs, histories, results, cv_rows, grid)
+            if stop():
+                raise KeyboardInterrupt
+    if not quiet:
+        print(sweep_report.table(results, cv_rows))
+    return SweepResult(results, histories, cv_rows, compile_seconds, time.perf_counter() - start, summaries)
+
+
+def _check_arguments(config, cv: int, refit: bool, chunk: int):
+    """The sweep's own arguments, checked before anything is read or written; the config as cross-validation
+    trains it (no validation split: the folds are)."""
     if cv:
-        if cv < 2:
-            raise sweep_lib.SweepError(f"--cv {cv}: cross-validation needs K >= 2 folds.")
+        sweep_lib.check_cv(cv, 2**31)  # K < 2 here; K above the training examples once the data is read
         config = config_lib.apply_overrides(config, {"data.validation_fraction": "0.0"})
     if chunk < 0:
         raise sweep_lib.SweepError(f"--chunk {chunk}: give the most runs to train at once (1 or more), or 0.")
     if refit and not cv:
         raise sweep_lib.SweepError("--refit retrains on the whole training split after --cv K; add --cv K.")
-    workdir = pathlib.Path(workdir)
-    spec = {"config": json.loads(config.to_json_best_effort()), "grid": grid, "cv": cv}
-    _prepare(workdir, spec, restart)
-    runs = sweep_lib.make_runs(config, grid, cv)
-    groups = sweep_lib.group_runs(runs)
-    progress = _Progress(max(r.config.train.epochs for r in runs), quiet)
+    return config
+
+
+def _train_groups(groups, workdir: pathlib.Path, chunk: int, progress, stop) -> tuple[dict, dict, float]:
+    """Trains every group's chunks in turn: (histories, summaries, compile seconds)."""
     histories: dict[str, list[dict]] = {}
     summaries: dict[str, dict] = {}
     compile_seconds = 0.0
     try:
-        for g, members in enumerate(groups):
-            group = _Group(members, cv, quiet)
-            size = _chunk_size(group, members, chunk)
+        for g, (group, members) in enumerate(groups):
+            size = _recorded_chunk(workdir, g, _chunk_size(group, members, chunk), progress.message)
             for c in range(0, len(members), size):
                 chunk_dir = workdir / "chunks" / f"group{g}_chunk{c // size}"
-                trained = _train_chunk(group, members[c : c + size], size, chunk_dir, progress)
+                trained = _train_chunk(group, members[c : c + size], size, chunk_dir, progress, stop)
                 compile_seconds += trained.compile_seconds
                 histories.update(trained.histories)
                 summaries.update(trained.summaries)
+            group.programs.clear()  # this group's compiled programs are done with
     finally:
         progress.close()
-    results = sweep_report.results(runs, histories, summaries)
-    cv_rows = sweep_report.cross_validation(runs, histories, cv) if cv else []
-    if refit:
-        for row in cv_rows:
-            refit_config = config_lib.apply_overrides(
-                config,
-                {**row["values"], "train.epochs": str(row["recommended_epochs"]), "data.validation_fraction": "0.0"},
-            )
-            result = run_lib.train_and_evaluate(
-                refit_config, workdir / "refit" / row["config"], quiet=True, restart=True
-            )
-            row["refit_test_loss"] = result.summary["test_loss"]
-            row["refit_test_accuracy"] = result.summary["test_accuracy"]
-    sweep_report.write(workdir, runs, histories, results, cv_rows, grid)
-    if not quiet:
-        print(sweep_report.table(results, cv_rows))
-    return SweepResult(results, histories, cv_rows, compile_seconds, time.perf_counter() - start, summaries)
+    return histories, summaries, compile_seconds
+
+
+def _refit(config, cv_rows: list[dict], workdir: pathlib.Path) -> None:
+    """Each configuration retrained on the whole training split for its recommended epochs; its test metrics."""
+    for row in cv_rows:
+        refit_config = config_lib.apply_overrides(
+            config,
+            {**row["values"], "train.epochs": str(row["recommended_epochs"]), "data.validation_fraction": "0.0"},
+        )
+        result = run_lib.train_and_evaluate(refit_config, workdir / "refit" / row["config"], quiet=True, restart=True)
+        row["refit_test_loss"] = result.summary["test_loss"]
+        row["refit_test_accuracy"] = result.summary["test_accuracy"]
