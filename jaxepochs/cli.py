@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import sys
 
 from jaxepochs.host import config as config_lib
@@ -152,5 +153,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def entry() -> None:
+    """The `jaxepochs` command: main(), and after a Ctrl-C an exit that skips the interpreter's shutdown. Its
+    work is saved by then, or a second Ctrl-C aborted it: then the checkpoint library's writer threads, still
+    running, would meet a closing interpreter and print tracebacks for a save that was meant to be dropped."""
+    from jaxepochs.host import driver
+
+    driver.EXIT_ON_SECOND_CTRL_C = True
+    code = main()
+    if code == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -120,6 +120,13 @@ class CNN1D(nn.Module):
     def __call__(self, x_bl: jax.Array) -> jax.Array:
         h = _as_sequence(x_bl, "cnn")  # [B, L, C]
         for i, (ch, k, s) in enumerate(zip(self.channels, self.kernel_sizes, self.strides, strict=True)):
+            length = h.shape[1] + 2 * self.padding
+            if k > length:  # the shapes are static: this raises while the model is traced, before any compile
+                raise ValueError(
+                    f"convolution {i} has kernel size {k}, longer than its input ({h.shape[1]} positions plus "
+                    f"padding {self.padding} on each side). Use smaller model.kernel_sizes or strides, or fewer "
+                    "convolutions."
+                )
             inits = _initializers(self.initializer, h.shape[-1] * k, "kernel_init", "bias_init")
             if conv_for_backend(self.conv) == "patches":
                 conv = PatchConv1D(ch, k, s, self.padding, name=f"Conv_{i}", **inits)

@@ -49,6 +49,28 @@ def _record(fd: int) -> None:
     os.pwrite(fd, _holder().encode(), 0)
 
 
+def check_free(directory: pathlib.Path, what: str) -> None:
+    """LockedError at once if a live process holds `directory`'s lock; creates nothing. A cheap look before the
+    work that precedes `hold` (reading data, tracing the model), so a second process is refused in a moment."""
+    try:
+        fd = os.open(pathlib.Path(directory) / LOCK_FILE, os.O_RDONLY)
+    except OSError:  # no lock file (or none readable): nothing holds it
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise LockedError(_in_use(directory, what, fd)) from None
+    finally:
+        os.close(fd)
+
+
+def _in_use(directory, what: str, fd: int) -> str:
+    return (
+        f"the {what} {directory} is in use by {_describe(fd)}. Wait for it to finish, stop it, or use another "
+        "--workdir. (Reading its checkpoints with jaxepochs.load works while it runs.)"
+    )
+
+
 @contextlib.contextmanager
 def hold(directory: pathlib.Path, what: str):
     """Holds `directory`'s lock for the block; LockedError at once if a live process holds it. `what` names the
@@ -58,10 +80,7 @@ def hold(directory: pathlib.Path, what: str):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise LockedError(
-                f"the {what} {directory} is in use by {_describe(fd)}. Wait for it to finish, stop it, or use "
-                "another --workdir. (Reading its checkpoints with jaxepochs.load works while it runs.)"
-            ) from None
+            raise LockedError(_in_use(directory, what, fd)) from None
         _record(fd)
         yield
     finally:

@@ -12,8 +12,12 @@ Resuming restores them exactly; the epoch's shuffle (`fold_in(key, epoch)`) and 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import os
 import pathlib
+import re
+import shutil
 import zlib
 
 import jax
@@ -23,6 +27,7 @@ import orbax.checkpoint as ocp
 from jaxepochs.core.program import RunCarry
 
 CHECKPOINT_DIR = "checkpoints"
+ROOM_MARGIN_BYTES = 1 << 20  # beyond the arrays and the meta: orbax's metadata files and the file system's blocks
 
 
 class CheckpointError(ValueError):
@@ -93,20 +98,51 @@ class Checkpointer:
         )
         handlers = {"arrays": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        self._saving: int | None = None  # the epoch of the last save started
 
     def epochs(self) -> list[int]:
         return sorted(self._manager.all_steps())
 
     def save(self, epoch: int, arrays: dict, meta: dict) -> None:
-        """Starts saving; returns once the arrays are copied off the device (the write continues)."""
+        """Starts saving; returns once the arrays are copied off the device (the write continues). OSError when
+        the disk lacks the room (checked first: orbax's writer threads fail noisily on a full disk)."""
         if epoch in self._manager.all_steps():
             return
         meta = {**meta, "checksums": checksums(arrays, meta)}
+        self._check_room(epoch, arrays, meta)
         args = ocp.args.Composite(arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta))
-        self._manager.save(epoch, args=args)
+        with self._as_os_error(epoch):
+            self._manager.save(epoch, args=args)
+        self._saving = epoch
+
+    def _check_room(self, epoch: int, arrays: dict, meta: dict) -> None:
+        needed = sum(np.dtype(a.dtype).itemsize * int(np.prod(a.shape)) for a in jax.tree.leaves(arrays))
+        needed += len(json.dumps(meta)) + ROOM_MARGIN_BYTES
+        free = shutil.disk_usage(self.directory).free
+        if free < needed:
+            raise OSError(
+                errno.ENOSPC,
+                f"No space left for the checkpoint of epoch {epoch} ({needed / 1e6:.2f} MB needed, "
+                f"{free / 1e6:.2f} MB free)",
+                str(self.directory),
+            )
+
+    @contextlib.contextmanager
+    def _as_os_error(self, epoch: int | None):
+        """orbax's (and tensorstore's) write failures as the OSError they stand for, naming the checkpoint."""
+        try:
+            yield
+        except OSError:
+            raise
+        except Exception as e:
+            code = re.search(r"os_error_code='(\d+)'", str(e))
+            number = int(code.group(1)) if code else errno.EIO
+            what = f"the checkpoint of epoch {epoch}" if epoch else "a checkpoint"
+            raise OSError(number, f"{os.strerror(number)}: {what} could not be written", str(self.directory)) from e
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        with self._as_os_error(self._saving):
+            self._manager.wait_until_finished()
 
     def restore(self, epoch: int, like: dict) -> tuple[dict, dict]:
         """Restores `epoch` into the structure of `like`; CheckpointError if it is corrupt or does not fit."""
@@ -153,8 +189,10 @@ class Checkpointer:
         return None
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
 
 
 @contextlib.contextmanager

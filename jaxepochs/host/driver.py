@@ -10,6 +10,7 @@ call; `Pace` sizes the calls. Nothing here runs per batch or per epoch.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 import time
@@ -153,6 +154,9 @@ def train_loop(
     return outcome
 
 
+EXIT_ON_SECOND_CTRL_C = False  # the `jaxepochs` command sets it; in a notebook, a KeyboardInterrupt instead
+
+
 @contextlib.contextmanager
 def stop_on_ctrl_c(say: Callable[[str], None]):
     """Ctrl-C asks the run to stop after the call in flight, then save its checkpoint and write its outputs; a
@@ -161,6 +165,9 @@ def stop_on_ctrl_c(say: Callable[[str], None]):
     requested: list[bool] = []
 
     def on_sigint(signum, frame):
+        if requested and EXIT_ON_SECOND_CTRL_C:
+            say("Ctrl-C again: aborted without saving; the checkpoints written before are intact.")
+            os._exit(130)  # at once: raised inside a checkpoint write, KeyboardInterrupt makes orbax log errors
         if requested:
             raise KeyboardInterrupt
         requested.append(True)

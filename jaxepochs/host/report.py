@@ -67,29 +67,46 @@ class MetricsLog:
             os.close(self._fd)
 
 
-DIVERGENCE_FACTOR = 1e3  # a training loss this many times the first epoch's is reported as diverging
+DIVERGENCE_FACTOR = 1e3  # a training loss this many times its reference is reported as diverging
 
 
-def diverged_epoch(history: list[dict]) -> int | None:
-    """The first epoch whose training loss exceeds DIVERGENCE_FACTOR times the first epoch's, or None."""
-    first = history[0].get("train_loss") if history else None
-    if not first or not math.isfinite(first) or first <= 0:
+def chance_loss(task: str, num_classes: int, own_loss: bool) -> float | None:
+    """The loss of a uniform guess where the task fixes it (cross-entropy: ln C; binary: ln 2), else None: a
+    reference for divergence that a run already diverging in its first epoch cannot inflate."""
+    if own_loss:
         return None
-    return next((row["epoch"] for row in history if row["train_loss"] > DIVERGENCE_FACTOR * first), None)
+    return {"classification": math.log(max(num_classes, 2)), "binary": math.log(2.0)}.get(task)
 
 
-def divergence_fields(history: list[dict]) -> dict:
+def _reference(history: list[dict], chance: float | None) -> tuple[float, str] | None:
+    first = history[0].get("train_loss") if history else None
+    candidates = [(first, "epoch 1's")] if first and math.isfinite(first) and first > 0 else []
+    candidates += [(chance, "a uniform guess's")] if chance else []
+    return min(candidates) if candidates else None
+
+
+def diverged_epoch(history: list[dict], chance: float | None = None) -> int | None:
+    """The first epoch whose training loss exceeds DIVERGENCE_FACTOR times the reference (epoch 1's, or the
+    chance loss where it is lower), or None."""
+    reference = _reference(history, chance)
+    if reference is None:
+        return None
+    limit = DIVERGENCE_FACTOR * reference[0]
+    return next((row["epoch"] for row in history if row["train_loss"] > limit), None)
+
+
+def divergence_fields(history: list[dict], chance: float | None = None) -> dict:
     """summary.json's record of a diverging training loss: {"diverged_epoch": N}, or nothing."""
-    epoch = diverged_epoch(history)
+    epoch = diverged_epoch(history, chance)
     return {"diverged_epoch": epoch} if epoch else {}
 
 
-def divergence_warning(history: list[dict], epoch: int) -> str:
-    first = history[0]["train_loss"]
+def divergence_warning(history: list[dict], epoch: int, chance: float | None = None) -> str:
+    value, name = _reference(history, chance)
     loss = next(row["train_loss"] for row in history if row["epoch"] == epoch)
     return (
         f"warning: the training loss is diverging: {loss:.4g} in epoch {epoch}, more than {DIVERGENCE_FACTOR:g} "
-        f"times epoch 1's {first:.4g}. Training goes on; lower optimizer.learning_rate, set optimizer.clip_norm, "
+        f"times {name} {value:.4g}. Training goes on; lower optimizer.learning_rate, set optimizer.clip_norm, "
         "or set early_stopping.divergence_threshold to stop such runs."
     )
 

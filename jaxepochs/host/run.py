@@ -148,6 +148,11 @@ def start_carry(run: Setup, abstract_carry, resuming: bool, ckpt, progress) -> t
     return setup.init_carries(run.pieces, [run.config], [run.pieces.tx.defaults], x_1), []
 
 
+def chance_loss(run: Setup) -> float | None:
+    """The loss of a uniform guess for the run's task, where it is known (the divergence warning's reference)."""
+    return report.chance_loss(run.config.task, run.dataset.num_classes, run.pieces.hooks.loss_fn is not None)
+
+
 class Trained(NamedTuple):
     carry: Any  # run axis 1, after the last good epoch
     non_finite_epoch: int | None
@@ -164,7 +169,8 @@ def train(run: Setup, programs: Programs, carry, history: list[dict], workdir: p
     progress.skip(len(history))
     non_finite: list[int] = []
     watch_divergence = config.early_stopping.divergence_threshold is None
-    warned = [report.diverged_epoch(history) is not None]  # a resumed run said so before
+    chance = chance_loss(run)
+    warned = [report.diverged_epoch(history, chance) is not None]  # a resumed run said so before
 
     def consume(rows, first_epoch: int, seconds: float) -> bool:
         new, bad = report.run_rows(rows, first_epoch, run.pieces.steps_per_epoch)
@@ -177,10 +183,10 @@ def train(run: Setup, programs: Programs, carry, history: list[dict], workdir: p
             progress.update(row)
         if bad:
             progress.message(f"epoch {bad}: training loss is not finite; stopping.")
-        diverged = report.diverged_epoch(history) if watch_divergence and not warned[0] else None
+        diverged = report.diverged_epoch(history, chance) if watch_divergence and not warned[0] else None
         if diverged:
             warned[0] = True
-            progress.message(report.divergence_warning(history, diverged))
+            progress.message(report.divergence_warning(history, diverged, chance))
         return bool(rows.halted[0])
 
     def save(carry, epoch: int) -> None:
@@ -230,7 +236,7 @@ def finish(run: Setup, trained: Trained, history: list[dict], timings: dict) -> 
         "epochs_completed": len(history),
         **report.stopping_fields(es_state, run.pieces.tracker.monitor, reason, trained.non_finite_epoch),
         "restored_best": restored_best,
-        **report.divergence_fields(history),
+        **report.divergence_fields(history, chance_loss(run)),
         **final,
         "compile_seconds": timings["compile"] + compile_seconds,
         "train_seconds": sum(row["seconds"] for row in history),
@@ -292,6 +298,7 @@ def train_and_evaluate(
     """
     timings = {"start": time.perf_counter()}
     workdir = workdir_lib.as_workdir(workdir)
+    lock.check_free(workdir, "workdir")
     config = config_lib.validate(config)
     use_compilation_cache(config.train.compilation_cache_dir)
     run = set_up(config, quiet)
@@ -382,7 +389,11 @@ def load(workdir: str | pathlib.Path, epoch: int | str | None = None) -> epoch_l
         chosen = saved[-1] if epoch in (None, "best") else int(epoch)
         if chosen not in saved:
             raise WorkdirError(f"{workdir} has no checkpoint of epoch {epoch}; it has epochs {saved}.")
-        arrays, _ = ckpt.restore(chosen, like)
+        try:
+            arrays, _ = ckpt.restore(chosen, like)
+        except checkpoint_lib.CheckpointError as e:
+            others = [e for e in saved if e != chosen]
+            raise checkpoint_lib.CheckpointError(f"{e}. Its other checkpoints: epochs {others}.") from None
     finally:
         ckpt.close()
     state = arrays["train"]

@@ -110,6 +110,12 @@ def make_task(config, source: ModelSource, hooks: Hooks) -> task_lib.Task:
     return task_lib.make_task(source.apply, config.task, hooks.loss_fn, hooks.metrics_fn)
 
 
+def _brief(error: Exception, limit: int = 400) -> str:
+    """An error's message, cut to `limit` characters (JAX's shape errors can list hundreds of shapes)."""
+    text = str(error) or type(error).__name__
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
 def _shape(tree) -> str:
     shapes = [tuple(a.shape) for a in jax.tree.leaves(tree)]
     return str(shapes[0]) if len(shapes) == 1 else str(shapes)
@@ -123,12 +129,14 @@ def check(config, source: ModelSource, task: task_lib.Task, hooks: Hooks, train_
     try:
         params, model_state, _ = jax.eval_shape(lambda x: source.trace_init(config, x), batch["x"])
         outputs, _ = jax.eval_shape(lambda p, s, x: task.apply(p, s, x, None, False), params, model_state, batch["x"])
-    except (ValueError, TypeError) as e:
-        raise config_lib.ConfigError(f"{source.what} cannot take inputs of shape {_shape(batch['x'])}: {e}") from e
+    except Exception as e:  # a model, loss or metric that cannot trace raises anything (ZeroDivisionError...)
+        raise config_lib.ConfigError(
+            f"{source.what} cannot take inputs of shape {_shape(batch['x'])}: {_brief(e)}"
+        ) from e
     loss_name = f"loss_fn in {hooks.module}" if hooks.loss_fn else f'task "{config.task}"'
     try:
         loss = jax.eval_shape(task.loss, outputs, batch)
-    except (ValueError, TypeError) as e:
+    except Exception as e:  # a model, loss or metric that cannot trace raises anything (ZeroDivisionError...)
         raise config_lib.ConfigError(
             f"{loss_name} cannot take the model's outputs {_shape(outputs)} and labels {batch['y'].shape}: {e}"
         ) from e
@@ -153,7 +161,7 @@ def _check_metrics(config, task, hooks, outputs, batch, n: int) -> None:
     where = f"metrics_fn in {hooks.module}" if hooks.metrics_fn else f'task "{config.task}"'
     try:
         values = jax.eval_shape(task.metrics, outputs, batch)
-    except (ValueError, TypeError) as e:
+    except Exception as e:  # a model, loss or metric that cannot trace raises anything (ZeroDivisionError...)
         raise config_lib.ConfigError(f"{where} cannot take the model's outputs {_shape(outputs)}: {e}") from e
     if not isinstance(values, dict) or not all(isinstance(k, str) for k in values):
         raise config_lib.ConfigError(f"{where} returned {type(values).__name__}; return a dict {{name: values [B]}}.")

@@ -367,6 +367,7 @@ def sweep(
     (in the chunks it started with). Holds the workdir's lock; a Ctrl-C saves the chunk in flight and stops."""
     start = time.perf_counter()
     workdir = workdir_lib.as_workdir(workdir)
+    lock.check_free(workdir, "sweep workdir")
     config = _check_arguments(config_lib.validate(config), cv, refit, chunk)
     run_lib.use_compilation_cache(config.train.compilation_cache_dir)
     runs = sweep_lib.make_runs(config, grid, cv)
