@@ -289,6 +289,20 @@ def test_paths_that_cannot_be_workdirs_or_data_dirs_are_one_line(tmp_path, capsy
         assert re.search(words, _one_line_error(capsys.readouterr().err))
 
 
+def test_a_read_only_workdir_is_one_line(tmp_path, capsys):
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(read_only)]).returncode:
+        pytest.skip("cannot mount a read-only tmpfs here (needs root)")
+    try:
+        assert cli.main(_command(read_only / "w", {"train.epochs": "1"})[3:]) == 2
+        assert "is not writable (permission denied, or a read-only file system)" in _one_line_error(
+            capsys.readouterr().err
+        )
+    finally:
+        subprocess.run(["umount", "-l", str(read_only)], check=False)
+
+
 def test_os_errors_name_the_path_and_what_to_do():
     message = cli.os_error_message(PermissionError(errno.EACCES, "Permission denied", "/w/metrics.jsonl"))
     assert message == "Permission denied (/w/metrics.jsonl): give a path you may write to."
@@ -344,3 +358,24 @@ def test_a_diverging_loss_is_warned_once_and_recorded(tmp_path, capsys):
     assert err.count("warning: the training loss is diverging") == 1, err
     assert "more than 1000 times a uniform guess's 2.303" in err  # epoch 1's loss is already far above it
     assert result.summary["diverged_epoch"] == 1
+
+
+def test_sweep_arguments_are_checked_before_the_workdir_and_a_resume_keeps_its_chunking(tmp_path, capsys):
+    from jaxepochs.sweep import grid as grid_lib
+
+    base = tiny_config({"train.epochs": "2"})
+    grid = grid_lib.expand(base, {"seed": "0,1"})
+    with pytest.raises(grid_lib.SweepError, match=r"--cv 100000.*training examples"):
+        jaxepochs.sweep(base, grid, tmp_path / "cv", cv=100000, quiet=True)
+    assert not (tmp_path / "cv").exists()
+    first = jaxepochs.sweep(base, grid, tmp_path / "s", chunk=1, quiet=True)
+    again = jaxepochs.sweep(base, grid, tmp_path / "s", chunk=2, quiet=False)  # accepted, in chunks of 1
+    assert "Resuming group 0 in chunks of 1 runs, as it started (not 2)." in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "s" / "chunks").iterdir()) == ["group0_chunk0", "group0_chunk1"]
+    assert _untimed(again.histories) == _untimed(first.histories)
+
+
+def _untimed(histories: dict) -> dict:
+    return {
+        run: [{k: v for k, v in row.items() if "seconds" not in k} for row in rows] for run, rows in histories.items()
+    }
