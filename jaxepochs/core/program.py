@@ -69,6 +69,7 @@ class RunSpec:
     may_stop: bool
     epochs_per_call: int  # K: the most epochs one call runs (the size of EpochRows' epoch axis)
     test_every: int = 1  # the test split on epochs divisible by this, and the last
+    validate_every: int = 1  # the validation split on epochs divisible by this, and the last
     shuffle: bool = True
     plateau_monitor: str | None = None  # reduce_on_plateau's metric ("val_loss", "train_loss") where it is used
     data_axes: dict[str, int | None] = dataclasses.field(default_factory=dict)  # split -> 0 if per run (CV folds)
@@ -85,7 +86,7 @@ def _evaluate(spec: RunSpec, name: str, state: epoch_lib.TrainState, splits) -> 
     return epoch_lib.eval_epoch(state.params, state.model_state, splits[name], task=spec.task, batch_size=batch_size)
 
 
-def _one_epoch(spec: RunSpec, carry: RunCarry, splits, es_hparams, epoch, test_due):
+def _one_epoch(spec: RunSpec, carry: RunCarry, splits, es_hparams, epoch, test_due, val_due):
     """One epoch of one run: (carry, (train, val, test, learning rate)). Vmapped over the runs."""
     state, train_m = epoch_lib.train_epoch(
         carry.state,
@@ -98,10 +99,20 @@ def _one_epoch(spec: RunSpec, carry: RunCarry, splits, es_hparams, epoch, test_d
         augment=spec.augment,
     )
     zero = epoch_lib.Metrics.zeros(spec.metric_names)
-    val_m = _evaluate(spec, "val", state, splits) if "val" in spec.eval_batch_sizes else zero
-    test_m = zero
-    if "test" in spec.eval_batch_sizes:  # test_due is the same for every run: a real branch under vmap
+    val_m = test_m = zero
+    # test_due and val_due are the same for every run: real branches under vmap.
+    if "val" in spec.eval_batch_sizes:
+        val_m = jax.lax.cond(val_due, lambda s: _evaluate(spec, "val", s, splits), lambda s: zero, state)
+    if "test" in spec.eval_batch_sizes:
         test_m = jax.lax.cond(test_due, lambda s: _evaluate(spec, "test", s, splits), lambda s: zero, state)
+    return conclude_epoch(spec, carry, state, train_m, val_m, test_m, es_hparams, epoch, val_due)
+
+
+def conclude_epoch(spec: RunSpec, carry: RunCarry, state, train_m, val_m, test_m, es_hparams, epoch, val_due):
+    """Everything an epoch decides once it has trained (`state`, `train_m`) and evaluated (`val_m`, `test_m`;
+    `val_due` says whether the validation split was evaluated): early stopping, reduce-on-plateau, the best
+    parameters and the non-finite guard. One run; the device-resident epoch and the streamed one (whose epoch
+    trains in chunks that the host feeds) both end here. Returns (carry, (train, val, test, learning rate))."""
     by_split = {"train": train_m, "val": val_m}
     es_state = spec.tracker.update(
         carry.es_state, _metric(by_split, spec.tracker.monitor), train_m.mean("loss"), es_hparams
@@ -126,6 +137,11 @@ def _one_epoch(spec: RunSpec, carry: RunCarry, splits, es_hparams, epoch, test_d
     return out, (train_m, val_m, test_m, learning_rate)
 
 
+def validation_due(spec: RunSpec, epoch, last_epoch):
+    """Whether epoch `epoch` evaluates the validation split: every `spec.validate_every` epochs and the last."""
+    return (epoch % spec.validate_every == 0) | (epoch == last_epoch)
+
+
 def make_run_epochs(spec: RunSpec, axis_name: str | None = None):
     """run_epochs(carry, splits, es_hparams, first_epoch, num_epochs, last_epoch) -> (carry, EpochRows).
 
@@ -146,7 +162,9 @@ def make_run_epochs(spec: RunSpec, axis_name: str | None = None):
         carry: RunCarry, splits: dict, es_hparams: EarlyStoppingHParams, first_epoch, num_epochs, last_epoch
     ):
         axes = {name: spec.data_axes.get(name) for name in splits}
-        one = jax.vmap(lambda c, s, h, e, t: _one_epoch(spec, c, s, h, e, t), in_axes=(0, axes, 0, None, None))
+        one = jax.vmap(
+            lambda c, s, h, e, t, v: _one_epoch(spec, c, s, h, e, t, v), in_axes=(0, axes, 0, None, None, None)
+        )
         runs = carry.halted.shape[0]
         zeros = lambda dtype=jnp.float32: jnp.zeros((runs, k), dtype)
         metrics0 = epoch_lib.Metrics({name: zeros() for name in spec.metric_names}, zeros())
@@ -162,7 +180,8 @@ def make_run_epochs(spec: RunSpec, axis_name: str | None = None):
             epoch = first_epoch + i
             test_due = (epoch % spec.test_every == 0) | (epoch == last_epoch)
             trained = ~carry.halted
-            carry, (train_m, val_m, test_m, lr) = one(carry, splits, es_hparams, epoch, test_due)
+            val_due = validation_due(spec, epoch, last_epoch)
+            carry, (train_m, val_m, test_m, lr) = one(carry, splits, es_hparams, epoch, test_due, val_due)
             put = lambda buffer, value: buffer.at[:, i].set(value)
             rows = EpochRows(
                 jax.tree.map(put, rows.train, train_m),
