@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 
 from jaxepochs.data import lock
+from jaxepochs.data import rows as rows_lib
 
 
 class Split(NamedTuple):
@@ -30,7 +31,8 @@ def take(split: Split, idx) -> Split:
     """The examples `idx` of a split (its inputs may be a pytree)."""
     import jax
 
-    return Split(jax.tree.map(lambda a: np.asarray(a)[idx], split.x), split.y[idx])
+    pick = lambda a: a.take(idx) if rows_lib.is_rows(a) else np.asarray(a)[idx]
+    return Split(jax.tree.map(pick, split.x), pick(split.y))
 
 
 class Dataset(NamedTuple):
@@ -39,6 +41,7 @@ class Dataset(NamedTuple):
     val: Split  # N may be 0 when data.validation_fraction is 0
     test: Split
     num_classes: int  # classification: the classes; regression and binary: the outputs per example
+    streamed: bool = False  # the splits' inputs are Rows, read a chunk at a time (data/rows.py)
 
 
 class DataError(ValueError):
@@ -128,23 +131,27 @@ def _builder(name: str, directory: pathlib.Path, quiet: bool = False, data_confi
     return builder
 
 
-def _read_split(builder, split: str, x_key: str, y_key: str) -> Split:
+def _source(builder, split: str):
+    """The split's TFDS data source (array_record), and its files."""
     if split not in builder.info.splits:
         raise DataError(
             f'Dataset {builder.name} has no split "{split}"; it has {sorted(builder.info.splits)}. '
             "Set data.train_split / data.test_split."
         )
-    try:
-        source = builder.as_data_source(split=split)
-        examples = source.__getitems__(list(range(len(source))))
-    except Exception as e:  # array_record and TFDS raise RuntimeError, OSError, ValueError... for damaged files
-        raise DataError(
-            f'Split "{split}" of {builder.name} in {builder.data_path} cannot be read ({type(e).__name__}: {e}); '
-            f"its files are damaged. Delete {builder.data_path} and prepare it again (a built-in dataset is "
-            "prepared again by the next run)."
-        ) from None
-    if not examples:
-        raise DataError(f'Split "{split}" of {builder.name} is empty; choose a split that holds examples.')
+    files = [str(f) for f in builder.info.splits[split].filepaths]
+    return builder.as_data_source(split=split), files
+
+
+def _damaged(builder, split: str, files: list[str], e: Exception) -> DataError:
+    return DataError(
+        f'Split "{split}" of {builder.name} in {builder.data_path} cannot be read ({type(e).__name__}: {e}); '
+        f"its files ({', '.join(pathlib.Path(f).name for f in files)}) are damaged. Delete {builder.data_path} and "
+        "prepare it again (a built-in dataset is prepared again by the next run)."
+    )
+
+
+def _as_arrays_of(examples: list, x_key: str, y_key: str) -> tuple[np.ndarray, np.ndarray]:
+    """Decoded examples as the trainer's (x, y) arrays."""
     x = np.stack([np.asarray(e[x_key]) for e in examples])
     y = np.asarray([e[y_key] for e in examples])
     if x.dtype == np.uint8:  # images: pixels to [0, 1]
@@ -153,13 +160,52 @@ def _read_split(builder, split: str, x_key: str, y_key: str) -> Split:
     x = x.astype(np.int32) if np.issubdtype(x.dtype, np.integer) else x.astype(np.float32)
     # Integer labels are class ids; any other labels are kept as float targets (the task decides what they mean).
     y = y.astype(np.int32) if np.issubdtype(y.dtype, np.integer) or y.dtype == bool else y.astype(np.float32)
-    return Split(x, y)
+    return x, y
+
+
+def _read_split(builder, split: str, x_key: str, y_key: str) -> Split:
+    source, files = _source(builder, split)
+    try:
+        examples = source.__getitems__(list(range(len(source))))
+    except Exception as e:  # array_record and TFDS raise RuntimeError, OSError, ValueError... for damaged files
+        raise _damaged(builder, split, files, e) from None
+    if not examples:
+        raise DataError(f'Split "{split}" of {builder.name} is empty; choose a split that holds examples.')
+    return Split(*_as_arrays_of(examples, x_key, y_key))
+
+
+def _rows_split(builder, split: str, x_key: str, y_key: str, quiet: bool) -> Split:
+    """The split as Rows on the host's disk (a decoded copy, written once beside the TFDS files): for a streamed
+    run. Scalar labels are read whole (4 bytes an example); other labels stay rows."""
+    source, files = _source(builder, split)
+    if len(source) == 0:
+        raise DataError(f'Split "{split}" of {builder.name} is empty; choose a split that holds examples.')
+    directory = pathlib.Path(str(builder.data_path)) / rows_lib.ROWS_DIR / f"{split}-{x_key}-{y_key}"
+
+    def check(x, y):
+        if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+            raise DataError(f"{builder.name} {split} split: inputs contain NaN or inf; clean the data before training.")
+
+    with lock.wait_for(directory.parent / f".{directory.name}.lock", f"decoding {builder.name} {split}", quiet):
+        try:
+            x, y = rows_lib.build_tfds_rows(
+                source, directory, files, lambda examples: _as_arrays_of(examples, x_key, y_key), check
+            )
+        except DataError:
+            raise
+        except OSError as e:
+            if e.filename and rows_lib.ROWS_DIR in str(e.filename):
+                raise
+            raise _damaged(builder, split, files, e) from None
+        except Exception as e:
+            raise _damaged(builder, split, files, e) from None
+    return Split(x, np.asarray(y) if y.ndim == 1 else y)
 
 
 def _leaves(x) -> list:
     import jax
 
-    return [np.asarray(a) for a in jax.tree.leaves(x)]
+    return [a if rows_lib.is_rows(a) else np.asarray(a) for a in jax.tree.leaves(x)]
 
 
 def check_split(split: Split, num_classes: int, what: str, task: str = "classification") -> None:
@@ -172,7 +218,8 @@ def check_split(split: Split, num_classes: int, what: str, task: str = "classifi
                 f"{what}: {leaf.shape[0] if leaf.ndim else 'no'} inputs but {n} labels; every input needs one label "
                 "(each array's leading axis counts the examples)."
             )
-        if np.issubdtype(leaf.dtype, np.floating) and not np.isfinite(leaf).all():
+        # Rows (a streamed split) were checked block by block as they were decoded.
+        if not rows_lib.is_rows(leaf) and np.issubdtype(leaf.dtype, np.floating) and not np.isfinite(leaf).all():
             raise DataError(f"{what}: inputs contain NaN or inf; clean the data before training.")
     _check_labels(split.y, num_classes, what, task)
 
@@ -294,8 +341,35 @@ def _as_arrays(x):
     return jax.tree.map(as_array, x)
 
 
-def load_dataset(config: ml_collections.ConfigDict, quiet: bool = False) -> Dataset:
-    """Reads `config.data` into checked train/val/test arrays; `config.model.num_classes` 0 means the dataset's."""
+def as_streamed(dataset: Dataset) -> Dataset:
+    """An in-memory dataset whose splits are read a chunk at a time, as a streamed one is (get_data's arrays larger
+    than the device)."""
+    import jax
+
+    rows = lambda split: Split(jax.tree.map(rows_lib.Rows, split.x), split.y)
+    return dataset._replace(train=rows(dataset.train), val=rows(dataset.val), test=rows(dataset.test), streamed=True)
+
+
+def estimated_bytes(config: ml_collections.ConfigDict, quiet: bool = False) -> int:
+    """The bytes the dataset of `config.data` takes as the trainer's arrays (float32 or int32 inputs and labels),
+    from its TFDS metadata: nothing is read. Prepares a built-in dataset first."""
+    d = config.data
+    builder = _builder(d.name, data_dir(d), quiet, d)
+    keys = builder.info.supervised_keys or ()
+    per_example = 0
+    for key in (d.input_key or (keys[0] if len(keys) == 2 else ""), d.label_key or (keys[1] if len(keys) == 2 else "")):
+        if key in builder.info.features:
+            shape = getattr(builder.info.features[key], "shape", ()) or ()
+            per_example += 4 * int(np.prod([s or 1 for s in shape], dtype=np.int64))
+    examples = sum(
+        builder.info.splits[s].num_examples for s in (d.train_split, d.test_split) if s in builder.info.splits
+    )
+    return per_example * examples
+
+
+def load_dataset(config: ml_collections.ConfigDict, quiet: bool = False, streamed: bool = False) -> Dataset:
+    """Reads `config.data` into checked train/val/test arrays; `config.model.num_classes` 0 means the dataset's.
+    `streamed`: the splits' inputs are Rows on the host's disk (data/rows.py), read a chunk at a time."""
     d = config.data
     builder = _builder(d.name, data_dir(d), quiet, d)
     keys = builder.info.supervised_keys or ()
@@ -308,9 +382,13 @@ def load_dataset(config: ml_collections.ConfigDict, quiet: bool = False) -> Data
                 f"Dataset {d.name} has no {what} feature {key!r}; its features are {features}. Set data.input_key "
                 "and data.label_key."
             )
-    full_train = _read_split(builder, d.train_split, x_key, y_key)
-    test = _read_split(builder, d.test_split, x_key, y_key)
+    if streamed:
+        full_train = _rows_split(builder, d.train_split, x_key, y_key, quiet)
+        test = _rows_split(builder, d.test_split, x_key, y_key, quiet)
+    else:
+        full_train = _read_split(builder, d.train_split, x_key, y_key)
+        test = _read_split(builder, d.test_split, x_key, y_key)
     label_feature = builder.info.features[y_key]
     classes = getattr(label_feature, "num_classes", None) if config.task == "classification" else None
     num_classes = config.model.num_classes or classes or num_outputs(config.task, [full_train, test])
-    return _finish(config, d.name, full_train, test, None, num_classes)
+    return _finish(config, d.name, full_train, test, None, num_classes)._replace(streamed=streamed)

@@ -27,6 +27,7 @@ import orbax.checkpoint as ocp
 from jaxepochs.core.program import RunCarry
 
 CHECKPOINT_DIR = "checkpoints"
+IN_EPOCH_DIR = "checkpoints_in_epoch"  # a streamed run's positions inside an epoch, by optimizer step
 ROOM_MARGIN_BYTES = 1 << 20  # beyond the arrays and the meta: orbax's metadata files and the file system's blocks
 
 
@@ -91,8 +92,12 @@ def _first_mismatch(saved_metadata, expected) -> str | None:
 class Checkpointer:
     """Saves at epoch boundaries (asynchronously) and restores the newest good checkpoint."""
 
-    def __init__(self, workdir: pathlib.Path, max_to_keep: int = 3, asynchronous: bool = True):
-        self.directory = (pathlib.Path(workdir) / CHECKPOINT_DIR).absolute()
+    def __init__(
+        self, workdir: pathlib.Path, max_to_keep: int = 3, asynchronous: bool = True, name: str = CHECKPOINT_DIR
+    ):
+        """`name`: the directory under `workdir` (IN_EPOCH_DIR for a streamed run's checkpoints inside an epoch,
+        numbered by optimizer step)."""
+        self.directory = (pathlib.Path(workdir) / name).absolute()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, enable_async_checkpointing=asynchronous, create=True
         )
@@ -196,10 +201,10 @@ class Checkpointer:
 
 
 @contextlib.contextmanager
-def opened(workdir: pathlib.Path, max_to_keep: int, enabled: bool = True):
+def opened(workdir: pathlib.Path, max_to_keep: int, enabled: bool = True, name: str = CHECKPOINT_DIR):
     """A Checkpointer for the block (None when not `enabled`), closed after it, its writes finished. When the
     block raises, a failure to close (a full disk) is not allowed to hide the block's own error."""
-    ckpt = Checkpointer(workdir, max_to_keep) if enabled else None
+    ckpt = Checkpointer(workdir, max_to_keep, name=name) if enabled else None
     try:
         yield ckpt
     except BaseException:

@@ -54,6 +54,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.label_key = ""  # tfds:<name>: the feature that is the label; "" = the second of its supervised keys
     c.data.label_noise = 0.0  # fraction of training labels redrawn uniformly over the classes (seeded by split_seed)
     c.data.args = mnist1d_args()  # mnist1d only: the generator's get_dataset_args(); a variant is its own TFDS config
+    # Streaming: None chooses (stream a dataset larger than device_memory_fraction of the device's free memory);
+    # True streams the splits from the host a chunk of batches at a time; False keeps them on the device.
+    c.data.stream = ml_collections.config_dict.placeholder(bool)
+    c.data.device_memory_fraction = 0.5
+    c.data.device_memory_bytes = 0  # the device memory the fraction is of; 0: measured (free memory now)
     c.data.modular = ml_collections.ConfigDict()  # modular_addition only: (a + b) mod p, each setting a TFDS config
     c.data.modular.modulus = 113
     c.data.modular.train_fraction = 0.3  # of the p * p pairs; the rest are the test split
@@ -85,10 +90,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.eval_batch_size = 1000  # evaluation only; capped at the split size
     c.train.log_test = False  # also evaluate the test split every epoch (test_loss, test_accuracy in metrics.jsonl)
     c.train.test_every = 1  # with log_test: evaluate the test split every this many epochs (and after the last)
+    c.train.validate_every = 1  # evaluate the validation split every this many epochs (and after the last)
     # Epochs per compiled call: 0 chooses them so the host meets the run about every host_interval_seconds (and
     # never past a due checkpoint or the last epoch); N > 0 runs N epochs per call. The rows are the same.
     c.train.epochs_per_call = 0
     c.train.host_interval_seconds = 0.5
+    # Streamed epochs (data larger than the device, or data.stream = True): batches per compiled chunk, read and
+    # put on the device while the chunk before trains.
+    c.train.steps_per_call = 32
+    # 0: an epoch is one pass over the training split. S > 0: an epoch is S steps of a stream that reads the split
+    # round and round (each pass in its own order, every example once a pass); the epoch is then streamed.
+    c.train.steps_per_epoch = 0
     # JAX's persistent compilation cache: a later run of the same shapes loads its programs instead of compiling
     # them. "" leaves JAX's own setting (off unless $JAX_COMPILATION_CACHE_DIR or jax.config sets it).
     c.train.compilation_cache_dir = "~/.cache/jaxepochs/xla"
@@ -117,6 +129,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.enabled = True
     c.checkpoint.every_epochs = 0  # 0: by time (every_seconds); always at the end, at a stop and at Ctrl-C
     c.checkpoint.every_seconds = 30.0
+    c.checkpoint.every_steps = 0  # streamed epochs: also every this many steps inside an epoch (0: by time there)
     c.checkpoint.max_to_keep = 3
     return c
 
@@ -217,6 +230,12 @@ def _validate_train(t: ml_collections.ConfigDict) -> None:
         _fail("train.epochs", f"{t.epochs!r} is negative", "Use 0 (evaluate only) or more epochs.")  # types: above
     if not isinstance(t.test_every, int) or t.test_every < 1:
         _fail("train.test_every", f"{t.test_every!r} is not a positive integer", "Use 1 or more.")
+    for key in ("steps_per_call", "steps_per_epoch"):
+        value, least = t[key], 1 if key == "steps_per_call" else 0
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            _fail(f"train.{key}", f"{value!r} is not a whole number >= {least}", f"Use {least} or more steps.")
+    if not isinstance(t.validate_every, int) or t.validate_every < 1:
+        _fail("train.validate_every", f"{t.validate_every!r} is not a positive integer", "Use 1 or more.")
     if not isinstance(t.epochs_per_call, int) or t.epochs_per_call < 0:
         _fail(
             "train.epochs_per_call",
@@ -256,6 +275,10 @@ def _validate_model(m: ml_collections.ConfigDict) -> None:
 def _validate_data(d: ml_collections.ConfigDict) -> None:
     if not 0.0 <= d.validation_fraction < 1.0:
         _fail("data.validation_fraction", f"{d.validation_fraction!r}", "Use a fraction in [0, 1).")
+    if not 0.0 < d.device_memory_fraction <= 1.0:
+        _fail("data.device_memory_fraction", f"{d.device_memory_fraction!r}", "Use a fraction in (0, 1].")
+    if not isinstance(d.device_memory_bytes, int) or d.device_memory_bytes < 0:
+        _fail("data.device_memory_bytes", f"{d.device_memory_bytes!r}", "Use 0 (measured) or a number of bytes.")
     if not 0.0 <= d.label_noise <= 1.0:
         _fail("data.label_noise", f"{d.label_noise!r}", "Use a fraction of labels in [0, 1].")
     if d.name != "mnist1d" and flatten(d.args) != flatten(mnist1d_args()):
@@ -311,6 +334,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             make_early_stopping(config.early_stopping, config.data.validation_fraction > 0, names)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    _validate_strips(config)
     k = config.checkpoint
     if k.every_epochs < 0 or k.every_seconds < 0 or k.max_to_keep < 1:
         _fail(
@@ -319,6 +343,21 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             "Use every_epochs >= 0, every_seconds >= 0 and max_to_keep >= 1.",
         )
     return config
+
+
+def _validate_strips(config: ml_collections.ConfigDict) -> None:
+    """Prechelt's pq and up measure at strip ends, every k epochs after start_from_epoch: on a validation metric
+    those must be epochs that validate (a strip end without a value is not measured)."""
+    e, n = config.early_stopping, config.train.validate_every
+    if not (e.enabled and e.rule in ("pq", "up") and e.monitor.startswith("val_") and n > 1):
+        return
+    if e.k % n or e.start_from_epoch % n:
+        _fail(
+            "early_stopping.k",
+            f"{e.k} (start_from_epoch {e.start_from_epoch}) ends strips on epochs that train.validate_every = {n} "
+            f'does not validate (rule "{e.rule}" measures {e.monitor} at strip ends)',
+            f"Use k and start_from_epoch multiples of {n}, or train.validate_every = 1.",
+        )
 
 
 def make_early_stopping(

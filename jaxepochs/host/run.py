@@ -12,6 +12,7 @@ member computes what its solo run computes.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import json
@@ -27,11 +28,12 @@ import numpy as np
 
 from jaxepochs.core import epoch as epoch_lib
 from jaxepochs.core import program as program_lib
+from jaxepochs.core import stream as stream_lib
 from jaxepochs.data import loading as data_lib
 from jaxepochs.data import lock
 from jaxepochs.host import checkpoint as checkpoint_lib
 from jaxepochs.host import config as config_lib
-from jaxepochs.host import driver, report, setup
+from jaxepochs.host import driver, report, setup, streamed
 from jaxepochs.host import hooks as hooks_lib
 from jaxepochs.host import workdir as workdir_lib
 from jaxepochs.host.workdir import WorkdirError
@@ -54,6 +56,7 @@ class Programs(NamedTuple):
 
     run_epochs: Any  # driver's call(carry, first epoch, count) -> (carry, EpochRows); None with 0 epochs
     seconds: float
+    streamed: streamed.Programs | None = None  # a streamed run's chunk programs (they compile at first use)
 
 
 class Setup(NamedTuple):
@@ -63,6 +66,7 @@ class Setup(NamedTuple):
     spec: program_lib.RunSpec
     splits: dict  # the program's splits on the device: train, and val / test where evaluated every epoch
     held_out: dict  # every non-empty held-out split on the device, for the final evaluation
+    # (a streamed run: both hold the host's Splits, read a chunk at a time)
 
 
 def use_compilation_cache(directory: str) -> None:
@@ -92,12 +96,14 @@ def set_up(config: ml_collections.ConfigDict, quiet: bool) -> Setup:
     dataset = setup.load_data(config, hooks, quiet)
     setup.check_shapes(config, dataset)
     has_val = data_lib.count(dataset.val) > 0
-    steps = epoch_lib.steps_per_epoch(data_lib.count(dataset.train), config.train.batch_size)
+    steps = streamed.steps_per_epoch(config, data_lib.count(dataset.train))
     pieces = setup.make_pieces(config, dataset, hooks, steps, has_val)
     held_out = {name: getattr(dataset, name) for name in ("val", "test") if data_lib.count(getattr(dataset, name))}
     sizes = setup.eval_sizes(config, {name: data_lib.count(split) for name, split in held_out.items()})
     every_epoch = {name: size for name, size in sizes.items() if name == "val" or config.train.log_test}
     spec = setup.run_spec(config, pieces, every_epoch)
+    if dataset.streamed:
+        return Setup(config, dataset, pieces, spec, {"train": dataset.train, **held_out}, held_out)
     splits = {"train": setup.on_device(dataset.train), **{k: setup.on_device(held_out[k]) for k in every_epoch}}
     held_out = {name: splits.get(name) or setup.on_device(split) for name, split in held_out.items()}
     return Setup(config, dataset, pieces, spec, splits, held_out)
@@ -108,6 +114,8 @@ def compile_programs(run: Setup, abstract_carry) -> Programs:
     start = time.perf_counter()
     one = jnp.asarray(1, jnp.int32)
     run_epochs = None
+    if run.dataset.streamed:
+        return Programs(None, 0.0, streamed.make_programs(run.spec))
     if run.config.train.epochs > 0:
         es_h = setup.es_hparams([run.pieces.tracker])
         lowered = jax.jit(program_lib.make_run_epochs(run.spec)).lower(abstract_carry, run.splits, es_h, one, one, one)
@@ -120,6 +128,11 @@ def final_metrics(run: Setup, state) -> tuple[dict, float]:
     compile. It compiles here, at the end, not before the first epoch: 0.3 s that the first epoch no longer
     waits for."""
     start = time.perf_counter()
+    if run.dataset.streamed:
+        programs = streamed.make_programs(run.spec)
+        sizes = setup.eval_sizes(run.config, {name: data_lib.count(split) for name, split in run.held_out.items()})
+        spec = dataclasses.replace(run.spec, eval_batch_sizes=sizes)
+        return streamed.final_metrics(programs, spec, state, run.held_out, run.config.train.steps_per_call), 0.0
     sizes = setup.eval_sizes(run.config, {name: epoch_lib.num_examples(d) for name, d in run.held_out.items()})
     evaluate = jax.jit(program_lib.make_evaluate(dataclasses.replace(run.spec, eval_batch_sizes=sizes)))
     compiled = evaluate.lower(setup.with_run_axis(state), run.held_out).compile()
@@ -160,22 +173,17 @@ class Trained(NamedTuple):
     host_seconds: float
 
 
-def train(run: Setup, programs: Programs, carry, history: list[dict], workdir: pathlib.Path, ckpt, progress, stop):
-    """The host loop of a run: calls of the run program, each call's rows logged, checkpoints on their cadence,
-    and the last good epoch checkpointed at the end, at a stop, at Ctrl-C (`stop()` says one came), before a
-    non-finite loss and when metrics.jsonl cannot be written."""
-    config = run.config
-    log = report.MetricsLog(workdir / "metrics.jsonl", history)  # rows past the resumed checkpoint are recomputed
-    progress.skip(len(history))
-    non_finite: list[int] = []
-    watch_divergence = config.early_stopping.divergence_threshold is None
+def _consumer(run: Setup, history: list[dict], log, progress, non_finite: list[int]):
+    """consume(rows, first_epoch, seconds per epoch, extra fields) -> whether the run halted: a call's rows into
+    the history, metrics.jsonl and the progress line, the non-finite epoch noted, divergence warned once."""
+    watch_divergence = run.config.early_stopping.divergence_threshold is None
     chance = chance_loss(run)
     warned = [report.diverged_epoch(history, chance) is not None]  # a resumed run said so before
 
-    def consume(rows, first_epoch: int, seconds: float) -> bool:
+    def consume(rows, first_epoch: int, seconds: float, extra: dict | None = None) -> bool:
         new, bad = report.run_rows(rows, first_epoch, run.pieces.steps_per_epoch)
         for row in new:
-            row["seconds"] = seconds
+            row.update({"seconds": seconds, **(extra or {})})
         history.extend(new)  # before the writes: if the disk refuses them, the checkpoint still holds these epochs
         non_finite.extend([bad] if bad else [])
         for row in new:
@@ -189,11 +197,27 @@ def train(run: Setup, programs: Programs, carry, history: list[dict], workdir: p
             progress.message(report.divergence_warning(history, diverged, chance))
         return bool(rows.halted[0])
 
+    return consume
+
+
+def _saver(ckpt, history: list[dict]):
     def save(carry, epoch: int) -> None:
         if ckpt is not None and epoch > 0:
             arrays = checkpoint_lib.arrays_of(setup.without_run_axis(jax.device_get(carry)))
             ckpt.save(epoch, arrays, {"epoch": epoch, "history": list(history)})  # a copy: orbax writes it later
 
+    return save
+
+
+def train(run: Setup, programs: Programs, carry, history: list[dict], workdir: pathlib.Path, ckpt, progress, stop):
+    """The host loop of a run: calls of the run program, each call's rows logged, checkpoints on their cadence,
+    and the last good epoch checkpointed at the end, at a stop, at Ctrl-C (`stop()` says one came), before a
+    non-finite loss and when metrics.jsonl cannot be written."""
+    config = run.config
+    log = report.MetricsLog(workdir / "metrics.jsonl", history)  # rows past the resumed checkpoint are recomputed
+    progress.skip(len(history))
+    non_finite: list[int] = []
+    consume = _consumer(run, history, log, progress, non_finite)
     try:
         outcome = driver.train_loop(
             config,
@@ -202,7 +226,7 @@ def train(run: Setup, programs: Programs, carry, history: list[dict], workdir: p
             len(history) + 1,
             limit=run.spec.epochs_per_call,
             consume=consume,
-            save=save,
+            save=_saver(ckpt, history),
             interrupted=stop,
             checkpointing=ckpt is not None,
             final_epoch=lambda outcome: len(history),  # the last good epoch: not a non-finite one
@@ -212,6 +236,60 @@ def train(run: Setup, programs: Programs, carry, history: list[dict], workdir: p
         progress.close()
     stopped_by_user = stop() and len(history) < config.train.epochs and not (non_finite or outcome.halted)
     return Trained(outcome.carry, non_finite[0] if non_finite else None, stopped_by_user, outcome.host_seconds)
+
+
+def train_streamed(run: Setup, programs: Programs, position, history, workdir, ckpts, progress, stop) -> Trained:
+    """A streamed run's host loop (host/streamed.py): epochs in chunks, each epoch's row logged with the seconds
+    the host waited for its input, checkpoints at epoch ends and inside epochs, the last good epoch checkpointed
+    at the end; Ctrl-C inside an epoch saves the position there."""
+    config, (ckpt, ckpt_in) = run.config, ckpts
+    log = report.MetricsLog(workdir / "metrics.jsonl", history)
+    progress.skip(len(history))
+    non_finite: list[int] = []
+    consume = _consumer(run, history, log, progress, non_finite)
+    save = _saver(ckpt, history)
+
+    def save_in_epoch(at: streamed.Position) -> None:
+        if ckpt_in is not None:
+            step = (at.epoch - 1) * run.pieces.steps_per_epoch + at.step
+            meta = {"epoch": at.epoch, "step": at.step, "history": list(history)}
+            ckpt_in.save(step, streamed.position_arrays(at), meta)
+
+    def consume_epoch(rows, epoch: int, seconds: float, waited: float) -> bool:
+        return consume(rows, epoch, seconds, {"input_wait_seconds": waited})
+
+    held = {name: run.held_out[name] for name in run.spec.eval_batch_sizes}
+    loop = streamed.Loop(
+        programs.streamed, run.spec, setup.es_hparams([run.pieces.tracker]), run.dataset.train, held,
+        run.pieces.steps_per_epoch, config.train.steps_per_call, config.train.epochs,
+    )  # fmt: skip
+    key = setup.without_run_axis(position.start).state.key
+    order = streamed.BatchOrder(key, data_lib.count(run.dataset.train), config.train.batch_size,
+                                config.train.shuffle, run.pieces.steps_per_epoch)  # fmt: skip
+    carry, inside, latest = position.start, False, {"carry": position.start}
+    done_steps = (position.epoch - 1) * run.pieces.steps_per_epoch + position.step
+    try:
+        if position.epoch <= config.train.epochs:
+            carry, inside = streamed.train_epochs(
+                loop, position, order, consume=consume_epoch, save=save, save_in_epoch=save_in_epoch, stop=stop,
+                cadence=streamed.cadences(config, ckpt is not None, done_steps), latest=latest,
+            )  # fmt: skip
+    except (OSError, streamed.ReadError) as error:  # the epochs logged are saved before anything closes
+        with contextlib.suppress(Exception):
+            save(latest["carry"], len(history))
+        if isinstance(error, OSError):
+            raise error from None
+        raise data_lib.DataError(
+            f"{error}. The run saved its last finished epoch and its position inside the "
+            "epoch; fix the data and run the same command again to resume."
+        ) from error
+    finally:
+        log.close()
+        progress.close()
+    save(carry, len(history))
+    halted = bool(np.asarray(jax.device_get(carry.halted))[0])
+    stopped_by_user = stop() and len(history) < config.train.epochs and not (non_finite or halted)
+    return Trained(carry, non_finite[0] if non_finite else None, stopped_by_user or inside, 0.0)
 
 
 def finish(run: Setup, trained: Trained, history: list[dict], timings: dict) -> tuple:
@@ -273,7 +351,7 @@ def write_run_json(workdir: pathlib.Path, run: Setup) -> None:
         {
             "steps_per_epoch": run.pieces.steps_per_epoch,
             "num_classes": d.num_classes,
-            "inputs": jax.tree.map(lambda a: [list(np.shape(a)[1:]), str(np.asarray(a).dtype)], d.train.x),
+            "inputs": jax.tree.map(lambda a: [list(a.shape[1:]), str(a.dtype)], d.train.x),
             "label_shape": list(d.train.y.shape[1:]),
             "label_dtype": str(d.train.y.dtype),
             "num_val_examples": data_lib.count(d.val),
@@ -338,8 +416,28 @@ def _train_in(run: Setup, workdir: pathlib.Path, resuming: bool, progress, stop,
             carry, history = start_carry(run, abstract_carry, resuming, ckpt, progress)
             programs = compiling.result()
         timings["compile"] = programs.seconds
-        trained = train(run, programs, carry, history, workdir, ckpt, progress, stop)
+        if not run.dataset.streamed:
+            return train(run, programs, carry, history, workdir, ckpt, progress, stop), history
+        with checkpoint_lib.opened(workdir, 2, ckpt is not None, name=checkpoint_lib.IN_EPOCH_DIR) as ckpt_in:
+            position = _position(run, abstract_carry, carry, history, resuming, ckpt_in, progress)
+            history[:] = position[1]
+            trained = train_streamed(run, programs, position[0], history, workdir, (ckpt, ckpt_in), progress, stop)
     return trained, history
+
+
+def _position(run: Setup, abstract_carry, carry, history: list[dict], resuming: bool, ckpt_in, progress):
+    """Where a streamed run goes on from: a checkpoint inside the epoch after its last epoch checkpoint, or the
+    start of that epoch. Returns (Position, history)."""
+    zero = jax.tree.map(np.asarray, stream_lib.zero_sums(run.spec, 1))
+    if resuming and ckpt_in is not None:
+        like = setup.without_run_axis(abstract_carry)
+        sums_like = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), zero)
+        say = progress.message
+        found = streamed.restore_position(ckpt_in, like, sums_like, len(history), run.pieces.steps_per_epoch, say)
+        if found is not None:
+            position, saved_history = found
+            return position, saved_history
+    return streamed.Position(carry, carry, zero, len(history) + 1, 0), history
 
 
 def _say_interrupted(trained: Trained, history: list[dict], workdir: pathlib.Path, config, progress) -> None:

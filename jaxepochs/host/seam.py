@@ -124,7 +124,7 @@ def _shape(tree) -> str:
 def check(config, source: ModelSource, task: task_lib.Task, hooks: Hooks, train_split, num_outputs: int):
     """Traces the model, the loss and the metrics on two training examples without compiling; a ConfigError names
     the part that does not fit (and its shapes). Returns "loss" and the metrics' names."""
-    batch = {"x": jax.tree.map(lambda a: np.asarray(a)[:2], train_split.x), "y": np.asarray(train_split.y[:2])}
+    batch = {"x": jax.tree.map(lambda a: np.asarray(a[:2]), train_split.x), "y": np.asarray(train_split.y[:2])}
     n = batch["y"].shape[0]
     try:
         params, model_state, _ = jax.eval_shape(lambda x: source.trace_init(config, x), batch["x"])

@@ -45,18 +45,29 @@ class Pieces(NamedTuple):
 
 
 def load_data(config: ml_collections.ConfigDict, hooks: hooks_lib.Hooks, quiet: bool) -> data_lib.Dataset:
-    """The experiment module's get_data(config), or the config's dataset."""
+    """The experiment module's get_data(config), or the config's dataset; streamed (its splits read a chunk at a
+    time, host/streamed.py) where it does not fit the device budget or the config asks for it."""
+    from jaxepochs.host import streamed
+
     if hooks.get_data is None:
-        return data_lib.load_dataset(config, quiet)
-    name = f"{pathlib.Path(hooks.module).stem}.get_data"
-    return data_lib.from_arrays(config, hooks.get_data(config), f"get_data in {hooks.module}", name)
+        wanted = streamed.wants_stream(config, data_lib.estimated_bytes(config, quiet))
+        dataset = data_lib.load_dataset(config, quiet, streamed=wanted)
+    else:
+        name = f"{pathlib.Path(hooks.module).stem}.get_data"
+        dataset = data_lib.from_arrays(config, hooks.get_data(config), f"get_data in {hooks.module}", name)
+        arrays = [dataset.train, dataset.val, dataset.test]
+        size = sum(np.asarray(a).nbytes for split in arrays for a in jax.tree.leaves((split.x, split.y)))
+        dataset = data_lib.as_streamed(dataset) if streamed.wants_stream(config, size) else dataset
+    if dataset.streamed:
+        streamed.check_chunk_fits(config, dataset)
+    return dataset
 
 
 def check_shapes(config: ml_collections.ConfigDict, dataset: data_lib.Dataset, n_train: int | None = None) -> None:
     """ConfigError for a batch larger than the training set, or tokens beyond the transformer's vocabulary."""
     n_train = data_lib.count(dataset.train) if n_train is None else n_train
     x = dataset.train.x
-    if config.model.name == "transformer" and isinstance(x, np.ndarray) and np.issubdtype(x.dtype, np.integer):
+    if config.model.name == "transformer" and hasattr(x, "dtype") and np.issubdtype(x.dtype, np.integer):
         vocab = config.model.vocab_size or dataset.num_classes + 1
         top = max(int(x.max()), int(dataset.test.x.max()))
         if top >= vocab:
@@ -103,8 +114,9 @@ def make_pieces(config, dataset: data_lib.Dataset, hooks: hooks_lib.Hooks, steps
 
 
 def run_spec(config, pieces: Pieces, eval_sizes: dict[str, int], data_axes: dict | None = None) -> program_lib.RunSpec:
-    """The run program's spec: `eval_sizes` names the held-out splits evaluated every epoch (val) or when due
-    (test, with train.log_test) and their batch sizes."""
+    """The run program's spec: `eval_sizes` names the held-out splits evaluated when due (val every
+    train.validate_every epochs, test every train.test_every with train.log_test; both after the last) and their
+    batch sizes."""
     return program_lib.RunSpec(
         task=pieces.task,
         tx=pieces.tx,
@@ -115,6 +127,7 @@ def run_spec(config, pieces: Pieces, eval_sizes: dict[str, int], data_axes: dict
         may_stop=pieces.may_stop,
         epochs_per_call=config.train.epochs_per_call or AUTO_EPOCHS_PER_CALL,
         test_every=config.train.test_every,
+        validate_every=config.train.validate_every,
         shuffle=config.train.shuffle,
         plateau_monitor=config.optimizer.schedule.monitor if pieces.plateau is not None else None,
         data_axes=data_axes or {},
@@ -134,7 +147,7 @@ def on_device(split) -> dict:
 
 def first_example(split):
     """The inputs of the split's first example, a batch of one (to initialise a model with)."""
-    return jax.tree.map(lambda a: np.asarray(a)[:1], split.x)
+    return jax.tree.map(lambda a: np.asarray(a[:1]), split.x)
 
 
 def init_state(model, tx, seed: int, x) -> epoch_lib.TrainState:

@@ -19,6 +19,9 @@ RESUMABLE_KEYS = (  # may change when resuming
     "train.epochs",
     "train.epochs_per_call",
     "train.host_interval_seconds",
+    "train.steps_per_call",  # how a streamed epoch is cut into calls, not what it computes
+    "data.stream",  # a run may switch between device-resident and streamed data: the same batches either way
+    "data.device_memory_",
     "checkpoint.",
     "data.data_dir",
     "train.compilation_cache_dir",
@@ -71,11 +74,14 @@ def checkpointed_epochs(workdir: pathlib.Path) -> list[int]:
 def _has_finished_epoch(workdir: pathlib.Path) -> bool:
     """Whether an earlier command in `workdir` left something to keep: a checkpointed epoch, or a finished run's
     summary (with checkpoints off). Epochs logged but not checkpointed would be trained again anyway."""
-    return bool(checkpointed_epochs(workdir)) or (workdir / "summary.json").exists()
+    in_epoch = workdir / checkpoint_lib.IN_EPOCH_DIR  # a streamed run's position inside its first epoch
+    finished = in_epoch.is_dir() and any(p.name.isdigit() for p in in_epoch.iterdir())
+    return bool(checkpointed_epochs(workdir)) or finished or (workdir / "summary.json").exists()
 
 
 def _discard(workdir: pathlib.Path) -> None:
     shutil.rmtree(workdir / checkpoint_lib.CHECKPOINT_DIR, ignore_errors=True)
+    shutil.rmtree(workdir / checkpoint_lib.IN_EPOCH_DIR, ignore_errors=True)
     for name in (*RUN_FILES, "config.json"):
         (workdir / name).unlink(missing_ok=True)
 
@@ -129,7 +135,7 @@ def _check_resumable(workdir: pathlib.Path, config: ml_collections.ConfigDict) -
             f"{workdir} holds a run, and checkpoint.enabled=False cannot resume it. Enable checkpoints, use a "
             "new --workdir, or --restart (restart=True) to start over."
         )
-    if not (workdir / checkpoint_lib.CHECKPOINT_DIR).exists():
+    if not any((workdir / d).exists() for d in (checkpoint_lib.CHECKPOINT_DIR, checkpoint_lib.IN_EPOCH_DIR)):
         raise WorkdirError(
             f"{workdir} holds a run without checkpoints to resume from. Use a new --workdir, or --restart "
             "(restart=True) to start over."

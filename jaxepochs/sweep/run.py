@@ -78,6 +78,13 @@ class _Group:
         self.config, self.cv = template, cv
         hooks = hooks_lib.load_hooks(template)
         dataset = setup.load_data(template, hooks, quiet)
+        if dataset.streamed:
+            raise sweep_lib.SweepError(
+                f"{dataset.name} would be streamed (it does not fit the device budget, or data.stream or "
+                "train.steps_per_epoch asks for it), and sweeps train device-resident data only for now. Sweep with "
+                "data.stream = False where the data fits the device, or train the runs one by one with "
+                "`jaxepochs run`."
+            )
         self.dataset = dataset
         n_train = data_lib.count(dataset.train)
         if cv:

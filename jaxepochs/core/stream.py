@@ -1,0 +1,92 @@
+"""The streamed epoch's programs: an epoch as a sequence of compiled chunks that the host feeds.
+
+Where a split does not fit the device (or `data.stream` asks for it), the host reads the epoch's batches in the
+epoch's order a chunk at a time, and these programs consume them:
+
+    train_chunk(carry_R, sums_R, batches_CxB, mask_CxB) -> (carry_R, sums_R)    C optimizer steps
+    eval_chunk(state_R, sums_R, batches_CxB, mask_CxB) -> sums_R                C evaluation batches
+    conclude(carry_at_start_R, carry_R, train_R, val_R, test_R, es_hparams_R, epoch, val_due) -> (carry_R, rows)
+
+`conclude` is `program.conclude_epoch`, the same code that ends a device-resident epoch: early stopping,
+reduce-on-plateau, the best parameters and the non-finite guard are written once. Every step takes its batch's
+mask (the padding of an epoch's last batch, or of a pass's last batch with `train.steps_per_epoch`), so one
+program serves any chunk wherever it falls. Batches are shared by the runs (`in_axes` None): a chunk read once
+serves them all.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jaxepochs.core import epoch as epoch_lib
+from jaxepochs.core import program as program_lib
+
+
+def make_train_chunk(spec: program_lib.RunSpec):
+    """train_chunk(carry_R, sums_R, batches_CxB, mask_CxB) -> (carry_R, sums_R): C masked training steps of each
+    run that has not halted (a halted run's state is kept), its metric sums added to `sums_R`."""
+    step = functools.partial(epoch_lib.train_step, task=spec.task, tx=spec.tx, augment=spec.augment)
+
+    def one(carry: program_lib.RunCarry, sums: epoch_lib.Metrics, batches, mask):
+        def body(loop, inputs):
+            state, totals = loop
+            state, metrics = step(state, inputs[0], mask_b=inputs[1])
+            return (state, totals + metrics), None
+
+        (state, sums), _ = jax.lax.scan(body, (carry.state, sums), (batches, mask), unroll=epoch_lib.SCAN_UNROLL)
+        state = jax.tree.map(lambda old, new: jnp.where(carry.halted, old, new), carry.state, state)
+        return carry._replace(state=state), sums
+
+    return jax.vmap(one, in_axes=(0, 0, None, None))
+
+
+def make_eval_chunk(spec: program_lib.RunSpec):
+    """eval_chunk(state_R, sums_R, batches_CxB, mask_CxB) -> sums_R: evaluation-mode metric sums of C batches."""
+
+    def one(state: epoch_lib.TrainState, sums: epoch_lib.Metrics, batches, mask):
+        def body(totals, inputs):
+            batch, mask_b = inputs
+            _, (metrics, _) = epoch_lib.loss_and_metrics(
+                spec.task, state.params, state.model_state, batch, None, False, mask_b
+            )
+            return totals + metrics, None
+
+        return jax.lax.scan(body, sums, (batches, mask))[0]
+
+    return jax.vmap(one, in_axes=(0, 0, None, None))
+
+
+def make_conclude(spec: program_lib.RunSpec):
+    """conclude(carry_at_start_R, carry_R, train_R, val_R, test_R, es_hparams_R, epoch, val_due) -> (carry_R,
+    EpochRows with K = 1): the end of a streamed epoch, by the device-resident epoch's own code."""
+
+    def one(start, carry, train_m, val_m, test_m, es_hparams, epoch, val_due):
+        return program_lib.conclude_epoch(spec, start, carry.state, train_m, val_m, test_m, es_hparams, epoch, val_due)
+
+    def conclude(start, carry, train_m, val_m, test_m, es_hparams, epoch, val_due):
+        trained = ~start.halted
+        out, (train_m, val_m, test_m, lr) = jax.vmap(one, in_axes=(0, 0, 0, 0, 0, 0, None, None))(
+            start, carry, train_m, val_m, test_m, es_hparams, epoch, val_due
+        )
+        column = lambda a: a[:, None]
+        rows = program_lib.EpochRows(
+            jax.tree.map(column, train_m),
+            jax.tree.map(column, val_m),
+            jax.tree.map(column, test_m),
+            column(lr),
+            column(trained),
+            jnp.ones((), jnp.int32),
+            out.halted,
+        )
+        return out, rows
+
+    return conclude
+
+
+def zero_sums(spec: program_lib.RunSpec, runs: int) -> epoch_lib.Metrics:
+    """Metric sums of no examples, for `runs` runs."""
+    zero = epoch_lib.Metrics.zeros(spec.metric_names)
+    return jax.tree.map(lambda a: jnp.zeros((runs, *a.shape), a.dtype), zero)

@@ -1,0 +1,343 @@
+"""A streamed run: each epoch as a sequence of compiled chunks (core/stream.py) fed by a grain pipeline.
+
+Where the data does not fit the device budget (`data.device_memory_fraction` of its free memory), where
+`data.stream` is True, or where `train.steps_per_epoch` makes an epoch a number of steps, the splits stay on the
+host (Rows on its disk, data/rows.py) and an epoch is read a chunk of `train.steps_per_call` batches at a time:
+grain's threads gather the rows of the next chunks while the current one trains, and the next chunk is put on the
+device before the current one's results are needed. The batches are the device-resident epoch's own: pass p of
+the training split is ordered by `epoch.batch_indices(fold_in(key, SHUFFLE), p)`, its last batch padded with
+index 0 and masked, so a streamed run trains on what a device-resident run of its config trains on.
+
+Checkpoints can fall inside an epoch (`checkpoint.every_steps`, or `every_seconds`), holding the carry of the
+epoch's start, the state after the last chunk and the epoch's metric sums so far: the data position is the
+epoch and step, from which the order is recomputed. A run resumed from one ends where an uninterrupted run ends.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+import time
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxepochs.core import epoch as epoch_lib
+from jaxepochs.core import program as program_lib
+from jaxepochs.core import stream as stream_lib
+from jaxepochs.data import loading as data_lib
+from jaxepochs.host import checkpoint as checkpoint_lib
+from jaxepochs.host import config as config_lib
+from jaxepochs.host.cadence import Periodic
+
+READ_THREADS = 2  # grain's threads gathering rows
+READ_AHEAD = 2  # chunks grain holds ready on the host, beyond the one on the device
+
+
+def device_free_bytes() -> tuple[int, str]:
+    """Free memory of the first device, and what it is: the accelerator's, or on CPU the host's available."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0)), f"free memory of {jax.devices()[0]}"
+    try:
+        with open("/proc/meminfo") as f:
+            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        available = 4 << 30
+    return available, "available host memory (the CPU device's)"
+
+
+def budget(config) -> tuple[int, str]:
+    """The bytes the data may take on the device, and a phrase saying where the figure comes from."""
+    d = config.data
+    total, what = (d.device_memory_bytes, "data.device_memory_bytes") if d.device_memory_bytes else device_free_bytes()
+    return int(
+        d.device_memory_fraction * total
+    ), f"data.device_memory_fraction = {d.device_memory_fraction} of {what} ({total / 1e6:.1f} MB)"
+
+
+def wants_stream(config, data_bytes: int) -> bool:
+    """Whether the run streams: `data.stream` where set; else with `train.steps_per_epoch`, or data over budget."""
+    if config.data.stream is not None:
+        return bool(config.data.stream)
+    return bool(config.train.steps_per_epoch) or data_bytes > budget(config)[0]
+
+
+def check_chunk_fits(config, dataset: data_lib.Dataset) -> None:
+    """ConfigError when two chunks (the one training and the next, put ahead) exceed the device budget."""
+    row = sum(int(np.prod(a.shape[1:], dtype=np.int64)) * a.dtype.itemsize for a in jax.tree.leaves(dataset.train.x))
+    row += int(np.prod(dataset.train.y.shape[1:], dtype=np.int64)) * dataset.train.y.dtype.itemsize + 1
+    t = config.train
+    chunk = t.steps_per_call * t.batch_size * row
+    limit, where = budget(config)
+    if 2 * chunk > limit:
+        raise config_lib.ConfigError(
+            f"A streamed chunk of train.steps_per_call = {t.steps_per_call} batches of {t.batch_size} examples takes "
+            f"{chunk / 1e6:.2f} MB, twice that with the next one put on the device ahead, more than the device "
+            f"budget of {limit / 1e6:.2f} MB ({where}). Lower train.steps_per_call or train.batch_size, or raise "
+            "data.device_memory_fraction."
+        )
+
+
+def steps_per_epoch(config, n_train: int) -> int:
+    return config.train.steps_per_epoch or epoch_lib.steps_per_epoch(n_train, config.train.batch_size)
+
+
+class BatchOrder:
+    """The training batches of a run's epochs as indices into the training split, [steps, B], and their masks.
+
+    Pass p (1-based) of the split is the device-resident epoch p's own order. With natural epochs, epoch e is pass
+    e; with `train.steps_per_epoch` = S, epoch e is the global batches [(e - 1) S, e S) of the passes read one
+    after another (every example once a pass, each pass's last batch padded and masked)."""
+
+    def __init__(self, run_key, n: int, batch_size: int, shuffle: bool, steps: int):
+        self.n, self.steps = n, steps
+        self.per_pass = epoch_lib.steps_per_epoch(n, batch_size)
+        shuffle_key = jax.random.fold_in(jnp.asarray(run_key), epoch_lib.SHUFFLE_STREAM)
+        self._order = jax.jit(lambda p: epoch_lib.batch_indices(shuffle_key, p, n, batch_size, shuffle))
+        self._passes: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def _pass(self, p: int):
+        if p not in self._passes:
+            self._passes = {k: v for k, v in self._passes.items() if k >= p - 1}  # at most the last two
+            self._passes[p] = tuple(np.asarray(a) for a in jax.device_get(self._order(np.int32(p))))
+        return self._passes[p]
+
+    def epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """The epoch's batches: indices int32 [S, B] and mask bool [S, B]."""
+        g, end = (epoch - 1) * self.steps, epoch * self.steps
+        idx, mask = [], []
+        while g < end:
+            p, b = g // self.per_pass + 1, g % self.per_pass
+            count = min(self.per_pass - b, end - g)
+            idx_sb, mask_sb = self._pass(p)
+            idx.append(idx_sb[b : b + count]), mask.append(mask_sb[b : b + count])
+            g += count
+        return np.concatenate(idx), np.concatenate(mask)
+
+
+def eval_order(n: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """A held-out split in order, [S, B]: the last batch padded with the last example and masked (as eval_epoch)."""
+    steps = epoch_lib.steps_per_epoch(n, batch_size)
+    flat = np.arange(steps * batch_size)
+    return np.minimum(flat, n - 1).reshape(steps, batch_size), (flat < n).reshape(steps, batch_size)
+
+
+class _Chunks:
+    """grain's random-access source: chunk c of a read plan, the rows of its batches gathered on the host."""
+
+    def __init__(self, split: data_lib.Split, idx_sb: np.ndarray, mask_sb: np.ndarray, per_chunk: int):
+        self.split, self.idx_sb, self.mask_sb, self.per_chunk = split, idx_sb, mask_sb, per_chunk
+
+    def __len__(self) -> int:
+        return math.ceil(self.idx_sb.shape[0] / self.per_chunk)
+
+    def __getitem__(self, c: int) -> dict:
+        part = slice(c * self.per_chunk, (c + 1) * self.per_chunk)
+        idx = self.idx_sb[part]
+        flat = idx.reshape(-1)
+        gather = lambda a: np.asarray(a[flat]).reshape(*idx.shape, *a.shape[1:])
+        return {"x": jax.tree.map(gather, self.split.x), "y": gather(self.split.y), "mask": self.mask_sb[part]}
+
+
+class ReadError(RuntimeError):
+    """Reading the data failed inside the input pipeline; the message names the split, the chunk and the error."""
+
+
+def chunks(split: data_lib.Split, idx_sb, mask_sb, per_chunk: int, what: str) -> Iterator[tuple[dict, float]]:
+    """The plan's chunks on the device, each with the seconds the host waited for it: grain's threads read the
+    next chunks while this one trains, and the next is put on the device when this one is taken (before the
+    caller needs its results). A failure in a reader thread is a ReadError naming the chunk."""
+    source = _Chunks(split, idx_sb, mask_sb, per_chunk)
+    options = grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=READ_AHEAD)
+    reader = iter(grain.MapDataset.source(source).to_iter_dataset(options))
+    for c in range(len(source)):
+        start = time.perf_counter()
+        try:
+            chunk = next(reader)
+        except Exception as e:
+            raise ReadError(f"reading chunk {c + 1} of {len(source)} of {what} failed: {type(e).__name__}: {e}") from e
+        yield jax.device_put(chunk), time.perf_counter() - start
+
+
+class Position(NamedTuple):
+    """Where a streamed run is inside an epoch: what a checkpoint inside an epoch holds."""
+
+    start: Any  # the RunCarry (run axis 1) at the epoch's start
+    carry: Any  # the RunCarry after the chunks trained so far
+    sums: epoch_lib.Metrics  # the epoch's training sums so far (run axis 1)
+    epoch: int
+    step: int  # steps of the epoch done
+
+
+class Programs(NamedTuple):
+    train_chunk: Any
+    eval_chunk: Any
+    conclude: Any
+
+
+def make_programs(spec: program_lib.RunSpec) -> Programs:
+    """The streamed epoch's programs, jitted (each compiles at its first chunk shape)."""
+    return Programs(
+        jax.jit(stream_lib.make_train_chunk(spec)),
+        jax.jit(stream_lib.make_eval_chunk(spec)),
+        jax.jit(stream_lib.make_conclude(spec)),
+    )
+
+
+def evaluate(programs: Programs, spec, state_r, split: data_lib.Split, name: str, per_chunk: int) -> Any:
+    """A held-out split's metric sums for the runs' states, streamed in order."""
+    n = data_lib.count(split)
+    idx, mask = eval_order(n, spec.eval_batch_sizes[name])
+    sums = stream_lib.zero_sums(spec, jax.tree.leaves(state_r.step)[0].shape[0])
+    for chunk, _ in chunks(split, idx, mask, per_chunk, f"the {name} split"):
+        sums = programs.eval_chunk(state_r, sums, {"x": chunk["x"], "y": chunk["y"]}, chunk["mask"])
+    return sums
+
+
+def final_metrics(programs: Programs, spec, state, held_out: dict, per_chunk: int) -> dict:
+    """Every held-out split's metrics of `state` (no run axis), streamed."""
+    state_r = jax.tree.map(lambda a: jnp.asarray(a)[None], state)
+    out = {}
+    for name, split in held_out.items():
+        sizes = {**spec.eval_batch_sizes, name: min(spec.eval_batch_sizes.get(name, 1000), data_lib.count(split))}
+        sums = evaluate(programs, dataclasses.replace(spec, eval_batch_sizes=sizes), state_r, split, name, per_chunk)
+        out.update(jax.tree.map(lambda a: np.asarray(a)[0], jax.device_get(sums)).means(name))
+    return out
+
+
+def position_arrays(position: Position) -> dict:
+    """What a checkpoint inside an epoch holds of a position (no run axis)."""
+    first = lambda tree: jax.tree.map(lambda a: np.asarray(a)[0], jax.device_get(tree))
+    return {
+        "start": checkpoint_lib.arrays_of(first(position.start)),
+        "state": first(position.carry.state),
+        "sums": first(position.sums),
+    }
+
+
+def restore_position(ckpt_in, like_carry, sums_like, after_epoch: int, steps: int, say) -> Position | None:
+    """The newest checkpoint inside an epoch past the epoch checkpoint `after_epoch`, or None."""
+    for step in reversed(ckpt_in.epochs()):
+        if step <= after_epoch * steps:
+            return None
+        like = {"start": checkpoint_lib.arrays_of(like_carry), "state": like_carry.state, "sums": sums_like}
+        try:
+            arrays, meta = ckpt_in.restore(step, like)
+        except checkpoint_lib.CheckpointError as e:
+            say(f"{e}; falling back to the previous checkpoint.")
+            continue
+        if meta["epoch"] != after_epoch + 1:
+            return None
+        with_axis = lambda tree: jax.tree.map(lambda a: np.asarray(a)[None], tree)
+        start = checkpoint_lib.carry_of(arrays["start"], np.asarray(False))
+        carry = start._replace(state=arrays["state"])
+        say(f"Resuming at step {meta['step']} of epoch {meta['epoch']} (a checkpoint inside the epoch).")
+        position = Position(with_axis(start), with_axis(carry), with_axis(arrays["sums"]), meta["epoch"], meta["step"])
+        return position, meta["history"]
+    return None
+
+
+def in_epoch_path(workdir: pathlib.Path) -> pathlib.Path:
+    return workdir / checkpoint_lib.IN_EPOCH_DIR
+
+
+class Loop(NamedTuple):
+    """What the streamed loop needs of its run (host/run.py builds it)."""
+
+    programs: Programs
+    spec: program_lib.RunSpec
+    es_hparams: Any
+    train: data_lib.Split
+    held_out: dict  # the held-out splits evaluated during training: "val", and "test" with train.log_test
+    steps: int  # steps per epoch
+    per_chunk: int  # train.steps_per_call
+    last_epoch: int
+
+
+def train_epochs(
+    loop: Loop, position: Position, order: BatchOrder, *, consume, save, save_in_epoch, stop, cadence, latest: dict
+):
+    """Trains from `position` to the last epoch, or until every run halts or `stop()`: per epoch the chunks, the
+    held-out splits when due, then `conclude`; `consume(rows, epoch, seconds, wait)` takes each epoch's rows and
+    says whether the run halted. `cadence` = (epoch checkpoints, checkpoints inside an epoch). Returns the carry
+    after the last finished epoch and whether Ctrl-C stopped it inside an epoch (its position then saved).
+    `latest["carry"]` is the carry of the last finished epoch, for the caller to save when something fails; a
+    failure to read the data saves the position of the chunks trained before it is raised."""
+    epochs, steps_in = cadence
+    start, carry, sums, epoch, step = position
+    latest["carry"] = start
+    while epoch <= loop.last_epoch:
+        began, waited = time.perf_counter(), 0.0
+        idx, mask = order.epoch(epoch)
+        try:
+            for chunk, wait in chunks(loop.train, idx[step:], mask[step:], loop.per_chunk, f"epoch {epoch}'s batches"):
+                waited += wait
+                carry, sums = loop.programs.train_chunk(carry, sums, {"x": chunk["x"], "y": chunk["y"]}, chunk["mask"])
+                step += chunk["mask"].shape[0]
+                if step < loop.steps and (stop() or steps_in.due((epoch - 1) * loop.steps + step)):
+                    save_in_epoch(Position(start, carry, sums, epoch, step))
+                    steps_in.done((epoch - 1) * loop.steps + step)
+                    if stop():
+                        return start, True
+        except ReadError:
+            if step:
+                save_in_epoch(Position(start, carry, sums, epoch, step))
+            raise
+        carry, rows = _conclude(loop, start, carry, sums, epoch)
+        latest["carry"] = carry
+        halted = consume(jax.device_get(rows), epoch, time.perf_counter() - began, waited)
+        start, sums, step = carry, stream_lib.zero_sums(loop.spec, 1), 0
+        if halted or stop() or epoch == loop.last_epoch:
+            return carry, False
+        if epochs.due(epoch):
+            save(carry, epoch)
+            epochs.done(), steps_in.done(epoch * loop.steps)
+        epoch += 1
+    return start, False
+
+
+def _conclude(loop: Loop, start, carry, sums, epoch: int):
+    val_due = bool(program_lib.validation_due(loop.spec, epoch, loop.last_epoch))
+    test_due = (epoch % loop.spec.test_every == 0) or epoch == loop.last_epoch
+    zero = stream_lib.zero_sums(loop.spec, 1)
+    val = test = zero
+    if "val" in loop.held_out and val_due:
+        val = evaluate(loop.programs, loop.spec, carry.state, loop.held_out["val"], "val", loop.per_chunk)
+    if "test" in loop.held_out and test_due:
+        test = evaluate(loop.programs, loop.spec, carry.state, loop.held_out["test"], "test", loop.per_chunk)
+    as_int = lambda v: np.asarray(v, np.int32)
+    return loop.programs.conclude(start, carry, sums, val, test, loop.es_hparams, as_int(epoch), np.asarray(val_due))
+
+
+class StepCadence:
+    """Checkpoints inside an epoch: once `every_steps` steps have passed since the last checkpoint, or with 0 once
+    `every_seconds` have."""
+
+    def __init__(self, every_steps: int, every_seconds: float, enabled: bool):
+        self.every_steps, self.every_seconds, self.enabled = every_steps, every_seconds, enabled
+        self._last_step, self._last_time = 0, time.monotonic()
+
+    def due(self, step: int) -> bool:
+        if not self.enabled:
+            return False
+        if self.every_steps:
+            return step - self._last_step >= self.every_steps
+        return time.monotonic() - self._last_time >= self.every_seconds
+
+    def done(self, step: int) -> None:
+        self._last_step, self._last_time = step, time.monotonic()
+
+
+def cadences(config, enabled: bool, step: int) -> tuple[Periodic, StepCadence]:
+    """Checkpoints at epoch ends (checkpoint.every_epochs or every_seconds) and inside epochs (every_steps, or
+    every_seconds), counting from optimizer step `step`."""
+    k = config.checkpoint
+    inside = StepCadence(k.every_steps, k.every_seconds, enabled)
+    inside.done(step)
+    return Periodic(k.every_epochs, k.every_seconds, enabled=enabled), inside
