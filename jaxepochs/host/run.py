@@ -319,10 +319,18 @@ def finish(run: Setup, trained: Trained, history: list[dict], timings: dict) -> 
         "compile_seconds": timings["compile"] + compile_seconds,
         "train_seconds": sum(row["seconds"] for row in history),
         "host_seconds_per_epoch": trained.host_seconds,  # logging and checkpointing, beside the device's next call
+        "streamed": dataset.streamed,
+        **({"input_wait_fraction": _input_wait_fraction(history)} if dataset.streamed else {}),
         "total_seconds": time.perf_counter() - timings["start"],
         "platform": jax.devices()[0].platform,
     }
     return jax.tree.map(jnp.asarray, state), summary
+
+
+def _input_wait_fraction(history: list[dict]) -> float:
+    """The fraction of a streamed run's training seconds that the host waited for its input."""
+    seconds = sum(row["seconds"] for row in history)
+    return sum(row.get("input_wait_seconds", 0.0) for row in history) / seconds if seconds else 0.0
 
 
 def _first(totals: epoch_lib.Metrics) -> epoch_lib.Metrics:
