@@ -56,7 +56,7 @@ def test_a_streamed_run_trains_on_the_device_resident_runs_batches(tmp_path):
 def test_batch_order_reads_each_example_once_a_pass_across_epochs_of_s_steps():
     n, batch, per_pass = 10, 4, 3  # passes of 3 batches, the last with 2 real rows
     order = streamed.BatchOrder(jax.random.key(0), n, batch, True, steps=2)  # epochs of 2 steps
-    idx, mask = zip(*(order.epoch(e) for e in range(1, 7)))  # 12 steps: 4 passes
+    idx, mask = zip(*(order.epoch(e) for e in range(1, 7)), strict=True)  # 12 steps: 4 passes
     idx, mask = np.concatenate(idx), np.concatenate(mask)
     for p in range(4):
         seen = idx[p * per_pass : (p + 1) * per_pass][mask[p * per_pass : (p + 1) * per_pass]]

@@ -96,8 +96,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.epochs_per_call = 0
     c.train.host_interval_seconds = 0.5
     # Streamed epochs (data larger than the device, or data.stream = True): batches per compiled chunk, read and
-    # put on the device while the chunk before trains.
-    c.train.steps_per_call = 32
+    # put on the device while the chunk before trains; 0 chooses chunks of about 32 MB (at most an epoch).
+    c.train.steps_per_call = 0
     # 0: an epoch is one pass over the training split. S > 0: an epoch is S steps of a stream that reads the split
     # round and round (each pass in its own order, every example once a pass); the epoch is then streamed.
     c.train.steps_per_epoch = 0
@@ -107,23 +107,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.optimizer = optimizer_config()  # name, learning_rate, momentum, b1, b2, weight_decay, clip_norm, schedule
 
-    c.early_stopping = (
-        ml_collections.ConfigDict()
-    )  # Keras's EarlyStopping, plus Prechelt's rules; see early_stopping.py
-    c.early_stopping.enabled = False
-    c.early_stopping.monitor = "val_loss"
-    c.early_stopping.mode = "auto"  # auto, min, max
-    c.early_stopping.min_delta = 0.0
-    c.early_stopping.patience = 0
-    c.early_stopping.baseline = ml_collections.config_dict.placeholder(float)  # None: no baseline
-    c.early_stopping.start_from_epoch = 0
-    c.early_stopping.restore_best = False  # end with the best epoch's parameters
-    c.early_stopping.rule = "patience"  # patience (Keras), gl, pq, up (Prechelt 1998)
-    c.early_stopping.alpha = ml_collections.config_dict.placeholder(float)  # gl / pq threshold; None: default
-    c.early_stopping.k = 5  # strip length (pq, up)
-    c.early_stopping.strips = 1  # s of UP_s
-    c.early_stopping.stop_on_nonfinite = True  # divergence guard: stop at a NaN/inf monitored value
-    c.early_stopping.divergence_threshold = ml_collections.config_dict.placeholder(float)
+    c.early_stopping = early_stopping_config()  # Keras's EarlyStopping, plus Prechelt's rules; see early_stopping.py
 
     c.checkpoint = ml_collections.ConfigDict()  # orbax; rerunning in the workdir resumes from the newest one
     c.checkpoint.enabled = True
@@ -137,6 +121,26 @@ def base_config() -> ml_collections.ConfigDict:
 def schedule_config() -> ml_collections.ConfigDict:
     """The keys of `optimizer.schedule`, with their defaults (optim.SCHEDULE_DEFAULTS: every length in epochs)."""
     return ml_collections.ConfigDict(dict(optim.SCHEDULE_DEFAULTS))
+
+
+def early_stopping_config() -> ml_collections.ConfigDict:
+    """The keys of the `early_stopping` section, with their defaults (core/early_stopping.py's EarlyStopping)."""
+    e = ml_collections.ConfigDict()
+    e.enabled = False
+    e.monitor = "val_loss"
+    e.mode = "auto"  # auto, min, max
+    e.min_delta = 0.0
+    e.patience = 0
+    e.baseline = ml_collections.config_dict.placeholder(float)  # None: no baseline
+    e.start_from_epoch = 0
+    e.restore_best = False  # end with the best epoch's parameters
+    e.rule = "patience"  # patience (Keras), gl, pq, up (Prechelt 1998)
+    e.alpha = ml_collections.config_dict.placeholder(float)  # gl / pq threshold; None: default
+    e.k = 5  # strip length (pq, up)
+    e.strips = 1  # s of UP_s
+    e.stop_on_nonfinite = True  # divergence guard: stop at a NaN/inf monitored value
+    e.divergence_threshold = ml_collections.config_dict.placeholder(float)
+    return e
 
 
 def optimizer_config() -> ml_collections.ConfigDict:
@@ -231,7 +235,7 @@ def _validate_train(t: ml_collections.ConfigDict) -> None:
     if not isinstance(t.test_every, int) or t.test_every < 1:
         _fail("train.test_every", f"{t.test_every!r} is not a positive integer", "Use 1 or more.")
     for key in ("steps_per_call", "steps_per_epoch"):
-        value, least = t[key], 1 if key == "steps_per_call" else 0
+        value, least = t[key], 0
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
             _fail(f"train.{key}", f"{value!r} is not a whole number >= {least}", f"Use {least} or more steps.")
     if not isinstance(t.validate_every, int) or t.validate_every < 1:

@@ -132,7 +132,9 @@ def final_metrics(run: Setup, state) -> tuple[dict, float]:
         programs = streamed.make_programs(run.spec)
         sizes = setup.eval_sizes(run.config, {name: data_lib.count(split) for name, split in run.held_out.items()})
         spec = dataclasses.replace(run.spec, eval_batch_sizes=sizes)
-        return streamed.final_metrics(programs, spec, state, run.held_out, run.config.train.steps_per_call), 0.0
+        per_chunk = streamed.chunk_steps(run.config, run.dataset, run.pieces.steps_per_epoch)
+        examples = per_chunk * run.config.train.batch_size
+        return streamed.final_metrics(programs, spec, state, run.held_out, examples), 0.0
     sizes = setup.eval_sizes(run.config, {name: epoch_lib.num_examples(d) for name, d in run.held_out.items()})
     evaluate = jax.jit(program_lib.make_evaluate(dataclasses.replace(run.spec, eval_batch_sizes=sizes)))
     compiled = evaluate.lower(setup.with_run_axis(state), run.held_out).compile()
@@ -259,9 +261,10 @@ def train_streamed(run: Setup, programs: Programs, position, history, workdir, c
         return consume(rows, epoch, seconds, {"input_wait_seconds": waited})
 
     held = {name: run.held_out[name] for name in run.spec.eval_batch_sizes}
+    per_chunk = streamed.chunk_steps(config, run.dataset, run.pieces.steps_per_epoch)
     loop = streamed.Loop(
         programs.streamed, run.spec, setup.es_hparams([run.pieces.tracker]), run.dataset.train, held,
-        run.pieces.steps_per_epoch, config.train.steps_per_call, config.train.epochs,
+        run.pieces.steps_per_epoch, per_chunk, per_chunk * config.train.batch_size, config.train.epochs,
     )  # fmt: skip
     key = setup.without_run_axis(position.start).state.key
     order = streamed.BatchOrder(key, data_lib.count(run.dataset.train), config.train.batch_size,

@@ -68,16 +68,34 @@ def wants_stream(config, data_bytes: int) -> bool:
     return bool(config.train.steps_per_epoch) or data_bytes > budget(config)[0]
 
 
-def check_chunk_fits(config, dataset: data_lib.Dataset) -> None:
-    """ConfigError when two chunks (the one training and the next, put ahead) exceed the device budget."""
-    row = sum(int(np.prod(a.shape[1:], dtype=np.int64)) * a.dtype.itemsize for a in jax.tree.leaves(dataset.train.x))
-    row += int(np.prod(dataset.train.y.shape[1:], dtype=np.int64)) * dataset.train.y.dtype.itemsize + 1
+CHUNK_BYTES = 32 << 20  # train.steps_per_call = 0: chunks of about this size (a quarter of the budget at most)
+
+
+def _row_bytes(split: data_lib.Split) -> int:
+    """Bytes of one example as the device gets it: its inputs, its label and its mask entry."""
+    row = sum(int(np.prod(a.shape[1:], dtype=np.int64)) * a.dtype.itemsize for a in jax.tree.leaves(split.x))
+    return row + int(np.prod(split.y.shape[1:], dtype=np.int64)) * split.y.dtype.itemsize + 1
+
+
+def chunk_steps(config, dataset: data_lib.Dataset, steps: int) -> int:
+    """Batches per chunk: `train.steps_per_call`, or with 0 as many as make about CHUNK_BYTES (at most a quarter
+    of the device budget, and at most an epoch): a chunk per epoch for small data, few calls per epoch for large."""
     t = config.train
-    chunk = t.steps_per_call * t.batch_size * row
+    if t.steps_per_call:
+        return t.steps_per_call
+    target = min(CHUNK_BYTES, budget(config)[0] // 4)
+    return int(max(1, min(steps, target // (t.batch_size * _row_bytes(dataset.train)))))
+
+
+def check_chunk_fits(config, dataset: data_lib.Dataset, steps: int) -> None:
+    """ConfigError when two chunks (the one training and the next, put ahead) exceed the device budget."""
+    t = config.train
+    per_call = chunk_steps(config, dataset, steps)
+    chunk = per_call * t.batch_size * _row_bytes(dataset.train)
     limit, where = budget(config)
     if 2 * chunk > limit:
         raise config_lib.ConfigError(
-            f"A streamed chunk of train.steps_per_call = {t.steps_per_call} batches of {t.batch_size} examples takes "
+            f"A streamed chunk of train.steps_per_call = {per_call} batches of {t.batch_size} examples takes "
             f"{chunk / 1e6:.2f} MB, twice that with the next one put on the device ahead, more than the device "
             f"budget of {limit / 1e6:.2f} MB ({where}). Lower train.steps_per_call or train.batch_size, or raise "
             "data.device_memory_fraction."
@@ -190,23 +208,25 @@ def make_programs(spec: program_lib.RunSpec) -> Programs:
     )
 
 
-def evaluate(programs: Programs, spec, state_r, split: data_lib.Split, name: str, per_chunk: int) -> Any:
-    """A held-out split's metric sums for the runs' states, streamed in order."""
-    n = data_lib.count(split)
-    idx, mask = eval_order(n, spec.eval_batch_sizes[name])
+def evaluate(programs: Programs, spec, state_r, split: data_lib.Split, name: str, chunk_examples: int) -> Any:
+    """A held-out split's metric sums for the runs' states, streamed in order, chunks of about `chunk_examples`."""
+    n, batch = data_lib.count(split), spec.eval_batch_sizes[name]
+    idx, mask = eval_order(n, batch)
     sums = stream_lib.zero_sums(spec, jax.tree.leaves(state_r.step)[0].shape[0])
-    for chunk, _ in chunks(split, idx, mask, per_chunk, f"the {name} split"):
+    for chunk, _ in chunks(split, idx, mask, max(1, chunk_examples // batch), f"the {name} split"):
         sums = programs.eval_chunk(state_r, sums, {"x": chunk["x"], "y": chunk["y"]}, chunk["mask"])
     return sums
 
 
-def final_metrics(programs: Programs, spec, state, held_out: dict, per_chunk: int) -> dict:
+def final_metrics(programs: Programs, spec, state, held_out: dict, chunk_examples: int) -> dict:
     """Every held-out split's metrics of `state` (no run axis), streamed."""
     state_r = jax.tree.map(lambda a: jnp.asarray(a)[None], state)
     out = {}
     for name, split in held_out.items():
         sizes = {**spec.eval_batch_sizes, name: min(spec.eval_batch_sizes.get(name, 1000), data_lib.count(split))}
-        sums = evaluate(programs, dataclasses.replace(spec, eval_batch_sizes=sizes), state_r, split, name, per_chunk)
+        sums = evaluate(
+            programs, dataclasses.replace(spec, eval_batch_sizes=sizes), state_r, split, name, chunk_examples
+        )
         out.update(jax.tree.map(lambda a: np.asarray(a)[0], jax.device_get(sums)).means(name))
     return out
 
@@ -256,7 +276,8 @@ class Loop(NamedTuple):
     train: data_lib.Split
     held_out: dict  # the held-out splits evaluated during training: "val", and "test" with train.log_test
     steps: int  # steps per epoch
-    per_chunk: int  # train.steps_per_call
+    per_chunk: int  # training batches per chunk (chunk_steps)
+    chunk_examples: int  # examples per chunk (of held-out splits too)
     last_epoch: int
 
 
@@ -308,9 +329,9 @@ def _conclude(loop: Loop, start, carry, sums, epoch: int):
     zero = stream_lib.zero_sums(loop.spec, 1)
     val = test = zero
     if "val" in loop.held_out and val_due:
-        val = evaluate(loop.programs, loop.spec, carry.state, loop.held_out["val"], "val", loop.per_chunk)
+        val = evaluate(loop.programs, loop.spec, carry.state, loop.held_out["val"], "val", loop.chunk_examples)
     if "test" in loop.held_out and test_due:
-        test = evaluate(loop.programs, loop.spec, carry.state, loop.held_out["test"], "test", loop.per_chunk)
+        test = evaluate(loop.programs, loop.spec, carry.state, loop.held_out["test"], "test", loop.chunk_examples)
     as_int = lambda v: np.asarray(v, np.int32)
     return loop.programs.conclude(start, carry, sums, val, test, loop.es_hparams, as_int(epoch), np.asarray(val_due))
 
