@@ -19,6 +19,12 @@ The default rule ("patience") is Keras 3's `keras.callbacks.EarlyStopping.on_epo
 
 Keras reports 0-based epochs; here `stop_epoch = stopped_epoch + 1` and `best_epoch = best_epoch + 1`.
 
+An epoch without the monitored value (validation every n epochs: `update(..., observed=False)`) still counts:
+patience stays in epochs, as Keras's does with a validation value every epoch (not in validation checks, as
+Lightning's does). With validation every 5 epochs and patience 10, a best at epoch 5 and nothing better at 10
+and 15 stops at epoch 15. Rules and the divergence guard fire only on observed epochs; Prechelt's strips end
+every k epochs, and a strip end is measured only where it is observed.
+
 Mode "auto" follows Keras 3, which asks the compiled metric for its direction: a "val_" (or here "train_")
 prefix is dropped, "loss" is minimized, the names of Keras's metrics that go up ("acc", "accuracy", "auc",
 "precision", ...) are maximized, its error metrics ("mse", "mae", ...) minimized, and any other name is an
@@ -285,14 +291,21 @@ class EarlyStopping:
         value: Any,
         train_value: Any = None,
         hparams: EarlyStoppingHParams | None = None,
+        observed: Any = True,
     ) -> EarlyStoppingState:
         """The state after one more epoch whose monitored value is `value` (and training error `train_value`,
-        needed by rule "pq"). Pure: jit-, scan- and vmap-safe. A stopped state is returned unchanged."""
+        needed by rule "pq"). Pure: jit-, scan- and vmap-safe. A stopped state is returned unchanged.
+
+        `observed` (a bool, may be traced) False is an epoch without the monitored value (validation not due):
+        `value` is ignored, the epoch counts (patience stays in epochs: `wait` goes up by one once a best exists
+        and the epoch is monitored), the training error still enters PQ's strip (it exists every epoch), and
+        nothing else changes: no improvement, no strip end measured (PQ, UP), no rule and no divergence fires."""
         if train_value is None and self.needs_train_value:
             raise ValueError('rule="pq" needs the training error: update(state, value, train_value).')
         h = self.hparams() if hparams is None else hparams
         value = jnp.asarray(value, jnp.float32)
         minimize = self.direction == "min"
+        observed = jnp.asarray(observed, bool)
         epoch = state.epoch + 1
         active = epoch > h.start_from_epoch
         seen = epoch - h.start_from_epoch  # monitored epochs including this one (when active)
@@ -303,6 +316,10 @@ class EarlyStopping:
         wait = jnp.where(improved & beats_baseline, 0, state.wait + 1)
         best_value = jnp.where(improved, value, state.best_value)
         best_epoch = jnp.where(improved, epoch, state.best_epoch)
+        # An unobserved epoch: no value, so no improvement; the wait for one counts it once a best exists.
+        wait = jnp.where(observed, wait, jnp.where(state.best_epoch > 0, state.wait + 1, state.wait))
+        best_value = jnp.where(observed, best_value, state.best_value)
+        best_epoch = jnp.where(observed, best_epoch, state.best_epoch)
 
         # Prechelt: GL every epoch, P_k and UP at strip ends.
         train_k = state.train_k
@@ -312,8 +329,9 @@ class EarlyStopping:
         gl = 100.0 * (value / best_value - 1.0)
         progress = 1000.0 * (train_k.sum() / (self.k * train_k.min()) - 1.0)
         worse = value > state.strip_value if minimize else value < state.strip_value
-        up_strips = jnp.where(strip_end, jnp.where(worse, state.up_strips + 1, 0), state.up_strips)
-        strip_value = jnp.where(strip_end, value, state.strip_value)
+        measured = strip_end & observed  # a strip end without a validation value is not measured
+        up_strips = jnp.where(measured, jnp.where(worse, state.up_strips + 1, 0), state.up_strips)
+        strip_value = jnp.where(measured, value, state.strip_value)
 
         fired = {
             "patience": ~improved & (wait >= h.patience) & (epoch > 1),  # Keras's `epoch > 0`
@@ -324,6 +342,7 @@ class EarlyStopping:
         diverged = value > h.divergence_threshold if minimize else value < h.divergence_threshold
         if self.stop_on_nonfinite:
             diverged = diverged | ~jnp.isfinite(value)
+        fired, diverged = fired & observed, diverged & observed  # no value this epoch: nothing to judge
         stop = fired | diverged
         reason = jnp.where(diverged, DIVERGENCE, jnp.where(fired, RULES.index(self.rule) + 1, NO_STOP))
 

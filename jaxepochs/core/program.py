@@ -81,6 +81,11 @@ def _metric(by_split: dict[str, epoch_lib.Metrics], monitor: str) -> jax.Array:
     return by_split[split].mean(name)
 
 
+def _observed(monitor: str, val_due):
+    """Whether an epoch measured `monitor`: a validation metric where validation was due, any other every epoch."""
+    return val_due if monitor.startswith("val_") else True
+
+
 def _evaluate(spec: RunSpec, name: str, state: epoch_lib.TrainState, splits) -> epoch_lib.Metrics:
     batch_size = spec.eval_batch_sizes[name]
     return epoch_lib.eval_epoch(state.params, state.model_state, splits[name], task=spec.task, batch_size=batch_size)
@@ -114,13 +119,22 @@ def conclude_epoch(spec: RunSpec, carry: RunCarry, state, train_m, val_m, test_m
     parameters and the non-finite guard. One run; the device-resident epoch and the streamed one (whose epoch
     trains in chunks that the host feeds) both end here. Returns (carry, (train, val, test, learning rate))."""
     by_split = {"train": train_m, "val": val_m}
+    # Early stopping sees every epoch (its patience counts epochs); its monitor is observed where it was measured.
     es_state = spec.tracker.update(
-        carry.es_state, _metric(by_split, spec.tracker.monitor), train_m.mean("loss"), es_hparams
+        carry.es_state,
+        _metric(by_split, spec.tracker.monitor),
+        train_m.mean("loss"),
+        es_hparams,
+        observed=_observed(spec.tracker.monitor, val_due),
     )
     learning_rate = optim.learning_rate_of(state.opt_state).astype(jnp.float32)
     plateau = carry.plateau
     if plateau is not None:
-        plateau = optim.plateau_update(plateau, _metric(by_split, spec.plateau_monitor))
+        # reduce_on_plateau is fed only the epochs its monitor was measured: with validation every n epochs its
+        # patience and cooldown count validations (as optax's count the values fed to it), not epochs.
+        fed = optim.plateau_update(plateau, _metric(by_split, spec.plateau_monitor))
+        observed = _observed(spec.plateau_monitor, val_due)
+        plateau = jax.tree.map(lambda new, old: jnp.where(observed, new, old), fed, plateau)
         state = state._replace(opt_state=optim.with_plateau_scale(state.opt_state, plateau))
     finite = jnp.isfinite(train_m.sums["loss"])
     # A run halted before this epoch keeps everything; a non-finite epoch is discarded and halts the run.

@@ -112,7 +112,8 @@ def divergence_warning(history: list[dict], epoch: int, chance: float | None = N
 
 
 def metrics_row(epoch: int, steps: int, train, val, test, lr) -> dict:
-    """One metrics.jsonl row from an epoch's metric sums (val/test None, or count 0, when not evaluated)."""
+    """One metrics.jsonl row from an epoch's metric sums (val/test None, or count 0, when not evaluated: no split,
+    or not due that epoch); a split not evaluated has no fields in the row."""
     row = {"epoch": epoch, "steps": steps, **train.means("train")}
     for totals, prefix in ((val, "val"), (test, "test")):
         if totals is not None and float(totals.count) > 0:
@@ -243,9 +244,11 @@ def plot_curves(history: list[dict], path: pathlib.Path, title: str) -> None:
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
         for split, label in (("train", "train"), ("val", "validation"), ("test", "test")):
+            # Only the epochs that evaluated the split (train.validate_every, train.test_every): marked when sparse.
             points = [(row["epoch"], row[f"{split}_{name}"]) for row in history if f"{split}_{name}" in row]
             if points and (split != "test" or len(points) > 1):
-                ax.plot(*zip(*points, strict=True), label=label)
+                marker = "." if len(points) < len(history) else None
+                ax.plot(*zip(*points, strict=True), label=label, marker=marker)
         ax.set_xlabel("epoch")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)

@@ -44,18 +44,19 @@ def results(runs, histories: dict, summaries: dict) -> list[dict]:
 
 
 def cross_validation(runs, histories: dict, cv: int) -> list[dict]:
-    """Per configuration: the validation curve's mean and spread over its K folds per epoch, and the epoch
-    count it recommends (the best mean val_loss)."""
+    """Per configuration: the validation curve's mean and spread over its K folds at each epoch that every fold
+    validated (`val_epochs`: all of them, or every train.validate_every-th), and the epoch count it recommends
+    (the best mean val_loss)."""
     by_config: dict[str, list] = {}
     for run in runs:
         by_config.setdefault(run.name.rsplit("_fold", 1)[0], []).append(run)
     out = []
     for name, folds in by_config.items():
-        curves = [[row["val_loss"] for row in histories[f.name]] for f in folds]
-        length = min(len(c) for c in curves)
-        if length == 0:
+        curves = [{row["epoch"]: row["val_loss"] for row in histories[f.name] if "val_loss" in row} for f in folds]
+        epochs = sorted(set.intersection(*(set(c) for c in curves)))
+        if not epochs:
             continue
-        loss_ke = np.array([c[:length] for c in curves])
+        loss_ke = np.array([[c[e] for e in epochs] for c in curves])
         mean_e, std_e = loss_ke.mean(0), loss_ke.std(0)
         best = int(np.nanargmin(mean_e))
         out.append(
@@ -63,9 +64,10 @@ def cross_validation(runs, histories: dict, cv: int) -> list[dict]:
                 "config": name,
                 "values": folds[0].values,
                 "folds": cv,
+                "val_epochs": epochs,
                 "mean_val_loss": mean_e.tolist(),
                 "std_val_loss": std_e.tolist(),
-                "recommended_epochs": best + 1,
+                "recommended_epochs": epochs[best],
                 "best_mean_val_loss": float(mean_e[best]),
                 "best_std_val_loss": float(std_e[best]),
             }
@@ -144,13 +146,11 @@ def plot(path: pathlib.Path, runs, histories: dict, results_rows: list[dict], gr
     ax = axes[0][0]
     best = results_rows[0]["run"]
     for run in runs:
-        rows = histories[run.name]
-        if not rows or monitor not in rows[0]:
+        points = [(row["epoch"], row[monitor]) for row in histories[run.name] if monitor in row]
+        if not points:  # rows without the monitor: epochs not validated (train.validate_every)
             continue
-        ys = [row[monitor] for row in rows]
         ax.plot(
-            range(1, len(ys) + 1),
-            ys,
+            *zip(*points, strict=True),
             color="C3" if run.name == best else "grey",
             lw=2 if run.name == best else 0.6,
             alpha=1 if run.name == best else 0.5,
