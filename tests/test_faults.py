@@ -318,7 +318,9 @@ def test_damaged_dataset_files_say_to_prepare_them_again(tmp_path, tfds_data_dir
         data[len(data) // 3 : len(data) // 3 + 64] = b"\xff" * 64
         record.write_bytes(bytes(data))
     config = tiny_config({"train.epochs": "1", "data.data_dir": str(data_dir)})
-    with pytest.raises(jaxepochs.DataError, match=r"cannot be read .* its files \(.*\) are damaged\. Delete .* prepare it again"):
+    with pytest.raises(
+        jaxepochs.DataError, match=r"cannot be read .* its files \(.*\) are damaged\. Delete .* prepare it again"
+    ):
         jaxepochs.train_and_evaluate(config, tmp_path / "w", quiet=True)
 
 
