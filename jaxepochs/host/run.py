@@ -260,11 +260,12 @@ def train_streamed(run: Setup, programs: Programs, position, history, workdir, c
     def consume_epoch(rows, epoch: int, seconds: float, waited: float) -> bool:
         return consume(rows, epoch, seconds, {"input_wait_seconds": waited})
 
-    held = {name: run.held_out[name] for name in run.spec.eval_batch_sizes}
     per_chunk = streamed.chunk_steps(config, run.dataset, run.pieces.steps_per_epoch)
+    examples = per_chunk * config.train.batch_size
+    held = streamed.held_out_for_training(config, run.spec, run.held_out, examples)
     loop = streamed.Loop(
         programs.streamed, run.spec, setup.es_hparams([run.pieces.tracker]), run.dataset.train, held,
-        run.pieces.steps_per_epoch, per_chunk, per_chunk * config.train.batch_size, config.train.epochs,
+        run.pieces.steps_per_epoch, per_chunk, config.train.epochs,
     )  # fmt: skip
     key = setup.without_run_axis(position.start).state.key
     order = streamed.BatchOrder(key, data_lib.count(run.dataset.train), config.train.batch_size,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import pathlib
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any, NamedTuple
@@ -119,12 +120,14 @@ class BatchOrder:
         shuffle_key = jax.random.fold_in(jnp.asarray(run_key), epoch_lib.SHUFFLE_STREAM)
         self._order = jax.jit(lambda p: epoch_lib.batch_indices(shuffle_key, p, n, batch_size, shuffle))
         self._passes: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._lock = threading.Lock()  # grain's reader threads ask for passes
 
     def _pass(self, p: int):
-        if p not in self._passes:
-            self._passes = {k: v for k, v in self._passes.items() if k >= p - 1}  # at most the last two
-            self._passes[p] = tuple(np.asarray(a) for a in jax.device_get(self._order(np.int32(p))))
-        return self._passes[p]
+        with self._lock:
+            if p not in self._passes:
+                self._passes = {k: v for k, v in self._passes.items() if k >= p - 3}  # those reads may still need
+                self._passes[p] = tuple(np.asarray(a) for a in jax.device_get(self._order(np.int32(p))))
+            return self._passes[p]
 
     def epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """The epoch's batches: indices int32 [S, B] and mask bool [S, B]."""
@@ -163,15 +166,56 @@ class _Chunks:
         return {"x": jax.tree.map(gather, self.split.x), "y": gather(self.split.y), "mask": self.mask_sb[part]}
 
 
+class _TrainChunks(_Chunks):
+    """grain's source over a run's training chunks from a position to the last epoch, across epochs: grain's
+    threads read the next epoch's first chunks while this epoch ends (for small data, a whole epoch is one chunk).
+    Chunk g is steps [start, stop) of an epoch: the first epoch's from the position's step, every later one's
+    from 0, `per_chunk` steps each and a shorter last one."""
+
+    def __init__(self, split, order: BatchOrder, position_epoch: int, position_step: int, last_epoch: int,
+                 per_chunk: int):  # fmt: skip
+        self.split, self.order, self.per_chunk = split, order, per_chunk
+        self.epoch0, self.step0, steps = position_epoch, position_step, order.steps
+        self.first = math.ceil((steps - position_step) / per_chunk)
+        self.per_epoch = math.ceil(steps / per_chunk)
+        self.count = self.first + max(0, last_epoch - position_epoch) * self.per_epoch
+
+    def __len__(self) -> int:
+        return self.count
+
+    def where(self, g: int) -> tuple[int, int, int]:
+        """Chunk g's epoch and its steps [start, stop)."""
+        if g < self.first:
+            epoch, start = self.epoch0, self.step0 + g * self.per_chunk
+        else:
+            epoch, start = self.epoch0 + 1 + (g - self.first) // self.per_epoch, (g - self.first) % self.per_epoch
+            start *= self.per_chunk
+        return epoch, start, min(start + self.per_chunk, self.order.steps)
+
+    def __getitem__(self, g: int) -> dict:
+        epoch, start, stop = self.where(g)
+        idx_sb, mask_sb = self.order.epoch(epoch)
+        idx = idx_sb[start:stop]
+        flat = idx.reshape(-1)
+        gather = lambda a: np.asarray(a[flat]).reshape(*idx.shape, *a.shape[1:])
+        return {"x": jax.tree.map(gather, self.split.x), "y": gather(self.split.y), "mask": mask_sb[start:stop]}
+
+
 class ReadError(RuntimeError):
     """Reading the data failed inside the input pipeline; the message names the split, the chunk and the error."""
 
 
 def chunks(split: data_lib.Split, idx_sb, mask_sb, per_chunk: int, what: str) -> Iterator[tuple[dict, float]]:
-    """The plan's chunks on the device, each with the seconds the host waited for it: grain's threads read the
-    next chunks while this one trains, and the next is put on the device when this one is taken (before the
-    caller needs its results). A failure in a reader thread is a ReadError naming the chunk."""
+    """The plan's chunks on the device, each with the seconds the host waited for it (see `read`)."""
     source = _Chunks(split, idx_sb, mask_sb, per_chunk)
+    return read(source, lambda c: f"chunk {c + 1} of {len(source)} of {what}")
+
+
+def read(source, name) -> Iterator[tuple[dict, float]]:
+    """A chunk source's chunks on the device, each with the seconds the host waited for it: grain's threads read
+    the next chunks while this one trains, and the next is put on the device when this one is taken (after the
+    caller dispatched its work on this one). A failure in a reader thread is a ReadError naming the chunk
+    (`name(c)`)."""
     options = grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=READ_AHEAD)
     reader = iter(grain.MapDataset.source(source).to_iter_dataset(options))
     for c in range(len(source)):
@@ -179,7 +223,7 @@ def chunks(split: data_lib.Split, idx_sb, mask_sb, per_chunk: int, what: str) ->
         try:
             chunk = next(reader)
         except Exception as e:
-            raise ReadError(f"reading chunk {c + 1} of {len(source)} of {what} failed: {type(e).__name__}: {e}") from e
+            raise ReadError(f"reading {name(c)} failed: {type(e).__name__}: {e}") from e
         yield jax.device_put(chunk), time.perf_counter() - start
 
 
@@ -208,12 +252,42 @@ def make_programs(spec: program_lib.RunSpec) -> Programs:
     )
 
 
-def evaluate(programs: Programs, spec, state_r, split: data_lib.Split, name: str, chunk_examples: int) -> Any:
-    """A held-out split's metric sums for the runs' states, streamed in order, chunks of about `chunk_examples`."""
-    n, batch = data_lib.count(split), spec.eval_batch_sizes[name]
-    idx, mask = eval_order(n, batch)
+class HeldOut:
+    """A held-out split as evaluation chunks, in order: streamed at each evaluation, or with `keep` read once and
+    kept on the device (a validation split that fits its share of the budget: the same chunks every epoch)."""
+
+    def __init__(self, split: data_lib.Split, name: str, batch_size: int, chunk_examples: int, keep: bool):
+        self.split, self.name, self.batch_size, self.keep = split, name, batch_size, keep
+        self.per_chunk = max(1, chunk_examples // batch_size)
+        self._kept: list[dict] | None = None
+
+    def chunks(self):
+        if self._kept is not None:
+            return self._kept
+        idx, mask = eval_order(data_lib.count(self.split), self.batch_size)
+        read_now = (chunk for chunk, _ in chunks(self.split, idx, mask, self.per_chunk, f"the {self.name} split"))
+        if self.keep:
+            self._kept = list(read_now)
+            return self._kept
+        return read_now
+
+
+def held_out_for_training(config, spec, held_out: dict, chunk_examples: int) -> dict[str, HeldOut]:
+    """The held-out splits evaluated during training; kept on the device while together they take at most a
+    quarter of the budget."""
+    room, out = budget(config)[0] // 4, {}
+    for name in spec.eval_batch_sizes:
+        split = held_out[name]
+        size = data_lib.count(split) * _row_bytes(split)
+        out[name] = HeldOut(split, name, spec.eval_batch_sizes[name], chunk_examples, keep=size <= room)
+        room -= size if size <= room else 0
+    return out
+
+
+def evaluate(programs: Programs, spec, state_r, held: HeldOut) -> Any:
+    """A held-out split's metric sums for the runs' states."""
     sums = stream_lib.zero_sums(spec, jax.tree.leaves(state_r.step)[0].shape[0])
-    for chunk, _ in chunks(split, idx, mask, max(1, chunk_examples // batch), f"the {name} split"):
+    for chunk in held.chunks():
         sums = programs.eval_chunk(state_r, sums, {"x": chunk["x"], "y": chunk["y"]}, chunk["mask"])
     return sums
 
@@ -224,9 +298,8 @@ def final_metrics(programs: Programs, spec, state, held_out: dict, chunk_example
     out = {}
     for name, split in held_out.items():
         sizes = {**spec.eval_batch_sizes, name: min(spec.eval_batch_sizes.get(name, 1000), data_lib.count(split))}
-        sums = evaluate(
-            programs, dataclasses.replace(spec, eval_batch_sizes=sizes), state_r, split, name, chunk_examples
-        )
+        held = HeldOut(split, name, sizes[name], chunk_examples, keep=False)
+        sums = evaluate(programs, dataclasses.replace(spec, eval_batch_sizes=sizes), state_r, held)
         out.update(jax.tree.map(lambda a: np.asarray(a)[0], jax.device_get(sums)).means(name))
     return out
 
@@ -274,10 +347,9 @@ class Loop(NamedTuple):
     spec: program_lib.RunSpec
     es_hparams: Any
     train: data_lib.Split
-    held_out: dict  # the held-out splits evaluated during training: "val", and "test" with train.log_test
+    held_out: dict  # {name: HeldOut} evaluated during training: "val", and "test" with train.log_test
     steps: int  # steps per epoch
     per_chunk: int  # training batches per chunk (chunk_steps)
-    chunk_examples: int  # examples per chunk (of held-out splits too)
     last_epoch: int
 
 
@@ -293,33 +365,39 @@ def train_epochs(
     epochs, steps_in = cadence
     start, carry, sums, epoch, step = position
     latest["carry"] = start
-    while epoch <= loop.last_epoch:
-        began, waited = time.perf_counter(), 0.0
-        idx, mask = order.epoch(epoch)
-        try:
-            for chunk, wait in chunks(loop.train, idx[step:], mask[step:], loop.per_chunk, f"epoch {epoch}'s batches"):
-                waited += wait
-                carry, sums = loop.programs.train_chunk(carry, sums, {"x": chunk["x"], "y": chunk["y"]}, chunk["mask"])
-                step += chunk["mask"].shape[0]
-                if step < loop.steps and (stop() or steps_in.due((epoch - 1) * loop.steps + step)):
+    source = _TrainChunks(loop.train, order, epoch, step, loop.last_epoch, loop.per_chunk)
+
+    def name(g: int) -> str:
+        e, first, _ = source.where(g)
+        return f"chunk {first // loop.per_chunk + 1} of {source.per_epoch} of epoch {e}'s batches"
+
+    began, waited = time.perf_counter(), 0.0
+    try:
+        for chunk, wait in read(source, name):
+            waited += wait
+            carry, sums = loop.programs.train_chunk(carry, sums, {"x": chunk["x"], "y": chunk["y"]}, chunk["mask"])
+            step += chunk["mask"].shape[0]
+            if step < loop.steps:
+                if stop() or steps_in.due((epoch - 1) * loop.steps + step):
                     save_in_epoch(Position(start, carry, sums, epoch, step))
                     steps_in.done((epoch - 1) * loop.steps + step)
                     if stop():
                         return start, True
-        except ReadError:
-            if step:
-                save_in_epoch(Position(start, carry, sums, epoch, step))
-            raise
-        carry, rows = _conclude(loop, start, carry, sums, epoch)
-        latest["carry"] = carry
-        halted = consume(jax.device_get(rows), epoch, time.perf_counter() - began, waited)
-        start, sums, step = carry, stream_lib.zero_sums(loop.spec, 1), 0
-        if halted or stop() or epoch == loop.last_epoch:
-            return carry, False
-        if epochs.due(epoch):
-            save(carry, epoch)
-            epochs.done(), steps_in.done(epoch * loop.steps)
-        epoch += 1
+                continue
+            carry, rows = _conclude(loop, start, carry, sums, epoch)
+            latest["carry"] = carry
+            halted = consume(jax.device_get(rows), epoch, time.perf_counter() - began, waited)
+            start, sums, step = carry, stream_lib.zero_sums(loop.spec, 1), 0
+            if halted or stop() or epoch == loop.last_epoch:
+                return carry, False
+            if epochs.due(epoch):
+                save(carry, epoch)
+                epochs.done(), steps_in.done(epoch * loop.steps)
+            epoch, began, waited = epoch + 1, time.perf_counter(), 0.0
+    except ReadError:
+        if step:
+            save_in_epoch(Position(start, carry, sums, epoch, step))
+        raise
     return start, False
 
 
@@ -329,9 +407,9 @@ def _conclude(loop: Loop, start, carry, sums, epoch: int):
     zero = stream_lib.zero_sums(loop.spec, 1)
     val = test = zero
     if "val" in loop.held_out and val_due:
-        val = evaluate(loop.programs, loop.spec, carry.state, loop.held_out["val"], "val", loop.chunk_examples)
+        val = evaluate(loop.programs, loop.spec, carry.state, loop.held_out["val"])
     if "test" in loop.held_out and test_due:
-        test = evaluate(loop.programs, loop.spec, carry.state, loop.held_out["test"], "test", loop.chunk_examples)
+        test = evaluate(loop.programs, loop.spec, carry.state, loop.held_out["test"])
     as_int = lambda v: np.asarray(v, np.int32)
     return loop.programs.conclude(start, carry, sums, val, test, loop.es_hparams, as_int(epoch), np.asarray(val_due))
 
