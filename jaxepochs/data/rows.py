@@ -26,6 +26,7 @@ import numpy as np
 
 ROWS_DIR = "jaxepochs_rows"
 BUILD_BLOCK = 4096  # examples decoded at once while building: the memory the build holds
+RELEASE_ROWS = 2048  # rows gathered between releases of the memory map's pages: the pages a read holds at most
 
 
 class Rows:
@@ -56,8 +57,16 @@ class Rows:
     def __getitem__(self, idx) -> np.ndarray:
         """The rows `idx` (an int, a slice or an index array) as a numpy array: they are read here."""
         rows = idx if self.indices is None else self.indices[idx]
-        out = np.array(self.base[rows])
-        self._release()
+        if not isinstance(self.base, np.memmap) or np.ndim(rows) == 0 or isinstance(rows, slice):
+            out = np.array(self.base[rows])
+            self._release()
+            return out
+        # Random rows touch a page each: a chunk of them could fault in most of the file before a release, so
+        # they are gathered RELEASE_ROWS at a time, the pages dropped after each (at most that many stay mapped).
+        out = np.empty((len(rows), *self.base.shape[1:]), self.base.dtype)
+        for start in range(0, len(rows), RELEASE_ROWS):
+            np.take(self.base, rows[start : start + RELEASE_ROWS], axis=0, out=out[start : start + RELEASE_ROWS])
+            self._release()
         return out
 
     def take(self, idx) -> Rows:
