@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -115,6 +116,18 @@ def test_sigkill_inside_an_epoch_resumes_bit_for_bit(tmp_path, jax_compilation_c
     assert rows(killed) == rows(whole) and len(rows(whole)) == 3
     for a, b in zip(jax.tree.leaves(jaxepochs.load(whole)), jax.tree.leaves(jaxepochs.load(killed)), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # Ctrl-C inside an epoch: the position is saved there, exit 130, and the rerun ends where `whole` ended.
+    stopped = tmp_path / "ctrl_c"
+    child = subprocess.Popen(_command(stopped, {}), cwd=REPO, env=env, stderr=subprocess.DEVNULL)
+    inside = stopped / "checkpoints_in_epoch"
+    while not (inside.is_dir() and any(p.name.isdigit() for p in inside.iterdir())):
+        assert child.poll() is None and time.monotonic() < deadline + 240, "no checkpoint inside an epoch"
+        time.sleep(0.01)
+    child.send_signal(signal.SIGINT)
+    assert child.wait(timeout=120) == 130
+    assert len(rows(stopped)) < 3
+    subprocess.run(_command(stopped, {}), cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
+    assert rows(stopped) == rows(whole)
 
 
 def test_a_failing_read_stops_with_the_error_and_a_resume_loses_nothing(tmp_path, monkeypatch):
@@ -136,6 +149,13 @@ def test_a_failing_read_stops_with_the_error_and_a_resume_loses_nothing(tmp_path
     monkeypatch.setattr(rows_lib.Rows, "__getitem__", real)
     resumed = jaxepochs.train_and_evaluate(config, tmp_path / "w", quiet=True)
     assert _untimed(resumed.history) == _untimed(whole.history)
+
+
+def test_a_streamed_tfds_dataset_that_is_not_prepared_says_how(tmp_path):
+    config = tiny_config({**STREAM, "data.name": "tfds:mnist", "data.data_dir": str(tmp_path / "empty")})
+    with pytest.raises(loading.DataError, match=r"is not prepared in .*download_and_prepare"):
+        jaxepochs.train_and_evaluate(config, tmp_path / "w", quiet=True)
+    assert not (tmp_path / "w").exists()
 
 
 def test_a_budget_too_small_for_a_chunk_and_a_streamed_sweep_are_refused(tmp_path):
