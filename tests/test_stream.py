@@ -185,3 +185,15 @@ def test_a_damaged_shard_is_named_when_its_rows_are_decoded(tmp_path, tfds_data_
         loading.DataError, match=r"its files \(mnist1d-train\.array_record-00000-of-00001\) are damaged"
     ):
         jaxepochs.train_and_evaluate(config, tmp_path / "w", quiet=True)
+
+
+def test_the_host_computes_the_devices_epoch_order_bit_for_bit():
+    from jaxepochs.core import epoch as epoch_lib
+
+    key = jax.random.fold_in(jax.random.PRNGKey(3), epoch_lib.SHUFFLE_STREAM)
+    for n, batch in [(10, 4), (3600, 64), (100_003, 128)]:
+        for p in (1, 7):
+            on_device = epoch_lib.batch_indices(key, np.int32(p), n, batch, True)
+            on_host = streamed._host_batch_indices(key, n, batch, True, p)
+            for a, b in zip(on_device, on_host, strict=True):
+                np.testing.assert_array_equal(np.asarray(a), b)

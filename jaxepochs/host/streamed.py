@@ -16,6 +16,7 @@ epoch and step, from which the order is recomputed. A run resumed from one ends 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import pathlib
 import threading
@@ -118,20 +119,25 @@ class BatchOrder:
         self.n, self.steps = n, steps
         self.per_pass = epoch_lib.steps_per_epoch(n, batch_size)
         shuffle_key = jax.random.fold_in(jnp.asarray(run_key), epoch_lib.SHUFFLE_STREAM)
-        self._order = jax.jit(lambda p: epoch_lib.batch_indices(shuffle_key, p, n, batch_size, shuffle))
+        self._order = functools.partial(_host_batch_indices, shuffle_key, n, batch_size, shuffle)
         self._passes: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._lock = threading.Lock()  # grain's reader threads ask for passes
 
     def _pass(self, p: int):
         with self._lock:
             if p not in self._passes:
-                self._passes = {k: v for k, v in self._passes.items() if k >= p - 3}  # those reads may still need
-                self._passes[p] = tuple(np.asarray(a) for a in jax.device_get(self._order(np.int32(p))))
+                self._passes = {k: v for k, v in self._passes.items() if k >= p - 2}  # reads in flight may need
+                self._passes[p] = self._order(p)
             return self._passes[p]
 
     def epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """The epoch's batches: indices int32 [S, B] and mask bool [S, B]."""
-        g, end = (epoch - 1) * self.steps, epoch * self.steps
+        return self.batches(epoch, 0, self.steps)
+
+    def batches(self, epoch: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """Steps [start, stop) of the epoch: indices int32 [stop - start, B] and mask bool (a chunk's, read
+        without copying the rest of the epoch)."""
+        g, end = (epoch - 1) * self.steps + start, (epoch - 1) * self.steps + stop
         idx, mask = [], []
         while g < end:
             p, b = g // self.per_pass + 1, g % self.per_pass
@@ -140,6 +146,40 @@ class BatchOrder:
             idx.append(idx_sb[b : b + count]), mask.append(mask_sb[b : b + count])
             g += count
         return np.concatenate(idx), np.concatenate(mask)
+
+
+def _mix32_np(x: np.ndarray) -> np.ndarray:
+    x = (x ^ (x >> np.uint32(16))) * np.uint32(0x85EBCA6B)
+    x = (x ^ (x >> np.uint32(13))) * np.uint32(0xC2B2AE35)
+    return x ^ (x >> np.uint32(16))
+
+
+def _host_batch_indices(shuffle_key, n: int, batch_size: int, shuffle: bool, p: int):
+    """`epoch.batch_indices(shuffle_key, p, n, batch_size, shuffle)` computed with numpy on the host, bit for bit
+    (the permutation is integer arithmetic): its temporaries (2^b codes, b >= log2 n) are returned to the system
+    when freed, where the device's allocator would keep them in the process."""
+    steps = epoch_lib.steps_per_epoch(n, batch_size)
+    if not shuffle or n > 1 << 24:
+        idx, mask = epoch_lib.batch_indices(shuffle_key, np.int32(p), n, batch_size, shuffle)
+        return np.asarray(idx), np.asarray(mask)
+    key = jax.random.fold_in(shuffle_key, p)
+    round_keys = np.asarray(jax.random.bits(key, (epoch_lib.FEISTEL_ROUNDS,), jnp.uint32))
+    bits = max(2, (n - 1).bit_length())
+    bits += bits % 2
+    half = np.uint32(bits // 2)
+    mask_half = np.uint32((1 << (bits // 2)) - 1)
+    codes = np.arange(1 << bits, dtype=np.uint32)
+    left, right = codes >> half, codes & mask_half
+    del codes
+    with np.errstate(over="ignore"):
+        for r in range(epoch_lib.FEISTEL_ROUNDS):
+            left, right = right, left ^ (_mix32_np(right ^ round_keys[r]) & mask_half)
+    values = ((left << half) | right).astype(np.int32)
+    del left, right
+    order = values[values < n]  # in the order of their codes, as the device's prefix count and scatter place them
+    pad = steps * batch_size - n
+    flat = np.arange(steps * batch_size)
+    return np.pad(order, (0, pad)).reshape(steps, batch_size), (flat < n).reshape(steps, batch_size)
 
 
 def eval_order(n: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -193,12 +233,10 @@ class _TrainChunks(_Chunks):
         return epoch, start, min(start + self.per_chunk, self.order.steps)
 
     def __getitem__(self, g: int) -> dict:
-        epoch, start, stop = self.where(g)
-        idx_sb, mask_sb = self.order.epoch(epoch)
-        idx = idx_sb[start:stop]
+        idx, mask = self.order.batches(*self.where(g))
         flat = idx.reshape(-1)
         gather = lambda a: np.asarray(a[flat]).reshape(*idx.shape, *a.shape[1:])
-        return {"x": jax.tree.map(gather, self.split.x), "y": gather(self.split.y), "mask": mask_sb[start:stop]}
+        return {"x": jax.tree.map(gather, self.split.x), "y": gather(self.split.y), "mask": mask}
 
 
 class ReadError(RuntimeError):
