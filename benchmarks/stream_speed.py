@@ -69,7 +69,8 @@ def input_throughput(batches: int) -> None:
     idx = order[: steps * batch].reshape(steps, batch)
     mask = np.ones_like(idx, bool)
     start = time.perf_counter()
-    for _ in streamed.chunks(dataset.train, idx, mask, config.train.steps_per_call, "bench"):
+    per_chunk = streamed.chunk_steps(config, dataset, n // batch)
+    for _ in streamed.chunks(dataset.train, idx, mask, per_chunk, "bench"):
         pass
     ours = steps * batch / (time.perf_counter() - start)
     builder = loading._builder(config.data.name, loading.data_dir(config.data), True, config.data)

@@ -86,6 +86,27 @@ def make_conclude(spec: program_lib.RunSpec):
     return conclude
 
 
+def make_validate_and_conclude(spec: program_lib.RunSpec):
+    """validate_and_conclude(carry_at_start_R, carry_R, train_R, val_chunks, test_R, es_hparams_R, epoch, val_due)
+    -> (carry_R, rows): the validation split's chunks (kept on the device) evaluated when due, then `conclude`,
+    in one call: a streamed epoch of small data ends in one program, not two."""
+    eval_chunk, conclude = make_eval_chunk(spec), make_conclude(spec)
+
+    def validate_and_conclude(start, carry, train_m, val_chunks, test_m, es_hparams, epoch, val_due):
+        zero = zero_sums(spec, carry.halted.shape[0])
+
+        def validate(state):
+            sums = zero
+            for chunk in val_chunks:
+                sums = eval_chunk(state, sums, {"x": chunk["x"], "y": chunk["y"]}, chunk["mask"])
+            return sums
+
+        val_m = jax.lax.cond(val_due, validate, lambda state: zero, carry.state)
+        return conclude(start, carry, train_m, val_m, test_m, es_hparams, epoch, val_due)
+
+    return validate_and_conclude
+
+
 def zero_sums(spec: program_lib.RunSpec, runs: int) -> epoch_lib.Metrics:
     """Metric sums of no examples, for `runs` runs."""
     zero = epoch_lib.Metrics.zeros(spec.metric_names)

@@ -38,6 +38,7 @@ from jaxepochs.host import config as config_lib
 from jaxepochs.host.cadence import Periodic
 
 READ_THREADS = 2  # grain's threads gathering rows
+HOST_ORDER_FROM = 1 << 17  # larger training splits get their epoch order from numpy (see _host_batch_indices)
 READ_AHEAD = 2  # chunks grain holds ready on the host, beyond the one on the device
 
 
@@ -119,7 +120,11 @@ class BatchOrder:
         self.n, self.steps = n, steps
         self.per_pass = epoch_lib.steps_per_epoch(n, batch_size)
         shuffle_key = jax.random.fold_in(jnp.asarray(run_key), epoch_lib.SHUFFLE_STREAM)
-        self._order = functools.partial(_host_batch_indices, shuffle_key, n, batch_size, shuffle)
+        if n <= HOST_ORDER_FROM:  # one small compiled program is faster; its temporaries are small too
+            on_device = jax.jit(lambda p: epoch_lib.batch_indices(shuffle_key, p, n, batch_size, shuffle))
+            self._order = lambda p: tuple(np.asarray(a) for a in jax.device_get(on_device(np.int32(p))))
+        else:
+            self._order = functools.partial(_host_batch_indices, shuffle_key, n, batch_size, shuffle)
         self._passes: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._lock = threading.Lock()  # grain's reader threads ask for passes
 
@@ -154,6 +159,11 @@ def _mix32_np(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint32(16))
 
 
+@jax.jit
+def _round_keys(shuffle_key, p):
+    return jax.random.bits(jax.random.fold_in(shuffle_key, p), (epoch_lib.FEISTEL_ROUNDS,), jnp.uint32)
+
+
 def _host_batch_indices(shuffle_key, n: int, batch_size: int, shuffle: bool, p: int):
     """`epoch.batch_indices(shuffle_key, p, n, batch_size, shuffle)` computed with numpy on the host, bit for bit
     (the permutation is integer arithmetic): its temporaries (2^b codes, b >= log2 n) are returned to the system
@@ -162,8 +172,7 @@ def _host_batch_indices(shuffle_key, n: int, batch_size: int, shuffle: bool, p: 
     if not shuffle or n > 1 << 24:
         idx, mask = epoch_lib.batch_indices(shuffle_key, np.int32(p), n, batch_size, shuffle)
         return np.asarray(idx), np.asarray(mask)
-    key = jax.random.fold_in(shuffle_key, p)
-    round_keys = np.asarray(jax.random.bits(key, (epoch_lib.FEISTEL_ROUNDS,), jnp.uint32))
+    round_keys = np.asarray(_round_keys(shuffle_key, np.int32(p)))
     bits = max(2, (n - 1).bit_length())
     bits += bits % 2
     half = np.uint32(bits // 2)
@@ -279,6 +288,7 @@ class Programs(NamedTuple):
     train_chunk: Any
     eval_chunk: Any
     conclude: Any
+    validate_and_conclude: Any  # with the validation split kept on the device: its evaluation and conclude
 
 
 def make_programs(spec: program_lib.RunSpec) -> Programs:
@@ -287,6 +297,7 @@ def make_programs(spec: program_lib.RunSpec) -> Programs:
         jax.jit(stream_lib.make_train_chunk(spec)),
         jax.jit(stream_lib.make_eval_chunk(spec)),
         jax.jit(stream_lib.make_conclude(spec)),
+        jax.jit(stream_lib.make_validate_and_conclude(spec)),
     )
 
 
@@ -444,12 +455,15 @@ def _conclude(loop: Loop, start, carry, sums, epoch: int):
     test_due = (epoch % loop.spec.test_every == 0) or epoch == loop.last_epoch
     zero = stream_lib.zero_sums(loop.spec, 1)
     val = test = zero
-    if "val" in loop.held_out and val_due:
-        val = evaluate(loop.programs, loop.spec, carry.state, loop.held_out["val"])
     if "test" in loop.held_out and test_due:
         test = evaluate(loop.programs, loop.spec, carry.state, loop.held_out["test"])
-    as_int = lambda v: np.asarray(v, np.int32)
-    return loop.programs.conclude(start, carry, sums, val, test, loop.es_hparams, as_int(epoch), np.asarray(val_due))
+    when = (loop.es_hparams, np.asarray(epoch, np.int32), np.asarray(val_due))
+    held = loop.held_out.get("val")
+    if held is not None and held.keep:  # its chunks on the device: evaluated inside the concluding program
+        return loop.programs.validate_and_conclude(start, carry, sums, held.chunks(), test, *when)
+    if held is not None and val_due:
+        val = evaluate(loop.programs, loop.spec, carry.state, held)
+    return loop.programs.conclude(start, carry, sums, val, test, *when)
 
 
 class StepCadence:
