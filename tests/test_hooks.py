@@ -141,8 +141,9 @@ def test_config_json_records_the_module_and_a_changed_module_is_said(tmp_path):
 
 def test_a_misnamed_hook_is_said(tmp_path):
     path = _module(tmp_path, extra="def get_modle(config):\n    return None\n")
-    with pytest.warns(UserWarning, match='get_modle.*Did you mean "get_model"'):
+    with pytest.warns(UserWarning, match='get_modle.*Did you mean "get_model"') as caught:
         jaxepochs.train_and_evaluate(jaxepochs.load_config_file(path), tmp_path / "run", quiet=True)
+    assert sum("get_modle" in str(w.message) for w in caught) == 1  # said once, not per epoch
 
 
 BAD_HOOKS = [

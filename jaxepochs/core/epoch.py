@@ -62,11 +62,34 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
 FEISTEL_ROUNDS = 6
 
 
-def _mix32(x: jax.Array) -> jax.Array:
+def _mix32(x, xp=jnp):
     """murmur3's 32-bit finalizer: every input bit moves every output bit (uint32 in, uint32 out)."""
-    x = (x ^ (x >> 16)) * jnp.uint32(0x85EBCA6B)
-    x = (x ^ (x >> 13)) * jnp.uint32(0xC2B2AE35)
-    return x ^ (x >> 16)
+    x = (x ^ (x >> xp.uint32(16))) * xp.uint32(0x85EBCA6B)
+    x = (x ^ (x >> xp.uint32(13))) * xp.uint32(0xC2B2AE35)
+    return x ^ (x >> xp.uint32(16))
+
+
+def feistel_values(round_keys, n: int, xp=jnp):
+    """The keyed Feistel bijection of [0, 2^b) (b even, 2^b >= n) applied to every code in order: int32 [2^b],
+    whose values below n, in code order, are the permutation. `xp` is jax.numpy or numpy: integer arithmetic
+    only, so both give the same values bit for bit (the host computes a streamed run's order with numpy)."""
+    bits = max(2, (n - 1).bit_length())
+    bits += bits % 2
+    half = xp.uint32(bits // 2)
+    mask = xp.uint32((1 << (bits // 2)) - 1)
+    codes = xp.arange(1 << bits, dtype=xp.uint32)
+    left, right = codes >> half, codes & mask
+    for r in range(FEISTEL_ROUNDS):
+        left, right = right, left ^ (_mix32(right ^ round_keys[r], xp) & mask)
+    return ((left << half) | right).astype(xp.int32)
+
+
+def in_batches(order_n, batch_size: int, xp=jnp):
+    """An epoch's order as [steps, B] indices, the last batch padded with index 0, and the mask of real rows."""
+    n = order_n.shape[0]
+    steps = steps_per_epoch(n, batch_size)
+    idx_sb = xp.pad(order_n, (0, steps * batch_size - n)).reshape(steps, batch_size)
+    return idx_sb, (xp.arange(steps * batch_size) < n).reshape(steps, batch_size)
 
 
 def permutation(key: jax.Array, n: int) -> jax.Array:
@@ -82,16 +105,7 @@ def permutation(key: jax.Array, n: int) -> jax.Array:
     """
     if n > 1 << 24:  # 2^b codes would cost memory; jax's sort-based permutation is as good there
         return jax.random.permutation(key, n).astype(jnp.int32)
-    bits = max(2, (n - 1).bit_length())
-    bits += bits % 2
-    half = bits // 2
-    mask = jnp.uint32((1 << half) - 1)
-    round_keys = jax.random.bits(key, (FEISTEL_ROUNDS,), jnp.uint32)
-    codes = jnp.arange(1 << bits, dtype=jnp.uint32)
-    left, right = codes >> half, codes & mask
-    for r in range(FEISTEL_ROUNDS):
-        left, right = right, left ^ (_mix32(right ^ round_keys[r]) & mask)
-    values = ((left << half) | right).astype(jnp.int32)
+    values = feistel_values(jax.random.bits(key, (FEISTEL_ROUNDS,), jnp.uint32), n)
     keep = values < n
     slot = jnp.where(keep, jnp.cumsum(keep.astype(jnp.int32)) - 1, n)
     return jnp.zeros(n, jnp.int32).at[slot].set(values, mode="drop")
@@ -99,15 +113,11 @@ def permutation(key: jax.Array, n: int) -> jax.Array:
 
 def batch_indices(key: jax.Array, epoch: jax.Array, num_examples: int, batch_size: int, shuffle: bool = True):
     """The epoch's example indices as [steps, B] and their mask: each index in [0, N) once, padding masked."""
-    steps = steps_per_epoch(num_examples, batch_size)
     if shuffle:
         order_n = permutation(jax.random.fold_in(key, epoch), num_examples)
     else:
         order_n = jnp.arange(num_examples)
-    pad = steps * batch_size - num_examples
-    idx_sb = jnp.pad(order_n, (0, pad)).reshape(steps, batch_size)
-    mask_sb = (jnp.arange(steps * batch_size) < num_examples).reshape(steps, batch_size)
-    return idx_sb, mask_sb
+    return in_batches(order_n, batch_size)
 
 
 def num_examples(data) -> int:

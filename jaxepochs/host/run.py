@@ -67,6 +67,7 @@ class Setup(NamedTuple):
     splits: dict  # the program's splits on the device: train, and val / test where evaluated every epoch
     held_out: dict  # every non-empty held-out split on the device, for the final evaluation
     # (a streamed run: both hold the host's Splits, read a chunk at a time)
+    chunk_steps: int = 0  # a streamed run's training batches per chunk (streamed.chunk_steps), else 0
 
 
 def use_compilation_cache(directory: str) -> None:
@@ -97,13 +98,14 @@ def set_up(config: ml_collections.ConfigDict, quiet: bool) -> Setup:
     setup.check_shapes(config, dataset)
     has_val = data_lib.count(dataset.val) > 0
     steps = streamed.steps_per_epoch(config, data_lib.count(dataset.train))
+    chunk = streamed.chunk_steps(config, dataset, steps) if dataset.streamed else 0  # ConfigError if too large
     pieces = setup.make_pieces(config, dataset, hooks, steps, has_val)
     held_out = {name: getattr(dataset, name) for name in ("val", "test") if data_lib.count(getattr(dataset, name))}
     sizes = setup.eval_sizes(config, {name: data_lib.count(split) for name, split in held_out.items()})
     every_epoch = {name: size for name, size in sizes.items() if name == "val" or config.train.log_test}
     spec = setup.run_spec(config, pieces, every_epoch)
     if dataset.streamed:
-        return Setup(config, dataset, pieces, spec, {"train": dataset.train, **held_out}, held_out)
+        return Setup(config, dataset, pieces, spec, {"train": dataset.train, **held_out}, held_out, chunk)
     splits = {"train": setup.on_device(dataset.train), **{k: setup.on_device(held_out[k]) for k in every_epoch}}
     held_out = {name: splits.get(name) or setup.on_device(split) for name, split in held_out.items()}
     return Setup(config, dataset, pieces, spec, splits, held_out)
@@ -132,8 +134,7 @@ def final_metrics(run: Setup, state) -> tuple[dict, float]:
         programs = streamed.make_programs(run.spec)
         sizes = setup.eval_sizes(run.config, {name: data_lib.count(split) for name, split in run.held_out.items()})
         spec = dataclasses.replace(run.spec, eval_batch_sizes=sizes)
-        per_chunk = streamed.chunk_steps(run.config, run.dataset, run.pieces.steps_per_epoch)
-        examples = per_chunk * run.config.train.batch_size
+        examples = run.chunk_steps * run.config.train.batch_size
         return streamed.final_metrics(programs, spec, state, run.held_out, examples), 0.0
     sizes = setup.eval_sizes(run.config, {name: epoch_lib.num_examples(d) for name, d in run.held_out.items()})
     evaluate = jax.jit(program_lib.make_evaluate(dataclasses.replace(run.spec, eval_batch_sizes=sizes)))
@@ -260,12 +261,12 @@ def train_streamed(run: Setup, programs: Programs, position, history, workdir, c
     def consume_epoch(rows, epoch: int, seconds: float, waited: float) -> bool:
         return consume(rows, epoch, seconds, {"input_wait_seconds": waited})
 
-    per_chunk = streamed.chunk_steps(config, run.dataset, run.pieces.steps_per_epoch)
+    per_chunk = run.chunk_steps
     examples = per_chunk * config.train.batch_size
     held = streamed.held_out_for_training(config, run.spec, run.held_out, examples)
     loop = streamed.Loop(
         programs.streamed, run.spec, setup.es_hparams([run.pieces.tracker]), run.dataset.train, held,
-        run.pieces.steps_per_epoch, per_chunk, config.train.epochs,
+        run.pieces.steps_per_epoch, per_chunk, stream_lib.zero_sums(run.spec, 1), config.train.epochs,
     )  # fmt: skip
     key = setup.without_run_axis(position.start).state.key
     order = streamed.BatchOrder(key, data_lib.count(run.dataset.train), config.train.batch_size,

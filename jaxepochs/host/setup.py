@@ -58,9 +58,6 @@ def load_data(config: ml_collections.ConfigDict, hooks: hooks_lib.Hooks, quiet: 
         arrays = [dataset.train, dataset.val, dataset.test]
         size = sum(np.asarray(a).nbytes for split in arrays for a in jax.tree.leaves((split.x, split.y)))
         dataset = data_lib.as_streamed(dataset) if streamed.wants_stream(config, size) else dataset
-    if dataset.streamed:
-        n_train = data_lib.count(dataset.train)
-        streamed.check_chunk_fits(config, dataset, streamed.steps_per_epoch(config, n_train))
     return dataset
 
 

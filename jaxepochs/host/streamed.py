@@ -82,20 +82,14 @@ def _row_bytes(split: data_lib.Split) -> int:
 
 def chunk_steps(config, dataset: data_lib.Dataset, steps: int) -> int:
     """Batches per chunk: `train.steps_per_call`, or with 0 as many as make about CHUNK_BYTES (at most a quarter
-    of the device budget, and at most an epoch): a chunk per epoch for small data, few calls per epoch for large."""
+    of the device budget, and at most an epoch): a chunk per epoch for small data, few calls per epoch for large.
+    ConfigError when two chunks (the one training and the next, put ahead) exceed the device budget."""
     t = config.train
-    if t.steps_per_call:
-        return t.steps_per_call
-    target = min(CHUNK_BYTES, budget(config)[0] // 4)
-    return int(max(1, min(steps, target // (t.batch_size * _row_bytes(dataset.train)))))
-
-
-def check_chunk_fits(config, dataset: data_lib.Dataset, steps: int) -> None:
-    """ConfigError when two chunks (the one training and the next, put ahead) exceed the device budget."""
-    t = config.train
-    per_call = chunk_steps(config, dataset, steps)
-    chunk = per_call * t.batch_size * _row_bytes(dataset.train)
     limit, where = budget(config)
+    row = _row_bytes(dataset.train)
+    target = min(CHUNK_BYTES, limit // 4)
+    per_call = t.steps_per_call or int(max(1, min(steps, target // (t.batch_size * row))))
+    chunk = per_call * t.batch_size * row
     if 2 * chunk > limit:
         raise config_lib.ConfigError(
             f"A streamed chunk of train.steps_per_call = {per_call} batches of {t.batch_size} examples takes "
@@ -103,6 +97,7 @@ def check_chunk_fits(config, dataset: data_lib.Dataset, steps: int) -> None:
             f"budget of {limit / 1e6:.2f} MB ({where}). Lower train.steps_per_call or train.batch_size, or raise "
             "data.device_memory_fraction."
         )
+    return per_call
 
 
 def steps_per_epoch(config, n_train: int) -> int:
@@ -153,12 +148,6 @@ class BatchOrder:
         return np.concatenate(idx), np.concatenate(mask)
 
 
-def _mix32_np(x: np.ndarray) -> np.ndarray:
-    x = (x ^ (x >> np.uint32(16))) * np.uint32(0x85EBCA6B)
-    x = (x ^ (x >> np.uint32(13))) * np.uint32(0xC2B2AE35)
-    return x ^ (x >> np.uint32(16))
-
-
 @jax.jit
 def _round_keys(shuffle_key, p):
     return jax.random.bits(jax.random.fold_in(shuffle_key, p), (epoch_lib.FEISTEL_ROUNDS,), jnp.uint32)
@@ -168,27 +157,13 @@ def _host_batch_indices(shuffle_key, n: int, batch_size: int, shuffle: bool, p: 
     """`epoch.batch_indices(shuffle_key, p, n, batch_size, shuffle)` computed with numpy on the host, bit for bit
     (the permutation is integer arithmetic): its temporaries (2^b codes, b >= log2 n) are returned to the system
     when freed, where the device's allocator would keep them in the process."""
-    steps = epoch_lib.steps_per_epoch(n, batch_size)
     if not shuffle or n > 1 << 24:
         idx, mask = epoch_lib.batch_indices(shuffle_key, np.int32(p), n, batch_size, shuffle)
         return np.asarray(idx), np.asarray(mask)
-    round_keys = np.asarray(_round_keys(shuffle_key, np.int32(p)))
-    bits = max(2, (n - 1).bit_length())
-    bits += bits % 2
-    half = np.uint32(bits // 2)
-    mask_half = np.uint32((1 << (bits // 2)) - 1)
-    codes = np.arange(1 << bits, dtype=np.uint32)
-    left, right = codes >> half, codes & mask_half
-    del codes
     with np.errstate(over="ignore"):
-        for r in range(epoch_lib.FEISTEL_ROUNDS):
-            left, right = right, left ^ (_mix32_np(right ^ round_keys[r]) & mask_half)
-    values = ((left << half) | right).astype(np.int32)
-    del left, right
+        values = epoch_lib.feistel_values(np.asarray(_round_keys(shuffle_key, np.int32(p))), n, np)
     order = values[values < n]  # in the order of their codes, as the device's prefix count and scatter place them
-    pad = steps * batch_size - n
-    flat = np.arange(steps * batch_size)
-    return np.pad(order, (0, pad)).reshape(steps, batch_size), (flat < n).reshape(steps, batch_size)
+    return epoch_lib.in_batches(order, batch_size, np)
 
 
 def eval_order(n: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -196,6 +171,13 @@ def eval_order(n: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     steps = epoch_lib.steps_per_epoch(n, batch_size)
     flat = np.arange(steps * batch_size)
     return np.minimum(flat, n - 1).reshape(steps, batch_size), (flat < n).reshape(steps, batch_size)
+
+
+def _gather(split: data_lib.Split, idx: np.ndarray, mask: np.ndarray) -> dict:
+    """The rows of batches `idx` [C, B] of a split, read on the host, as a chunk {"x", "y", "mask"}."""
+    flat = idx.reshape(-1)
+    gather = lambda a: np.asarray(a[flat]).reshape(*idx.shape, *a.shape[1:])
+    return {"x": jax.tree.map(gather, split.x), "y": gather(split.y), "mask": mask}
 
 
 class _Chunks:
@@ -209,13 +191,10 @@ class _Chunks:
 
     def __getitem__(self, c: int) -> dict:
         part = slice(c * self.per_chunk, (c + 1) * self.per_chunk)
-        idx = self.idx_sb[part]
-        flat = idx.reshape(-1)
-        gather = lambda a: np.asarray(a[flat]).reshape(*idx.shape, *a.shape[1:])
-        return {"x": jax.tree.map(gather, self.split.x), "y": gather(self.split.y), "mask": self.mask_sb[part]}
+        return _gather(self.split, self.idx_sb[part], self.mask_sb[part])
 
 
-class _TrainChunks(_Chunks):
+class _TrainChunks:
     """grain's source over a run's training chunks from a position to the last epoch, across epochs: grain's
     threads read the next epoch's first chunks while this epoch ends (for small data, a whole epoch is one chunk).
     Chunk g is steps [start, stop) of an epoch: the first epoch's from the position's step, every later one's
@@ -242,10 +221,7 @@ class _TrainChunks(_Chunks):
         return epoch, start, min(start + self.per_chunk, self.order.steps)
 
     def __getitem__(self, g: int) -> dict:
-        idx, mask = self.order.batches(*self.where(g))
-        flat = idx.reshape(-1)
-        gather = lambda a: np.asarray(a[flat]).reshape(*idx.shape, *a.shape[1:])
-        return {"x": jax.tree.map(gather, self.split.x), "y": gather(self.split.y), "mask": mask}
+        return _gather(self.split, *self.order.batches(*self.where(g)))
 
 
 class ReadError(RuntimeError):
@@ -399,6 +375,7 @@ class Loop(NamedTuple):
     held_out: dict  # {name: HeldOut} evaluated during training: "val", and "test" with train.log_test
     steps: int  # steps per epoch
     per_chunk: int  # training batches per chunk (chunk_steps)
+    zero: epoch_lib.Metrics  # metric sums of no examples (run axis 1): an epoch's start, a split not evaluated
     last_epoch: int
 
 
@@ -436,7 +413,7 @@ def train_epochs(
             carry, rows = _conclude(loop, start, carry, sums, epoch)
             latest["carry"] = carry
             halted = consume(jax.device_get(rows), epoch, time.perf_counter() - began, waited)
-            start, sums, step = carry, stream_lib.zero_sums(loop.spec, 1), 0
+            start, sums, step = carry, loop.zero, 0
             if halted or stop() or epoch == loop.last_epoch:
                 return carry, False
             if epochs.due(epoch):
@@ -453,8 +430,7 @@ def train_epochs(
 def _conclude(loop: Loop, start, carry, sums, epoch: int):
     val_due = bool(program_lib.validation_due(loop.spec, epoch, loop.last_epoch))
     test_due = (epoch % loop.spec.test_every == 0) or epoch == loop.last_epoch
-    zero = stream_lib.zero_sums(loop.spec, 1)
-    val = test = zero
+    val = test = loop.zero
     if "test" in loop.held_out and test_due:
         test = evaluate(loop.programs, loop.spec, carry.state, loop.held_out["test"])
     when = (loop.es_hparams, np.asarray(epoch, np.int32), np.asarray(val_due))
