@@ -159,17 +159,63 @@ def _step_key(state: TrainState, stream: int) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(state.key, stream), state.step)
 
 
-def train_step(state: TrainState, batch, *, task: Task, tx, augment=None, mask_b=None) -> tuple[TrainState, Metrics]:
+def train_step(
+    state: TrainState, batch, *, task: Task, tx, augment=None, mask_b=None, accumulate: int = 1, layout=None
+) -> tuple[TrainState, Metrics]:
     """One optimizer step on a batch of real rows, or of padded ones marked by `mask_b`. Pure. `augment(key,
-    batch) -> batch` changes the batch first (random crops, flips, noise)."""
+    batch) -> batch` changes the batch first (random crops, flips, noise). `accumulate` = k > 1 takes the
+    gradient as the sum over k micro-batches of B / k rows (rows i, i + k, ...: each device's share of a batch
+    split over the data axis holds its share of every micro-batch), each divided by the batch's real rows: the
+    gradient of the whole batch's mean loss, in the memory of one micro-batch. `layout` (core/layout.py) keeps
+    the batch split over the data axis and the state where it lives."""
     if augment is not None:
         batch = augment(_step_key(state, AUGMENT_STREAM), batch)
     key = _step_key(state, DROPOUT_STREAM)
-    loss_fn = lambda params: loss_and_metrics(task, params, state.model_state, batch, key, True, mask_b)
-    (_, (metrics, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    if layout is not None:
+        batch = layout.rows(batch)
+    if accumulate > 1:
+        (metrics, model_state), grads = _accumulated_grads(task, state, batch, key, mask_b, accumulate, layout)
+    else:
+        loss_fn = lambda params: loss_and_metrics(task, params, state.model_state, batch, key, True, mask_b)
+        (_, (metrics, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    return TrainState(params, opt_state, state.step + 1, state.key, model_state), metrics
+    new_state = TrainState(params, opt_state, state.step + 1, state.key, model_state)
+    return (new_state if layout is None else layout.state(new_state)), metrics
+
+
+def _accumulated_grads(task: Task, state: TrainState, batch, key, mask_b, k: int, layout):
+    """((Metrics, model state), gradient) of a batch as k micro-batches, scanned: the micro-batches' metric
+    sums added, the model state threaded through them in order, each micro-batch its own dropout key."""
+    rows = num_examples(batch)
+    micro = lambda a: jnp.swapaxes(a.reshape(rows // k, k, *a.shape[1:]), 0, 1)  # [k, B / k, ...]: rows i::k
+    batches = jax.tree.map(micro, batch)
+    masks = None if mask_b is None else micro(mask_b)
+    count = jnp.asarray(rows, jnp.float32) if mask_b is None else mask_b.astype(jnp.float32).sum()
+
+    def body(carry, inputs):
+        grads, totals, model_state = carry
+        i, batch_m, mask_m = inputs
+        if layout is not None:
+            batch_m = layout.rows(batch_m)
+
+        def loss_fn(params):
+            _, (metrics, new_state) = loss_and_metrics(
+                task, params, model_state, batch_m, jax.random.fold_in(key, i), True, mask_m
+            )
+            return metrics.sums["loss"] / jnp.maximum(count, 1.0), (metrics, new_state)
+
+        (_, (metrics, model_state)), g = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        return (jax.tree.map(jnp.add, grads, g), totals + metrics, model_state), None
+
+    zero_grads = jax.tree.map(jnp.zeros_like, state.params)
+    _, batch_0, mask_0 = _first((jnp.arange(k), batches, masks))
+    shapes = jax.eval_shape(lambda: loss_and_metrics(task, state.params, state.model_state, batch_0, key, True, mask_0))
+    zeros = jax.tree.map(jnp.zeros_like, shapes[1][0])
+    (grads, totals, model_state), _ = jax.lax.scan(
+        body, (zero_grads, zeros, state.model_state), (jnp.arange(k), batches, masks)
+    )
+    return (totals, model_state), grads
 
 
 # Two steps per loop iteration: XLA fuses across them and the loop's per-iteration cost halves (measured on
@@ -211,12 +257,14 @@ def train_epoch(
     shuffle: bool = True,
     permute_whole: bool | None = None,
     augment=None,
+    accumulate: int = 1,
+    layout=None,
 ):
     """Shuffles with fold_in(key, epoch) (unless `shuffle` is False: batches in order, as some published recipes
     train) and scans over all ceil(N / B) batches of `data_n` (a batch of N examples): the N // B whole batches
     unmasked, then the partial last batch, if any, padded to B rows and masked. `permute_whole` (default: for
     splits up to PERMUTE_WHOLE_BYTES and batches of 2 or more) gathers the epoch's order once instead of per
-    batch; the batches and the results are the same."""
+    batch; the batches and the results are the same. `accumulate` and `layout`: as `train_step`'s."""
     shuffle_key = jax.random.fold_in(state.key, SHUFFLE_STREAM)
     n = num_examples(data_n)
     idx_sb, mask_sb = batch_indices(shuffle_key, epoch, n, batch_size, shuffle)
@@ -224,7 +272,9 @@ def train_epoch(
     if permute_whole is None:
         permute_whole = batch_size > 1 and _nbytes(data_n) <= PERMUTE_WHOLE_BYTES
     inputs, batch_of = _whole_batches(data_n, idx_sb[:whole], permute_whole, in_order=not shuffle)
-    step = functools.partial(train_step, task=task, tx=tx, augment=augment)
+    if layout is not None and (permute_whole or not shuffle):  # the batches [S, B, ...]: rows over "data"
+        inputs = layout.rows(inputs, axis=1)
+    step = functools.partial(train_step, task=task, tx=tx, augment=augment, accumulate=accumulate, layout=layout)
 
     def body(carry, step_input):
         state, sums = carry
@@ -244,13 +294,16 @@ def _first(inputs):
     return jax.tree.map(lambda a: a[0], inputs)
 
 
-def eval_epoch(params, model_state, data_n, *, task: Task, batch_size: int) -> Metrics:
+def eval_epoch(params, model_state, data_n, *, task: Task, batch_size: int, layout=None) -> Metrics:
     """The metric sums over a whole split, in order, in evaluation mode: a scan over its whole batches (sliced,
-    unmasked), then the partial last batch, if any, padded and masked as in training."""
+    unmasked), then the partial last batch, if any, padded and masked as in training. `layout`: each batch's
+    rows split over the data axis."""
     n = num_examples(data_n)
     whole = n // batch_size
 
     def metrics_of(batch, mask_b=None):
+        if layout is not None:
+            batch = layout.rows(batch)
         return loss_and_metrics(task, params, model_state, batch, None, False, mask_b)[1][0]
 
     if whole == 1:  # the usual validation split: one batch, no loop

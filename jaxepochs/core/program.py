@@ -74,6 +74,8 @@ class RunSpec:
     plateau_monitor: str | None = None  # reduce_on_plateau's metric ("val_loss", "train_loss") where it is used
     data_axes: dict[str, int | None] = dataclasses.field(default_factory=dict)  # split -> 0 if per run (CV folds)
     augment: Callable | None = None  # (key, batch) -> batch, in each training step
+    accumulate_steps: int = 1  # micro-batches per optimizer step (epoch.train_step)
+    layout: Any = None  # core/layout.Layout: the batch over the mesh's data axis, the runs over its runs axis
 
 
 def _metric(by_split: dict[str, epoch_lib.Metrics], monitor: str) -> jax.Array:
@@ -88,7 +90,9 @@ def _observed(monitor: str, val_due):
 
 def _evaluate(spec: RunSpec, name: str, state: epoch_lib.TrainState, splits) -> epoch_lib.Metrics:
     batch_size = spec.eval_batch_sizes[name]
-    return epoch_lib.eval_epoch(state.params, state.model_state, splits[name], task=spec.task, batch_size=batch_size)
+    return epoch_lib.eval_epoch(
+        state.params, state.model_state, splits[name], task=spec.task, batch_size=batch_size, layout=spec.layout
+    )
 
 
 def _one_epoch(spec: RunSpec, carry: RunCarry, splits, es_hparams, epoch, test_due, val_due):
@@ -102,6 +106,8 @@ def _one_epoch(spec: RunSpec, carry: RunCarry, splits, es_hparams, epoch, test_d
         batch_size=spec.batch_size,
         shuffle=spec.shuffle,
         augment=spec.augment,
+        accumulate=spec.accumulate_steps,
+        layout=spec.layout,
     )
     zero = epoch_lib.Metrics.zeros(spec.metric_names)
     val_m = test_m = zero
@@ -177,7 +183,9 @@ def make_run_epochs(spec: RunSpec, axis_name: str | None = None):
     ):
         axes = {name: spec.data_axes.get(name) for name in splits}
         one = jax.vmap(
-            lambda c, s, h, e, t, v: _one_epoch(spec, c, s, h, e, t, v), in_axes=(0, axes, 0, None, None, None)
+            lambda c, s, h, e, t, v: _one_epoch(spec, c, s, h, e, t, v),
+            in_axes=(0, axes, 0, None, None, None),
+            spmd_axis_name=_runs_axis(spec),
         )
         runs = carry.halted.shape[0]
         zeros = lambda dtype=jnp.float32: jnp.zeros((runs, k), dtype)
@@ -215,6 +223,11 @@ def make_run_epochs(spec: RunSpec, axis_name: str | None = None):
     return run_epochs
 
 
+def _runs_axis(spec: RunSpec) -> str | None:
+    """The mesh axis the vmapped run axis lies on: with a layout, each annotation inside gains it."""
+    return None if spec.layout is None else "runs"
+
+
 def make_evaluate(spec: RunSpec):
     """evaluate(state_R, splits) -> {split: Metrics [R]} for the splits in `spec.eval_batch_sizes`: the final
     evaluation of a batch of runs' TrainStates (the held-out splits are shared by the runs, or per run where
@@ -225,6 +238,6 @@ def make_evaluate(spec: RunSpec):
             return {name: _evaluate(spec, name, s, data) for name in spec.eval_batch_sizes}
 
         axes = {name: spec.data_axes.get(name) for name in splits}
-        return jax.vmap(one, in_axes=(0, axes))(state, splits)
+        return jax.vmap(one, in_axes=(0, axes), spmd_axis_name=_runs_axis(spec))(state, splits)
 
     return evaluate

@@ -112,6 +112,25 @@ def make_task(apply: Callable, task: str = "classification", loss=None, metrics=
     return Task(apply, loss or BUILTIN_LOSSES[task], metrics or BUILTIN_METRICS[task], eval_loss)
 
 
+def cast_floats(tree, dtype):
+    """Every floating array of `tree` in `dtype` (integer inputs, labels and keys untouched)."""
+    return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+
+
+def in_compute_dtype(apply: Callable, dtype) -> Callable:
+    """A Task's apply that computes in `dtype` (bfloat16): the parameters and floating inputs cast on the way
+    in (the parameters stay float32 in the state: their gradients come back through the cast in float32), the
+    floating outputs cast to float32 on the way out, so the loss and the metrics reduce in float32."""
+
+    def apply_in_dtype(params, model_state, x_b, key, train: bool):
+        outputs, new_state = apply(cast_floats(params, dtype), model_state, cast_floats(x_b, dtype), key, train)
+        # BatchNorm's statistics keep their dtype in the carry, whatever the model computed them in.
+        new_state = jax.tree.map(lambda new, old: new.astype(old.dtype), new_state, model_state)
+        return cast_floats(outputs, jnp.float32), new_state
+
+    return apply_in_dtype
+
+
 def takes_train(module) -> bool:
     """Whether a flax module's __call__ takes `train` (the trainer then passes True in training, False else)."""
     try:

@@ -22,6 +22,7 @@ from jaxepochs.data import MNIST1D_ARGS
 
 MODELS = ("mlp", "cnn", "gru", "transformer")
 TASKS = ("classification", "regression", "binary")  # core.task.TASKS
+COMPUTE_DTYPES = ("float32", "bfloat16")
 OPTIMIZERS = optim.OPTIMIZERS
 
 
@@ -104,6 +105,20 @@ def base_config() -> ml_collections.ConfigDict:
     # JAX's persistent compilation cache: a later run of the same shapes loads its programs instead of compiling
     # them. "" leaves JAX's own setting (off unless $JAX_COMPILATION_CACHE_DIR or jax.config sets it).
     c.train.compilation_cache_dir = "~/.cache/jaxepochs/xla"
+    # "bfloat16": the forward and backward passes compute in bfloat16 (parameters, optimizer state, the loss and
+    # the metrics stay float32); "float32": everything in float32.
+    c.train.compute_dtype = "float32"
+    # k > 1: each optimizer step sums the gradients of k micro-batches of batch_size / k rows (a scan inside the
+    # step): the step of the whole batch in the memory of one micro-batch.
+    c.train.accumulate_steps = 1
+
+    # The device mesh (core/layout.py): a run splits each batch over `data` devices; a sweep splits its runs over
+    # `runs` devices and each run's batches over `data`. 0 chooses: a run puts every device on `data`, a sweep on
+    # `runs`. With shard_params the parameters and optimizer state are split over `data` too (FSDP).
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = 0
+    c.mesh.runs = 0
+    c.mesh.shard_params = False
 
     c.optimizer = optimizer_config()  # name, learning_rate, momentum, b1, b2, weight_decay, clip_norm, schedule
 
@@ -248,6 +263,23 @@ def _validate_train(t: ml_collections.ConfigDict) -> None:
         )
     if not t.host_interval_seconds > 0:
         _fail("train.host_interval_seconds", f"{t.host_interval_seconds!r}", "Use a positive number of seconds.")
+    if t.compute_dtype not in COMPUTE_DTYPES:
+        _fail("train.compute_dtype", f"{t.compute_dtype!r}{_suggest(t.compute_dtype, COMPUTE_DTYPES)}",
+              f"Use one of {', '.join(COMPUTE_DTYPES)}.")  # fmt: skip
+    if not isinstance(t.accumulate_steps, int) or t.accumulate_steps < 1:
+        _fail("train.accumulate_steps", f"{t.accumulate_steps!r} is not a positive integer", "Use 1 (off) or more.")
+    if t.batch_size % t.accumulate_steps:
+        _fail(
+            "train.accumulate_steps",
+            f"{t.accumulate_steps} does not divide train.batch_size = {t.batch_size}",
+            "Use a divisor of the batch size (each micro-batch is batch_size / accumulate_steps rows).",
+        )
+
+
+def _validate_mesh(m: ml_collections.ConfigDict) -> None:
+    for key in ("data", "runs"):
+        if not isinstance(m[key], int) or isinstance(m[key], bool) or m[key] < 0:
+            _fail(f"mesh.{key}", f"{m[key]!r} is not a whole number >= 0", "Use 0 (chosen) or a number of devices.")
 
 
 def _validate_model(m: ml_collections.ConfigDict) -> None:
@@ -331,6 +363,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if not o.learning_rate > 0:
         _fail("optimizer.learning_rate", f"{o.learning_rate!r}", "The learning rate must be positive.")
     _validate_data(config.data)
+    _validate_mesh(config.mesh)
     try:
         optim.validate_schedule(o.schedule.to_dict(), config.train.epochs)
         names = _task_metrics(config)

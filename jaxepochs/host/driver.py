@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 
 import jax
 
+from jaxepochs.host import devices
 from jaxepochs.host.cadence import Pace, Periodic
 
 
@@ -72,11 +73,14 @@ def drive(
     and some in its own, so a call dispatched ahead could finish before the last one's rows were read and their
     seconds would mix; and the host's work takes the same cores anyway.
     """
-    if first_epoch > last_epoch or interrupted():  # a Ctrl-C before the first call: train nothing more
+    # Past one process, every decision the host makes from its clock or a signal is process 0's (`agree`), so
+    # every process calls the same programs and saves the same checkpoints.
+    asked_to_stop = lambda: bool(devices.agree((int(interrupted()),))[0])
+    if first_epoch > last_epoch or asked_to_stop():  # a Ctrl-C before the first call: train nothing more
         return Outcome(carry, first_epoch - 1, False, 0.0)
 
     def dispatch(from_carry, first: int) -> _Call:
-        count = pace.next(first, last_epoch, checkpoints)
+        count = devices.agree((pace.next(first, last_epoch, checkpoints),))[0]
         new_carry, rows = call(from_carry, first, count)
         return _Call(first, count, new_carry, rows, time.perf_counter() if _is_ready(rows.ran) else None)
 
@@ -85,12 +89,12 @@ def drive(
     pending = dispatch(carry, first_epoch)
     while True:
         following = pending.first_epoch + pending.count
-        going_on = following <= last_epoch and not interrupted()
+        going_on = following <= last_epoch and not asked_to_stop()
         # Asynchronous backends get the next call before this one's rows are read, so the host's work overlaps
         # the device's (if every run halts in this call, the next runs no epoch). A call that returned finished
         # ran in this thread: nothing would overlap, so the next one waits for the host's work.
         ahead = dispatch(pending.carry, following) if going_on and overlap and pending.ready_at is None else None
-        rows = jax.device_get(pending.rows)  # a few numbers per run and epoch
+        rows = devices.fetch(pending.rows)  # a few numbers per run and epoch
         arrived = time.perf_counter()
         ready = pending.ready_at or arrived
         ran, seconds = int(rows.ran), ready - previous_ready
@@ -100,8 +104,8 @@ def drive(
             halted = consume(rows, pending.first_epoch, seconds / max(ran, 1))
         except OSError as error:  # a full disk, say: the caller saves this call's carry before anything closes
             raise WriteFailed(Outcome(pending.carry, last_done, False, 0.0), error) from error
-        going_on = going_on and not (halted or interrupted())
-        if going_on and checkpoints.due(last_done):
+        going_on = going_on and not (halted or asked_to_stop())
+        if going_on and devices.agree((int(checkpoints.due(last_done)),))[0]:
             save(pending.carry, last_done)
             checkpoints.done()
         host_seconds += time.perf_counter() - arrived

@@ -33,7 +33,7 @@ from jaxepochs.data import loading as data_lib
 from jaxepochs.data import lock
 from jaxepochs.host import checkpoint as checkpoint_lib
 from jaxepochs.host import config as config_lib
-from jaxepochs.host import driver, report, setup, streamed
+from jaxepochs.host import devices, driver, report, setup, streamed
 from jaxepochs.host import hooks as hooks_lib
 from jaxepochs.host import workdir as workdir_lib
 from jaxepochs.host.workdir import WorkdirError
@@ -68,6 +68,7 @@ class Setup(NamedTuple):
     held_out: dict  # every non-empty held-out split on the device, for the final evaluation
     # (a streamed run: both hold the host's Splits, read a chunk at a time)
     chunk_steps: int = 0  # a streamed run's training batches per chunk (streamed.chunk_steps), else 0
+    layout: Any = None  # core/layout.Layout where the run spans devices (its batches over "data"), else None
 
 
 def use_compilation_cache(directory: str) -> None:
@@ -99,16 +100,18 @@ def set_up(config: ml_collections.ConfigDict, quiet: bool) -> Setup:
     has_val = data_lib.count(dataset.val) > 0
     steps = streamed.steps_per_epoch(config, data_lib.count(dataset.train))
     chunk = streamed.chunk_steps(config, dataset, steps) if dataset.streamed else 0  # ConfigError if too large
+    layout = devices.run_layout(config, dataset.streamed, lambda text: None if quiet else devices.warn(text))
     pieces = setup.make_pieces(config, dataset, hooks, steps, has_val)
     held_out = {name: getattr(dataset, name) for name in ("val", "test") if data_lib.count(getattr(dataset, name))}
     sizes = setup.eval_sizes(config, {name: data_lib.count(split) for name, split in held_out.items()})
     every_epoch = {name: size for name, size in sizes.items() if name == "val" or config.train.log_test}
-    spec = setup.run_spec(config, pieces, every_epoch)
+    spec = setup.run_spec(config, pieces, every_epoch, layout=layout)
     if dataset.streamed:
         return Setup(config, dataset, pieces, spec, {"train": dataset.train, **held_out}, held_out, chunk)
-    splits = {"train": setup.on_device(dataset.train), **{k: setup.on_device(held_out[k]) for k in every_epoch}}
-    held_out = {name: splits.get(name) or setup.on_device(split) for name, split in held_out.items()}
-    return Setup(config, dataset, pieces, spec, splits, held_out)
+    on_device = functools.partial(setup.on_device, layout=layout)
+    splits = {"train": on_device(dataset.train), **{k: on_device(held_out[k]) for k in every_epoch}}
+    held_out = {name: splits.get(name) or on_device(split) for name, split in held_out.items()}
+    return Setup(config, dataset, pieces, spec, splits, held_out, layout=layout)
 
 
 def compile_programs(run: Setup, abstract_carry) -> Programs:
@@ -120,8 +123,16 @@ def compile_programs(run: Setup, abstract_carry) -> Programs:
         return Programs(None, 0.0, streamed.make_programs(run.spec))
     if run.config.train.epochs > 0:
         es_h = setup.es_hparams([run.pieces.tracker])
-        lowered = jax.jit(program_lib.make_run_epochs(run.spec)).lower(abstract_carry, run.splits, es_h, one, one, one)
-        run_epochs = functools.partial(_call_with, lowered.compile(), run.splits, es_h, run.config.train.epochs)
+        program = program_lib.make_run_epochs(run.spec)
+        if run.layout is None:
+            lowered = jax.jit(program).lower(abstract_carry, run.splits, es_h, one, one, one)
+        else:
+            es_h = devices.put(es_h, run.layout.replicated())
+            lowered = setup.jit_on(run.layout, program, abstract_carry).lower(
+                abstract_carry, run.splits, es_h, one, one, one
+            )
+        call = functools.partial(_call_with, lowered.compile(), run.splits, es_h, run.config.train.epochs)
+        run_epochs = call if run.layout is None else functools.partial(_on_mesh, run.layout, call)
     return Programs(run_epochs, time.perf_counter() - start)
 
 
@@ -138,16 +149,30 @@ def final_metrics(run: Setup, state) -> tuple[dict, float]:
         return streamed.final_metrics(programs, spec, state, run.held_out, examples), 0.0
     sizes = setup.eval_sizes(run.config, {name: epoch_lib.num_examples(d) for name, d in run.held_out.items()})
     evaluate = jax.jit(program_lib.make_evaluate(dataclasses.replace(run.spec, eval_batch_sizes=sizes)))
-    compiled = evaluate.lower(setup.with_run_axis(state), run.held_out).compile()
+    state_r = setup.with_run_axis(state)
+    if run.layout is not None:
+        state_r = devices.put(state_r, run.layout.replicated())
+    compiled = evaluate.lower(state_r, run.held_out).compile()
     seconds = time.perf_counter() - start
-    totals = jax.device_get(compiled(setup.with_run_axis(state), run.held_out))
+    totals = devices.fetch(compiled(state_r, run.held_out))
     return {k: v for name, split in totals.items() for k, v in _first(split).means(name).items()}, seconds
+
+
+def _on_mesh(layout, call, carry, first_epoch: int, count: int):
+    """The driver's call on a mesh: the epoch numbers as replicated global scalars."""
+    as_global = lambda value: devices.put(np.asarray(value, np.int32), layout.replicated())
+    return call(carry, as_global(first_epoch), as_global(count))
 
 
 def _call_with(compiled, splits, es_hparams, last_epoch: int, carry, first_epoch: int, count: int):
     """The driver's call(carry, first, count): the run program on the run's splits, up to its last epoch."""
-    as_int = lambda value: np.asarray(value, np.int32)
-    return compiled(carry, splits, es_hparams, as_int(first_epoch), as_int(count), as_int(last_epoch))
+    as_int = lambda value: value if isinstance(value, jax.Array) else np.asarray(value, np.int32)
+    last = as_int(last_epoch) if not isinstance(first_epoch, jax.Array) else _like(first_epoch, last_epoch)
+    return compiled(carry, splits, es_hparams, as_int(first_epoch), as_int(count), last)
+
+
+def _like(scalar: jax.Array, value: int) -> jax.Array:
+    return devices.put(np.asarray(value, np.int32), scalar.sharding)
 
 
 def start_carry(run: Setup, abstract_carry, resuming: bool, ckpt, progress) -> tuple[Any, list[dict]]:
@@ -159,9 +184,11 @@ def start_carry(run: Setup, abstract_carry, resuming: bool, ckpt, progress) -> t
             done, arrays, meta = restored
             halted = run.pieces.may_stop and bool(arrays["early_stopping"].should_stop)
             progress.message(f"Resuming {ckpt.directory.parent} from the checkpoint of epoch {done}.")
-            return setup.with_run_axis(checkpoint_lib.carry_of(arrays, np.asarray(halted))), meta["history"]
+            carry = setup.with_run_axis(checkpoint_lib.carry_of(arrays, np.asarray(halted)))
+            return setup.place_carry(run.layout, carry, abstract_carry), meta["history"]
     x_1 = setup.first_example(run.dataset.train)
-    return setup.init_carries(run.pieces, [run.config], [run.pieces.tx.defaults], x_1), []
+    carry = setup.init_carries(run.pieces, [run.config], [run.pieces.tx.defaults], x_1)
+    return setup.place_carry(run.layout, carry, abstract_carry), []
 
 
 def chance_loss(run: Setup) -> float | None:
@@ -206,7 +233,7 @@ def _consumer(run: Setup, history: list[dict], log, progress, non_finite: list[i
 def _saver(ckpt, history: list[dict]):
     def save(carry, epoch: int) -> None:
         if ckpt is not None and epoch > 0:
-            arrays = checkpoint_lib.arrays_of(setup.without_run_axis(jax.device_get(carry)))
+            arrays = checkpoint_lib.arrays_of(setup.without_run_axis(devices.fetch(carry)))
             ckpt.save(epoch, arrays, {"epoch": epoch, "history": list(history)})  # a copy: orbax writes it later
 
     return save
@@ -217,7 +244,7 @@ def train(run: Setup, programs: Programs, carry, history: list[dict], workdir: p
     and the last good epoch checkpointed at the end, at a stop, at Ctrl-C (`stop()` says one came), before a
     non-finite loss and when metrics.jsonl cannot be written."""
     config = run.config
-    log = report.MetricsLog(workdir / "metrics.jsonl", history)  # rows past the resumed checkpoint are recomputed
+    log = _metrics_log(workdir, history)  # rows past the resumed checkpoint are recomputed
     progress.skip(len(history))
     non_finite: list[int] = []
     consume = _consumer(run, history, log, progress, non_finite)
@@ -300,7 +327,7 @@ def train_streamed(run: Setup, programs: Programs, position, history, workdir, c
 def finish(run: Setup, trained: Trained, history: list[dict], timings: dict) -> tuple:
     """The final evaluation and the summary: (the state the run ends with, summary.json's dict)."""
     config, dataset = run.config, run.dataset
-    carry = setup.without_run_axis(jax.device_get(trained.carry))
+    carry = setup.without_run_axis(devices.fetch(trained.carry))
     es_state = carry.es_state
     # The best epoch's parameters, where an epoch was monitored (start_from_epoch may leave none).
     restored_best = bool(config.early_stopping.enabled and config.early_stopping.restore_best and es_state.best_epoch)
@@ -328,6 +355,9 @@ def finish(run: Setup, trained: Trained, history: list[dict], timings: dict) -> 
         **({"input_wait_fraction": _input_wait_fraction(history)} if dataset.streamed else {}),
         "total_seconds": time.perf_counter() - timings["start"],
         "platform": jax.devices()[0].platform,
+        **devices.describe(run.layout),
+        "compute_dtype": config.train.compute_dtype,
+        "accumulate_steps": config.train.accumulate_steps,
     }
     return jax.tree.map(jnp.asarray, state), summary
 
@@ -354,6 +384,20 @@ def _report_end(summary: dict, workdir: pathlib.Path, progress) -> None:
         )
     tested = "  ".join(f"{k} {v:.4f}" for k, v in summary.items() if k.startswith("test_"))
     progress.message(f"{tested}  ({summary['total_seconds']:.1f} s, outputs in {workdir})")
+
+
+class _NoLog:
+    """metrics.jsonl where another process writes it."""
+
+    def write(self, row: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _metrics_log(workdir: pathlib.Path, history: list[dict]):
+    return report.MetricsLog(workdir / "metrics.jsonl", history) if devices.is_primary() else _NoLog()
 
 
 def write_run_json(workdir: pathlib.Path, run: Setup) -> None:
@@ -389,19 +433,25 @@ def train_and_evaluate(
     """
     timings = {"start": time.perf_counter()}
     workdir = workdir_lib.as_workdir(workdir)
-    lock.check_free(workdir, "workdir")
+    primary = devices.is_primary()  # process 0 writes the outputs; every process writes the checkpoints
+    if primary:
+        lock.check_free(workdir, "workdir")
     config = config_lib.validate(config)
+    devices.check_same_config(config)
     use_compilation_cache(config.train.compilation_cache_dir)
-    run = set_up(config, quiet)
-    with lock.hold(workdir, "workdir"):
-        progress = report.Progress(config.train.epochs, quiet)
+    run = set_up(config, quiet or not primary)
+    with lock.hold(workdir, "workdir") if primary else contextlib.nullcontext():
+        progress = report.Progress(config.train.epochs, quiet or not primary)
         with driver.stop_on_ctrl_c(progress.message) as stop:
-            resuming = workdir_lib.prepare_workdir(workdir, config, restart, progress.message)
-            write_run_json(workdir, run)
+            resuming = workdir_lib.prepare_workdir(workdir, config, restart, progress.message) if primary else False
+            resuming = bool(devices.agree((int(resuming),))[0])  # the others wait for process 0's workdir
+            if primary:
+                write_run_json(workdir, run)
             trained, history = _train_in(run, workdir, resuming, progress, stop, timings)
             state, summary = finish(run, trained, history, timings)
-            report.write_json(workdir / "summary.json", summary)
-            if plot:
+            if primary:
+                report.write_json(workdir / "summary.json", summary)
+            if plot and primary:
                 report.plot_curves(history, workdir / "curves.png", f"{run.dataset.name} {config.model.name}")
             _report_end(summary, workdir, progress)
             if stop():

@@ -16,11 +16,13 @@ import numpy as np
 
 from jaxepochs.core import early_stopping as early_stopping_lib
 from jaxepochs.core import epoch as epoch_lib
+from jaxepochs.core import layout as layout_lib
 from jaxepochs.core import optim
 from jaxepochs.core import program as program_lib
 from jaxepochs.core import task as task_lib
 from jaxepochs.data import loading as data_lib
 from jaxepochs.host import config as config_lib
+from jaxepochs.host import devices
 from jaxepochs.host import hooks as hooks_lib
 from jaxepochs.host import seam
 
@@ -105,16 +107,20 @@ def make_pieces(config, dataset: data_lib.Dataset, hooks: hooks_lib.Hooks, steps
         raise config_lib.ConfigError(str(e)) from None
     source = seam.model_source(config, dataset.num_classes, hooks)
     task = seam.make_task(config, source, hooks)
+    if config.train.compute_dtype == "bfloat16":
+        task = task._replace(apply=task_lib.in_compute_dtype(task.apply, jnp.bfloat16))
     names = seam.check(config, source, task, hooks, dataset.train, dataset.num_classes)
     tracker, may_stop = make_tracker(config, has_validation, names)
     pieces = Pieces(source, task, names, hooks, tx, tracker, may_stop, plateau, steps_per_epoch, None)
     return pieces._replace(start=jax.jit(functools.partial(_start, pieces)))
 
 
-def run_spec(config, pieces: Pieces, eval_sizes: dict[str, int], data_axes: dict | None = None) -> program_lib.RunSpec:
+def run_spec(
+    config, pieces: Pieces, eval_sizes: dict[str, int], data_axes: dict | None = None, layout=None
+) -> program_lib.RunSpec:
     """The run program's spec: `eval_sizes` names the held-out splits evaluated when due (val every
     train.validate_every epochs, test every train.test_every with train.log_test; both after the last) and their
-    batch sizes."""
+    batch sizes; `layout` (core/layout.py) where the program spans a mesh."""
     return program_lib.RunSpec(
         task=pieces.task,
         tx=pieces.tx,
@@ -130,6 +136,8 @@ def run_spec(config, pieces: Pieces, eval_sizes: dict[str, int], data_axes: dict
         plateau_monitor=config.optimizer.schedule.monitor if pieces.plateau is not None else None,
         data_axes=data_axes or {},
         augment=pieces.hooks.augment,
+        accumulate_steps=config.train.accumulate_steps,
+        layout=layout,
     )
 
 
@@ -138,9 +146,28 @@ def eval_sizes(config, sizes: dict[str, int]) -> dict[str, int]:
     return {name: min(config.train.eval_batch_size, n) for name, n in sizes.items() if n}
 
 
-def on_device(split) -> dict:
-    """A split's arrays as the trainer's batch: {"x": ..., "y": ...} on the device."""
+def on_device(split, layout=None) -> dict:
+    """A split's arrays as the trainer's batch: {"x": ..., "y": ...} on the device, or with a `layout` on every
+    device of its mesh (each computes on the rows of each batch that the layout gives it)."""
+    if layout is not None:
+        return devices.put({"x": split.x, "y": split.y}, layout.replicated())
     return {"x": jax.tree.map(jnp.asarray, split.x), "y": jnp.asarray(split.y)}
+
+
+def jit_on(layout, program, abstract_carry):
+    """`jax.jit` of a run program (carry, splits, es_hparams, first, count, last) -> (carry, rows) on a mesh:
+    the carry where the layout puts it (a run axis on "runs", parameters replicated or split over "data"),
+    everything else replicated."""
+    carry = layout_lib.carry_shardings(layout, abstract_carry)
+    rest = layout.replicated()
+    return jax.jit(program, in_shardings=(carry, rest, rest, rest, rest, rest), out_shardings=(carry, rest))
+
+
+def place_carry(layout, carry, abstract_carry):
+    """A carry (host or one device's arrays) where `layout` puts it; unchanged without a layout."""
+    if layout is None:
+        return carry
+    return devices.put(jax.device_get(carry), layout_lib.carry_shardings(layout, abstract_carry))
 
 
 def first_example(split):

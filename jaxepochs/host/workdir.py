@@ -25,6 +25,7 @@ RESUMABLE_KEYS = (  # may change when resuming
     "checkpoint.",
     "data.data_dir",
     "train.compilation_cache_dir",
+    "mesh.",  # where the arrays live, not what they compute: a checkpoint restores onto any mesh
     "experiment.",  # a changed module is said when resuming (workdir.prepare_workdir), not refused
 )
 
@@ -127,7 +128,7 @@ def _check_resumable(workdir: pathlib.Path, config: ml_collections.ConfigDict) -
         raise WorkdirError(
             f"{workdir} holds a run with another config ({shown}). Use a new --workdir, or --restart "
             "(restart=True) to discard that run. Only train.epochs, train.epochs_per_call, "
-            "train.host_interval_seconds, checkpoint.* and data.data_dir may change when resuming."
+            "train.host_interval_seconds, checkpoint.*, mesh.* and data.data_dir may change when resuming."
         )
     _say_if_the_module_changed(workdir, old, new)
     if not config.checkpoint.enabled:

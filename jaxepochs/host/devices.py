@@ -1,0 +1,205 @@
+"""The devices and processes a run spans: its mesh, JAX's multi-controller runtime, and moving arrays on and off.
+
+One process (the usual case) sees every device of its machine; past one host, `jax.distributed.initialize()`
+joins the processes into one runtime whose `jax.devices()` are every process's, and every process runs the same
+program on the same global arrays (each computes on its own devices' shards). These helpers hide the
+difference: `put` builds a global array from the host value every process holds, `fetch` brings one back to
+every process, `agree` makes the host's decisions (how many epochs the next call runs, whether a checkpoint is
+due, whether Ctrl-C was pressed) process 0's, so every process calls the same programs in the same order.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxepochs.core import layout as layout_lib
+from jaxepochs.host import config as config_lib
+
+DEFAULT_TIMEOUT_SECONDS = 60  # to reach the coordinator; then an error, not a hang
+
+
+class DistributedError(RuntimeError):
+    """The processes of a multi-host run could not be joined, or do not agree."""
+
+
+def initialize(coordinator_address: str | None, num_processes: int | None, process_id: int | None,
+               timeout_seconds: int = DEFAULT_TIMEOUT_SECONDS, heartbeat_seconds: int = 100) -> None:  # fmt: skip
+    """`jax.distributed.initialize` with these arguments (None: JAX detects them, on TPU pods, SLURM and
+    Open MPI); on CPU, gloo's collectives. DistributedError, naming the address, when the coordinator is not
+    reached within `timeout_seconds`."""
+    # gloo: the CPU client's collectives across processes (a GPU or TPU backend uses its own; this setting only
+    # concerns CPU devices).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(
+            coordinator_address,
+            num_processes,
+            process_id,
+            initialization_timeout=timeout_seconds,
+            heartbeat_timeout_seconds=heartbeat_seconds,
+        )
+    except Exception as e:  # XlaRuntimeError, ValueError, RuntimeError: all say the same to the user
+        where = coordinator_address or "the address JAX detects"
+        raise DistributedError(
+            f"could not join the processes through the coordinator at {where} within {timeout_seconds} s "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Start every process with the same "
+            "--coordinator_address HOST:PORT (process 0's host, a free port) and --num_processes, each with its "
+            "own --process_id, and check that the port is reachable."
+        ) from None
+
+
+def is_primary() -> bool:
+    """Process 0: the one that writes a run's logs, curves and summaries (checkpoints are written by all)."""
+    return jax.process_index() == 0
+
+
+def multi_process() -> bool:
+    return jax.process_count() > 1
+
+
+def run_layout(config, streamed: bool, say) -> layout_lib.Layout | None:
+    """The layout of a run: its batches over `mesh.data` devices (None on one device: the programs are then
+    those of a single-device run, with no annotations). ConfigError for a mesh that cannot be built."""
+    m, batch = config.mesh, config.train.batch_size
+    available = jax.device_count()
+    if m.runs > 1:
+        raise config_lib.ConfigError(
+            f"config.mesh.runs = {m.runs} splits a sweep's runs; a run has one. Use mesh.runs = 0 or 1 (or "
+            "`jaxepochs sweep`)."
+        )
+    _check_devices("mesh.data", m.data, available)
+    if streamed:
+        return _streamed_layout(m, available, say)
+    data = m.data or _auto_data(available, batch, config.train.accumulate_steps, say)
+    if batch % data:
+        raise config_lib.ConfigError(
+            f"config.train.batch_size = {batch} does not divide over mesh.data = {data} devices. Use a batch size "
+            f"that is a multiple of {data}, or a mesh.data that divides {batch}."
+        )
+    if multi_process() and data != available:
+        raise config_lib.ConfigError(
+            f"config.mesh.data = {data}, but the {jax.process_count()} processes have {available} devices: a "
+            f"multi-process run uses them all. Use mesh.data = 0 or {available}."
+        )
+    if data == 1 and not m.shard_params:
+        return None
+    return layout_lib.Layout(layout_lib.make_mesh(jax.devices(), 1, data), bool(m.shard_params))
+
+
+def _check_devices(key: str, wanted: int, available: int) -> None:
+    if wanted > available:
+        raise config_lib.ConfigError(
+            f"config.{key} = {wanted} asks for {wanted} devices, but JAX sees {available} "
+            f"({jax.devices()[0].platform}). Use {key} <= {available}, or 0 to use every device."
+        )
+
+
+def _auto_data(available: int, batch: int, accumulate: int, say) -> int:
+    """Every device, or the most that divide both the device count and the batch (said, when fewer)."""
+    fits = [d for d in range(available, 0, -1) if available % d == 0 and batch % d == 0]
+    data = fits[0]
+    if data < available and not multi_process():
+        say(f"train.batch_size = {batch} does not divide over all {available} devices; the batches are split "
+            f"over {data} of them (set mesh.data, or a batch size that {available} divides).")  # fmt: skip
+    return data
+
+
+def _streamed_layout(m, available: int, say) -> None:
+    if m.data > 1 or m.shard_params or multi_process():
+        raise config_lib.ConfigError(
+            "streamed data trains on one device for now: set mesh.data = 1 (and mesh.shard_params = False), or "
+            "keep the data on the devices (data.stream = False) to split its batches over the mesh."
+        )
+    if available > 1:
+        say(f"streamed data trains on one of the {available} devices.")
+    return None
+
+
+def put(tree, shardings):
+    """Host values (the same on every process) as global arrays with these shardings (a pytree of them, or one
+    for every leaf): each process places its own devices' shards."""
+    if not isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(_put_leaf, tree, shardings)
+    return jax.tree.map(lambda a: _put_leaf(a, shardings), tree)
+
+
+def _put_leaf(value, sharding):
+    if not multi_process():
+        return jax.device_put(value, sharding)
+    host = np.asarray(value)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def fetch(tree):
+    """A program's outputs as numpy on every process (replicated arrays from a local copy, split ones gathered
+    across the processes: a collective, so every process calls it at the same point)."""
+    if not multi_process():
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    def one(a):
+        if not isinstance(a, jax.Array) or a.is_fully_addressable:
+            return np.asarray(a)
+        if a.is_fully_replicated:
+            return np.asarray(a.addressable_data(0))
+        return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+
+    return jax.tree.map(one, tree)
+
+
+def agree(values: tuple[int, ...]) -> tuple[int, ...]:
+    """Process 0's values on every process (one small broadcast); the values themselves on one process."""
+    if not multi_process():
+        return values
+    from jax.experimental import multihost_utils
+
+    agreed = multihost_utils.broadcast_one_to_all(np.asarray(values, np.int64))
+    return tuple(int(v) for v in np.asarray(agreed))
+
+
+def check_same_config(config) -> None:
+    """DistributedError on every process, naming the first key where a process's config differs from process
+    0's: the processes of one run must run one config (else their programs would not match and they would hang)."""
+    if not multi_process():
+        return
+    from jax.experimental import multihost_utils
+
+    mine = config_lib.flatten(json.loads(config.to_json_best_effort()))
+    text = json.dumps(mine, sort_keys=True, default=str).encode()
+    size = int(agree((len(text),))[0])
+    padded = np.zeros(size, np.uint8)
+    if is_primary():
+        padded[:] = np.frombuffer(text, np.uint8)
+    primary = json.loads(bytes(np.asarray(multihost_utils.broadcast_one_to_all(padded))).decode())
+    keys = sorted(primary.keys() | mine.keys())
+    differing = next((k for k in keys if primary.get(k) != mine.get(k)), "").encode()[:255]
+    mine_named = np.zeros(256, np.uint8)
+    mine_named[0], mine_named[1 : 1 + len(differing)] = len(differing), np.frombuffer(differing, np.uint8)
+    named = np.asarray(multihost_utils.process_allgather(mine_named)).reshape(jax.process_count(), 256)
+    for process, row in enumerate(named):
+        if row[0]:
+            key = bytes(row[1 : 1 + int(row[0])]).decode()
+            raise DistributedError(
+                f"process {process}'s config differs from process 0's at {key} ({key} = {mine.get(key)!r} here, "
+                f"{primary.get(key)!r} on process 0): every process of a run must be started with the same "
+                "--config and overrides."
+            )
+
+
+def describe(layout: layout_lib.Layout | None) -> dict[str, Any]:
+    """The mesh and processes, for summary.json."""
+    return {
+        "devices": jax.device_count(),
+        "processes": jax.process_count(),
+        "mesh": {"runs": 1, "data": 1} if layout is None else dict(layout.mesh.shape),
+        "shard_params": bool(layout is not None and layout.shard_params),
+    }
+
+
+def warn(text: str) -> None:
+    print(f"jaxepochs: {text}", file=sys.stderr)
