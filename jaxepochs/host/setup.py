@@ -22,9 +22,8 @@ from jaxepochs.core import program as program_lib
 from jaxepochs.core import task as task_lib
 from jaxepochs.data import loading as data_lib
 from jaxepochs.host import config as config_lib
-from jaxepochs.host import devices
+from jaxepochs.host import devices, seam
 from jaxepochs.host import hooks as hooks_lib
-from jaxepochs.host import seam
 
 # With train.epochs_per_call = 0 a call runs up to this many epochs (the size of the rows it returns: 52 bytes a
 # run and epoch); the host's pace chooses how many. One program serves every pace and every run length.
