@@ -112,13 +112,7 @@ def base_config() -> ml_collections.ConfigDict:
     # step): the step of the whole batch in the memory of one micro-batch.
     c.train.accumulate_steps = 1
 
-    # The device mesh (core/layout.py): a run splits each batch over `data` devices; a sweep splits its runs over
-    # `runs` devices and each run's batches over `data`. 0 chooses: a run puts every device on `data`, a sweep on
-    # `runs`. With shard_params the parameters and optimizer state are split over `data` too (FSDP).
-    c.mesh = ml_collections.ConfigDict()
-    c.mesh.data = 0
-    c.mesh.runs = 0
-    c.mesh.shard_params = False
+    c.mesh = mesh_config()  # data, runs, shard_params: where a run's arrays live (core/layout.py)
 
     c.optimizer = optimizer_config()  # name, learning_rate, momentum, b1, b2, weight_decay, clip_norm, schedule
 
@@ -131,6 +125,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.every_steps = 0  # streamed epochs: also every this many steps inside an epoch (0: by time there)
     c.checkpoint.max_to_keep = 3
     return c
+
+
+def mesh_config() -> ml_collections.ConfigDict:
+    """The device mesh (core/layout.py): a run splits each batch over `data` devices; a sweep splits its runs
+    over `runs` devices and each run's batches over `data`. 0 chooses: a run puts every device on `data`, a
+    sweep on `runs`. With shard_params the parameters and optimizer state are split over `data` too (FSDP)."""
+    m = ml_collections.ConfigDict()
+    m.data = 0
+    m.runs = 0
+    m.shard_params = False
+    return m
 
 
 def schedule_config() -> ml_collections.ConfigDict:
