@@ -56,7 +56,9 @@ def _same(a, b):
 
 
 def test_an_nnx_model_trains_loads_and_sweeps_as_its_runs(tmp_path):
-    config = jaxepochs.apply_overrides(jaxepochs.load_config_file(EXPERIMENTS / "wine_nnx.py"), {"train.epochs": "3"})
+    # mesh.data = 1: the run on one device, as each sweep member runs (split over two, its sums round otherwise).
+    overrides = {"train.epochs": "3", "mesh.data": "1"}
+    config = jaxepochs.apply_overrides(jaxepochs.load_config_file(EXPERIMENTS / "wine_nnx.py"), overrides)
     result = jaxepochs.train_and_evaluate(config, tmp_path / "run", quiet=True)
     assert len(result.history) == 3 and result.summary["test_accuracy"] > 0.6
     assert result.summary["model"] == "WineNet"

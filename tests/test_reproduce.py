@@ -217,7 +217,8 @@ def test_vmapped_seeds_equal_the_sequential_runs_and_feed_the_reports(tmp_path):
     and the double-descent report reads either (`--vmap` with 2+ seeds raised AttributeError: no summary)."""
     from jaxepochs.studies import double_descent
 
-    overrides = {"train.log_test": "True", "train.epochs": "3", "early_stopping.enabled": "True"}
+    # mesh.data = 1: each solo run on one device, as each sweep member runs.
+    overrides = {"train.log_test": "True", "train.epochs": "3", "early_stopping.enabled": "True", "mesh.data": "1"}
     solo = common.run_seeds("lr", "mnist1d_logreg", overrides, tmp_path / "solo", 2, quiet=True)
     swept = common.run_seeds("lr", "mnist1d_logreg", overrides, tmp_path / "swept", 2, quiet=True, vmap=True)
     assert (tmp_path / "swept" / "histories" / "lr_seed1.jsonl").exists()

@@ -199,7 +199,7 @@ def test_one_program_per_shape_group_not_per_run(tmp_path, compile_counter):
 def test_a_group_of_one_run_trains_as_that_run_alone(tmp_path):
     """Each width is its own group of one run: a chunk of one is the program `jaxepochs run` trains it with (so the
     same numbers exactly); a diverging one ends at its last good epoch without stopping the sweep."""
-    base = tiny_config({"train.epochs": "3", "optimizer.name": "sgd"})
+    base = tiny_config({"train.epochs": "3", "optimizer.name": "sgd", "mesh.data": "1"})  # the solo run on one device
     grid = grid_lib.expand(base, {"model.hidden_sizes": "(8,),(12,)", "optimizer.learning_rate": "0.1,1e30"})
     grid = [
         values
