@@ -91,6 +91,35 @@ def run_layout(config, streamed: bool, say) -> layout_lib.Layout | None:
     return layout_lib.Layout(layout_lib.make_mesh(jax.devices(), 1, data), bool(m.shard_params))
 
 
+def sweep_mesh(config) -> tuple[int, int]:
+    """(runs, data): the devices a sweep splits its runs over and those each run's batches split over. By
+    default every device on "runs" (a run's batch stays on one device: the runs are the parallel work)."""
+    m, available = config.mesh, jax.device_count()
+    data = m.data or 1
+    _check_devices("mesh.data", data, available)
+    runs = m.runs or max(available // data, 1)
+    if runs * data > available:
+        raise config_lib.ConfigError(
+            f"config.mesh.runs * mesh.data = {runs} * {data} asks for {runs * data} devices, but JAX sees "
+            f"{available}. Use a mesh of at most {available} devices, or 0 for either axis to choose it."
+        )
+    if config.train.batch_size % data:
+        raise config_lib.ConfigError(
+            f"config.train.batch_size = {config.train.batch_size} does not divide over mesh.data = {data} devices. "
+            f"Use a batch size that is a multiple of {data}, or a mesh.data that divides it."
+        )
+    return runs, data
+
+
+def sweep_layout(config) -> layout_lib.Layout | None:
+    """A sweep's layout where its runs' batches span devices (mesh.data > 1, or shard_params); None where each
+    run lies on one device (the runs split over "runs" by `jax.shard_map`, sweep/run.py)."""
+    runs, data = sweep_mesh(config)
+    if data == 1 and not config.mesh.shard_params:
+        return None
+    return layout_lib.Layout(layout_lib.make_mesh(jax.devices(), runs, data), bool(config.mesh.shard_params))
+
+
 def _check_devices(key: str, wanted: int, available: int) -> None:
     if wanted > available:
         raise config_lib.ConfigError(

@@ -27,13 +27,14 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxepochs.core import epoch as epoch_lib
+from jaxepochs.core import layout as layout_lib
 from jaxepochs.core import optim
 from jaxepochs.core import program as program_lib
 from jaxepochs.data import loading as data_lib
 from jaxepochs.data import lock
 from jaxepochs.host import checkpoint as checkpoint_lib
 from jaxepochs.host import config as config_lib
-from jaxepochs.host import driver, report, setup
+from jaxepochs.host import devices, driver, report, setup
 from jaxepochs.host import hooks as hooks_lib
 from jaxepochs.host import run as run_lib
 from jaxepochs.host import workdir as workdir_lib
@@ -98,14 +99,25 @@ class _Group:
         every_epoch = setup.eval_sizes(template, {"val": n_val})
         if template.train.log_test:
             every_epoch.update(setup.eval_sizes(template, {"test": data_lib.count(dataset.test)}))
-        self.spec = setup.run_spec(template, self.pieces, every_epoch, {"train": 0, "val": 0} if cv else {})
+        self.runs_size = devices.sweep_mesh(template)[0]
+        self.layout = devices.sweep_layout(template)  # None: each run on one device
+        axes = {"train": 0, "val": 0} if cv else {}
+        self.spec = setup.run_spec(template, self.pieces, every_epoch, axes, layout=self.layout)
         # The test split once, on the parameters each run ends with (its validation curve is in its history).
         final_sizes = setup.eval_sizes(template, {"test": data_lib.count(dataset.test)})
         self.final_spec = dataclasses.replace(self.spec, eval_batch_sizes=final_sizes)
         self.programs: dict = {}  # (chunk size, sharded) -> Programs, shared by the chunks
 
     def splits(self, runs: list[sweep_lib.Run]) -> dict:
-        """The arrays the runs train and are evaluated on: CV folds per run ([R, ...]), else shared."""
+        """The arrays the runs train and are evaluated on: CV folds per run ([R, ...]), else shared; placed on
+        the mesh where the sweep has a layout."""
+        splits = self._splits(runs)
+        if self.layout is None:
+            return splits
+        per_run = lambda name: self.layout.per_run() if self.spec.data_axes.get(name) == 0 else self.layout.replicated()
+        return {name: devices.put(jax.device_get(split), per_run(name)) for name, split in splits.items()}
+
+    def _splits(self, runs: list[sweep_lib.Run]) -> dict:
         d = self.dataset
         if not self.cv:
             splits = {"train": setup.on_device(d.train)}
@@ -146,17 +158,38 @@ class _Group:
             over = functools.partial(jax.shard_map, mesh=sharding.mesh, check_vma=False)
             run_epochs = over(run_epochs, in_specs=(runs, data, runs, shared, shared, shared), out_specs=(runs, rows))
             evaluate = over(evaluate, in_specs=(runs, {"test": shared}), out_specs=runs)
+        if self.layout is not None:
+            return (*self._compile_on_mesh(run_epochs, evaluate, carry, splits, es_hparams, test), _since(start))
         run_epochs = jax.jit(run_epochs).lower(carry, splits, es_hparams, one, one, one).compile()
         evaluate = jax.jit(evaluate).lower(carry.state, test).compile()
         return run_epochs, evaluate, test, time.perf_counter() - start
 
+    def _compile_on_mesh(self, run_epochs, evaluate, carry, splits, es_hparams, test):
+        """The programs of a sweep whose runs' batches span devices: XLA partitions them over the mesh (the runs
+        over "runs", each batch's rows over "data"); the scalars and the shared splits replicated."""
+        layout, rep = self.layout, self.layout.replicated()
+        carry_sh = layout_lib.carry_shardings(layout, carry)
+        split_sh = {k: layout.per_run() if self.spec.data_axes.get(k) == 0 else rep for k in splits}
+        runs = layout.per_run()
+        jitted = jax.jit(
+            run_epochs, in_shardings=(carry_sh, split_sh, runs, rep, rep, rep), out_shardings=(carry_sh, rep)
+        )
+        one = devices.put(np.asarray(1, np.int32), rep)
+        test = {"test": devices.put(jax.device_get(test["test"]), rep)}
+        run_epochs = jitted.lower(carry, splits, es_hparams, one, one, one).compile()
+        evaluate = jax.jit(evaluate, in_shardings=(carry_sh.state, {"test": rep}), out_shardings=rep)
+        return run_epochs, evaluate.lower(carry.state, test).compile(), test
 
-def _sharding(chunk: int):
-    """The run axis split across the devices (a mesh with a "runs" axis), or None on one device."""
-    devices = jax.devices()
-    if len(devices) < 2 or chunk % len(devices):
+
+def _since(start: float) -> float:
+    return time.perf_counter() - start
+
+
+def _sharding(chunk: int, runs: int):
+    """The run axis split across `runs` devices (a mesh with a "runs" axis), or None on one device."""
+    if runs < 2 or chunk % runs:
         return None
-    return NamedSharding(Mesh(np.array(devices), ("runs",)), P("runs"))
+    return NamedSharding(Mesh(np.array(jax.devices()[:runs]), ("runs",)), P("runs"))
 
 
 def _restore(ckpt, group: _Group, carry, names: list[str], progress) -> tuple:
@@ -186,7 +219,9 @@ def _train_chunk(group: _Group, runs, chunk_size: int, workdir: pathlib.Path, pr
     padded = runs + [runs[0]] * (chunk_size - len(runs))
     carry, es_hparams = group.init(padded)
     splits = group.splits(padded)
-    sharding = _sharding(chunk_size)
+    sharding = _sharding(chunk_size, group.runs_size) if group.layout is None else None
+    if group.layout is not None:
+        carry, es_hparams = _on_mesh(group.layout, carry), devices.put(es_hparams, group.layout.per_run())
     if sharding is not None:
         carry, es_hparams = jax.device_put((carry, es_hparams), sharding)
         splits = {k: jax.device_put(v, sharding) if group.spec.data_axes.get(k) == 0 else v for k, v in splits.items()}
@@ -206,9 +241,12 @@ def _train_chunk(group: _Group, runs, chunk_size: int, workdir: pathlib.Path, pr
         if restored is not None:
             carry, histories, non_finite, first_epoch = restored
             carry = jax.device_put(carry, sharding) if sharding is not None else carry
+            carry = _on_mesh(group.layout, carry) if group.layout is not None else carry
 
         def call(carry, first, count):
             as_int = lambda value: np.asarray(value, np.int32)
+            if group.layout is not None:  # replicated global scalars
+                as_int = lambda value: devices.put(np.asarray(value, np.int32), group.layout.replicated())
             return run_epochs(carry, splits, es_hparams, as_int(first), as_int(count), as_int(config.train.epochs))
 
         def consume(rows, first, seconds) -> bool:
@@ -246,6 +284,11 @@ def _train_chunk(group: _Group, runs, chunk_size: int, workdir: pathlib.Path, pr
     if stop() and outcome.last_epoch < config.train.epochs and not outcome.halted:
         raise KeyboardInterrupt  # saved: the sweep's rerun resumes this chunk
     return _Chunk(histories, _summaries(group, runs, outcome.carry, evaluate, test, non_finite), compile_seconds)
+
+
+def _on_mesh(layout, carry):
+    """A chunk's carry (host arrays) where the layout puts it: the runs over "runs"."""
+    return devices.put(jax.device_get(carry), layout_lib.carry_shardings(layout, carry))
 
 
 def _summaries(group: _Group, runs, carry, evaluate, test, non_finite: dict) -> dict[str, dict]:
@@ -352,9 +395,11 @@ def _chunk_size(group: _Group, members: list, chunk: int) -> int:
     data_bytes = sum(np.asarray(a).nbytes for a in jax.tree.leaves(group.dataset.train.x))
     copied = data_bytes if batch_size > 1 and data_bytes <= epoch_lib.PERMUTE_WHOLE_BYTES else 0
     size = min(chunk or default_chunk(len(members), example, batch_size, _widest(example), copied), len(members))
-    devices = len(jax.devices())
-    if size >= devices > 1:
-        size -= size % devices  # whole shards of the run axis
+    shards = group.runs_size
+    if size >= shards > 1:
+        size -= size % shards  # whole shards of the run axis
+    elif group.layout is not None:
+        size = shards  # fewer runs than shards: padded to one run per shard
     return size
 
 
