@@ -70,7 +70,53 @@ def _parser() -> argparse.ArgumentParser:
     swp.add_argument("--chunk", type=int, default=0, help="most runs trained at once (0: from free memory)")
     swp.add_argument("--quiet", action="store_true", help="print nothing but errors")
     swp.add_argument("--restart", action="store_true", help="discard a sweep already in the workdir")
+    for command in (run, swp):
+        _distributed_arguments(command)
     return parser
+
+
+def _distributed_arguments(command: argparse.ArgumentParser) -> None:
+    """Many processes (hosts) as one run, through JAX's own runtime (`jax.distributed.initialize`)."""
+    group = command.add_argument_group(
+        "many processes", "start one process per host (or per GPU) with the same command and config"
+    )
+    group.add_argument("--coordinator_address", help="HOST:PORT of process 0, reachable by every process")
+    group.add_argument("--num_processes", type=int, help="how many processes the run spans")
+    group.add_argument("--process_id", type=int, help="this process's index, 0 to num_processes - 1")
+    group.add_argument(
+        "--distributed",
+        action="store_true",
+        help="join the processes with what JAX detects (TPU pods, SLURM, Open MPI) when no address is given",
+    )
+    group.add_argument(
+        "--distributed_timeout", type=int, default=60, help="seconds to reach the coordinator before an error"
+    )
+    group.add_argument(
+        "--heartbeat_timeout",
+        type=int,
+        default=100,
+        help="seconds without a sign of life from a process before the others stop with an error",
+    )
+
+
+def _initialize_distributed(args) -> None:
+    """`jax.distributed.initialize` where the command line asks for many processes; before anything else
+    touches a JAX backend."""
+    given = [args.coordinator_address, args.num_processes, args.process_id]
+    if not args.distributed and all(value is None for value in given):
+        return
+    if not args.distributed and any(value is None for value in given):
+        raise UsageError(
+            "--coordinator_address, --num_processes and --process_id go together (or use --distributed where JAX "
+            "detects them: TPU pods, SLURM, Open MPI)."
+        )
+    if args.num_processes is not None and not 0 <= args.process_id < args.num_processes:
+        raise UsageError(f"--process_id {args.process_id} is not in 0..{args.num_processes - 1}.")
+    from jaxepochs.host import devices
+
+    devices.initialize(
+        args.coordinator_address, args.num_processes, args.process_id, args.distributed_timeout, args.heartbeat_timeout
+    )
 
 
 def _sweep(args, overrides: dict[str, str], specs: dict[str, str]) -> int:
@@ -122,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(rest)
         if specs and args.command != "sweep":
             raise UsageError("--sweep.* options belong to `jaxepochs sweep`.")
+        if args.command in ("run", "sweep"):
+            _initialize_distributed(args)
         if args.command == "sweep":
             return _sweep(args, overrides, specs)
         if args.command == "reproduce":
@@ -142,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         from jaxepochs.host import run  # imports jax: after the cheap checks
 
         run.train_and_evaluate(config, args.workdir, quiet=args.quiet, restart=args.restart)
-    except (ValueError, FloatingPointError) as e:  # our errors say what to fix; no traceback needed
+    except (ValueError, FloatingPointError, _distributed_error()) as e:  # our errors say what to fix
         print(f"jaxepochs: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # the disk or the file system refused: say which path, and what to do
@@ -153,6 +201,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _many_processes() -> bool:
+    jax = sys.modules.get("jax")
+    return jax is not None and jax.distributed.is_initialized() and jax.process_count() > 1
+
+
+def _process_index() -> int:
+    return sys.modules["jax"].process_index()
+
+
+def _distributed_error() -> type:
+    from jaxepochs.host import devices
+
+    return devices.DistributedError
+
+
 def entry() -> None:
     """The `jaxepochs` command: main(), and after a Ctrl-C an exit that skips the interpreter's shutdown. Its
     work is saved by then, or a second Ctrl-C aborted it: then the checkpoint library's writer threads, still
@@ -160,7 +223,28 @@ def entry() -> None:
     from jaxepochs.host import driver
 
     driver.EXIT_ON_SECOND_CTRL_C = True
-    code = main()
+    try:
+        code = main()
+    except BaseException:  # a traceback: past one process, printed, then the same quick exit as below
+        if not _many_processes():
+            raise
+        import traceback
+
+        traceback.print_exc()
+        error = sys.exc_info()[1]
+        print(
+            f"jaxepochs: error: process {_process_index()} stopped ({type(error).__name__}: "
+            f"{str(error).strip().splitlines()[-1] if str(error).strip() else ''}). If another process of the run "
+            "died, start every process again with the same command: the run resumes from its last checkpoint.",
+            file=sys.stderr,
+        )
+        code = 1
+    if code and _many_processes():
+        # At once: JAX's shutdown would wait (minutes) at a barrier for processes that are still training; they
+        # learn of this one's end from the runtime's heartbeat and stop with an error too.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     if code == 130:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -44,9 +44,9 @@ READ_AHEAD = 2  # chunks grain holds ready on the host, beyond the one on the de
 
 def device_free_bytes() -> tuple[int, str]:
     """Free memory of the first device, and what it is: the accelerator's, or on CPU the host's available."""
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}
     if "bytes_limit" in stats:
-        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0)), f"free memory of {jax.devices()[0]}"
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0)), f"free memory of {jax.local_devices()[0]}"
     try:
         with open("/proc/meminfo") as f:
             available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
