@@ -232,14 +232,15 @@ def entry() -> None:
 
         traceback.print_exc()
         error = sys.exc_info()[1]
-        print(
-            f"jaxepochs: error: process {_process_index()} stopped ({type(error).__name__}: "
-            f"{str(error).strip().splitlines()[-1] if str(error).strip() else ''}). If another process of the run "
-            "died, start every process again with the same command: the run resumes from its last checkpoint.",
-            file=sys.stderr,
-        )
+        last_line = str(error).strip().splitlines()[-1] if str(error).strip() else ""
+        print(f"jaxepochs: error: process {_process_index()}: {type(error).__name__}: {last_line}", file=sys.stderr)
         code = 1
     if code and _many_processes():
+        print(
+            "jaxepochs: this process of a multi-process run stopped; if another process died, start every process "
+            "again with the same command: the run resumes from its last checkpoint.",
+            file=sys.stderr,
+        )
         # At once: JAX's shutdown would wait (minutes) at a barrier for processes that are still training; they
         # learn of this one's end from the runtime's heartbeat and stop with an error too.
         sys.stdout.flush()

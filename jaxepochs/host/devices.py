@@ -35,6 +35,11 @@ def initialize(coordinator_address: str | None, num_processes: int | None, proce
     # gloo: the CPU client's collectives across processes (a GPU or TPU backend uses its own; this setting only
     # concerns CPU devices).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if coordinator_address and process_id:
+        _wait_for_coordinator(coordinator_address, timeout_seconds)
+    elif coordinator_address:
+        # JAX ends the process (SIGABRT, no Python error) when the others do not join in time: say it first.
+        warn(f"waiting up to {timeout_seconds} s for {num_processes} processes to join at {coordinator_address}.")
     try:
         jax.distributed.initialize(
             coordinator_address,
@@ -51,6 +56,28 @@ def initialize(coordinator_address: str | None, num_processes: int | None, proce
             "--coordinator_address HOST:PORT (process 0's host, a free port) and --num_processes, each with its "
             "own --process_id, and check that the port is reachable."
         ) from None
+
+
+def _wait_for_coordinator(address: str, timeout_seconds: float) -> None:
+    """DistributedError unless process 0's coordinator accepts a connection within `timeout_seconds`: JAX's
+    client would end the process (SIGABRT, no message a user could act on) after its own timeout."""
+    import socket
+    import time
+
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout_seconds
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=1.0):
+                return
+        except (OSError, ValueError) as e:
+            if time.monotonic() > deadline or isinstance(e, ValueError):
+                raise DistributedError(
+                    f"could not reach the coordinator at {address} within {timeout_seconds} s ({e}). Start process "
+                    "0 first (it serves the coordinator) with the same --coordinator_address HOST:PORT, and check "
+                    "that the port is reachable from this host."
+                ) from None
+            time.sleep(0.2)
 
 
 def is_primary() -> bool:
