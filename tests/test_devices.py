@@ -143,11 +143,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(workdir, overrides: dict, port: int, logs, extra=(), per_process=None) -> list[subprocess.Popen]:
+def _launch(workdir, overrides: dict, port: int, logs, extra=(), per_process=None, command_name="run"):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device per process
     children = []
     for process in range(2):
-        command = [sys.executable, "-m", "jaxepochs.cli", "run", "--config", "experiments/mnist1d_mlp.py"]
+        command = [sys.executable, "-m", "jaxepochs.cli", command_name, "--config", "experiments/mnist1d_mlp.py"]
         command += ["--workdir", str(workdir), "--quiet", "--coordinator_address", f"127.0.0.1:{port}"]
         command += ["--num_processes", "2", "--process_id", str(process), "--heartbeat_timeout", "5", *extra]
         mine = {**SMALL, **overrides, **((per_process or {}).get(process, {}))}
@@ -191,6 +191,16 @@ def test_two_processes_train_as_one_run_and_resume_after_sigkill(tmp_path):
     assert "start every process again with the same command" in (tmp_path / "p0.log").read_text()
     assert _wait(_launch(killed, overrides, _free_port(), tmp_path)) == [0, 0], (tmp_path / "p0.log").read_text()
     assert _untimed(_rows(killed)) == _untimed(_rows(whole))  # the resumed run ends where the whole one did
+
+
+def test_two_processes_sweep_as_one_process_on_two_devices(tmp_path):
+    grid = [{"seed": seed, "optimizer.learning_rate": lr} for seed in ("0", "1") for lr in ("0.01", "0.003")]
+    sweep_args = ["--sweep.seed=0,1", "--sweep.optimizer.learning_rate=0.01,0.003"]
+    children = _launch(tmp_path / "two", {"train.epochs": "3"}, _free_port(), tmp_path, sweep_args, None, "sweep")
+    assert _wait(children) == [0, 0], (tmp_path / "p0.log").read_text()
+    jaxepochs.sweep(tiny_config({"train.epochs": "3"}), grid, tmp_path / "one", quiet=True)  # runs over 2 devices
+    rows = lambda workdir: _untimed([json.loads(line) for line in (workdir / "sweep.jsonl").read_text().splitlines()])
+    assert len(rows(tmp_path / "two")) == 12 and rows(tmp_path / "two") == rows(tmp_path / "one")  # bit for bit
 
 
 def test_processes_that_disagree_on_the_config_are_refused(tmp_path):

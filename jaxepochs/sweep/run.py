@@ -9,6 +9,7 @@ config's checkpoint section). A chunk of one run is the run's own program: the s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -152,6 +153,7 @@ class _Group:
         evaluate = program_lib.make_evaluate(self.final_spec)
         test = {"test": setup.on_device(self.dataset.test)}
         if sharding is not None:
+            test = {"test": devices.put(jax.device_get(test["test"]), NamedSharding(sharding.mesh, P()))}
             runs, shared = P("runs"), P()
             data = {name: runs if self.spec.data_axes.get(name) == 0 else shared for name in splits}
             rows = program_lib.EpochRows(runs, runs, runs, runs, runs, shared, runs)
@@ -222,9 +224,11 @@ def _train_chunk(group: _Group, runs, chunk_size: int, workdir: pathlib.Path, pr
     sharding = _sharding(chunk_size, group.runs_size) if group.layout is None else None
     if group.layout is not None:
         carry, es_hparams = _on_mesh(group.layout, carry), devices.put(es_hparams, group.layout.per_run())
-    if sharding is not None:
-        carry, es_hparams = jax.device_put((carry, es_hparams), sharding)
-        splits = {k: jax.device_put(v, sharding) if group.spec.data_axes.get(k) == 0 else v for k, v in splits.items()}
+    if sharding is not None:  # each process places its devices' runs; the shared splits on every device
+        carry, es_hparams = devices.put((jax.device_get(carry), es_hparams), sharding)
+        everywhere = NamedSharding(sharding.mesh, P())
+        on = lambda k: sharding if group.spec.data_axes.get(k) == 0 else everywhere
+        splits = {k: devices.put(jax.device_get(v), on(k)) for k, v in splits.items()}
     key = (chunk_size, sharding is not None)  # the chunks of a group share their size: one program for all
     compile_seconds = 0.0
     if key not in group.programs:
@@ -240,7 +244,7 @@ def _train_chunk(group: _Group, runs, chunk_size: int, workdir: pathlib.Path, pr
         restored = _restore(ckpt, group, carry, names, progress) if ckpt is not None else None
         if restored is not None:
             carry, histories, non_finite, first_epoch = restored
-            carry = jax.device_put(carry, sharding) if sharding is not None else carry
+            carry = devices.put(carry, sharding) if sharding is not None else carry
             carry = _on_mesh(group.layout, carry) if group.layout is not None else carry
 
         def call(carry, first, count):
@@ -267,7 +271,7 @@ def _train_chunk(group: _Group, runs, chunk_size: int, workdir: pathlib.Path, pr
             if ckpt is not None and epoch > 0:
                 copied = {name: list(rows) for name, rows in histories.items()}  # orbax writes it later
                 meta = {"epoch": epoch, "histories": copied, "non_finite": dict(non_finite)}
-                ckpt.save(epoch, checkpoint_lib.arrays_of(carry), meta)
+                ckpt.save(epoch, checkpoint_lib.arrays_of(devices.fetch(carry)), meta)
 
         outcome = driver.train_loop(
             config,
@@ -283,7 +287,15 @@ def _train_chunk(group: _Group, runs, chunk_size: int, workdir: pathlib.Path, pr
         )
     if stop() and outcome.last_epoch < config.train.epochs and not outcome.halted:
         raise KeyboardInterrupt  # saved: the sweep's rerun resumes this chunk
-    return _Chunk(histories, _summaries(group, runs, outcome.carry, evaluate, test, non_finite), compile_seconds)
+    place = functools.partial(_place_state, group, sharding)
+    return _Chunk(histories, _summaries(group, runs, outcome.carry, evaluate, test, non_finite, place), compile_seconds)
+
+
+def _place_state(group: _Group, sharding, state):
+    """The runs' final TrainStates (host arrays) where the evaluation program takes them."""
+    if group.layout is not None:
+        return devices.put(state, layout_lib.carry_shardings(group.layout, state))
+    return devices.put(state, sharding) if sharding is not None else state
 
 
 def _on_mesh(layout, carry):
@@ -291,16 +303,16 @@ def _on_mesh(layout, carry):
     return devices.put(jax.device_get(carry), layout_lib.carry_shardings(layout, carry))
 
 
-def _summaries(group: _Group, runs, carry, evaluate, test, non_finite: dict) -> dict[str, dict]:
+def _summaries(group: _Group, runs, carry, evaluate, test, non_finite: dict, place) -> dict[str, dict]:
     """Each run's stopping fields and final test metrics, as its summary.json would hold them."""
     restore_best = group.config.early_stopping.enabled and group.config.early_stopping.restore_best
-    es_all = jax.device_get(carry.es_state)
-    state = jax.device_get(carry.state)  # padded runs too: no new shapes
+    es_all = devices.fetch(carry.es_state)
+    state = devices.fetch(carry.state)  # padded runs too: no new shapes
     if restore_best:  # each run's best epoch's, where it had one (an epoch monitored)
         has_best = np.asarray(es_all.best_epoch) > 0
         pick = lambda best, last: np.where(has_best.reshape(-1, *[1] * (np.ndim(best) - 1)), best, last)
-        state = state._replace(params=jax.tree.map(pick, jax.device_get(carry.best_params), state.params))
-    totals = jax.device_get(evaluate(state, test))["test"]
+        state = state._replace(params=jax.tree.map(pick, devices.fetch(carry.best_params), state.params))
+    totals = devices.fetch(evaluate(place(state), test))["test"]
     out = {}
     for r, run in enumerate(runs):
         es = jax.tree.map(lambda a, r=r: np.asarray(a)[r], es_all)
@@ -398,7 +410,7 @@ def _chunk_size(group: _Group, members: list, chunk: int) -> int:
     shards = group.runs_size
     if size >= shards > 1:
         size -= size % shards  # whole shards of the run axis
-    elif group.layout is not None:
+    elif group.layout is not None or devices.multi_process():
         size = shards  # fewer runs than shards: padded to one run per shard
     return size
 
@@ -419,22 +431,29 @@ def sweep(
     (in the chunks it started with). Holds the workdir's lock; a Ctrl-C saves the chunk in flight and stops."""
     start = time.perf_counter()
     workdir = workdir_lib.as_workdir(workdir)
-    lock.check_free(workdir, "sweep workdir")
+    primary = devices.is_primary()  # process 0 writes the outputs; every process writes the checkpoints
+    if primary:
+        lock.check_free(workdir, "sweep workdir")
     config = _check_arguments(config_lib.validate(config), cv, refit, chunk)
+    devices.check_same_config(config)
     run_lib.use_compilation_cache(config.train.compilation_cache_dir)
+    quiet = quiet or not primary
     runs = sweep_lib.make_runs(config, grid, cv)
     groups = [(_Group(members, cv, quiet), members) for members in sweep_lib.group_runs(runs)]  # data checked
     spec = {"config": json.loads(config.to_json_best_effort()), "grid": grid, "cv": cv}
-    with lock.hold(workdir, "sweep workdir"):
+    with lock.hold(workdir, "sweep workdir") if primary else contextlib.nullcontext():
         progress = _Progress(max(r.config.train.epochs for r in runs), quiet)
         with driver.stop_on_ctrl_c(progress.message) as stop:
-            _prepare(workdir, spec, restart, progress.message)
+            if primary:
+                _prepare(workdir, spec, restart, progress.message)
+            devices.agree((0,))  # the others wait for process 0's workdir
             histories, summaries, compile_seconds = _train_groups(groups, workdir, chunk, progress, stop)
             results = sweep_report.results(runs, histories, summaries)
             cv_rows = sweep_report.cross_validation(runs, histories, cv) if cv else []
             if refit:
                 _refit(config, cv_rows, workdir)
-            sweep_report.write(workdir, runs, histories, results, cv_rows, grid)
+            if primary:
+                sweep_report.write(workdir, runs, histories, results, cv_rows, grid)
             if stop():
                 raise KeyboardInterrupt
     if not quiet:
@@ -462,7 +481,9 @@ def _train_groups(groups, workdir: pathlib.Path, chunk: int, progress, stop) -> 
     compile_seconds = 0.0
     try:
         for g, (group, members) in enumerate(groups):
-            size = _recorded_chunk(workdir, g, _chunk_size(group, members, chunk), progress.message)
+            size = _chunk_size(group, members, chunk)
+            size = _recorded_chunk(workdir, g, size, progress.message) if devices.is_primary() else size
+            size = devices.agree((size,))[0]  # process 0's record
             for c in range(0, len(members), size):
                 chunk_dir = workdir / "chunks" / f"group{g}_chunk{c // size}"
                 trained = _train_chunk(group, members[c : c + size], size, chunk_dir, progress, stop)
