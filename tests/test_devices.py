@@ -37,7 +37,7 @@ def _train(tmp_path, name: str, overrides: dict):
 
 def test_a_run_on_two_devices_equals_the_run_on_one(tmp_path):
     one = _train(tmp_path, "one", {"mesh.data": "1"})
-    two = _train(tmp_path, "two", {})  # mesh.data 0: every device on "data"
+    two = _train(tmp_path, "two", {"mesh.data": "0"})  # the default: every device on "data"
     assert one.summary["mesh"] == {"runs": 1, "data": 1} and two.summary["mesh"] == {"runs": 1, "data": 2}
     np.testing.assert_allclose(_metrics(two.history), _metrics(one.history), rtol=RTOL)
     np.testing.assert_allclose(two.summary["test_loss"], one.summary["test_loss"], rtol=RTOL)
@@ -56,7 +56,7 @@ def test_fsdp_splits_the_parameters_over_data_and_computes_the_same(tmp_path):
     assert specs.state.opt_state.mu["Dense_0"]["kernel"].spec == kernel  # Adam's moments alike
     assert specs.state.params["Dense_0"]["bias"].spec == jax.sharding.PartitionSpec("runs")  # small: replicated
     one = _train(tmp_path, "one", {**overrides, "mesh.data": "1"})
-    fsdp = _train(tmp_path, "fsdp", {**overrides, "mesh.shard_params": "True"})
+    fsdp = _train(tmp_path, "fsdp", {**overrides, "mesh.data": "2", "mesh.shard_params": "True"})
     assert fsdp.summary["shard_params"] is True
     np.testing.assert_allclose(_metrics(fsdp.history), _metrics(one.history), rtol=RTOL)
     # The checkpoint of the split run resumes on one device: the arrays are saved whole.
@@ -88,7 +88,7 @@ def test_accumulated_micro_batches_equal_the_whole_batch(tmp_path):
     accumulated = _train(tmp_path, "accumulated", {"mesh.data": "1", "train.accumulate_steps": "4"})
     assert accumulated.summary["accumulate_steps"] == 4
     np.testing.assert_allclose(_metrics(accumulated.history), _metrics(whole.history), rtol=RTOL)
-    both = _train(tmp_path, "both", {"train.accumulate_steps": "2"})  # with the batch over two devices
+    both = _train(tmp_path, "both", {"train.accumulate_steps": "2", "mesh.data": "2"})  # and over two devices
     np.testing.assert_allclose(_metrics(both.history), _metrics(whole.history), rtol=RTOL)
 
 
@@ -175,7 +175,8 @@ def test_two_processes_train_as_one_run_and_resume_after_sigkill(tmp_path):
     assert _wait(_launch(whole, overrides, _free_port(), tmp_path)) == [0, 0], (tmp_path / "p0.log").read_text()
     summary = json.loads((whole / "summary.json").read_text())
     assert (summary["processes"], summary["devices"], summary["mesh"]) == (2, 2, {"runs": 1, "data": 2})
-    alone = jaxepochs.train_and_evaluate(tiny_config({"train.epochs": "6"}), tmp_path / "alone", quiet=True)
+    alone = tiny_config({"train.epochs": "6", "mesh.data": "2"})  # one process, its two devices
+    alone = jaxepochs.train_and_evaluate(alone, tmp_path / "alone", quiet=True)
     np.testing.assert_allclose(_metrics(_rows(whole)), _metrics(alone.history), rtol=1e-3)
 
     killed = tmp_path / "killed"
@@ -198,7 +199,8 @@ def test_two_processes_sweep_as_one_process_on_two_devices(tmp_path):
     sweep_args = ["--sweep.seed=0,1", "--sweep.optimizer.learning_rate=0.01,0.003"]
     children = _launch(tmp_path / "two", {"train.epochs": "3"}, _free_port(), tmp_path, sweep_args, None, "sweep")
     assert _wait(children) == [0, 0], (tmp_path / "p0.log").read_text()
-    jaxepochs.sweep(tiny_config({"train.epochs": "3"}), grid, tmp_path / "one", quiet=True)  # runs over 2 devices
+    one = tiny_config({"train.epochs": "3", "mesh.data": "0"})  # the sweep's default: its runs over the 2 devices
+    jaxepochs.sweep(one, grid, tmp_path / "one", quiet=True)
     rows = lambda workdir: _untimed([json.loads(line) for line in (workdir / "sweep.jsonl").read_text().splitlines()])
     assert len(rows(tmp_path / "two")) == 12 and rows(tmp_path / "two") == rows(tmp_path / "one")  # bit for bit
 
