@@ -39,6 +39,7 @@ CLI_OVERRIDES = {
     "train.batch_size": "64",
     "train.epochs": str(CLI_EPOCHS),
     "checkpoint.every_epochs": "1",
+    "mesh.data": "1",
 }
 # Resumes and references checkpoint only at the end (checkpoint.* may change on resume and never changes the
 # numbers); saving each of 100 epochs would take 15 s.
