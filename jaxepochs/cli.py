@@ -110,7 +110,7 @@ def _initialize_distributed(args) -> None:
             "--coordinator_address, --num_processes and --process_id go together (or use --distributed where JAX "
             "detects them: TPU pods, SLURM, Open MPI)."
         )
-    if args.num_processes is not None and not 0 <= args.process_id < args.num_processes:
+    if None not in (args.num_processes, args.process_id) and not 0 <= args.process_id < args.num_processes:
         raise UsageError(f"--process_id {args.process_id} is not in 0..{args.num_processes - 1}.")
     from jaxepochs.host import devices
 

@@ -214,6 +214,16 @@ def test_processes_that_disagree_on_the_config_are_refused(tmp_path):
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+def test_a_workdir_that_process_0_refuses_stops_every_process(tmp_path):
+    workdir = tmp_path / "run"
+    jaxepochs.train_and_evaluate(tiny_config({"train.epochs": "1"}), workdir, quiet=True)  # another config's run
+    start = time.monotonic()
+    children = _launch(workdir, {"train.epochs": "1", "optimizer.learning_rate": "0.5"}, _free_port(), tmp_path)
+    assert _wait(children) == [2, 2] and time.monotonic() - start < 60
+    assert "holds a run with another config" in (tmp_path / "p0.log").read_text()
+    assert "process 0 stopped with an error before training" in (tmp_path / "p1.log").read_text()
+
+
 def test_an_unreachable_coordinator_is_an_error_in_bounded_time(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     command = [sys.executable, "-m", "jaxepochs.cli", "run", "--config", "experiments/mnist1d_mlp.py", "--workdir"]

@@ -89,6 +89,23 @@ def multi_process() -> bool:
     return jax.process_count() > 1
 
 
+def on_primary(step):
+    """`step()` on process 0 only (a write to the workdir), its value returned there (None elsewhere); past one
+    process, its failure is every process's: process 0 raises the error, the others a DistributedError, rather
+    than wait at the next collective for a process that has gone."""
+    value, failed = None, None
+    if is_primary():
+        try:
+            value = step()
+        except Exception as error:
+            failed = error
+    if not agree((int(failed is not None),))[0]:
+        return value
+    if failed is not None:
+        raise failed
+    raise DistributedError("process 0 stopped with an error before training (see its output); fix it and rerun all.")
+
+
 def run_layout(config, streamed: bool, say) -> layout_lib.Layout | None:
     """The layout of a run: its batches over `mesh.data` devices (None on one device: the programs are then
     those of a single-device run, with no annotations). ConfigError for a mesh that cannot be built."""
@@ -102,13 +119,18 @@ def run_layout(config, streamed: bool, say) -> layout_lib.Layout | None:
     _check_devices("mesh.data", m.data, available)
     if streamed:
         return _streamed_layout(m, available, say)
+    if multi_process() and not m.data and batch % available:
+        raise config_lib.ConfigError(
+            f"config.train.batch_size = {batch} does not divide over the {available} devices of the "
+            f"{jax.process_count()} processes (a multi-process run uses them all). Use a multiple of {available}."
+        )
     data = m.data or _auto_data(available, batch, config.train.accumulate_steps, say)
     if batch % data:
         raise config_lib.ConfigError(
             f"config.train.batch_size = {batch} does not divide over mesh.data = {data} devices. Use a batch size "
             f"that is a multiple of {data}, or a mesh.data that divides {batch}."
         )
-    if multi_process() and data != available:
+    if multi_process() and data != available:  # mesh.data was set: 0 would have taken every device
         raise config_lib.ConfigError(
             f"config.mesh.data = {data}, but the {jax.process_count()} processes have {available} devices: a "
             f"multi-process run uses them all. Use mesh.data = 0 or {available}."
@@ -125,6 +147,11 @@ def sweep_mesh(config) -> tuple[int, int]:
     data = m.data or 1
     _check_devices("mesh.data", data, available)
     runs = m.runs or max(available // data, 1)
+    if multi_process() and runs * data != available:
+        raise config_lib.ConfigError(
+            f"config.mesh.runs * mesh.data = {runs} * {data}, but the {jax.process_count()} processes have "
+            f"{available} devices: a multi-process sweep uses them all. Use 0 for either axis to choose it."
+        )
     if runs * data > available:
         raise config_lib.ConfigError(
             f"config.mesh.runs * mesh.data = {runs} * {data} asks for {runs * data} devices, but JAX sees "
@@ -158,7 +185,9 @@ def _check_devices(key: str, wanted: int, available: int) -> None:
 def _auto_data(available: int, batch: int, accumulate: int, say) -> int:
     """Every device, or the most that divide both the device count and the batch (said, when fewer)."""
     fits = [d for d in range(available, 0, -1) if available % d == 0 and batch % d == 0]
-    data = fits[0]
+    # Where each micro-batch splits evenly too (rows i::k over d devices), prefer that: else XLA moves rows.
+    even = [d for d in fits if (batch // accumulate) % d == 0]
+    data = (even or fits)[0]
     if data < available and not multi_process():
         say(f"train.batch_size = {batch} does not divide over all {available} devices; the batches are split "
             f"over {data} of them (set mesh.data, or a batch size that {available} divides).")  # fmt: skip
@@ -166,7 +195,12 @@ def _auto_data(available: int, batch: int, accumulate: int, say) -> int:
 
 
 def _streamed_layout(m, available: int, say) -> None:
-    if m.data > 1 or m.shard_params or multi_process():
+    if multi_process():
+        raise config_lib.ConfigError(
+            "streamed data trains on one device for now, so a multi-process run needs its data on the devices: "
+            "set data.stream = False (each process then holds the dataset), or train on one process."
+        )
+    if m.data > 1 or m.shard_params:
         raise config_lib.ConfigError(
             "streamed data trains on one device for now: set mesh.data = 1 (and mesh.shard_params = False), or "
             "keep the data on the devices (data.stream = False) to split its batches over the mesh."
@@ -233,15 +267,16 @@ def check_same_config(config) -> None:
         padded[:] = np.frombuffer(text, np.uint8)
     primary = json.loads(bytes(np.asarray(multihost_utils.broadcast_one_to_all(padded))).decode())
     keys = sorted(primary.keys() | mine.keys())
-    differing = next((k for k in keys if primary.get(k) != mine.get(k)), "").encode()[:255]
+    key = next((k for k in keys if primary.get(k) != mine.get(k)), None)
+    said = b"" if key is None else json.dumps([key, mine.get(key)], default=str).encode()[:255]
     mine_named = np.zeros(256, np.uint8)
-    mine_named[0], mine_named[1 : 1 + len(differing)] = len(differing), np.frombuffer(differing, np.uint8)
+    mine_named[0], mine_named[1 : 1 + len(said)] = len(said), np.frombuffer(said, np.uint8)
     named = np.asarray(multihost_utils.process_allgather(mine_named)).reshape(jax.process_count(), 256)
     for process, row in enumerate(named):
         if row[0]:
-            key = bytes(row[1 : 1 + int(row[0])]).decode()
+            key, value = json.loads(bytes(row[1 : 1 + int(row[0])]).decode())
             raise DistributedError(
-                f"process {process}'s config differs from process 0's at {key} ({key} = {mine.get(key)!r} here, "
+                f"process {process}'s config differs from process 0's at {key} ({value!r} there, "
                 f"{primary.get(key)!r} on process 0): every process of a run must be started with the same "
                 "--config and overrides."
             )

@@ -10,6 +10,7 @@ call; `Pace` sizes the calls. Nothing here runs per batch or per epoch.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import threading
@@ -100,10 +101,14 @@ def drive(
         ran, seconds = int(rows.ran), ready - previous_ready
         pace.observe(ran, seconds)
         last_done = pending.first_epoch + ran - 1
+        failed: OSError | None = None
         try:
             halted = consume(rows, pending.first_epoch, seconds / max(ran, 1))
         except OSError as error:  # a full disk, say: the caller saves this call's carry before anything closes
-            raise WriteFailed(Outcome(pending.carry, last_done, False, 0.0), error) from error
+            failed = error
+        if devices.agree((int(failed is not None),))[0]:  # past one process: only process 0 writes the rows
+            failed = failed or OSError(errno.EIO, "process 0 could not write the run's outputs (see its output)")
+            raise WriteFailed(Outcome(pending.carry, last_done, False, 0.0), failed) from failed
         going_on = going_on and not (halted or asked_to_stop())
         if going_on and devices.agree((int(checkpoints.due(last_done)),))[0]:
             save(pending.carry, last_done)
@@ -148,7 +153,9 @@ def train_loop(
             consume=consume,
             save=save,
             interrupted=interrupted,
-            overlap=jax.default_backend() != "cpu",
+            # Not past one process: whether a call returned ready is each process's own, and the dispatch ahead
+            # would pair the processes' broadcasts differently.
+            overlap=jax.default_backend() != "cpu" and not devices.multi_process(),
         )
     except WriteFailed as failed:
         with contextlib.suppress(Exception):  # the disk may refuse the checkpoint too: the write's error counts

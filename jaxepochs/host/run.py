@@ -27,6 +27,7 @@ import ml_collections
 import numpy as np
 
 from jaxepochs.core import epoch as epoch_lib
+from jaxepochs.core import layout as layout_lib
 from jaxepochs.core import program as program_lib
 from jaxepochs.core import stream as stream_lib
 from jaxepochs.data import loading as data_lib
@@ -150,8 +151,8 @@ def final_metrics(run: Setup, state) -> tuple[dict, float]:
     sizes = setup.eval_sizes(run.config, {name: epoch_lib.num_examples(d) for name, d in run.held_out.items()})
     evaluate = jax.jit(program_lib.make_evaluate(dataclasses.replace(run.spec, eval_batch_sizes=sizes)))
     state_r = setup.with_run_axis(state)
-    if run.layout is not None:
-        state_r = devices.put(state_r, run.layout.replicated())
+    if run.layout is not None:  # where training kept it: split over "data" with shard_params
+        state_r = devices.put(state_r, layout_lib.carry_shardings(run.layout, state_r))
     compiled = evaluate.lower(state_r, run.held_out).compile()
     seconds = time.perf_counter() - start
     totals = devices.fetch(compiled(state_r, run.held_out))
@@ -386,6 +387,13 @@ def _report_end(summary: dict, workdir: pathlib.Path, progress) -> None:
     progress.message(f"{tested}  ({summary['total_seconds']:.1f} s, outputs in {workdir})")
 
 
+def _prepare(workdir: pathlib.Path, config, restart: bool, say, run: Setup) -> bool:
+    """The workdir made ready for the run (resumed or fresh) and run.json written: whether it resumes."""
+    resuming = workdir_lib.prepare_workdir(workdir, config, restart, say)
+    write_run_json(workdir, run)
+    return resuming
+
+
 class _NoLog:
     """metrics.jsonl where another process writes it."""
 
@@ -433,9 +441,8 @@ def train_and_evaluate(
     """
     timings = {"start": time.perf_counter()}
     workdir = workdir_lib.as_workdir(workdir)
-    primary = devices.is_primary()  # process 0 writes the outputs; every process writes the checkpoints
-    if primary:
-        lock.check_free(workdir, "workdir")
+    primary = devices.is_primary()  # process 0 writes the outputs and the checkpoints' arrays
+    devices.on_primary(lambda: lock.check_free(workdir, "workdir"))
     config = config_lib.validate(config)
     devices.check_same_config(config)
     use_compilation_cache(config.train.compilation_cache_dir)
@@ -443,10 +450,8 @@ def train_and_evaluate(
     with lock.hold(workdir, "workdir") if primary else contextlib.nullcontext():
         progress = report.Progress(config.train.epochs, quiet or not primary)
         with driver.stop_on_ctrl_c(progress.message) as stop:
-            resuming = workdir_lib.prepare_workdir(workdir, config, restart, progress.message) if primary else False
-            resuming = bool(devices.agree((int(resuming),))[0])  # the others wait for process 0's workdir
-            if primary:
-                write_run_json(workdir, run)
+            resuming = devices.on_primary(lambda: _prepare(workdir, config, restart, progress.message, run))
+            resuming = bool(devices.agree((int(bool(resuming)),))[0])  # the others wait for process 0's workdir
             trained, history = _train_in(run, workdir, resuming, progress, stop, timings)
             state, summary = finish(run, trained, history, timings)
             if primary:

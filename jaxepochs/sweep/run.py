@@ -285,7 +285,8 @@ def _train_chunk(group: _Group, runs, chunk_size: int, workdir: pathlib.Path, pr
             checkpointing=ckpt is not None,
             final_epoch=lambda outcome: outcome.last_epoch,
         )
-    if stop() and outcome.last_epoch < config.train.epochs and not outcome.halted:
+    asked = bool(devices.agree((int(stop()),))[0])  # process 0's Ctrl-C stops every process
+    if asked and outcome.last_epoch < config.train.epochs and not outcome.halted:
         raise KeyboardInterrupt  # saved: the sweep's rerun resumes this chunk
     place = functools.partial(_place_state, group, sharding)
     return _Chunk(histories, _summaries(group, runs, outcome.carry, evaluate, test, non_finite, place), compile_seconds)
@@ -431,9 +432,8 @@ def sweep(
     (in the chunks it started with). Holds the workdir's lock; a Ctrl-C saves the chunk in flight and stops."""
     start = time.perf_counter()
     workdir = workdir_lib.as_workdir(workdir)
-    primary = devices.is_primary()  # process 0 writes the outputs; every process writes the checkpoints
-    if primary:
-        lock.check_free(workdir, "sweep workdir")
+    primary = devices.is_primary()  # process 0 writes the outputs and the checkpoints' arrays
+    devices.on_primary(lambda: lock.check_free(workdir, "sweep workdir"))
     config = _check_arguments(config_lib.validate(config), cv, refit, chunk)
     devices.check_same_config(config)
     run_lib.use_compilation_cache(config.train.compilation_cache_dir)
@@ -444,9 +444,7 @@ def sweep(
     with lock.hold(workdir, "sweep workdir") if primary else contextlib.nullcontext():
         progress = _Progress(max(r.config.train.epochs for r in runs), quiet)
         with driver.stop_on_ctrl_c(progress.message) as stop:
-            if primary:
-                _prepare(workdir, spec, restart, progress.message)
-            devices.agree((0,))  # the others wait for process 0's workdir
+            devices.on_primary(lambda: _prepare(workdir, spec, restart, progress.message))  # the others wait
             histories, summaries, compile_seconds = _train_groups(groups, workdir, chunk, progress, stop)
             results = sweep_report.results(runs, histories, summaries)
             cv_rows = sweep_report.cross_validation(runs, histories, cv) if cv else []
@@ -501,7 +499,13 @@ def _refit(config, cv_rows: list[dict], workdir: pathlib.Path) -> None:
     for row in cv_rows:
         refit_config = config_lib.apply_overrides(
             config,
-            {**row["values"], "train.epochs": str(row["recommended_epochs"]), "data.validation_fraction": "0.0"},
+            {
+                **row["values"],
+                "train.epochs": str(row["recommended_epochs"]),
+                "data.validation_fraction": "0.0",
+                "mesh.runs": "0",  # a run has one run: its devices go on "data"
+                **({"mesh.data": "0"} if devices.multi_process() else {}),
+            },
         )
         result = run_lib.train_and_evaluate(refit_config, workdir / "refit" / row["config"], quiet=True, restart=True)
         row["refit_test_loss"] = result.summary["test_loss"]
