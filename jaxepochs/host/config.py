@@ -112,6 +112,7 @@ def base_config() -> ml_collections.ConfigDict:
     # step): the step of the whole batch in the memory of one micro-batch.
     c.train.accumulate_steps = 1
 
+    c.init = init_config()  # from_workdir, epoch, include, exclude, reinit: start from a run (host/warm_start.py)
     c.mesh = mesh_config()  # data, runs, shard_params: where a run's arrays live (core/layout.py)
 
     c.optimizer = optimizer_config()  # name, learning_rate, momentum, b1, b2, weight_decay, clip_norm, schedule
@@ -125,6 +126,19 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.every_steps = 0  # streamed epochs: also every this many steps inside an epoch (0: by time there)
     c.checkpoint.max_to_keep = 3
     return c
+
+
+def init_config() -> ml_collections.ConfigDict:
+    """Where a run's parameters start: freshly initialised (from_workdir empty), or taken from another run's
+    checkpoint (host/warm_start.py): its epoch ("last", "best" or a number) and fnmatch path patterns of the
+    parameters taken (include, exclude) and of those initialised afresh (reinit: a new head)."""
+    i = ml_collections.ConfigDict()
+    i.from_workdir = ""
+    i.epoch = "last"
+    i.include = ()
+    i.exclude = ()
+    i.reinit = ()
+    return i
 
 
 def mesh_config() -> ml_collections.ConfigDict:
@@ -281,6 +295,17 @@ def _validate_train(t: ml_collections.ConfigDict) -> None:
         )
 
 
+def _validate_init(init: ml_collections.ConfigDict) -> None:
+    if init.epoch not in ("last", "best") and not str(init.epoch).isdigit():
+        _fail("init.epoch", f"{init.epoch!r}", 'Use "last", "best" or the number of an epoch with a checkpoint.')
+    if not init.from_workdir and (any(init[key] for key in ("include", "exclude", "reinit")) or init.epoch != "last"):
+        _fail(
+            "init.from_workdir",
+            '"", while init.include/exclude/reinit/epoch select what a run takes from it',
+            "Set init.from_workdir to the workdir of the run to start from, or leave init at its defaults.",
+        )
+
+
 def _validate_mesh(m: ml_collections.ConfigDict) -> None:
     for key in ("data", "runs"):
         if not isinstance(m[key], int) or isinstance(m[key], bool) or m[key] < 0:
@@ -369,6 +394,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         _fail("optimizer.learning_rate", f"{o.learning_rate!r}", "The learning rate must be positive.")
     _validate_data(config.data)
     _validate_mesh(config.mesh)
+    _validate_init(config.init)
     try:
         optim.validate_schedule(o.schedule.to_dict(), config.train.epochs)
         names = _task_metrics(config)

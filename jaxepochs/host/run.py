@@ -92,9 +92,10 @@ def use_compilation_cache(directory: str) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 
-def set_up(config: ml_collections.ConfigDict, quiet: bool) -> Setup:
+def set_up(config: ml_collections.ConfigDict, quiet: bool, fresh: bool = True) -> Setup:
     """The data, model, task, optimizer, early stopping and the run program's spec: every error a config or an
-    experiment module's hook can cause is raised here, before anything compiles."""
+    experiment module's hook can cause is raised here, before anything compiles. `fresh`: the run may start
+    afresh (no checkpoint to resume), so init.from_workdir's source is read and checked now."""
     hooks = hooks_lib.load_hooks(config)
     dataset = setup.load_data(config, hooks, quiet)
     setup.check_shapes(config, dataset)
@@ -103,6 +104,8 @@ def set_up(config: ml_collections.ConfigDict, quiet: bool) -> Setup:
     chunk = streamed.chunk_steps(config, dataset, steps) if dataset.streamed else 0  # ConfigError if too large
     layout = devices.run_layout(config, dataset.streamed, lambda text: None if quiet else devices.warn(text))
     pieces = setup.make_pieces(config, dataset, hooks, steps, has_val)
+    if fresh:  # a resumed run restores its own checkpoint: the source run may have gone
+        pieces = setup.with_warm_start(pieces, config, setup.first_example(dataset.train))
     held_out = {name: getattr(dataset, name) for name in ("val", "test") if data_lib.count(getattr(dataset, name))}
     sizes = setup.eval_sizes(config, {name: data_lib.count(split) for name, split in held_out.items()})
     every_epoch = {name: size for name, size in sizes.items() if name == "val" or config.train.log_test}
@@ -358,6 +361,7 @@ def finish(run: Setup, trained: Trained, history: list[dict], timings: dict) -> 
         "platform": jax.devices()[0].platform,
         **devices.describe(run.layout),
         "compute_dtype": config.train.compute_dtype,
+        **({"initialised_from": run.pieces.warm.summary()} if run.pieces.warm is not None else {}),
         "accumulate_steps": config.train.accumulate_steps,
     }
     return jax.tree.map(jnp.asarray, state), summary
@@ -446,7 +450,8 @@ def train_and_evaluate(
     config = config_lib.validate(config)
     devices.check_same_config(config)
     use_compilation_cache(config.train.compilation_cache_dir)
-    run = set_up(config, quiet or not primary)
+    fresh = restart or not workdir_lib.checkpointed_epochs(workdir)
+    run = set_up(config, quiet or not primary, fresh)
     with lock.hold(workdir, "workdir") if primary else contextlib.nullcontext():
         progress = report.Progress(config.train.epochs, quiet or not primary)
         with driver.stop_on_ctrl_c(progress.message) as stop:

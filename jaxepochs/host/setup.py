@@ -22,7 +22,7 @@ from jaxepochs.core import program as program_lib
 from jaxepochs.core import task as task_lib
 from jaxepochs.data import loading as data_lib
 from jaxepochs.host import config as config_lib
-from jaxepochs.host import devices, seam
+from jaxepochs.host import devices, seam, warm_start
 from jaxepochs.host import hooks as hooks_lib
 
 # With train.epochs_per_call = 0 a call runs up to this many epochs (the size of the rows it returns: 52 bytes a
@@ -43,6 +43,7 @@ class Pieces(NamedTuple):
     plateau: optim.PlateauState | None
     steps_per_epoch: int
     start: object  # jitted (params, model state, run key, OptHParams) -> the run's carry with a run axis of 1
+    warm: object = None  # host/warm_start.WarmStart: the arrays a fresh run takes from init.from_workdir
 
 
 def load_data(config: ml_collections.ConfigDict, hooks: hooks_lib.Hooks, quiet: bool) -> data_lib.Dataset:
@@ -112,6 +113,12 @@ def make_pieces(config, dataset: data_lib.Dataset, hooks: hooks_lib.Hooks, steps
     tracker, may_stop = make_tracker(config, has_validation, names)
     pieces = Pieces(source, task, names, hooks, tx, tracker, may_stop, plateau, steps_per_epoch, None)
     return pieces._replace(start=jax.jit(functools.partial(_start, pieces)))
+
+
+def with_warm_start(pieces: Pieces, config, x_1) -> Pieces:
+    """`pieces` with the arrays its fresh runs take from config.init.from_workdir (read and checked now)."""
+    shapes = jax.eval_shape(lambda x: pieces.source.trace_init(config, x), x_1)
+    return pieces._replace(warm=warm_start.prepare(config, shapes[0], shapes[1]))
 
 
 def run_spec(
@@ -195,6 +202,7 @@ def init_carries(pieces: Pieces, configs: list, opt_hparams: list[optim.OptHPara
     parts = []
     for config, hparams in zip(configs, opt_hparams, strict=True):
         params, model_state, run_key = pieces.source.init(config, x_1)
+        params, model_state = warm_start.apply(pieces.warm, params, model_state)
         hparams = optim.OptHParams(*(np.float32(v) for v in hparams))
         parts.append(pieces.start(params, model_state, run_key, hparams))
     if len(parts) == 1:

@@ -96,6 +96,7 @@ class _Group:
         self.has_val = bool(cv) or data_lib.count(dataset.val) > 0
         steps = epoch_lib.steps_per_epoch(n_train, template.train.batch_size)
         self.pieces = setup.make_pieces(template, dataset, hooks, steps, self.has_val)
+        self.pieces = setup.with_warm_start(self.pieces, template, setup.first_example(dataset.train))
         n_val = data_lib.count(dataset.train) // cv if cv else data_lib.count(dataset.val)
         every_epoch = setup.eval_sizes(template, {"val": n_val})
         if template.train.log_test:
