@@ -48,7 +48,12 @@ def initialize(coordinator_address: str | None, num_processes: int | None, proce
             initialization_timeout=timeout_seconds,
             heartbeat_timeout_seconds=heartbeat_seconds,
         )
-    except Exception as e:  # XlaRuntimeError, ValueError, RuntimeError: all say the same to the user
+    except ValueError as e:  # --distributed where JAX detects no cluster
+        raise DistributedError(
+            f"JAX found no cluster to join ({e}): --distributed reads a TPU pod's, SLURM's or Open MPI's "
+            "environment. Elsewhere give --coordinator_address HOST:PORT, --num_processes and --process_id."
+        ) from None
+    except Exception as e:  # XlaRuntimeError, RuntimeError: all say the same to the user
         where = coordinator_address or "the address JAX detects"
         raise DistributedError(
             f"could not join the processes through the coordinator at {where} within {timeout_seconds} s "
