@@ -239,3 +239,18 @@ def test_an_unreachable_coordinator_is_an_error_in_bounded_time(tmp_path):
     assert done.returncode != 0 and time.monotonic() - start < 60
     assert "waiting up to 3 s for 2 processes to join" in done.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_distributed_options_that_do_not_go_together_are_usage_errors(tmp_path, capsys):
+    from jaxepochs import cli
+
+    base = ["run", "--config", "experiments/mnist1d_mlp.py", "--workdir", str(tmp_path / "run")]
+    assert cli.main([*base, "--coordinator_address", "127.0.0.1:1"]) == 2
+    assert "--coordinator_address, --num_processes and --process_id go together" in capsys.readouterr().err
+    assert cli.main([*base, "--coordinator_address", "h:1", "--num_processes", "2", "--process_id", "2"]) == 2
+    assert "--process_id 2 is not in 0..1" in capsys.readouterr().err
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    done = subprocess.run([sys.executable, "-m", "jaxepochs.cli", *base, "--distributed"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=WAIT)  # fmt: skip
+    assert done.returncode == 2 and "JAX found no cluster to join" in done.stderr
+    assert not (tmp_path / "run").exists()
