@@ -71,6 +71,15 @@ def _dataset_and_hooks(config):
     return setup.load_data(config, hooks, True), hooks
 
 
+def test_streamed_batches_split_over_two_devices_equal_one_device(tmp_path):
+    one = _train(tmp_path, "one", {"mesh.data": "1"})
+    streamed = {"data.stream": "True", "train.steps_per_call": "7", "mesh.data": "2"}  # chunks end mid-epoch
+    two = _train(tmp_path, "two", streamed)
+    assert two.summary["streamed"] and two.summary["mesh"] == {"runs": 1, "data": 2}
+    np.testing.assert_allclose(_metrics(two.history), _metrics(one.history), rtol=RTOL)
+    np.testing.assert_allclose(two.summary["test_loss"], one.summary["test_loss"], rtol=RTOL)
+
+
 def test_a_sweep_on_any_mesh_equals_the_sweep_on_one_device(tmp_path):
     grid = [{"optimizer.learning_rate": "0.01", "seed": "0"}, {"optimizer.learning_rate": "0.003", "seed": "1"}]
     curves = {}

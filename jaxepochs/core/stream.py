@@ -29,7 +29,12 @@ def make_train_chunk(spec: program_lib.RunSpec):
     """train_chunk(carry_R, sums_R, batches_CxB, mask_CxB) -> (carry_R, sums_R): C masked training steps of each
     run that has not halted (a halted run's state is kept), its metric sums added to `sums_R`."""
     step = functools.partial(
-        epoch_lib.train_step, task=spec.task, tx=spec.tx, augment=spec.augment, accumulate=spec.accumulate_steps
+        epoch_lib.train_step,
+        task=spec.task,
+        tx=spec.tx,
+        augment=spec.augment,
+        accumulate=spec.accumulate_steps,
+        layout=spec.layout,
     )
 
     def one(carry: program_lib.RunCarry, sums: epoch_lib.Metrics, batches, mask):

@@ -122,8 +122,12 @@ def run_layout(config, streamed: bool, say) -> layout_lib.Layout | None:
             "`jaxepochs sweep`)."
         )
     _check_devices("mesh.data", m.data, available)
-    if streamed:
-        return _streamed_layout(m, available, say)
+    if streamed and multi_process():
+        raise config_lib.ConfigError(
+            "a multi-process run needs its data on the devices for now (each process holds the dataset; streaming "
+            "each process's share of the batches is not built yet): set data.stream = False, or train on one "
+            "process (streamed batches are split over that process's devices)."
+        )
     if multi_process() and not m.data and batch % available:
         raise config_lib.ConfigError(
             f"config.train.batch_size = {batch} does not divide over the {available} devices of the "
@@ -197,22 +201,6 @@ def _auto_data(available: int, batch: int, accumulate: int, say) -> int:
         say(f"train.batch_size = {batch} does not divide over all {available} devices; the batches are split "
             f"over {data} of them (set mesh.data, or a batch size that {available} divides).")  # fmt: skip
     return data
-
-
-def _streamed_layout(m, available: int, say) -> None:
-    if multi_process():
-        raise config_lib.ConfigError(
-            "streamed data trains on one device for now, so a multi-process run needs its data on the devices: "
-            "set data.stream = False (each process then holds the dataset), or train on one process."
-        )
-    if m.data > 1 or m.shard_params:
-        raise config_lib.ConfigError(
-            "streamed data trains on one device for now: set mesh.data = 1 (and mesh.shard_params = False), or "
-            "keep the data on the devices (data.stream = False) to split its batches over the mesh."
-        )
-    if available > 1:
-        say(f"streamed data trains on one of the {available} devices.")
-    return None
 
 
 def put(tree, shardings):

@@ -111,7 +111,7 @@ def set_up(config: ml_collections.ConfigDict, quiet: bool, fresh: bool = True) -
     every_epoch = {name: size for name, size in sizes.items() if name == "val" or config.train.log_test}
     spec = setup.run_spec(config, pieces, every_epoch, layout=layout)
     if dataset.streamed:
-        return Setup(config, dataset, pieces, spec, {"train": dataset.train, **held_out}, held_out, chunk)
+        return Setup(config, dataset, pieces, spec, {"train": dataset.train, **held_out}, held_out, chunk, layout)
     on_device = functools.partial(setup.on_device, layout=layout)
     splits = {"train": on_device(dataset.train), **{k: on_device(held_out[k]) for k in every_epoch}}
     held_out = {name: splits.get(name) or on_device(split) for name, split in held_out.items()}

@@ -28,6 +28,8 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxepochs.core import epoch as epoch_lib
 from jaxepochs.core import program as program_lib
@@ -228,13 +230,20 @@ class ReadError(RuntimeError):
     """Reading the data failed inside the input pipeline; the message names the split, the chunk and the error."""
 
 
-def chunks(split: data_lib.Split, idx_sb, mask_sb, per_chunk: int, what: str) -> Iterator[tuple[dict, float]]:
+def chunks(split: data_lib.Split, idx_sb, mask_sb, per_chunk: int, what: str, put=jax.device_put):
     """The plan's chunks on the device, each with the seconds the host waited for it (see `read`)."""
     source = _Chunks(split, idx_sb, mask_sb, per_chunk)
-    return read(source, lambda c: f"chunk {c + 1} of {len(source)} of {what}")
+    return read(source, lambda c: f"chunk {c + 1} of {len(source)} of {what}", put)
 
 
-def read(source, name) -> Iterator[tuple[dict, float]]:
+def putter(spec: program_lib.RunSpec):
+    """How a chunk [C, B, ...] goes on the device: whole, or with a layout each batch's rows over "data"."""
+    if spec.layout is None:
+        return jax.device_put
+    return functools.partial(jax.device_put, device=NamedSharding(spec.layout.mesh, P(None, "data")))
+
+
+def read(source, name, put=jax.device_put) -> Iterator[tuple[dict, float]]:
     """A chunk source's chunks on the device, each with the seconds the host waited for it: grain's threads read
     the next chunks while this one trains, and the next is put on the device when this one is taken (after the
     caller dispatched its work on this one). A failure in a reader thread is a ReadError naming the chunk
@@ -247,7 +256,7 @@ def read(source, name) -> Iterator[tuple[dict, float]]:
             chunk = next(reader)
         except Exception as e:
             raise ReadError(f"reading {name(c)} failed: {type(e).__name__}: {e}") from e
-        yield jax.device_put(chunk), time.perf_counter() - start
+        yield put(chunk), time.perf_counter() - start
 
 
 class Position(NamedTuple):
@@ -281,8 +290,9 @@ class HeldOut:
     """A held-out split as evaluation chunks, in order: streamed at each evaluation, or with `keep` read once and
     kept on the device (a validation split that fits its share of the budget: the same chunks every epoch)."""
 
-    def __init__(self, split: data_lib.Split, name: str, batch_size: int, chunk_examples: int, keep: bool):
-        self.split, self.name, self.batch_size, self.keep = split, name, batch_size, keep
+    def __init__(self, split: data_lib.Split, name: str, batch_size: int, chunk_examples: int, keep: bool,
+                 put=jax.device_put):  # fmt: skip
+        self.split, self.name, self.batch_size, self.keep, self.put = split, name, batch_size, keep, put
         self.per_chunk = max(1, chunk_examples // batch_size)
         self._kept: list[dict] | None = None
 
@@ -290,7 +300,8 @@ class HeldOut:
         if self._kept is not None:
             return self._kept
         idx, mask = eval_order(data_lib.count(self.split), self.batch_size)
-        read_now = (chunk for chunk, _ in chunks(self.split, idx, mask, self.per_chunk, f"the {self.name} split"))
+        what = f"the {self.name} split"
+        read_now = (chunk for chunk, _ in chunks(self.split, idx, mask, self.per_chunk, what, self.put))
         if self.keep:
             self._kept = list(read_now)
             return self._kept
@@ -304,7 +315,7 @@ def held_out_for_training(config, spec, held_out: dict, chunk_examples: int) -> 
     for name in spec.eval_batch_sizes:
         split = held_out[name]
         size = data_lib.count(split) * _row_bytes(split)
-        out[name] = HeldOut(split, name, spec.eval_batch_sizes[name], chunk_examples, keep=size <= room)
+        out[name] = HeldOut(split, name, spec.eval_batch_sizes[name], chunk_examples, size <= room, putter(spec))
         room -= size if size <= room else 0
     return out
 
@@ -323,7 +334,7 @@ def final_metrics(programs: Programs, spec, state, held_out: dict, chunk_example
     out = {}
     for name, split in held_out.items():
         sizes = {**spec.eval_batch_sizes, name: min(spec.eval_batch_sizes.get(name, 1000), data_lib.count(split))}
-        held = HeldOut(split, name, sizes[name], chunk_examples, keep=False)
+        held = HeldOut(split, name, sizes[name], chunk_examples, keep=False, put=putter(spec))
         sums = evaluate(programs, dataclasses.replace(spec, eval_batch_sizes=sizes), state_r, held)
         out.update(jax.tree.map(lambda a: np.asarray(a)[0], jax.device_get(sums)).means(name))
     return out
@@ -399,7 +410,7 @@ def train_epochs(
 
     began, waited = time.perf_counter(), 0.0
     try:
-        for chunk, wait in read(source, name):
+        for chunk, wait in read(source, name, putter(loop.spec)):
             waited += wait
             carry, sums = loop.programs.train_chunk(carry, sums, {"x": chunk["x"], "y": chunk["y"]}, chunk["mask"])
             step += chunk["mask"].shape[0]
