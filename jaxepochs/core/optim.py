@@ -77,6 +77,7 @@ OPTIMIZER_DEFAULTS = {
     "b2": 0.999,  # adam, adamw: decay of the second moment
     "weight_decay": 1e-4,  # adamw only
     "clip_norm": 0.0,  # clip gradients to this global norm before the optimizer; 0 = off
+    "layer_decay": 1.0,  # fine-tuning: group k from the top trains at learning_rate * layer_decay ** k (host/finetune)
 }
 
 
@@ -224,6 +225,15 @@ class OptHParams(NamedTuple):
     momentum: jax.Array  # sgd
 
 
+class GroupState(NamedTuple):
+    """Fine-tuning's parameter groups (bottom to top): when each trains, at what rate, its own bias correction."""
+
+    trainable_from: jax.Array  # int32 [G] the first epoch each group trains (a group frozen throughout: never)
+    rate_scale: jax.Array  # float32 [G] each group's multiplier of the learning rate (layer decay)
+    b1_power: jax.Array  # float32 [G] b1 ** (the group's updates): its moments start when it unfreezes
+    b2_power: jax.Array  # float32 [G]
+
+
 class OptState(NamedTuple):
     count: jax.Array  # int32 [] updates taken
     shape: jax.Array  # float32 [] the schedule's shape at the last update's step (before any: at step 0)
@@ -232,6 +242,7 @@ class OptState(NamedTuple):
     b2_power: jax.Array  # float32 [] b2 ** count
     mu: Any  # first moment (adam, adamw) or momentum trace (sgd), shaped as the params
     nu: Any  # second moment (adam, adamw), shaped as the params; None for sgd
+    groups: GroupState | None = None  # with fine-tuning's groups (Optimizer.groups), else None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -244,6 +255,12 @@ class Optimizer:
     defaults: tuple[float, ...]  # OptHParams' values for `init`
     clip_norm: float = 0.0
     momentum: bool = True  # sgd: keep a momentum trace (False where momentum is 0: no trace to keep or update)
+    # Fine-tuning (core/finetune.py): each parameter's group, in tree-flatten order; the groups' first trainable
+    # epochs and rate multipliers; the steps of an epoch (the epoch of a step decides what trains). None: off.
+    groups: tuple[int, ...] | None = None
+    trainable_from: tuple[int, ...] = ()
+    rate_scale: tuple[float, ...] = ()
+    steps_per_epoch: int = 1
 
     def init(self, params) -> OptState:
         hparams = OptHParams(*(jnp.asarray(v, jnp.float32) for v in self.defaults))
@@ -252,31 +269,68 @@ class Optimizer:
         count = jnp.zeros((), jnp.int32)
         mu = zeros() if self.name != "sgd" or self.momentum else None
         nu = None if self.name == "sgd" else zeros()
-        return OptState(count, self._shape_at(count), hparams, one, one, mu, nu)
+        groups = None
+        if self.groups is not None:
+            ones = jnp.ones(len(self.trainable_from), jnp.float32)
+            groups = GroupState(jnp.asarray(self.trainable_from, jnp.int32), jnp.asarray(self.rate_scale, jnp.float32),
+                                ones, ones)  # fmt: skip
+        return OptState(count, self._shape_at(count), hparams, one, one, mu, nu, groups)
 
     def _shape_at(self, count: jax.Array) -> jax.Array:
         return jnp.asarray(self.shape(count), jnp.float32)
 
     def update(self, grads, state: OptState, params=None):
+        if state.groups is not None:
+            return self._update_groups(grads, state, params)
+        h = state.hparams
+        b1_power, b2_power = state.b1_power, state.b2_power
+        if self.name != "sgd":
+            b1_power, b2_power = b1_power * h.b1, b2_power * h.b2
+        same = lambda power: jax.tree.map(lambda _: power, grads)
+        updates, mu, nu, shape = self._step(grads, state, params, same(b1_power), same(b2_power))
+        return updates, OptState(state.count + 1, shape, h, b1_power, b2_power, mu, nu)
+
+    def _step(self, grads, state: OptState, params, b1_power, b2_power):
+        """(updates, mu, nu, shape): the step, with each parameter's bias-correction powers (already advanced;
+        trees shaped as the params: the run's powers everywhere, or fine-tuning's group's)."""
         h = state.hparams
         if self.clip_norm > 0:
             grads, _ = optax.clip_by_global_norm(self.clip_norm).update(grads, optax.EmptyState())
         shape = self._shape_at(state.count)
         rate = h.learning_rate * shape * h.scale
-        b1_power, b2_power, nu = state.b1_power, state.b2_power, state.nu
+        nu = state.nu
         if self.name == "sgd":  # optax.sgd: trace (mu = g + momentum * mu), then -rate * mu
             mu = jax.tree.map(lambda g, t: g + h.momentum * t, grads, state.mu) if self.momentum else None
             direction = mu if self.momentum else grads
         else:  # optax.adam's moments and bias correction; adamw adds the decayed weights
             mu = jax.tree.map(lambda g, t: (1 - h.b1) * g + h.b1 * t, grads, state.mu)
             nu = jax.tree.map(lambda g, t: (1 - h.b2) * (g * g) + h.b2 * t, grads, state.nu)
-            b1_power, b2_power = b1_power * h.b1, b2_power * h.b2
-            c1, c2 = 1 - b1_power, 1 - b2_power
-            direction = jax.tree.map(lambda m, v: (m / c1) / (jnp.sqrt(v / c2) + ADAM_EPS), mu, nu)
+            correct = lambda m, v, p1, p2: (m / (1 - p1)) / (jnp.sqrt(v / (1 - p2)) + ADAM_EPS)
+            direction = jax.tree.map(correct, mu, nu, b1_power, b2_power)
             if self.name == "adamw":
                 direction = jax.tree.map(lambda d, p: d + h.weight_decay * p, direction, params)
-        updates = jax.tree.map(lambda d: -rate * d, direction)
-        return updates, OptState(state.count + 1, shape, h, b1_power, b2_power, mu, nu)
+        return jax.tree.map(lambda d: -rate * d, direction), mu, nu, shape
+
+    def _update_groups(self, grads, state: OptState, params):
+        """`update` with fine-tuning's groups: a group before its first trainable epoch keeps its parameters and
+        its moments (zeros) exactly and counts no update; each group's Adam bias correction counts its own
+        updates, so its moments start when it unfreezes; its rate is multiplied by its rate_scale."""
+        g, h = state.groups, state.hparams
+        trains_g = state.count // self.steps_per_epoch + 1 >= g.trainable_from  # bool [G]: this step's epoch
+        leaves, treedef = jax.tree.flatten(grads)
+        index = jnp.asarray(self.groups, jnp.int32)
+        per_leaf = lambda values_g: jax.tree.unflatten(treedef, list(values_g[index][: len(leaves)]))
+        b1_g = jnp.where(trains_g, g.b1_power * h.b1, g.b1_power) if self.name != "sgd" else g.b1_power
+        b2_g = jnp.where(trains_g, g.b2_power * h.b2, g.b2_power) if self.name != "sgd" else g.b2_power
+        updates, mu, nu, shape = self._step(grads, state, params, per_leaf(b1_g), per_leaf(b2_g))
+        trains, rate = per_leaf(trains_g), per_leaf(g.rate_scale)
+        updates = jax.tree.map(lambda u, t, r: jnp.where(t, u * r, jnp.zeros_like(u)), updates, trains, rate)
+        keep = lambda new, old: None if new is None else jax.tree.map(jnp.where, trains, new, old)
+        groups = g._replace(b1_power=b1_g, b2_power=b2_g)
+        out = OptState(
+            state.count + 1, shape, h, state.b1_power, state.b2_power, keep(mu, state.mu), keep(nu, state.nu)
+        )
+        return updates, out._replace(groups=groups)
 
 
 def optimizer_spec(spec: Mapping[str, Any]) -> dict:

@@ -113,6 +113,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.accumulate_steps = 1
 
     c.init = init_config()  # from_workdir, epoch, include, exclude, reinit: start from a run (host/warm_start.py)
+    # Fine-tuning's groups (the model's top-level submodules, bottom to top; host/finetune.py): those frozen
+    # throughout, and the epoch each starts training (one per group; empty: all from epoch 1).
+    c.finetune = ml_collections.ConfigDict({"freeze": (), "unfreeze_epochs": ()})
     c.mesh = mesh_config()  # data, runs, shard_params: where a run's arrays live (core/layout.py)
 
     c.optimizer = optimizer_config()  # name, learning_rate, momentum, b1, b2, weight_decay, clip_norm, schedule
@@ -295,6 +298,12 @@ def _validate_train(t: ml_collections.ConfigDict) -> None:
         )
 
 
+def _validate_finetune(config: ml_collections.ConfigDict) -> None:
+    decay = config.optimizer.layer_decay
+    if not 0 < decay <= 1:
+        _fail("optimizer.layer_decay", f"{decay!r}", "Use a factor in (0, 1]: 1 trains every group at one rate.")
+
+
 def _validate_init(init: ml_collections.ConfigDict) -> None:
     if init.epoch not in ("last", "best") and not str(init.epoch).isdigit():
         _fail("init.epoch", f"{init.epoch!r}", 'Use "last", "best" or the number of an epoch with a checkpoint.')
@@ -395,6 +404,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _validate_data(config.data)
     _validate_mesh(config.mesh)
     _validate_init(config.init)
+    _validate_finetune(config)
     try:
         optim.validate_schedule(o.schedule.to_dict(), config.train.epochs)
         names = _task_metrics(config)

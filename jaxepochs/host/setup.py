@@ -22,7 +22,7 @@ from jaxepochs.core import program as program_lib
 from jaxepochs.core import task as task_lib
 from jaxepochs.data import loading as data_lib
 from jaxepochs.host import config as config_lib
-from jaxepochs.host import devices, seam, warm_start
+from jaxepochs.host import devices, finetune, seam, warm_start
 from jaxepochs.host import hooks as hooks_lib
 
 # With train.epochs_per_call = 0 a call runs up to this many epochs (the size of the rows it returns: 52 bytes a
@@ -110,6 +110,8 @@ def make_pieces(config, dataset: data_lib.Dataset, hooks: hooks_lib.Hooks, steps
     if config.train.compute_dtype == "bfloat16":
         task = task._replace(apply=task_lib.in_compute_dtype(task.apply, jnp.bfloat16))
     names = seam.check(config, source, task, hooks, dataset.train, dataset.num_classes)
+    x_1 = first_example(dataset.train)
+    tx = finetune.configure(tx, config, jax.eval_shape(lambda x: source.trace_init(config, x), x_1)[0], steps_per_epoch)
     tracker, may_stop = make_tracker(config, has_validation, names)
     pieces = Pieces(source, task, names, hooks, tx, tracker, may_stop, plateau, steps_per_epoch, None)
     return pieces._replace(start=jax.jit(functools.partial(_start, pieces)))

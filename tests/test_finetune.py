@@ -1,0 +1,84 @@
+"""Fine-tuning's groups inside the compiled program: frozen groups bitwise unchanged, gradual unfreezing driven by
+the epoch (no recompile; a resumed run continues exactly), per-layer rates, and the errors."""
+
+from __future__ import annotations
+
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from conftest import tiny_config
+
+import jaxepochs
+
+GROUPS = ("Dense_0", "Dense_1")  # tiny_config's MLP: one hidden layer and the head, bottom to top
+
+
+def _run(tmp_path, name: str, overrides: dict):
+    return jaxepochs.train_and_evaluate(tiny_config(overrides), tmp_path / name, quiet=True)
+
+
+def _same(a, b) -> bool:
+    return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+def test_a_frozen_group_is_bitwise_unchanged_and_its_moments_stay_zero(tmp_path):
+    start = _run(tmp_path, "start", {"train.epochs": "0"})
+    frozen = _run(tmp_path, "frozen", {"finetune.freeze": "('Dense_0',)"})
+    assert _same(frozen.state.params["Dense_0"], start.state.params["Dense_0"])
+    assert not _same(frozen.state.params["Dense_1"], start.state.params["Dense_1"])
+    moments = frozen.state.opt_state
+    assert all(not np.any(np.asarray(m)) for m in jax.tree.leaves((moments.mu["Dense_0"], moments.nu["Dense_0"])))
+    steps = frozen.history[-1]["steps"]  # Dense_1's updates: its bias correction counts them, Dense_0's none
+    assert list(np.asarray(moments.groups.b1_power)) == [1.0, pytest.approx(0.9**steps, rel=1e-4)]
+
+
+def test_gradual_unfreezing_follows_the_epoch_without_recompiling_and_resumes_exactly(tmp_path, compile_counter):
+    gradual = {"train.epochs": "3", "finetune.unfreeze_epochs": "(3, 1)", "checkpoint.every_epochs": "1"}
+    counts = []
+    for name, unfreeze in (("all", "(1, 1)"), ("gradual", "(3, 1)")):
+        with compile_counter() as counter:
+            _run(tmp_path, name, {**gradual, "finetune.unfreeze_epochs": unfreeze, "train.epochs_per_call": "1"})
+        counts.append(counter.count)
+    assert counts[0] == counts[1]  # Dense_0 unfreezing at epoch 3 compiled nothing more
+    start = _run(tmp_path, "start", {"train.epochs": "0"})
+    whole = _run(tmp_path, "whole", gradual)
+    for epoch, unchanged in ((1, True), (2, True), (3, False)):
+        state = jaxepochs.load(tmp_path / "whole", epoch=epoch)
+        assert _same(state.params["Dense_0"], start.state.params["Dense_0"]) == unchanged, epoch
+    # A run stopped after epoch 2 (its later checkpoints gone) resumes through the unfreezing epoch exactly.
+    shutil.copytree(tmp_path / "whole", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "3")
+    (tmp_path / "resumed" / "summary.json").unlink()
+    resumed = _run(tmp_path, "resumed", gradual)
+    assert _same(resumed.state, whole.state)
+
+
+def test_layer_decay_scales_each_group_s_rate_from_the_top(tmp_path):
+    one_step = {"train.epochs": "1", "train.batch_size": "3600", "optimizer.name": "sgd", "optimizer.momentum": "0"}
+    start = _run(tmp_path, "start", {**one_step, "train.epochs": "0"})
+    plain = _run(tmp_path, "plain", one_step)
+    decayed = _run(tmp_path, "decayed", {**one_step, "optimizer.layer_decay": "0.5"})
+    moved = lambda run, group: np.asarray(run.state.params[group]["kernel"] - start.state.params[group]["kernel"])
+    assert np.array_equal(moved(decayed, "Dense_1"), moved(plain, "Dense_1"))  # the top: lr itself
+    # Half the step below it, up to the rounding of parameter + step (a few ulps of the parameters, ~0.1).
+    np.testing.assert_allclose(moved(decayed, "Dense_0"), 0.5 * moved(plain, "Dense_0"), rtol=1e-3, atol=3e-8)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"finetune.freeze": "('Conv_0',)"}, "names 'Conv_0', which is not a group of the model. Its groups, bottom "
+                                             "to top: Dense_0, Dense_1"),  # fmt: skip
+        ({"finetune.unfreeze_epochs": "(1,)"}, "gives 1 epochs for the model's 2 groups"),
+        ({"finetune.unfreeze_epochs": "(1, 2)"}, "Dense_0 unfreezes \\(epoch 1\\) before Dense_1 above it"),
+        ({"finetune.unfreeze_epochs": "(5, 1)"}, "each must be an epoch of the run, 1 to train.epochs = 2"),
+        ({"optimizer.layer_decay": "1.5"}, r"optimizer.layer_decay = 1.5. Use a factor in \(0, 1\]"),
+        ({"optimizer.layer_decay": "0.0"}, r"optimizer.layer_decay = 0.0"),
+    ],
+)
+def test_groups_that_do_not_fit_are_refused_before_the_workdir(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        _run(tmp_path, "run", overrides)
+    assert not (tmp_path / "run").exists()
