@@ -69,8 +69,10 @@ def test_layer_decay_scales_each_group_s_rate_from_the_top(tmp_path):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"finetune.freeze": "('Conv_0',)"}, "names 'Conv_0', which is not a group of the model. Its groups, bottom "
-                                             "to top: Dense_0, Dense_1"),  # fmt: skip
+        (
+            {"finetune.freeze": "('Conv_0',)"},
+            "names 'Conv_0', which is not a group of the model. Its groups, bottom to top: Dense_0, Dense_1",
+        ),  # fmt: skip
         ({"finetune.unfreeze_epochs": "(1,)"}, "gives 1 epochs for the model's 2 groups"),
         ({"finetune.unfreeze_epochs": "(1, 2)"}, "Dense_0 unfreezes \\(epoch 1\\) before Dense_1 above it"),
         ({"finetune.unfreeze_epochs": "(5, 1)"}, "each must be an epoch of the run, 1 to train.epochs = 2"),
