@@ -52,7 +52,8 @@ def test_config_sections_have_the_documented_keys():
     assert {"rate_per_epoch", "patience", "cooldown", "min_learning_rate", "rtol", "atol"} <= set(s.keys())
     assert s.monitor == "val_loss"
     o = config_lib.optimizer_config()
-    assert set(o.keys()) == {"name", "learning_rate", "momentum", "b1", "b2", "weight_decay", "clip_norm", "schedule"}
+    keys = {"name", "learning_rate", "momentum", "b1", "b2", "weight_decay", "clip_norm", "layer_decay", "schedule"}
+    assert set(o.keys()) == keys
     assert o.clip_norm == 0.0 and o.schedule.name == "constant"
 
 

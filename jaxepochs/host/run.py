@@ -537,6 +537,19 @@ def _shapes_of(run: dict) -> data_lib.Dataset:
     )
 
 
+def _open_checkpoints(workdir: pathlib.Path, tries: int = 5) -> checkpoint_lib.Checkpointer:
+    """The workdir's checkpoints, read while a live run may be rotating them: orbax lists the directories, then
+    reads each one's time, and one deleted in between (max_to_keep) is a FileNotFoundError; list again."""
+    for attempt in range(tries):
+        try:
+            return checkpoint_lib.Checkpointer(workdir)
+        except FileNotFoundError:
+            if attempt == tries - 1:
+                raise
+            time.sleep(0.05)
+    raise AssertionError("unreachable")
+
+
 def load(workdir: str | pathlib.Path, epoch: int | str | None = None) -> epoch_lib.TrainState:
     """The train state of a run's checkpoint: the newest (None), "best" (its best epoch's parameters) or epoch N."""
     workdir = pathlib.Path(workdir)
@@ -552,7 +565,7 @@ def load(workdir: str | pathlib.Path, epoch: int | str | None = None) -> epoch_l
     pieces = setup.make_pieces(config, dataset, hooks, run["steps_per_epoch"], run["num_val_examples"] > 0)
     x_1 = setup.first_example(dataset.train)
     like = checkpoint_lib.arrays_of(setup.without_run_axis(setup.abstract_carry(pieces, config, x_1)))
-    ckpt = checkpoint_lib.Checkpointer(workdir)
+    ckpt = _open_checkpoints(workdir)
     try:
         saved = ckpt.epochs()
         if not saved:
