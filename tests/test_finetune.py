@@ -84,3 +84,23 @@ def test_groups_that_do_not_fit_are_refused_before_the_workdir(tmp_path, overrid
     with pytest.raises(ValueError, match=message):
         _run(tmp_path, "run", overrides)
     assert not (tmp_path / "run").exists()
+
+
+def test_unfreezing_epochs_sweep_as_one_program_and_equal_their_solo_runs(tmp_path):
+    from jaxepochs.sweep import grid as grid_lib
+
+    base = tiny_config({"train.epochs": "3", "finetune.unfreeze_epochs": "(1, 1)"})
+    grid = grid_lib.expand(base, {"finetune.unfreeze_epochs": "(3, 1),(2, 1)", "optimizer.layer_decay": "1.0,0.5"})
+    assert len(grid_lib.group_runs(grid_lib.make_runs(base, grid))) == 1  # one compiled program for the four
+    result = jaxepochs.sweep(base, grid, tmp_path / "sweep", quiet=True, chunk=4)
+    keys = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "learning_rate")
+    table = lambda rows: np.array([[row[k] for k in keys] for row in rows])
+    for run, values in zip(sorted(result.histories), grid, strict=True):
+        alone = _run(tmp_path, run, {"train.epochs": "3", **values})
+        # Equal to float32 round-off: on the tests' two devices XLA may sum a batch of runs' evaluation in
+        # another order than one run's (README, "Sweeps in one program").
+        np.testing.assert_allclose(table(result.histories[run]), table(alone.history), rtol=1e-6, err_msg=run)
+    curves = [table(result.histories[run]).tobytes() for run in sorted(result.histories)]
+    assert len(set(curves)) == 4  # each unfreezing schedule and decay trained its own way
+    with pytest.raises(ValueError, match="Dense_0 unfreezes"):
+        jaxepochs.sweep(base, [{"finetune.unfreeze_epochs": "(1, 3)"}], tmp_path / "bad", quiet=True)

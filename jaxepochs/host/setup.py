@@ -190,8 +190,19 @@ def init_state(model, tx, seed: int, x) -> epoch_lib.TrainState:
     return epoch_lib.TrainState(params, jax.jit(tx.init)(params), jnp.zeros((), jnp.int32), run_key, model_state)
 
 
-def _start(pieces: Pieces, params, model_state, run_key, opt_hparams) -> program_lib.RunCarry:
+def _group_state(pieces: Pieces, config, params):
+    """This run's fine-tuning values (its unfreezing epochs and rate multipliers: a sweep may vary them), or None."""
+    if pieces.tx.groups is None:
+        return None
+    starts, rates = finetune.group_values(config, finetune.groups_of(params))
+    return optim.GroupState(np.asarray(starts, np.int32), np.asarray(rates, np.float32), *[np.ones(len(starts),
+                            np.float32)] * 2)  # fmt: skip
+
+
+def _start(pieces: Pieces, params, model_state, run_key, opt_hparams, groups=None) -> program_lib.RunCarry:
     opt_state = pieces.tx.init(params)._replace(hparams=opt_hparams)
+    if groups is not None:
+        opt_state = opt_state._replace(groups=groups)
     state = epoch_lib.TrainState(params, opt_state, jnp.zeros((), jnp.int32), run_key, model_state)
     carry = program_lib.start_carry(state, pieces.tracker, pieces.plateau)
     return jax.tree.map(lambda a: a[None], carry)
@@ -206,7 +217,7 @@ def init_carries(pieces: Pieces, configs: list, opt_hparams: list[optim.OptHPara
         params, model_state, run_key = pieces.source.init(config, x_1)
         params, model_state = warm_start.apply(pieces.warm, params, model_state)
         hparams = optim.OptHParams(*(np.float32(v) for v in hparams))
-        parts.append(pieces.start(params, model_state, run_key, hparams))
+        parts.append(pieces.start(params, model_state, run_key, hparams, _group_state(pieces, config, params)))
     if len(parts) == 1:
         return parts[0]
     return jax.tree.map(lambda *leaves: np.concatenate(leaves), *jax.device_get(parts))

@@ -22,6 +22,7 @@ from typing import NamedTuple
 import numpy as np
 
 from jaxepochs.host import config as config_lib
+from jaxepochs.host import finetune
 
 # Keys whose values are arrays in the carry (or the early-stopping hyperparameters): vmapped, not recompiled.
 TRACED = (
@@ -38,6 +39,11 @@ TRACED = (
     "early_stopping.alpha",
     "early_stopping.strips",
     "early_stopping.divergence_threshold",
+    # Fine-tuning's group values: arrays in each run's optimizer state (host/finetune.py), so "when should each
+    # layer unfreeze" is one program; whether fine-tuning is on at all is not traced (program_key).
+    "finetune.freeze",
+    "finetune.unfreeze_epochs",
+    "optimizer.layer_decay",
 )
 DISTRIBUTIONS = ("loguniform", "uniform", "randint")
 USED_BY = {  # optimizer hyperparameters that only some optimizers have
@@ -143,7 +149,8 @@ def program_key(config) -> str:
     floored = flat["optimizer.schedule.name"] == "reduce_on_plateau" and flat["optimizer.schedule.min_learning_rate"]
     traced = [k for k in TRACED if not (floored and k == "optimizer.learning_rate")]
     static = sorted((k, repr(v)) for k, v in flat.items() if k not in traced)
-    return repr([*static, ("optimizer.momentum is 0", flat["optimizer.momentum"] == 0)])
+    tuned = ("fine-tuning's groups", finetune.in_use(config))
+    return repr([*static, ("optimizer.momentum is 0", flat["optimizer.momentum"] == 0), tuned])
 
 
 def make_runs(base, grid: list[dict[str, str]], cv: int = 0) -> list[Run]:

@@ -35,7 +35,7 @@ from jaxepochs.data import loading as data_lib
 from jaxepochs.data import lock
 from jaxepochs.host import checkpoint as checkpoint_lib
 from jaxepochs.host import config as config_lib
-from jaxepochs.host import devices, driver, report, setup
+from jaxepochs.host import devices, driver, finetune, report, setup
 from jaxepochs.host import hooks as hooks_lib
 from jaxepochs.host import run as run_lib
 from jaxepochs.host import workdir as workdir_lib
@@ -97,6 +97,11 @@ class _Group:
         steps = epoch_lib.steps_per_epoch(n_train, template.train.batch_size)
         self.pieces = setup.make_pieces(template, dataset, hooks, steps, self.has_val)
         self.pieces = setup.with_warm_start(self.pieces, template, setup.first_example(dataset.train))
+        if self.pieces.tx.groups is not None:  # every run's fine-tuning values, checked before anything runs
+            x_1 = setup.first_example(dataset.train)
+            names = finetune.groups_of(jax.eval_shape(lambda x: self.pieces.source.trace_init(template, x), x_1)[0])
+            for run in runs:
+                finetune.group_values(run.config, names)
         n_val = data_lib.count(dataset.train) // cv if cv else data_lib.count(dataset.val)
         every_epoch = setup.eval_sizes(template, {"val": n_val})
         if template.train.log_test:
