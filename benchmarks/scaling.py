@@ -80,6 +80,23 @@ def speed(epochs: int, rounds: int, batch: int) -> None:
         print(f"{name:32} {median * 1e3:9.1f} {steps / median:8.0f} {shown:>30} {np.mean(accuracy[name]):9.4f}")
 
 
+def all_reduce_bytes(hlo_text: str) -> int:
+    """The bytes every all-reduce in a compiled program's HLO text sums, per execution of each (a loop body's
+    collectives count once): what a data-parallel step sends, at most, per device and step."""
+    sizes = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "f64": 8, "s64": 8, "s8": 1, "u8": 1}
+    total = 0
+    for line in hlo_text.splitlines():
+        if " all-reduce(" not in line and " all-reduce-start(" not in line:
+            continue
+        head = line.split("=", 1)[1].split("all-reduce", 1)[0]
+        for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", head):
+            count = 1
+            for d in filter(None, dims.split(",")):
+                count *= int(d)
+            total += sizes.get(dtype, 4) * count
+    return total
+
+
 def comm(batch: int) -> None:
     for hidden, shard in (("(100, 100)", False), ("(1024, 1024)", False), ("(1024, 1024)", True)):
         config = _config({"train.batch_size": str(batch), "model.hidden_sizes": hidden})
@@ -101,7 +118,7 @@ def comm(batch: int) -> None:
         held = compiled.memory_analysis().argument_size_in_bytes
         print(
             f"MLP 40-{hidden[1:-1].replace(', ', '-')}-10, batch {batch} over 2 devices, shard_params {shard}: "
-            f"parameters {params / 1e6:.3f} MB; all-reduce {layout_lib.all_reduce_bytes(text) / 1e6:.3f} MB a step "
+            f"parameters {params / 1e6:.3f} MB; all-reduce {all_reduce_bytes(text) / 1e6:.3f} MB a step "
             f"per device; collectives {counts}; the step's state and batch per device {held / 1e6:.2f} MB"
         )
 

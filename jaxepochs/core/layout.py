@@ -101,22 +101,3 @@ def make_mesh(devices, runs: int, data: int) -> Mesh:
 def carry_shardings(layout: Layout, abstract_carry: Any):
     """The NamedSharding of every array of a carry with a leading run axis."""
     return jax.tree.map(lambda a: layout.sharding(a.shape, run_axis=True), abstract_carry)
-
-
-def all_reduce_bytes(hlo_text: str) -> int:
-    """The bytes every all-reduce in a compiled program's HLO text sums, per execution of each (a loop body's
-    collectives count once): what a data-parallel step sends, at most, per device and step."""
-    import re
-
-    sizes = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "f64": 8, "s64": 8, "s8": 1, "u8": 1}
-    total = 0
-    for line in hlo_text.splitlines():
-        if " all-reduce(" not in line and " all-reduce-start(" not in line:
-            continue
-        head = line.split("=", 1)[1].split("all-reduce", 1)[0]
-        for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", head):
-            count = 1
-            for d in filter(None, dims.split(",")):
-                count *= int(d)
-            total += sizes.get(dtype, 4) * count
-    return total

@@ -255,7 +255,7 @@ class Optimizer:
     defaults: tuple[float, ...]  # OptHParams' values for `init`
     clip_norm: float = 0.0
     momentum: bool = True  # sgd: keep a momentum trace (False where momentum is 0: no trace to keep or update)
-    # Fine-tuning (core/finetune.py): each parameter's group, in tree-flatten order; the groups' first trainable
+    # Fine-tuning (host/finetune.py): each parameter's group, in tree-flatten order; the groups' first trainable
     # epochs and rate multipliers; the steps of an epoch (the epoch of a step decides what trains). None: off.
     groups: tuple[int, ...] | None = None
     trainable_from: tuple[int, ...] = ()
@@ -317,9 +317,9 @@ class Optimizer:
         updates, so its moments start when it unfreezes; its rate is multiplied by its rate_scale."""
         g, h = state.groups, state.hparams
         trains_g = state.count // self.steps_per_epoch + 1 >= g.trainable_from  # bool [G]: this step's epoch
-        leaves, treedef = jax.tree.flatten(grads)
-        index = jnp.asarray(self.groups, jnp.int32)
-        per_leaf = lambda values_g: jax.tree.unflatten(treedef, list(values_g[index][: len(leaves)]))
+        treedef = jax.tree.structure(grads)
+        index = jnp.asarray(self.groups, jnp.int32)  # each leaf's group
+        per_leaf = lambda values_g: jax.tree.unflatten(treedef, list(values_g[index]))
         b1_g = jnp.where(trains_g, g.b1_power * h.b1, g.b1_power) if self.name != "sgd" else g.b1_power
         b2_g = jnp.where(trains_g, g.b2_power * h.b2, g.b2_power) if self.name != "sgd" else g.b2_power
         updates, mu, nu, shape = self._step(grads, state, params, per_leaf(b1_g), per_leaf(b2_g))

@@ -36,10 +36,10 @@ class CheckpointError(ValueError):
 
 
 def checksums(arrays: dict, meta: dict) -> dict[str, int]:
-    """A CRC-32 of every array's bytes (named by its path, as `_path_name`) and of the meta's other fields: saved
+    """A CRC-32 of every array's bytes (named by its path, as `path_name`) and of the meta's other fields: saved
     in the meta, checked on restore, so bit rot in a file that still parses is caught (orbax has no such check:
     tensorstore's zarr chunks carry none)."""
-    sums = {_path_name(path): zlib.crc32(np.ascontiguousarray(leaf).tobytes()) for path, leaf in _leaves(arrays)}
+    sums = {path_name(path): zlib.crc32(np.ascontiguousarray(leaf).tobytes()) for path, leaf in _leaves(arrays)}
     sums["meta"] = zlib.crc32(json.dumps({k: v for k, v in meta.items() if k != "checksums"}, sort_keys=True).encode())
     return sums
 
@@ -65,22 +65,23 @@ def _abstract(tree):
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
-def _path_name(path) -> str:
-    """ "train.params.Dense_0.kernel": orbax's metadata keys NamedTuple fields by name, jax by attribute."""
+def path_name(path, sep: str = ".") -> str:
+    """ "train.params.Dense_0.kernel" (or with another `sep`): orbax's metadata keys NamedTuple fields by name,
+    jax by attribute."""
     parts = []
     for entry in path:
         for attr in ("key", "name", "idx"):
             if hasattr(entry, attr):
                 parts.append(str(getattr(entry, attr)))
                 break
-    return ".".join(parts)
+    return sep.join(parts)
 
 
 def _first_mismatch(saved_metadata, expected) -> str | None:
     """The path, saved shape and expected shape of the first array that differs, or None."""
-    saved = {_path_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(saved_metadata)[0]}
+    saved = {path_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(saved_metadata)[0]}
     for path, leaf in jax.tree_util.tree_flatten_with_path(expected)[0]:
-        name = _path_name(path)
+        name = path_name(path)
         if name not in saved:
             return f"{name}: missing from the checkpoint"
         got = tuple(getattr(saved[name], "shape", ()))

@@ -73,9 +73,7 @@ def group_values(config, names: list[str]) -> tuple[tuple[int, ...], tuple[float
 
 
 def configure(tx, config, abstract_params, steps_per_epoch: int):
-    """The optimizer with the config's groups (unchanged where fine-tuning is not used)."""
-    if not in_use(config):
-        return tx
+    """The optimizer with the config's groups (make_pieces calls it where `in_use`)."""
     names = groups_of(abstract_params)
     starts, rates = group_values(config, names)
     index = {name: g for g, name in enumerate(names)}

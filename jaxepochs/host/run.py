@@ -135,8 +135,9 @@ def compile_programs(run: Setup, abstract_carry) -> Programs:
             lowered = setup.jit_on(run.layout, program, abstract_carry).lower(
                 abstract_carry, run.splits, es_h, one, one, one
             )
-        call = functools.partial(_call_with, lowered.compile(), run.splits, es_h, run.config.train.epochs)
-        run_epochs = call if run.layout is None else functools.partial(_on_mesh, run.layout, call)
+        # On a mesh the epoch numbers go in as replicated global scalars (every process's same values).
+        put = np.asarray if run.layout is None else functools.partial(devices.put, shardings=run.layout.replicated())
+        run_epochs = functools.partial(_call_with, lowered.compile(), run.splits, es_h, run.config.train.epochs, put)
     return Programs(run_epochs, time.perf_counter() - start)
 
 
@@ -162,21 +163,11 @@ def final_metrics(run: Setup, state) -> tuple[dict, float]:
     return {k: v for name, split in totals.items() for k, v in _first(split).means(name).items()}, seconds
 
 
-def _on_mesh(layout, call, carry, first_epoch: int, count: int):
-    """The driver's call on a mesh: the epoch numbers as replicated global scalars."""
-    as_global = lambda value: devices.put(np.asarray(value, np.int32), layout.replicated())
-    return call(carry, as_global(first_epoch), as_global(count))
-
-
-def _call_with(compiled, splits, es_hparams, last_epoch: int, carry, first_epoch: int, count: int):
-    """The driver's call(carry, first, count): the run program on the run's splits, up to its last epoch."""
-    as_int = lambda value: value if isinstance(value, jax.Array) else np.asarray(value, np.int32)
-    last = as_int(last_epoch) if not isinstance(first_epoch, jax.Array) else _like(first_epoch, last_epoch)
-    return compiled(carry, splits, es_hparams, as_int(first_epoch), as_int(count), last)
-
-
-def _like(scalar: jax.Array, value: int) -> jax.Array:
-    return devices.put(np.asarray(value, np.int32), scalar.sharding)
+def _call_with(compiled, splits, es_hparams, last_epoch: int, put, carry, first_epoch: int, count: int):
+    """The driver's call(carry, first, count): the run program on the run's splits, up to its last epoch; `put`
+    places each epoch number where the program takes it."""
+    as_int = lambda value: put(np.asarray(value, np.int32))
+    return compiled(carry, splits, es_hparams, as_int(first_epoch), as_int(count), as_int(last_epoch))
 
 
 def start_carry(run: Setup, abstract_carry, resuming: bool, ckpt, progress) -> tuple[Any, list[dict]]:

@@ -110,8 +110,9 @@ def make_pieces(config, dataset: data_lib.Dataset, hooks: hooks_lib.Hooks, steps
     if config.train.compute_dtype == "bfloat16":
         task = task._replace(apply=task_lib.in_compute_dtype(task.apply, jnp.bfloat16))
     names = seam.check(config, source, task, hooks, dataset.train, dataset.num_classes)
-    x_1 = first_example(dataset.train)
-    tx = finetune.configure(tx, config, jax.eval_shape(lambda x: source.trace_init(config, x), x_1)[0], steps_per_epoch)
+    if finetune.in_use(config):  # the groups are the model's top-level submodules: traced, nothing compiled
+        params = jax.eval_shape(lambda x: source.trace_init(config, x), first_example(dataset.train))[0]
+        tx = finetune.configure(tx, config, params, steps_per_epoch)
     tracker, may_stop = make_tracker(config, has_validation, names)
     pieces = Pieces(source, task, names, hooks, tx, tracker, may_stop, plateau, steps_per_epoch, None)
     return pieces._replace(start=jax.jit(functools.partial(_start, pieces)))
@@ -119,6 +120,8 @@ def make_pieces(config, dataset: data_lib.Dataset, hooks: hooks_lib.Hooks, steps
 
 def with_warm_start(pieces: Pieces, config, x_1) -> Pieces:
     """`pieces` with the arrays its fresh runs take from config.init.from_workdir (read and checked now)."""
+    if not config.init.from_workdir:
+        return pieces
     shapes = jax.eval_shape(lambda x: pieces.source.trace_init(config, x), x_1)
     return pieces._replace(warm=warm_start.prepare(config, shapes[0], shapes[1]))
 

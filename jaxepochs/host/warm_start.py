@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from jaxepochs.host import checkpoint as checkpoint_lib
 from jaxepochs.host import config as config_lib
 
 
@@ -44,13 +45,8 @@ class WarmStart(NamedTuple):
 
 
 def path_name(path) -> str:
-    parts = []
-    for entry in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(entry, attr):
-                parts.append(str(getattr(entry, attr)))
-                break
-    return "/".join(parts)
+    """ "Dense_0/kernel": the name patterns match."""
+    return checkpoint_lib.path_name(path, "/")
 
 
 def _flat(tree) -> dict[str, Any]:
