@@ -73,7 +73,19 @@ def test_layer_decay_scales_each_group_s_rate_from_the_top(tmp_path):
             {"finetune.freeze": "('Conv_0',)"},
             "names 'Conv_0', which is not a group of the model. Its groups, bottom to top: Dense_0, Dense_1",
         ),  # fmt: skip
-        ({"finetune.unfreeze_epochs": "(1,)"}, "gives 1 epochs for the model's 2 groups"),
+        ({"finetune.unfreeze_epochs": "(1,)"}, "gives 1 values for the model's 2 groups"),
+        ({"finetune.rate_scales": "(1.0, 2.0, 3.0)"}, "rate_scales = \\(1.0, 2.0, 3.0\\) gives 3 values"),
+        ({"finetune.rate_scales": "(0.5, 1.0)", "optimizer.layer_decay": "0.5"}, "with optimizer.layer_decay"),
+        ({"finetune.groups": "('a=Dense_0/*',)"}, "which nothing uses"),
+        ({"finetune.groups": "('Dense_0/*',)", "finetune.freeze": "('a',)"}, 'is not "name=pattern'),
+        (
+            {"finetune.groups": "('a=Dense_0/*', 'b=Conv_*')", "finetune.freeze": "('a',)"},
+            "group 'b''s pattern 'Conv_\\*' matches no parameter. The model's parameters: Dense_0/bias, Dense_0/kernel",
+        ),  # fmt: skip
+        (
+            {"finetune.groups": "('a=Dense_0/*',)", "finetune.freeze": "('a',)"},
+            "Dense_1/bias, Dense_1/kernel in no group",
+        ),
         ({"finetune.unfreeze_epochs": "(1, 2)"}, "Dense_0 unfreezes \\(epoch 1\\) before Dense_1 above it"),
         ({"finetune.unfreeze_epochs": "(5, 1)"}, "each must be an epoch of the run, 1 to train.epochs = 2"),
         ({"optimizer.layer_decay": "1.5"}, r"optimizer.layer_decay = 1.5. Use a factor in \(0, 1\]"),
@@ -102,5 +114,30 @@ def test_unfreezing_epochs_sweep_as_one_program_and_equal_their_solo_runs(tmp_pa
         np.testing.assert_allclose(table(result.histories[run]), table(alone.history), rtol=1e-6, err_msg=run)
     curves = [table(result.histories[run]).tobytes() for run in sorted(result.histories)]
     assert len(set(curves)) == 4  # each unfreezing schedule and decay trained its own way
+    late = next(
+        r for r, v in zip(sorted(result.histories), grid, strict=True) if v["finetune.unfreeze_epochs"] == "(3, 1)"
+    )
+    assert [row["learning_rate/Dense_0"] for row in result.histories[late]][:2] == [0.0, 0.0]
     with pytest.raises(ValueError, match="Dense_0 unfreezes"):
         jaxepochs.sweep(base, [{"finetune.unfreeze_epochs": "(1, 3)"}], tmp_path / "bad", quiet=True)
+
+
+def test_groups_by_path_pattern_freeze_what_they_match_and_log_each_group_s_rate(tmp_path):
+    start = _run(tmp_path, "start", {"train.epochs": "0"})
+    by_pattern = {"finetune.groups": "('body=Dense_0/*', 'head=*')", "finetune.freeze": "('body',)"}
+    by_module = _run(tmp_path, "module", {"finetune.freeze": "('Dense_0',)"})
+    assert _same(_run(tmp_path, "pattern", by_pattern).state, by_module.state)  # first match wins: head = Dense_1
+    kernels = _run(tmp_path, "kernels", {"finetune.groups": "('kernels=*/kernel', 'biases=*/bias')",
+                                         "finetune.freeze": "('kernels',)"})  # fmt: skip
+    for layer in GROUPS:
+        assert np.array_equal(kernels.state.params[layer]["kernel"], start.state.params[layer]["kernel"])
+        assert not np.array_equal(kernels.state.params[layer]["bias"], start.state.params[layer]["bias"])
+    decayed = _run(tmp_path, "decayed", {"finetune.unfreeze_epochs": "(2, 1)", "optimizer.layer_decay": "0.5"})
+    first, second = decayed.history
+    assert (first["learning_rate/Dense_0"], first["learning_rate/Dense_1"]) == (0.0, first["learning_rate"])
+    assert second["learning_rate/Dense_0"] == pytest.approx(0.5 * second["learning_rate"], rel=1e-7)
+    assert kernels.history[-1]["learning_rate/kernels"] == 0.0  # frozen throughout
+    # Explicit multipliers are the same optimizer as the layer decay that gives them.
+    scaled = _run(tmp_path, "scaled", {"finetune.unfreeze_epochs": "(2, 1)", "finetune.rate_scales": "(0.5, 1.0)"})
+    timeless = lambda history: [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+    assert _same(scaled.state.params, decayed.state.params) and timeless(scaled.history) == timeless(decayed.history)

@@ -258,6 +258,7 @@ class Optimizer:
     # Fine-tuning (host/finetune.py): each parameter's group, in tree-flatten order; the groups' first trainable
     # epochs and rate multipliers; the steps of an epoch (the epoch of a step decides what trains). None: off.
     groups: tuple[int, ...] | None = None
+    group_names: tuple[str, ...] = ()  # bottom to top: metrics.jsonl's learning_rate/<group>
     trainable_from: tuple[int, ...] = ()
     rate_scale: tuple[float, ...] = ()
     steps_per_epoch: int = 1

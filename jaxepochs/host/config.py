@@ -113,9 +113,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.accumulate_steps = 1
 
     c.init = init_config()  # from_workdir, epoch, include, exclude, reinit: start from a run (host/warm_start.py)
-    # Fine-tuning's groups (the model's top-level submodules, bottom to top; host/finetune.py): those frozen
-    # throughout, and the epoch each starts training (one per group; empty: all from epoch 1).
-    c.finetune = ml_collections.ConfigDict({"freeze": (), "unfreeze_epochs": ()})
+    # Fine-tuning's groups (host/finetune.py), bottom to top: the model's top-level submodules, or `groups` by
+    # path pattern ("name=pattern,pattern"); those frozen throughout; the epoch each starts training (one per
+    # group; empty: all from epoch 1); each group's multiplier of the learning rate (empty: optimizer.layer_decay).
+    c.finetune = ml_collections.ConfigDict({"groups": (), "freeze": (), "unfreeze_epochs": (), "rate_scales": ()})
     c.mesh = mesh_config()  # data, runs, shard_params: where a run's arrays live (core/layout.py)
 
     c.optimizer = optimizer_config()  # name, learning_rate, momentum, b1, b2, weight_decay, clip_norm, schedule
@@ -299,9 +300,29 @@ def _validate_train(t: ml_collections.ConfigDict) -> None:
 
 
 def _validate_finetune(config: ml_collections.ConfigDict) -> None:
-    decay = config.optimizer.layer_decay
+    decay, f = config.optimizer.layer_decay, config.finetune
     if not 0 < decay <= 1:
         _fail("optimizer.layer_decay", f"{decay!r}", "Use a factor in (0, 1]: 1 trains every group at one rate.")
+    if f.rate_scales and decay != 1.0:
+        _fail("finetune.rate_scales", f"{tuple(f.rate_scales)} with optimizer.layer_decay = {decay}", "Use one.")
+    if any(not isinstance(r, int | float) or isinstance(r, bool) or r < 0 for r in f.rate_scales):
+        _fail("finetune.rate_scales", f"{tuple(f.rate_scales)}", "Use one multiplier of 0 or more per group.")
+    names = [str(spec).partition("=")[0].strip() for spec in f.groups]
+    for spec, name in zip(f.groups, names, strict=True):
+        if "=" not in str(spec) or not name or not str(spec).partition("=")[2].strip(", "):
+            _fail(
+                "finetune.groups",
+                f"{tuple(f.groups)}",
+                f'{spec!r} is not "name=pattern[,pattern]" (e.g. "head=Dense_2/*").',
+            )
+    if len(set(names)) != len(names):
+        _fail("finetune.groups", f"{tuple(f.groups)}", "Give each group its own name.")
+    if f.groups and not (f.freeze or f.unfreeze_epochs or f.rate_scales or decay != 1.0):
+        _fail(
+            "finetune.groups",
+            f"{tuple(f.groups)}, which nothing uses",
+            "Set finetune.freeze, finetune.unfreeze_epochs, finetune.rate_scales or optimizer.layer_decay, or drop it.",
+        )
 
 
 def _validate_init(init: ml_collections.ConfigDict) -> None:

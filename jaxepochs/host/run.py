@@ -34,7 +34,7 @@ from jaxepochs.data import loading as data_lib
 from jaxepochs.data import lock
 from jaxepochs.host import checkpoint as checkpoint_lib
 from jaxepochs.host import config as config_lib
-from jaxepochs.host import devices, driver, report, setup, streamed
+from jaxepochs.host import devices, driver, finetune, report, setup, streamed
 from jaxepochs.host import hooks as hooks_lib
 from jaxepochs.host import workdir as workdir_lib
 from jaxepochs.host.workdir import WorkdirError
@@ -207,8 +207,12 @@ def _consumer(run: Setup, history: list[dict], log, progress, non_finite: list[i
 
     def consume(rows, first_epoch: int, seconds: float, extra: dict | None = None) -> bool:
         new, bad = report.run_rows(rows, first_epoch, run.pieces.steps_per_epoch)
+        tx = run.pieces.tx
         for row in new:
             row.update({"seconds": seconds, **(extra or {})})
+            if tx.group_names:
+                row.update(finetune.rate_columns(row["epoch"], row["learning_rate"], tx.group_names,
+                                                 tx.trainable_from, tx.rate_scale))  # fmt: skip
         history.extend(new)  # before the writes: if the disk refuses them, the checkpoint still holds these epochs
         non_finite.extend([bad] if bad else [])
         for row in new:

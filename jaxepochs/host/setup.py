@@ -193,11 +193,11 @@ def init_state(model, tx, seed: int, x) -> epoch_lib.TrainState:
     return epoch_lib.TrainState(params, jax.jit(tx.init)(params), jnp.zeros((), jnp.int32), run_key, model_state)
 
 
-def _group_state(pieces: Pieces, config, params):
+def _group_state(pieces: Pieces, config):
     """This run's fine-tuning values (its unfreezing epochs and rate multipliers: a sweep may vary them), or None."""
     if pieces.tx.groups is None:
         return None
-    starts, rates = finetune.group_values(config, finetune.groups_of(params))
+    starts, rates = finetune.group_values(config, pieces.tx.group_names)
     return optim.GroupState(np.asarray(starts, np.int32), np.asarray(rates, np.float32), *[np.ones(len(starts),
                             np.float32)] * 2)  # fmt: skip
 
@@ -220,7 +220,7 @@ def init_carries(pieces: Pieces, configs: list, opt_hparams: list[optim.OptHPara
         params, model_state, run_key = pieces.source.init(config, x_1)
         params, model_state = warm_start.apply(pieces.warm, params, model_state)
         hparams = optim.OptHParams(*(np.float32(v) for v in hparams))
-        parts.append(pieces.start(params, model_state, run_key, hparams, _group_state(pieces, config, params)))
+        parts.append(pieces.start(params, model_state, run_key, hparams, _group_state(pieces, config)))
     if len(parts) == 1:
         return parts[0]
     return jax.tree.map(lambda *leaves: np.concatenate(leaves), *jax.device_get(parts))

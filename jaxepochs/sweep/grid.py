@@ -43,6 +43,7 @@ TRACED = (
     # layer unfreeze" is one program; whether fine-tuning is on at all is not traced (program_key).
     "finetune.freeze",
     "finetune.unfreeze_epochs",
+    "finetune.rate_scales",
     "optimizer.layer_decay",
 )
 DISTRIBUTIONS = ("loguniform", "uniform", "randint")

@@ -97,11 +97,9 @@ class _Group:
         steps = epoch_lib.steps_per_epoch(n_train, template.train.batch_size)
         self.pieces = setup.make_pieces(template, dataset, hooks, steps, self.has_val)
         self.pieces = setup.with_warm_start(self.pieces, template, setup.first_example(dataset.train))
-        if self.pieces.tx.groups is not None:  # every run's fine-tuning values, checked before anything runs
-            x_1 = setup.first_example(dataset.train)
-            names = finetune.groups_of(jax.eval_shape(lambda x: self.pieces.source.trace_init(template, x), x_1)[0])
-            for run in runs:
-                finetune.group_values(run.config, names)
+        # Every run's fine-tuning values (metrics.jsonl's rate per group), checked before anything runs.
+        names = self.pieces.tx.group_names
+        self.group_values = {run.name: finetune.group_values(run.config, names) for run in runs} if names else {}
         n_val = data_lib.count(dataset.train) // cv if cv else data_lib.count(dataset.val)
         every_epoch = setup.eval_sizes(template, {"val": n_val})
         if template.train.log_test:
@@ -265,6 +263,9 @@ def _train_chunk(group: _Group, runs, chunk_size: int, workdir: pathlib.Path, pr
                 new[run.name], bad = report.run_rows(rows, first, group.pieces.steps_per_epoch, r)
                 for row in new[run.name]:
                     row["seconds"] = seconds
+                    if run.name in group.group_values:
+                        names, values = group.pieces.tx.group_names, group.group_values[run.name]
+                        row.update(finetune.rate_columns(row["epoch"], row["learning_rate"], names, *values))
                 histories[run.name] += new[run.name]
                 if bad:
                     non_finite[run.name] = bad
