@@ -1,6 +1,7 @@
 """`jaxepochs run --config experiments/NAME.py --workdir DIR [--config.a.b=value ...] [--quiet] [--restart]`,
 `jaxepochs sweep --config ... --workdir DIR --sweep.a.b=V1,V2 ... [--random N] [--cv K [--refit]] [--chunk C]`
-and `jaxepochs reproduce NAME|all --workdir DIR [--seeds K] [--quick]`."""
+`jaxepochs reproduce NAME|all --workdir DIR [--seeds K] [--quick]` and
+`jaxepochs lr-find --config ... --workdir DIR [--min 1e-8 --max 1 --steps 100 --rates 8 --epochs 2]`."""
 
 from __future__ import annotations
 
@@ -72,7 +73,43 @@ def _parser() -> argparse.ArgumentParser:
     swp.add_argument("--restart", action="store_true", help="discard a sweep already in the workdir")
     for command in (run, swp):
         _distributed_arguments(command)
+    _lr_find_arguments(sub)
     return parser
+
+
+def _lr_find_arguments(sub) -> None:
+    lrf = sub.add_parser(
+        "lr-find",
+        help="the learning-rate range test, and K constant rates trained side by side in one vmapped program",
+        epilog="Override any field: --config.optimizer.name=sgd",
+    )
+    lrf.add_argument("--config", required=True, help="experiment module, e.g. experiments/mnist1d_mlp.py")
+    lrf.add_argument("--workdir", required=True, help="directory for lr_find.json, lr_find.png, constant_rates/")
+    lrf.add_argument("--min", type=float, default=1e-8, help="the range test's first rate (default 1e-8)")
+    lrf.add_argument("--max", type=float, default=1.0, help="the range test's last rate (default 1)")
+    lrf.add_argument("--steps", type=int, default=100, help="the range test's steps, one rate each (default 100)")
+    lrf.add_argument("--rates", type=int, default=8, help="constant rates trained side by side (default 8)")
+    lrf.add_argument("--epochs", type=int, default=2, help="epochs each constant rate trains (default 2)")
+    lrf.add_argument(
+        "--rates-range",
+        type=float,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        help="the constant rates' range (default: 3 decades below where the range test diverged)",
+    )
+    lrf.add_argument("--quiet", action="store_true", help="print nothing but errors")
+
+
+def _lr_find(args, overrides: dict[str, str]) -> int:
+    from jaxepochs.studies import lr_find  # imports jax: after the cheap checks
+
+    lr_find.check_arguments(args.min, args.max, args.steps, args.rates, args.epochs, args.rates_range)
+    config = config_lib.apply_overrides(config_lib.load_config_file(args.config), overrides)
+    lr_find.lr_find(
+        config, args.workdir, min_lr=args.min, max_lr=args.max, steps=args.steps, rates=args.rates,
+        epochs=args.epochs, rates_range=args.rates_range, quiet=args.quiet,
+    )  # fmt: skip
+    return 0
 
 
 def _distributed_arguments(command: argparse.ArgumentParser) -> None:
@@ -172,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
             _initialize_distributed(args)
         if args.command == "sweep":
             return _sweep(args, overrides, specs)
+        if args.command == "lr-find":
+            return _lr_find(args, overrides)
         if args.command == "reproduce":
             if overrides:
                 raise UsageError("reproduce takes no --config.* overrides; the references fix each recipe.")
