@@ -3,12 +3,17 @@ the epoch (no recompile; a resumed run continues exactly), per-layer rates, and 
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import EXPERIMENT, REPO, tiny_config
 
 import jaxepochs
 
@@ -141,3 +146,33 @@ def test_groups_by_path_pattern_freeze_what_they_match_and_log_each_group_s_rate
     scaled = _run(tmp_path, "scaled", {"finetune.unfreeze_epochs": "(2, 1)", "finetune.rate_scales": "(0.5, 1.0)"})
     timeless = lambda history: [{k: v for k, v in row.items() if k != "seconds"} for row in history]
     assert _same(scaled.state.params, decayed.state.params) and timeless(scaled.history) == timeless(decayed.history)
+
+
+# The CLI's experiment with these overrides is tiny_config's (as in test_resume.py), unfreezing Dense_0 at
+# epoch 8 of 12 at half the head's rate; a checkpoint every epoch (about 0.15 s each) leaves time to kill it.
+KILLED = {"model.hidden_sizes": "(16,)", "model.residual": "False", "train.batch_size": "64", "mesh.data": "1",
+          "train.epochs": "12", "finetune.unfreeze_epochs": "(8, 1)", "optimizer.layer_decay": "0.5"}  # fmt: skip
+
+
+def test_sigkill_before_an_unfreezing_epoch_then_resume_ends_bitwise_where_the_uninterrupted_run_does(
+    tmp_path, jax_compilation_cache
+):
+    workdir, log = tmp_path / "killed", tmp_path / "killed.stderr"
+    command = [sys.executable, "-m", "jaxepochs.cli", "run", "--config", str(EXPERIMENT), "--workdir", str(workdir)]
+    command += ["--quiet", *(f"--config.{k}={v}" for k, v in {**KILLED, "checkpoint.every_epochs": "1"}.items())]
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(jax_compilation_cache)}
+    with log.open("w") as stderr:
+        child = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+    saved = lambda: sorted(int(p.name) for p in (workdir / "checkpoints").glob("[0-9]*") if p.name.isdigit())
+    deadline = time.monotonic() + 120
+    while len(saved()) < 2 and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    child.send_signal(signal.SIGKILL)
+    assert child.wait(timeout=60) == -signal.SIGKILL, log.read_text()[-2000:]
+    assert 2 <= max(saved()) < 8  # killed before Dense_0 unfreezes: the resume crosses epoch 8
+    resumed = _run(tmp_path, "killed", KILLED)
+    whole = _run(tmp_path, "whole", KILLED)
+    assert _same(resumed.state, whole.state)
+    untimed = lambda history: [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+    assert untimed(resumed.history) == untimed(whole.history)
+    assert resumed.history[7]["learning_rate/Dense_0"] > 0 == resumed.history[6]["learning_rate/Dense_0"]
