@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -259,6 +260,11 @@ def test_bad_cross_validation(tmp_path, kwargs, match):
         jaxepochs.sweep(base, grid_lib.expand(base, {"seed": "0,1"}), tmp_path, quiet=True, **kwargs)
 
 
+def cv_rows_of(workdir) -> list[dict]:
+    with (workdir / "cv.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
 def test_sweep_command_cross_validates_refits_and_writes_its_outputs(tmp_path, capsys):
     argv = [
         "sweep",
@@ -277,13 +283,20 @@ def test_sweep_command_cross_validates_refits_and_writes_its_outputs(tmp_path, c
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert "| rank |" in out and "3-fold CV recommends" in out and "refit test accuracy" in out
+    best = re.search(
+        r'Best configuration: (r[01]) \{"optimizer.learning_rate": ([0-9.e-]+)\}, trained for (\d) epochs', out
+    )
+    assert best and "Best: r" not in out  # a configuration, not one of its folds
+    cv_by_config = {row["config"]: row for row in cv_rows_of(tmp_path)}
+    assert int(best.group(3)) == int(cv_by_config[best.group(1)]["recommended_epochs"])
+    assert float(best.group(2)) == float(cv_by_config[best.group(1)]["optimizer.learning_rate"])
     rows = [json.loads(line) for line in (tmp_path / "sweep.jsonl").read_text().splitlines()]
+    assert {row["optimizer.learning_rate"] for row in rows} == {3e-3, 2e-2}  # numbers, not the typed text
     assert len(rows) == 2 * 3 * 3 and {r["run"] for r in rows} == {f"r{i}_fold{k}" for i in (0, 1) for k in range(3)}
     with (tmp_path / "results.csv").open() as f:
         results = list(csv.DictReader(f))
     assert len(results) == 6 and "best_val_loss" in results[0] and "final_test_accuracy" in results[0]
-    with (tmp_path / "cv.csv").open() as f:
-        cv_rows = list(csv.DictReader(f))
+    cv_rows = cv_rows_of(tmp_path)
     assert len(cv_rows) == 2
     for row in cv_rows:
         assert 1 <= int(row["recommended_epochs"]) <= 3

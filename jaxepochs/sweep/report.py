@@ -9,9 +9,18 @@ import pathlib
 
 import numpy as np
 
+from jaxepochs.host import config as config_lib
+
 
 def _minimize(monitor: str) -> bool:
     return "loss" in monitor
+
+
+def typed_values(run) -> dict:
+    """The run's swept values as the config holds them (numbers as numbers, tuples as lists), not as typed on the
+    command line: sweep.jsonl and results.csv read back into numeric columns."""
+    flat = config_lib.flatten(run.config)
+    return {key: flat[key] for key in run.values}
 
 
 def results(runs, histories: dict, summaries: dict) -> list[dict]:
@@ -20,7 +29,7 @@ def results(runs, histories: dict, summaries: dict) -> list[dict]:
     rows = []
     for run in runs:
         summary = summaries[run.name]
-        row = {"run": run.name, **run.values}
+        row = {"run": run.name, **typed_values(run)}
         if run.fold >= 0:
             row["fold"] = run.fold
         best = summary["best_value"]
@@ -62,7 +71,7 @@ def cross_validation(runs, histories: dict, cv: int) -> list[dict]:
         out.append(
             {
                 "config": name,
-                "values": folds[0].values,
+                "values": typed_values(folds[0]),
                 "folds": cv,
                 "val_epochs": epochs,
                 "mean_val_loss": mean_e.tolist(),
@@ -84,7 +93,14 @@ def table(results_rows: list[dict], cv_rows: list[dict], top: int = 10) -> str:
     for rank, row in enumerate(results_rows[:top], 1):
         cells = [f"{row[c]:.4g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns]
         lines.append(f"| {rank} | " + " | ".join(cells) + " |")
-    lines.append(f"\nBest: {results_rows[0]['run']} " + json.dumps({k: results_rows[0][k] for k in columns[1:3]}))
+    if not cv_rows:
+        lines.append(f"\nBest: {results_rows[0]['run']} " + json.dumps({k: results_rows[0][k] for k in columns[1:3]}))
+    else:  # the folds are not the answer: the configuration whose mean over its folds is best
+        best = min(cv_rows, key=lambda row: row["best_mean_val_loss"])
+        lines.append(
+            f"\nBest configuration: {best['config']} {json.dumps(best['values'])}, trained for "
+            f"{best['recommended_epochs']} epochs (its lowest mean val_loss over {best['folds']} folds)"
+        )
     for row in cv_rows:
         refit = f", refit test accuracy {row['refit_test_accuracy']:.4f}" if "refit_test_accuracy" in row else ""
         lines.append(
@@ -97,8 +113,9 @@ def table(results_rows: list[dict], cv_rows: list[dict], top: int = 10) -> str:
 def write(workdir: pathlib.Path, runs, histories: dict, results_rows: list[dict], cv_rows: list[dict], grid) -> None:
     with (workdir / "sweep.jsonl").open("w") as f:
         for run in runs:
+            values = typed_values(run)
             for row in histories[run.name]:
-                f.write(json.dumps({"run": run.name, **run.values, **row}) + "\n")
+                f.write(json.dumps({"run": run.name, **values, **row}) + "\n")
     columns = list(dict.fromkeys(k for row in results_rows for k in row))
     with (workdir / "results.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, columns)

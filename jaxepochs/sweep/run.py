@@ -507,7 +507,7 @@ def _refit(config, cv_rows: list[dict], workdir: pathlib.Path) -> None:
         refit_config = config_lib.apply_overrides(
             config,
             {
-                **row["values"],
+                **{key: str(value) for key, value in row["values"].items()},  # typed values, as override text
                 "train.epochs": str(row["recommended_epochs"]),
                 "data.validation_fraction": "0.0",
                 "mesh.runs": "0",  # a run has one run: its devices go on "data"
