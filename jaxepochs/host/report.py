@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import math
 import os
 import pathlib
 import sys
+import time
 from typing import Any
 
 import jax
@@ -183,6 +185,9 @@ def format_row(row: dict) -> str:
     return "  ".join(parts)
 
 
+COMPILING_AFTER = 1.0  # seconds of compiling before the progress says so
+
+
 class Progress:
     """A tqdm bar over epochs on a terminal; one line per epoch otherwise; nothing when quiet."""
 
@@ -228,19 +233,59 @@ class Progress:
         else:
             print(text, file=self._stream, flush=True)
 
+    def wait_compiling(self, future: concurrent.futures.Future, started: float, what: str = "the run program"):
+        """`future`'s result (a compile in another thread, begun at time.monotonic() `started`), saying what it
+        waits for once it has taken a second: a first compile takes seconds, and a silent terminal looks hung.
+        On a terminal the bar counts the seconds; otherwise one line before and one after."""
+        said = False
+        while True:
+            try:
+                result = future.result(timeout=0.5)
+                break
+            except concurrent.futures.TimeoutError:
+                elapsed = time.monotonic() - started
+                if self._quiet or elapsed < COMPILING_AFTER:
+                    continue
+                if self._bar is not None:
+                    self._bar.set_description_str(f"compiling {what} {elapsed:.0f} s")
+                elif not said:
+                    print(f"Compiling {what}...", file=self._stream, flush=True)
+                said = True
+        if said and self._bar is not None:
+            self._bar.set_description_str("")
+        elif said:
+            print(f"Compiled {what} in {time.monotonic() - started:.1f} s.", file=self._stream, flush=True)
+        return result
+
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
 
 
-def plot_curves(history: list[dict], path: pathlib.Path, title: str) -> None:
-    """Every logged metric against epochs, a panel each: train and validation (test where logged)."""
+def curve_marks(summary: dict) -> list[tuple[int, str, dict]]:
+    """The epochs curves.png marks: the best (by summary.json's best_epoch_metric) and where early stopping
+    stopped; (epoch, label, line style)."""
+    marks = []
+    if summary.get("best_epoch"):
+        label = f"best {summary.get('best_epoch_metric', 'val_loss')}: epoch {summary['best_epoch']}"
+        marks.append((summary["best_epoch"], label, {"color": "C2", "linestyle": "--"}))
+    if summary.get("stopped_epoch"):
+        marks.append(
+            (summary["stopped_epoch"], f"stopped: epoch {summary['stopped_epoch']}", {"color": "C3", "linestyle": ":"})
+        )
+    return marks
+
+
+def plot_curves(history: list[dict], path: pathlib.Path, title: str, summary: dict | None = None) -> list[str]:
+    """Every logged metric against epochs, a panel each: train and validation (test where logged), with the
+    best and stopping epochs of `summary` marked. Returns the marks' labels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = [k.split("_", 1)[1] for k in metric_keys(history[0] if history else {}, ("train",))] or ["loss"]
+    marks = curve_marks(summary or {})
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
         for split, label in (("train", "train"), ("val", "validation"), ("test", "test")):
@@ -249,12 +294,15 @@ def plot_curves(history: list[dict], path: pathlib.Path, title: str) -> None:
             if points and (split != "test" or len(points) > 1):
                 marker = "." if len(points) < len(history) else None
                 ax.plot(*zip(*points, strict=True), label=label, marker=marker)
+        for epoch, label, style in marks:
+            ax.axvline(epoch, label=label, lw=1, **style)
         ax.set_xlabel("epoch")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
         if ax.lines:
-            ax.legend()
+            ax.legend(fontsize="small")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return [label for _, label, _ in marks]

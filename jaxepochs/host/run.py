@@ -457,7 +457,7 @@ def train_and_evaluate(
             if primary:
                 report.write_json(workdir / "summary.json", summary)
             if plot and primary:
-                report.plot_curves(history, workdir / "curves.png", f"{run.dataset.name} {config.model.name}")
+                report.plot_curves(history, workdir / "curves.png", f"{run.dataset.name} {config.model.name}", summary)
             _report_end(summary, workdir, progress)
             if stop():
                 _say_interrupted(trained, history, workdir, config, progress)
@@ -480,9 +480,9 @@ def _train_in(run: Setup, workdir: pathlib.Path, resuming: bool, progress, stop,
         # The programs compile in a second thread while the initialisation compiles and runs here: XLA's
         # compiles overlap (a cold MNIST-1D MLP run on 2 CPU cores: 7.9 s -> 7.2 s, the mean of 5 pairs).
         with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-            compiling = pool.submit(compile_programs, run, abstract_carry)
+            started, compiling = time.monotonic(), pool.submit(compile_programs, run, abstract_carry)
             carry, history = start_carry(run, abstract_carry, resuming, ckpt, progress)
-            programs = compiling.result()
+            programs = progress.wait_compiling(compiling, started)
         timings["compile"] = programs.seconds
         if not run.dataset.streamed:
             return train(run, programs, carry, history, workdir, ckpt, progress, stop), history

@@ -9,6 +9,7 @@ config's checkpoint section). A chunk of one run is the run's own program: the s
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -236,7 +237,9 @@ def _train_chunk(group: _Group, runs, chunk_size: int, workdir: pathlib.Path, pr
     key = (chunk_size, sharding is not None)  # the chunks of a group share their size: one program for all
     compile_seconds = 0.0
     if key not in group.programs:
-        *programs, compile_seconds = group.compile(carry, splits, es_hparams, sharding)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:  # the progress counts its seconds
+            compiling = pool.submit(group.compile, carry, splits, es_hparams, sharding)
+            *programs, compile_seconds = progress.wait_compiling(compiling, time.monotonic(), "the sweep's program")
         group.programs[key] = programs
     run_epochs, evaluate, test = group.programs[key]
     histories = {run.name: [] for run in runs}
@@ -349,6 +352,9 @@ class _Progress:
             better = min if "loss" in monitor else max
             self._best = call_best if math.isnan(self._best) else better(self._best, call_best)
         self._progress.advance(epoch, f"{active} of {runs} runs training, best {monitor} {self._best:.4f}")
+
+    def wait_compiling(self, future, started: float, what: str):
+        return self._progress.wait_compiling(future, started, what)
 
     def close(self) -> None:
         self._progress.close()
