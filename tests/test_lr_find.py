@@ -114,6 +114,8 @@ def test_the_range_test_is_one_compiled_scan(compile_counter, monkeypatch):
         (["--min", "1", "--max", "1"], "--max 1.0 must be above --min 1.0"),
         (["--steps", "19"], "--steps 19: too few to smooth the loss; use --steps 20 or more"),
         (["--rates", "1"], "--rates 1: the constant-rate comparison needs 2 rates or more"),
+        (["--epochs", "0"], "--epochs 0: train each constant rate for 1 epoch or more"),
+        (["--rates-range", "1", "0.1"], "--rates-range 1.0 0.1: give LOW HIGH with 0 < LOW < HIGH"),
     ],
 )
 def test_bad_arguments_are_one_line_errors_before_anything_runs(tmp_path, capsys, flags, named):

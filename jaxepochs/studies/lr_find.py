@@ -322,10 +322,11 @@ def summary_lines(result: dict, workdir: pathlib.Path) -> str:
         best = next(row for row in c["runs"] if row["learning_rate"] == c["suggested_learning_rate"])
         constant = f"{c['suggested_learning_rate']:.3g} (lowest {c['selected_by']} {best[c['selected_by']]:.4f})"
     lows, highs = c["learning_rates"][0], c["learning_rates"][-1]
+    epochs = f"{c['epochs']} epoch{'s' if c['epochs'] != 1 else ''}"
     return (
         f"lr-find: range test, {r['steps']} steps from {r['min_lr']:g} to {r['max_lr']:g} ({where}): suggested "
         f"learning rate {classical}\n"
-        f"lr-find: {len(c['runs'])} constant rates {lows:.3g}..{highs:.3g} for {c['epochs']} epochs in one vmapped "
+        f"lr-find: {len(c['runs'])} constant rates {lows:.3g}..{highs:.3g} for {epochs} in one vmapped "
         f"program: suggested learning rate {constant}  ({result['total_seconds']:.1f} s, outputs in {workdir})"
     )
 
