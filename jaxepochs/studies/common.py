@@ -12,6 +12,7 @@ import importlib.resources
 import json
 import pathlib
 import shutil
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -64,18 +65,27 @@ class SeedRun(NamedTuple):
 
 
 def run_seeds(
-    run_id: str, experiment: str, overrides: dict, workdir: pathlib.Path, seeds: int, quiet: bool, vmap: bool = False
+    run_id: str,
+    experiment: str,
+    overrides: dict,
+    workdir: pathlib.Path,
+    seeds: int,
+    quiet: bool,
+    vmap: bool = False,
+    per_seed: Callable[[int], dict] | None = None,
 ) -> list:
     """Trains `experiment` with `overrides` once per seed into WORKDIR/runs/<run_id>/seed<k>/ (a finished run
     resumes instantly) and copies each history to WORKDIR/histories/<run_id>_seed<k>.jsonl; TrainResults
-    (history, summary).
-    `vmap`: all seeds as one sweep (one vmapped program) in WORKDIR/sweeps/<run_id>/ instead."""
-    if vmap and seeds > 1:
+    (history, summary). `per_seed(k)`: overrides of seed k's run alone (a warm start from that seed's run).
+    `vmap`: all seeds as one sweep (one vmapped program) in WORKDIR/sweeps/<run_id>/ instead (not with
+    `per_seed`: a sweep's members start from one source)."""
+    if vmap and seeds > 1 and per_seed is None:
         return _sweep_seeds(run_id, experiment, overrides, workdir, seeds, quiet)
     results = []
     for seed in range(seeds):
+        extra = per_seed(seed) if per_seed else {}
         config = config_lib.apply_overrides(
-            config_lib.load_config_file(experiment_module(experiment)), {**overrides, "seed": str(seed)}
+            config_lib.load_config_file(experiment_module(experiment)), {**overrides, **extra, "seed": str(seed)}
         )
         if not quiet:
             print(f"reproduce: {run_id} seed {seed} ({config.train.epochs} epochs)", flush=True)

@@ -13,7 +13,7 @@ import pathlib
 
 import numpy as np
 
-from jaxepochs.studies import double_descent, grokking
+from jaxepochs.studies import double_descent, grokking, transfer
 from jaxepochs.studies.common import load_reference, load_rerun, row, run_seeds, write_report
 
 QUICK = {"seeds": 1, "epochs": 8}  # --quick: the direction of every gap, not the published values
@@ -151,6 +151,8 @@ def reproduce(
         return double_descent.reproduce(reference, workdir, seeds, quick, quiet, vmap)
     if kind == "grokking":
         return grokking.reproduce(reference, workdir, seeds, quick, quiet, vmap)
+    if kind == "transfer":
+        return transfer.reproduce(reference, workdir, seeds, quick, quiet, vmap)
     epochs = QUICK["epochs"] if quick else None
     names = reference.get("quick_order", []) if quick else _experiments(reference)
     histories = {exp: _run_seeds(exp, reference, workdir, seeds, epochs, quiet, vmap) for exp in names}
