@@ -7,6 +7,8 @@ import contextlib
 import io
 import json
 
+import jax
+import jax.stages
 import numpy as np
 import pytest
 from conftest import EXPERIMENT, tiny_config
@@ -89,19 +91,29 @@ def test_each_constant_rate_is_its_solo_run(found, tmp_path):
 
 
 def test_the_range_test_is_one_compiled_scan(compile_counter, monkeypatch):
-    """train_step is traced once and the test compiles the same programs whatever its length: no Python per
-    step (a Python loop over a jitted step would call it `steps` times)."""
-    traced = []
-    step = epoch_lib.train_step
-    monkeypatch.setattr(epoch_lib, "train_step", lambda *a, **k: traced.append(1) or step(*a, **k))
+    """The training step is traced once, inside a scan over all the steps; that program runs once; the test
+    compiles the same programs whatever its length. A Python loop over a jitted step would trace it outside any
+    scan and call a program per step."""
     config = tiny_config({"optimizer.name": "sgd"})
+    lr_find.range_test(config, 1e-4, 10.0, 20)  # the first use in a process compiles small eager ops as well
+    traced, scans, calls = [], [], []
+    step, scan, call = epoch_lib.train_step, jax.lax.scan, jax.stages.Compiled.__call__
+
+    def in_scan(body, init, xs, *args, **kwargs):
+        scans.append(jax.tree.leaves(xs)[0].shape[0])
+        return scan(lambda c, x: (traced.append(len(scans)), body(c, x))[1], init, xs, *args, **kwargs)
+
+    monkeypatch.setattr(epoch_lib, "train_step", lambda *a, **k: traced.append("step") or step(*a, **k))
+    monkeypatch.setattr(jax.lax, "scan", in_scan)
+    monkeypatch.setattr(jax.stages.Compiled, "__call__", lambda self, *a, **k: calls.append(1) or call(self, *a, **k))
     counts = []
     for steps in (30, 90):
-        traced.clear()
+        traced.clear(), scans.clear(), calls.clear()
         with compile_counter() as counter:
             test = lr_find.range_test(config, 1e-4, 10.0, steps)
         counts.append(counter.count)
-        assert traced == [1] and len(test.losses) == steps and np.isfinite(test.losses[0])
+        assert scans == [steps] and traced == [1, "step"]  # the step traced once, in the body of that one scan
+        assert calls == [1] and len(test.losses) == steps and np.isfinite(test.losses[:10]).all()
     assert counts[0] == counts[1] <= 4  # the initialisation's programs and the scan
 
 
