@@ -6,6 +6,7 @@ which pytest imports before any test module.
 
 from __future__ import annotations
 
+import json
 import os
 
 os.environ["XLA_FLAGS"] = " ".join(
@@ -106,3 +107,34 @@ def tiny_config(overrides: dict[str, str] | None = None):
 def make_config():
     """tiny_config, for tests: make_config({"train.epochs": "1"})."""
     return tiny_config
+
+
+def _events(directory) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(directory))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def assert_writers_hold_the_rows(workdir) -> None:
+    """metrics.csv (Keras's CSVLogger columns: epoch first) and the TensorBoard events hold each epoch of
+    metrics.jsonl once, with its values (TensorBoard's as float32)."""
+    import csv
+
+    import numpy as np
+
+    rows = read_jsonl(workdir / "metrics.jsonl")
+    with (workdir / "metrics.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0])[0] == "epoch" and [int(r["epoch"]) for r in table] == [row["epoch"] for row in rows]
+    for row, line in zip(rows, table, strict=True):
+        assert {k: float(v) for k, v in line.items() if v != ""} == {k: float(v) for k, v in row.items()}
+    events = _events(workdir / "tensorboard")
+    for tag in set(rows[0]) - {"epoch", "steps"}:
+        expected = [(row["epoch"], np.float32(row[tag])) for row in rows if tag in row]
+        assert events[tag] == expected, tag

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import EXPERIMENT, REPO, tiny_config
+from conftest import EXPERIMENT, REPO, assert_writers_hold_the_rows, tiny_config
 
 import jaxepochs
 from jaxepochs import cli, models
@@ -220,6 +220,7 @@ def test_sigkill_mid_run_then_resume_is_exact(run_cli_uninterrupted, stopped_cli
     assert result.history[:resumed_from] == [json.loads(line) for line in lines[:resumed_from]]
     assert len(result.history) == CLI_EPOCHS
     _assert_same_run(workdir, result, ref_workdir, ref)
+    assert_writers_hold_the_rows(workdir)  # metrics.csv and TensorBoard: every epoch once, none missing
 
 
 def test_ctrl_c_saves_says_how_to_resume_and_resumes_exactly(run_cli_uninterrupted, stopped_cli_runs):

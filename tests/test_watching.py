@@ -1,13 +1,18 @@
-"""Watching a run (issue 20): what the terminal says while the first program compiles, and curves.png's marks of
-the best and stopping epochs."""
+"""Watching a run (issue 20): what the terminal says while the first program compiles, curves.png's marks of the
+best and stopping epochs, metrics.csv, TensorBoard (read back with tensorboard's EventAccumulator) and MLflow (a
+temporary local store)."""
 
 from __future__ import annotations
 
 import concurrent.futures
 import io
+import json
+import sys
 import time
 
-from conftest import tiny_config
+import numpy as np
+import pytest
+from conftest import assert_writers_hold_the_rows, read_jsonl, tiny_config
 
 import jaxepochs
 from jaxepochs.host import report
@@ -39,3 +44,60 @@ def test_curves_mark_the_best_and_the_stopping_epoch(tmp_path):
     assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")
     completed = {**result.summary, "stopped_epoch": 0}
     assert report.plot_curves(result.history, tmp_path / "plain.png", "tiny", completed) == [labels[0]]
+
+
+def test_tensorboard_and_metrics_csv_hold_what_metrics_jsonl_holds(tmp_path):
+    overrides = {"train.epochs": "4", "train.validate_every": "2", "train.log_test": "True", "train.test_every": "3",
+                 "finetune.unfreeze_epochs": "(2, 1)"}  # fmt: skip
+    jaxepochs.train_and_evaluate(tiny_config(overrides), tmp_path, quiet=True)
+    assert_writers_hold_the_rows(tmp_path)
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert "val_loss" not in rows[0] and "test_loss" in rows[2] and "learning_rate/Dense_0" in rows[0]
+    off = {**overrides, "logging.csv": "False", "logging.tensorboard": "False"}
+    jaxepochs.train_and_evaluate(tiny_config(off), tmp_path / "off", quiet=True)
+    assert not (tmp_path / "off" / "metrics.csv").exists() and not (tmp_path / "off" / "tensorboard").exists()
+
+
+def test_a_sweep_writes_a_tensorboard_directory_per_run_with_its_hyperparameters(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    from jaxepochs.sweep import grid as grid_lib
+
+    base = tiny_config({"train.epochs": "2"})
+    grid = grid_lib.expand(base, {"optimizer.learning_rate": "1e-3,1e-2"})
+    result = jaxepochs.sweep(base, grid, tmp_path, quiet=True)
+    for run, values in zip(sorted(result.histories), grid, strict=True):
+        events = EventAccumulator(str(tmp_path / "tensorboard" / run))
+        events.Reload()
+        start = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+        hparams = plugin_data_pb2.HParamsPluginData.FromString(start).session_start_info.hparams
+        assert hparams["optimizer.learning_rate"].number_value == pytest.approx(
+            float(values["optimizer.learning_rate"])
+        )
+        losses = [e.value for e in events.Scalars("val_loss")]
+        assert losses == [np.float32(row["val_loss"]) for row in result.histories[run]]
+
+
+def test_mlflow_logs_params_epochs_and_outputs_and_a_resumed_run_goes_on_in_the_same_run(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    uri = (tmp_path / "mlruns").as_uri()
+    overrides = {"logging.mlflow": "True", "logging.mlflow_tracking_uri": uri, "checkpoint.every_epochs": "1"}
+    jaxepochs.train_and_evaluate(tiny_config(overrides), tmp_path / "run", quiet=True)
+    run_id = json.loads((tmp_path / "run" / "mlflow.json").read_text())["run_id"]
+    longer = jaxepochs.train_and_evaluate(tiny_config({**overrides, "train.epochs": "3"}), tmp_path / "run", quiet=True)
+    assert json.loads((tmp_path / "run" / "mlflow.json").read_text())["run_id"] == run_id
+    client = MlflowClient(uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params["train.batch_size"] == "64"
+    history = client.get_metric_history(run_id, "val_loss")
+    assert sorted((m.step, m.value) for m in history) == [(row["epoch"], row["val_loss"]) for row in longer.history]
+    artifacts = {f.path for f in client.list_artifacts(run_id)}
+    assert {"config.json", "summary.json", "metrics.jsonl", "metrics.csv", "curves.png"} <= artifacts
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # not installed
+    with pytest.raises(
+        ValueError, match=r"mlflow is not installed. Install it with `pip install 'jaxepochs\[mlflow\]'`"
+    ):
+        jaxepochs.train_and_evaluate(tiny_config(overrides), tmp_path / "missing", quiet=True)
+    assert not (tmp_path / "missing").exists()

@@ -123,6 +123,15 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.early_stopping = early_stopping_config()  # Keras's EarlyStopping, plus Prechelt's rules; see early_stopping.py
 
+    # Where the rows go besides metrics.jsonl (host/writers.py): metrics.csv, TensorBoard event files under
+    # WORKDIR/tensorboard/, and an MLflow run (mlflow installed: pip install 'jaxepochs[mlflow]').
+    c.logging = ml_collections.ConfigDict()
+    c.logging.csv = True
+    c.logging.tensorboard = True
+    c.logging.mlflow = False
+    c.logging.mlflow_tracking_uri = ""  # "": $MLFLOW_TRACKING_URI, else ./mlruns
+    c.logging.mlflow_experiment = "jaxepochs"
+
     c.checkpoint = ml_collections.ConfigDict()  # orbax; rerunning in the workdir resumes from the newest one
     c.checkpoint.enabled = True
     c.checkpoint.every_epochs = 0  # 0: by time (every_seconds); always at the end, at a stop and at Ctrl-C

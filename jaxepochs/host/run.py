@@ -34,7 +34,7 @@ from jaxepochs.data import loading as data_lib
 from jaxepochs.data import lock
 from jaxepochs.host import checkpoint as checkpoint_lib
 from jaxepochs.host import config as config_lib
-from jaxepochs.host import devices, driver, finetune, report, setup, streamed
+from jaxepochs.host import devices, driver, finetune, report, setup, streamed, writers
 from jaxepochs.host import hooks as hooks_lib
 from jaxepochs.host import workdir as workdir_lib
 from jaxepochs.host.workdir import WorkdirError
@@ -96,6 +96,8 @@ def set_up(config: ml_collections.ConfigDict, quiet: bool, fresh: bool = True) -
     """The data, model, task, optimizer, early stopping and the run program's spec: every error a config or an
     experiment module's hook can cause is raised here, before anything compiles. `fresh`: the run may start
     afresh (no checkpoint to resume), so init.from_workdir's source is read and checked now."""
+    if config.logging.mlflow:
+        writers.import_mlflow()  # not installed: said now, with the pip command
     hooks = hooks_lib.load_hooks(config)
     dataset = setup.load_data(config, hooks, quiet)
     setup.check_shapes(config, dataset)
@@ -243,7 +245,7 @@ def train(run: Setup, programs: Programs, carry, history: list[dict], workdir: p
     and the last good epoch checkpointed at the end, at a stop, at Ctrl-C (`stop()` says one came), before a
     non-finite loss and when metrics.jsonl cannot be written."""
     config = run.config
-    log = _metrics_log(workdir, history)  # rows past the resumed checkpoint are recomputed
+    log = _metrics_log(workdir, config, history)  # rows past the resumed checkpoint are recomputed
     progress.skip(len(history))
     non_finite: list[int] = []
     consume = _consumer(run, history, log, progress, non_finite)
@@ -272,7 +274,7 @@ def train_streamed(run: Setup, programs: Programs, position, history, workdir, c
     the host waited for its input, checkpoints at epoch ends and inside epochs, the last good epoch checkpointed
     at the end; Ctrl-C inside an epoch saves the position there."""
     config, (ckpt, ckpt_in) = run.config, ckpts
-    log = report.MetricsLog(workdir / "metrics.jsonl", history)
+    log = _metrics_log(workdir, config, history)
     progress.skip(len(history))
     non_finite: list[int] = []
     consume = _consumer(run, history, log, progress, non_finite)
@@ -403,8 +405,11 @@ class _NoLog:
         pass
 
 
-def _metrics_log(workdir: pathlib.Path, history: list[dict]):
-    return report.MetricsLog(workdir / "metrics.jsonl", history) if devices.is_primary() else _NoLog()
+def _metrics_log(workdir: pathlib.Path, config, history: list[dict]):
+    """metrics.jsonl and the writers of config.logging (process 0's; the others write nothing)."""
+    if not devices.is_primary():
+        return _NoLog()
+    return writers.open_logs(report.MetricsLog(workdir / "metrics.jsonl", history), workdir, config, history)
 
 
 def write_run_json(workdir: pathlib.Path, run: Setup) -> None:
@@ -459,6 +464,9 @@ def train_and_evaluate(
             if plot and primary:
                 report.plot_curves(history, workdir / "curves.png", f"{run.dataset.name} {config.model.name}", summary)
             _report_end(summary, workdir, progress)
+            if primary:
+                status = "KILLED" if stop() else "FAILED" if trained.non_finite_epoch else "FINISHED"
+                writers.finish_mlflow(workdir, config, status)
             if stop():
                 _say_interrupted(trained, history, workdir, config, progress)
                 raise KeyboardInterrupt

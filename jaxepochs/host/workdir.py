@@ -14,7 +14,7 @@ from jaxepochs.host import checkpoint as checkpoint_lib
 from jaxepochs.host import config as config_lib
 from jaxepochs.host import report as report_lib
 
-RUN_FILES = ("metrics.jsonl", "summary.json", "curves.png", "run.json")
+RUN_FILES = ("metrics.jsonl", "metrics.csv", "summary.json", "curves.png", "run.json", "mlflow.json")
 RESUMABLE_KEYS = (  # may change when resuming
     "train.epochs",
     "train.epochs_per_call",
@@ -27,6 +27,7 @@ RESUMABLE_KEYS = (  # may change when resuming
     "train.compilation_cache_dir",
     "mesh.",  # where the arrays live, not what they compute: a checkpoint restores onto any mesh
     "experiment.",  # a changed module is said when resuming (workdir.prepare_workdir), not refused
+    "logging.",  # where the rows are written besides metrics.jsonl: each writer starts from the restored rows
 )
 
 
@@ -83,6 +84,7 @@ def _has_finished_epoch(workdir: pathlib.Path) -> bool:
 def _discard(workdir: pathlib.Path) -> None:
     shutil.rmtree(workdir / checkpoint_lib.CHECKPOINT_DIR, ignore_errors=True)
     shutil.rmtree(workdir / checkpoint_lib.IN_EPOCH_DIR, ignore_errors=True)
+    shutil.rmtree(workdir / "tensorboard", ignore_errors=True)
     for name in (*RUN_FILES, "config.json"):
         (workdir / name).unlink(missing_ok=True)
 

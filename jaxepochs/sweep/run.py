@@ -36,7 +36,7 @@ from jaxepochs.data import loading as data_lib
 from jaxepochs.data import lock
 from jaxepochs.host import checkpoint as checkpoint_lib
 from jaxepochs.host import config as config_lib
-from jaxepochs.host import devices, driver, finetune, report, setup
+from jaxepochs.host import devices, driver, finetune, report, setup, writers
 from jaxepochs.host import hooks as hooks_lib
 from jaxepochs.host import run as run_lib
 from jaxepochs.host import workdir as workdir_lib
@@ -368,6 +368,8 @@ def _discard(workdir: pathlib.Path) -> None:
         (workdir / name).unlink(missing_ok=True)
     shutil.rmtree(workdir / "chunks", ignore_errors=True)
     shutil.rmtree(workdir / "refit", ignore_errors=True)
+    shutil.rmtree(workdir / "tensorboard", ignore_errors=True)
+    shutil.rmtree(workdir / "members", ignore_errors=True)  # each member's MLflow run record
 
 
 def _has_progress(workdir: pathlib.Path) -> bool:
@@ -465,6 +467,7 @@ def sweep(
                 _refit(config, cv_rows, workdir)
             if primary:
                 sweep_report.write(workdir, runs, histories, results, cv_rows, grid)
+                writers.sweep_outputs(workdir, config, runs, histories, results)
             if stop():
                 raise KeyboardInterrupt
     if not quiet:
@@ -482,6 +485,8 @@ def _check_arguments(config, cv: int, refit: bool, chunk: int):
         raise sweep_lib.SweepError(f"--chunk {chunk}: give the most runs to train at once (1 or more), or 0.")
     if refit and not cv:
         raise sweep_lib.SweepError("--refit retrains on the whole training split after --cv K; add --cv K.")
+    if config.logging.mlflow:
+        writers.import_mlflow()  # not installed: said now, with the pip command
     return config
 
 

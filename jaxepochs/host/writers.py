@@ -1,0 +1,250 @@
+"""Where a run's rows go besides metrics.jsonl: metrics.csv, TensorBoard and (optionally) MLflow.
+
+    logging.csv = True           # WORKDIR/metrics.csv: Keras's CSVLogger columns (epoch, then the metrics)
+    logging.tensorboard = True   # WORKDIR/tensorboard/: event files, one scalar per metric (step = epoch)
+    logging.mlflow = False       # a run in an MLflow store: the config as params, every epoch, the outputs
+
+Every writer starts from the rows a resumed run restored from its checkpoint (the rows past it are trained
+again, bit for bit): metrics.csv and the event files are rewritten from them, and MLflow skips the epochs its
+run already holds, so a run killed at any moment and resumed has each epoch once in each of them. A sweep writes
+one TensorBoard directory (and MLflow run) per member, with its swept values in TensorBoard's hparams plugin.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import pathlib
+import shutil
+import sys
+import time
+
+from jaxepochs.host import config as config_lib
+
+MLFLOW_RECORD = "mlflow.json"  # the workdir's MLflow run: a resumed run logs into the same one
+NOT_SCALARS = ("epoch", "steps")  # the step of every scalar, and its step count
+
+
+class CsvLog:
+    """metrics.csv, one row per epoch, epoch first, then the metrics in the order metrics.jsonl logs them; a
+    column first seen later (the validation split every n epochs) rewrites the file with it (empty where an
+    epoch has none). Rows are appended whole; a rewrite replaces the file atomically."""
+
+    def __init__(self, path: pathlib.Path, rows: list[dict]):
+        self._path, self._rows = path, []
+        self._columns: list[str] = ["epoch"]
+        for row in rows:
+            self._rows.append(row)
+            self._columns += [k for k in row if k not in self._columns]
+        self._rewrite()
+
+    def _line(self, row: dict) -> str:
+        return ",".join(_csv_value(row.get(column)) for column in self._columns) + "\n"
+
+    def _rewrite(self) -> None:
+        temporary = self._path.with_suffix(".csv.tmp")
+        temporary.write_text(",".join(self._columns) + "\n" + "".join(self._line(row) for row in self._rows))
+        os.replace(temporary, self._path)
+
+    def write(self, row: dict) -> None:
+        self._rows.append(row)
+        new = [k for k in row if k not in self._columns]
+        if new:
+            self._columns += new
+            self._rewrite()
+            return
+        with self._path.open("a") as f:
+            f.write(self._line(row))
+
+    def close(self) -> None:
+        pass
+
+
+def _csv_value(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else str(value)
+    return str(value)
+
+
+class TensorBoardLog:
+    """WORKDIR/tensorboard/ (or a sweep member's directory under it): each row's metrics as scalars at step
+    `epoch`, tagged as in metrics.jsonl (`train_loss`, `val_accuracy`, `learning_rate/Dense_0`)."""
+
+    def __init__(self, directory: pathlib.Path, rows: list[dict]):
+        from tensorboardX import SummaryWriter
+
+        shutil.rmtree(directory, ignore_errors=True)  # rows past the resumed checkpoint are trained again
+        self._writer = SummaryWriter(logdir=str(directory), flush_secs=5)
+        for row in rows:
+            self.write(row)
+
+    def write(self, row: dict) -> None:
+        for key, value in row.items():
+            if key not in NOT_SCALARS and isinstance(value, int | float) and not isinstance(value, bool):
+                self._writer.add_scalar(key, value, global_step=row["epoch"])
+
+    def hparams(self, values: dict, metrics: dict) -> None:
+        """The run's hyperparameters and its final metrics, for TensorBoard's hparams plugin (a sweep's runs)."""
+        from tensorboardX.summary import hparams
+
+        plain = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in values.items()}
+        metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and math.isfinite(v)}
+        for summary in hparams(plain, metrics):
+            self._writer.file_writer.add_summary(summary)
+        for key, value in metrics.items():
+            self._writer.add_scalar(key, value)
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+def import_mlflow():
+    """mlflow, or a ConfigError with the pip command."""
+    try:
+        import mlflow
+    except ImportError:
+        raise config_lib.ConfigError(
+            "config.logging.mlflow = True, but mlflow is not installed. Install it with "
+            "`pip install 'jaxepochs[mlflow]'` (or `pip install mlflow-skinny`), or set logging.mlflow = False."
+        ) from None
+    return mlflow
+
+
+def tracking_uri(config) -> str:
+    """logging.mlflow_tracking_uri, else $MLFLOW_TRACKING_URI, else ./mlruns (a local file store)."""
+    uri = config.logging.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    uri = uri or (pathlib.Path.cwd() / "mlruns").as_uri()
+    if uri.startswith("file:"):
+        # MLflow 3 keeps its file store in maintenance mode and refuses it unless told: the local default here.
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    return uri
+
+
+class MlflowLog:
+    """One MLflow run per workdir (recorded in WORKDIR/mlflow.json, so a resumed run goes on in it): the flattened
+    config as params, each epoch's metrics at step `epoch` (an epoch it already holds is not logged again)."""
+
+    def __init__(self, workdir: pathlib.Path, config, rows: list[dict], name: str | None = None):
+        import_mlflow()
+        from mlflow.tracking import MlflowClient
+
+        self._uri = tracking_uri(config)
+        self._client = MlflowClient(self._uri)
+        self._record = workdir / MLFLOW_RECORD
+        self.run_id = self._existing_run() or self._new_run(config, name or workdir.name, workdir)
+        history = self._client.get_metric_history(self.run_id, "train_loss")
+        self._logged = max((m.step for m in history), default=0)
+        for row in rows:
+            self.write(row)
+
+    def _existing_run(self) -> str | None:
+        if not self._record.exists():
+            return None
+        record = json.loads(self._record.read_text())
+        return record["run_id"] if record.get("tracking_uri") == self._uri else None
+
+    def _new_run(self, config, name: str, workdir: pathlib.Path) -> str:
+        from mlflow.entities import Param
+
+        experiment = config.logging.mlflow_experiment
+        found = self._client.get_experiment_by_name(experiment)
+        experiment_id = found.experiment_id if found else self._client.create_experiment(experiment)
+        run = self._client.create_run(experiment_id, run_name=name, tags={"jaxepochs.workdir": str(workdir)})
+        flat = config_lib.flatten(config)
+        params = [Param(k, (v if isinstance(v, str) else json.dumps(v))[:6000]) for k, v in flat.items()]
+        self._client.log_batch(run.info.run_id, params=params)
+        self._record.write_text(json.dumps({"tracking_uri": self._uri, "run_id": run.info.run_id}) + "\n")
+        return run.info.run_id
+
+    def write(self, row: dict) -> None:
+        from mlflow.entities import Metric
+
+        if row["epoch"] <= self._logged:
+            return
+        stamp = int(time.time() * 1000)
+        metrics = [
+            Metric(key, float(value), stamp, row["epoch"])
+            for key, value in row.items()
+            if key not in NOT_SCALARS and isinstance(value, int | float) and math.isfinite(value)
+        ]
+        self._client.log_batch(self.run_id, metrics=metrics)
+        self._logged = row["epoch"]
+
+    def finish(self, files: list[pathlib.Path], status: str) -> None:
+        """The run's outputs as artifacts, and its end (FINISHED, KILLED at Ctrl-C, FAILED)."""
+        for path in files:
+            if path.exists():
+                self._client.log_artifact(self.run_id, str(path))
+        self._client.set_terminated(self.run_id, status)
+
+    def close(self) -> None:
+        pass
+
+
+class Logs:
+    """metrics.jsonl and the writers the config turns on, written together. metrics.jsonl's errors (a full disk)
+    are the run's; another writer's failure is reported once and that writer dropped: the run goes on."""
+
+    def __init__(self, primary, others: dict):
+        self._primary, self._others = primary, dict(others)
+
+    def write(self, row: dict) -> None:
+        self._primary.write(row)
+        for name, writer in list(self._others.items()):
+            try:
+                writer.write(row)
+            except Exception as error:  # noqa: BLE001 - a side writer never stops the run
+                self._drop(name, error)
+
+    def _drop(self, name: str, error: Exception) -> None:
+        del self._others[name]
+        print(f"warning: {name} stopped logging: {error}. metrics.jsonl and the run go on.", file=sys.stderr)
+
+    def close(self) -> None:
+        self._primary.close()
+        for writer in self._others.values():
+            with contextlib.suppress(Exception):
+                writer.close()
+
+
+def open_logs(primary, workdir: pathlib.Path, config, rows: list[dict]) -> Logs:
+    """`primary` (metrics.jsonl) and the writers config.logging turns on, each started from `rows`."""
+    others = {}
+    if config.logging.csv:
+        others["metrics.csv"] = CsvLog(workdir / "metrics.csv", rows)
+    if config.logging.tensorboard:
+        others["tensorboard"] = TensorBoardLog(workdir / "tensorboard", rows)
+    if config.logging.mlflow:
+        others["mlflow"] = MlflowLog(workdir, config, rows)
+    return Logs(primary, others)
+
+
+def finish_mlflow(workdir: pathlib.Path, config, status: str) -> None:
+    """The workdir's MLflow run gets the outputs as artifacts and its end status (after summary.json)."""
+    if not config.logging.mlflow:
+        return
+    log = MlflowLog(workdir, config, [])
+    names = ("config.json", "summary.json", "metrics.jsonl", "metrics.csv", "curves.png")
+    log.finish([workdir / name for name in names], status)
+
+
+def sweep_outputs(workdir: pathlib.Path, config, runs, histories: dict, results_rows: list[dict]) -> None:
+    """A sweep's members in TensorBoard (a directory each, with its swept values as hparams) and MLflow (a run
+    each), written once the sweep has finished (sweep.jsonl holds the same rows)."""
+    finals = {row["run"]: row for row in results_rows}
+    for run in runs:
+        final = {k: v for k, v in finals[run.name].items() if k.startswith(("best_", "final_")) and k != "best_epoch"}
+        values = {k: finals[run.name][k] for k in run.values}
+        if config.logging.tensorboard:
+            board = TensorBoardLog(workdir / "tensorboard" / run.name, histories[run.name])
+            board.hparams(values, final)
+            board.close()
+        if config.logging.mlflow:
+            member = workdir / "members" / run.name
+            member.mkdir(parents=True, exist_ok=True)
+            log = MlflowLog(member, run.config, histories[run.name], name=f"{workdir.name}/{run.name}")
+            log.finish([], "FINISHED")
