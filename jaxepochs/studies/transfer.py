@@ -168,6 +168,12 @@ def found_lines(reference: dict, numbers: dict, rows: list[dict]) -> list[str]:
         "- Arms needing at least as many epochs as from scratch to reach the bar: "
         + ("; ".join(slower) if slower else "none")
         + ".",
+        "- Arms whose best comes earlier than from scratch's (mean epoch of the best, "
+        f"{numbers[base]['epoch_of_best'].mean():.1f}): " + _ids_before(numbers, labels, "epoch_of_best", base) + ".",
+        f"- Arms reaching {reference['near_best_fraction']:.0%} of their own best sooner than from scratch (mean "
+        f"{numbers[base]['epochs_to_near_best'].mean():.1f} epochs): "
+        + _ids_before(numbers, labels, "epochs_to_near_best", base)
+        + ".",
         f"- From scratch, over the seeds: the epoch of the best from {spread.min()} to {spread.max()} (std "
         f"{spread.std():.1f}), the epochs to the bar from {to_bar.min()} to {to_bar.max()} (std {to_bar.std():.1f}).",
         f"- Claims: {sum(r['passed'] for r in rows)} of {len(rows)} hold; "
@@ -181,6 +187,16 @@ def found_lines(reference: dict, numbers: dict, rows: list[dict]) -> list[str]:
     return lines
 
 
+def _ids_before(numbers: dict, labels: dict, key: str, base: str) -> str:
+    """The arms whose mean `key` (an epoch) is below the baseline's, with theirs; "none" if no arm's is."""
+    before = [
+        f"{labels[a]} ({numbers[a][key].mean():.1f})"
+        for a in numbers
+        if numbers[a][key].mean() < numbers[base][key].mean()
+    ]
+    return "; ".join(before) if before else "none"
+
+
 def plot(path: pathlib.Path, reference: dict, histories: dict, bar: float) -> None:
     import matplotlib
 
@@ -191,13 +207,15 @@ def plot(path: pathlib.Path, reference: dict, histories: dict, bar: float) -> No
     main = [arm for arm in reference["arms"] if not arm.get("rate_check")]
     rates = [arm for arm in reference["arms"] if arm.get("rate_check") or arm["id"] in ("full", reference["baseline"])]
     titles = ("the arms", "rate check: full fine-tuning at three rates")
+    colors = {arm["id"]: f"C{k}" for k, arm in enumerate(reference["arms"])}  # one color per arm in both panels
     for ax, arms, title in zip(axes, (main, rates), titles, strict=True):
         for arm in arms:
             curve_se = test_curves(histories[arm["id"]])
             epochs = np.arange(1, curve_se.shape[1] + 1)
             mean, std = curve_se.mean(0), curve_se.std(0)
-            (line,) = ax.plot(epochs, mean, label=arm["label"], lw=1.5)
-            ax.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.15, lw=0)
+            style = "--" if arm.get("rate_check") else "-"
+            ax.plot(epochs, mean, style, color=colors[arm["id"]], label=arm["label"], lw=1.5)
+            ax.fill_between(epochs, mean - std, mean + std, color=colors[arm["id"]], alpha=0.15, lw=0)
         ax.axhline(
             bar, color="k", ls=":", lw=1, label=f"the bar: {reference['threshold_fraction']:.0%} of scratch's final"
         )
