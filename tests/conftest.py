@@ -19,6 +19,9 @@ import pathlib  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+# A metrics row's fields that differ between equal runs (jaxepochs.host.run.TIMING_KEYS): the time, the examples per
+# second, the peak device memory (where the backend reports it).
+TIMED = ("seconds", "examples_per_second", "peak_memory_bytes")
 EXPERIMENT = REPO / "experiments" / "mnist1d_mlp.py"
 
 # jax.monitoring records this event once per XLA backend compilation (jax._src.dispatch's

@@ -15,7 +15,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, tiny_config
+from conftest import REPO, TIMED, tiny_config
 
 import jaxepochs
 from jaxepochs.core import layout as layout_lib
@@ -175,7 +175,7 @@ def _rows(workdir) -> list[dict]:
 
 
 def _untimed(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+    return [{k: v for k, v in row.items() if k not in TIMED} for row in rows]
 
 
 def test_two_processes_train_as_one_run_and_resume_after_sigkill(tmp_path):

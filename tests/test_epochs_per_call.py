@@ -9,12 +9,12 @@ import math
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import TIMED, tiny_config
 
 import jaxepochs
 from jaxepochs.host import config as config_lib
 
-TIMINGS = ("train_seconds", "seconds")
+TIMINGS = ("train_seconds", *TIMED)
 
 
 def _rows(workdir) -> list[dict]:

@@ -13,7 +13,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import EXPERIMENT, REPO, tiny_config
+from conftest import EXPERIMENT, REPO, TIMED, tiny_config
 
 import jaxepochs
 
@@ -144,7 +144,7 @@ def test_groups_by_path_pattern_freeze_what_they_match_and_log_each_group_s_rate
     assert kernels.history[-1]["learning_rate/kernels"] == 0.0  # frozen throughout
     # Explicit multipliers are the same optimizer as the layer decay that gives them.
     scaled = _run(tmp_path, "scaled", {"finetune.unfreeze_epochs": "(2, 1)", "finetune.rate_scales": "(0.5, 1.0)"})
-    timeless = lambda history: [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+    timeless = lambda history: [{k: v for k, v in row.items() if k not in TIMED} for row in history]
     assert _same(scaled.state.params, decayed.state.params) and timeless(scaled.history) == timeless(decayed.history)
 
 
@@ -173,6 +173,6 @@ def test_sigkill_before_an_unfreezing_epoch_then_resume_ends_bitwise_where_the_u
     resumed = _run(tmp_path, "killed", KILLED)
     whole = _run(tmp_path, "whole", KILLED)
     assert _same(resumed.state, whole.state)
-    untimed = lambda history: [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+    untimed = lambda history: [{k: v for k, v in row.items() if k not in TIMED} for row in history]
     assert untimed(resumed.history) == untimed(whole.history)
     assert resumed.history[7]["learning_rate/Dense_0"] > 0 == resumed.history[6]["learning_rate/Dense_0"]

@@ -9,7 +9,7 @@ import textwrap
 import jax
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, TIMED
 
 import jaxepochs
 from jaxepochs.data.loading import DataError
@@ -17,7 +17,7 @@ from jaxepochs.host import report
 from jaxepochs.host.config import ConfigError
 
 EXPERIMENTS = REPO / "experiments"
-UNTIMED = lambda rows: [{k: v for k, v in row.items() if k != "seconds"} for row in rows]  # noqa: E731
+UNTIMED = lambda rows: [{k: v for k, v in row.items() if k not in TIMED} for row in rows]  # noqa: E731
 
 MODULE = """
 import numpy as np

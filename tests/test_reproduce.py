@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import TIMED
 
 from jaxepochs import cli
 from jaxepochs.studies import common, reproduce
@@ -223,7 +224,7 @@ def test_vmapped_seeds_equal_the_sequential_runs_and_feed_the_reports(tmp_path):
     swept = common.run_seeds("lr", "mnist1d_logreg", overrides, tmp_path / "swept", 2, quiet=True, vmap=True)
     assert (tmp_path / "swept" / "histories" / "lr_seed1.jsonl").exists()
     assert not (tmp_path / "swept" / "runs").exists()  # one sweep, not a run per seed
-    untimed = lambda rows: [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+    untimed = lambda rows: [{k: v for k, v in row.items() if k not in TIMED} for row in rows]
     for a, b in zip(solo, swept, strict=True):
         assert [row["epoch"] for row in a.history] == [1, 2, 3]
         assert untimed(a.history) == untimed(b.history)

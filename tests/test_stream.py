@@ -13,7 +13,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, tiny_config
+from conftest import REPO, TIMED, tiny_config
 
 import jaxepochs
 from jaxepochs.data import loading
@@ -22,7 +22,7 @@ from jaxepochs.host import streamed
 from jaxepochs.host.config import ConfigError
 
 STREAM = {"data.stream": "True", "train.steps_per_call": "8"}
-KEEP = ("seconds", "input_wait_seconds")
+KEEP = (*TIMED, "input_wait_seconds")
 
 
 def _untimed(rows):

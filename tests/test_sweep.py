@@ -14,13 +14,13 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import EXPERIMENT, tiny_config
+from conftest import EXPERIMENT, TIMED, tiny_config
 
 import jaxepochs
 from jaxepochs import cli
 from jaxepochs.sweep import grid as grid_lib
 
-TIMINGS = ("train_seconds", "seconds")
+TIMINGS = ("train_seconds", *TIMED)
 PER_CALL = {"train.epochs_per_call": "3"}  # the sweep's and the solo runs' program: 3 epochs per call
 
 
@@ -91,7 +91,8 @@ from jaxepochs.sweep import grid as grid_lib
 def compare(base, specs, workdir, alone_runs):
     grid = grid_lib.expand(base, specs)
     swept = jaxepochs.sweep(base, grid, workdir + "/sweep", quiet=True)
-    untimed = lambda rows: [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+    timed = ("seconds", "examples_per_second")
+    untimed = lambda rows: [{k: v for k, v in row.items() if k not in timed} for row in rows]
     out = {}
     for i in alone_runs:
         name = sorted(swept.histories)[i]

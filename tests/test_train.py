@@ -9,7 +9,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, tiny_config
+from conftest import REPO, TIMED, tiny_config
 
 import jaxepochs
 from jaxepochs.host import config as config_lib
@@ -23,6 +23,7 @@ ROW_KEYS = {
     "val_accuracy",
     "learning_rate",
     "seconds",
+    "examples_per_second",
 }
 SUMMARY_KEYS = {
     "num_train_examples",
@@ -34,7 +35,7 @@ SUMMARY_KEYS = {
     "compile_seconds",
     "total_seconds",
 }
-TIMINGS = ("train_seconds", "seconds")
+TIMINGS = ("train_seconds", *TIMED)
 EPOCHS = 3
 
 

@@ -10,14 +10,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import TIMED, tiny_config
 
 import jaxepochs
 from jaxepochs.core.early_stopping import EarlyStopping
 from jaxepochs.host import config as config_lib
 
 NAN = math.nan
-TIMINGS = ("train_seconds", "seconds")
+TIMINGS = ("train_seconds", *TIMED)
 
 
 def _feed(es: EarlyStopping, values, observed=None, train_values=None):

@@ -53,6 +53,9 @@ def test_tensorboard_and_metrics_csv_hold_what_metrics_jsonl_holds(tmp_path):
     assert_writers_hold_the_rows(tmp_path)
     rows = read_jsonl(tmp_path / "metrics.jsonl")
     assert "val_loss" not in rows[0] and "test_loss" in rows[2] and "learning_rate/Dense_0" in rows[0]
+    # Throughput: the epoch's training examples over its seconds; no peak memory on CPU (its backend has none).
+    assert all(row["examples_per_second"] * row["seconds"] == pytest.approx(3600) for row in rows)
+    assert "peak_memory_bytes" not in rows[0]
     off = {**overrides, "logging.csv": "False", "logging.tensorboard": "False"}
     jaxepochs.train_and_evaluate(tiny_config(off), tmp_path / "off", quiet=True)
     assert not (tmp_path / "off" / "metrics.csv").exists() and not (tmp_path / "off" / "tensorboard").exists()
@@ -101,3 +104,14 @@ def test_mlflow_logs_params_epochs_and_outputs_and_a_resumed_run_goes_on_in_the_
     ):
         jaxepochs.train_and_evaluate(tiny_config(overrides), tmp_path / "missing", quiet=True)
     assert not (tmp_path / "missing").exists()
+
+
+def test_peak_memory_is_the_backend_s_peak_where_it_reports_one(monkeypatch):
+    class Device:
+        def __init__(self, stats):
+            self.memory_stats = lambda: stats
+
+    monkeypatch.setattr(report.jax, "local_devices", lambda: [Device({"peak_bytes_in_use": 123, "bytes_in_use": 7})])
+    assert report.peak_memory() == {"peak_memory_bytes": 123}
+    monkeypatch.setattr(report.jax, "local_devices", lambda: [Device(None)])
+    assert report.peak_memory() == {}

@@ -123,14 +123,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.early_stopping = early_stopping_config()  # Keras's EarlyStopping, plus Prechelt's rules; see early_stopping.py
 
-    # Where the rows go besides metrics.jsonl (host/writers.py): metrics.csv, TensorBoard event files under
-    # WORKDIR/tensorboard/, and an MLflow run (mlflow installed: pip install 'jaxepochs[mlflow]').
-    c.logging = ml_collections.ConfigDict()
-    c.logging.csv = True
-    c.logging.tensorboard = True
-    c.logging.mlflow = False
-    c.logging.mlflow_tracking_uri = ""  # "": $MLFLOW_TRACKING_URI, else ./mlruns
-    c.logging.mlflow_experiment = "jaxepochs"
+    c.logging = logging_config()  # csv, tensorboard, mlflow: where the rows go besides metrics.jsonl
 
     c.checkpoint = ml_collections.ConfigDict()  # orbax; rerunning in the workdir resumes from the newest one
     c.checkpoint.enabled = True
@@ -138,6 +131,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.every_seconds = 30.0
     c.checkpoint.every_steps = 0  # streamed epochs: also every this many steps inside an epoch (0: by time there)
     c.checkpoint.max_to_keep = 3
+    return c
+
+
+def logging_config() -> ml_collections.ConfigDict:
+    """Where a run's rows go besides metrics.jsonl (host/writers.py): metrics.csv, TensorBoard event files under
+    WORKDIR/tensorboard/, and an MLflow run (mlflow installed: pip install 'jaxepochs[mlflow]')."""
+    c = ml_collections.ConfigDict()
+    c.csv = True
+    c.tensorboard = True
+    c.mlflow = False
+    c.mlflow_tracking_uri = ""  # "": $MLFLOW_TRACKING_URI, else ./mlruns
+    c.mlflow_experiment = "jaxepochs"
     return c
 
 

@@ -113,6 +113,13 @@ def divergence_warning(history: list[dict], epoch: int, chance: float | None = N
     )
 
 
+def peak_memory() -> dict:
+    """{"peak_memory_bytes": N}: the most memory the first local device has held, where its backend reports it
+    (GPU, TPU: memory_stats()'s peak_bytes_in_use); {} on CPU, whose backend reports none."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return {"peak_memory_bytes": int(stats["peak_bytes_in_use"])} if "peak_bytes_in_use" in stats else {}
+
+
 def metrics_row(epoch: int, steps: int, train, val, test, lr) -> dict:
     """One metrics.jsonl row from an epoch's metric sums (val/test None, or count 0, when not evaluated: no split,
     or not due that epoch); a split not evaluated has no fields in the row."""

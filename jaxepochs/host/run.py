@@ -39,7 +39,11 @@ from jaxepochs.host import hooks as hooks_lib
 from jaxepochs.host import workdir as workdir_lib
 from jaxepochs.host.workdir import WorkdirError
 
-TIMING_KEYS = ("seconds",)  # the only field of a metrics row that differs between equal runs
+TIMING_KEYS = (
+    "seconds",
+    "examples_per_second",
+    "peak_memory_bytes",
+)  # a metrics row's fields that differ between equal runs
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -207,11 +211,14 @@ def _consumer(run: Setup, history: list[dict], log, progress, non_finite: list[i
     chance = chance_loss(run)
     warned = [report.diverged_epoch(history, chance) is not None]  # a resumed run said so before
 
+    examples = examples_per_epoch(run)
+
     def consume(rows, first_epoch: int, seconds: float, extra: dict | None = None) -> bool:
         new, bad = report.run_rows(rows, first_epoch, run.pieces.steps_per_epoch)
         tx = run.pieces.tx
+        speed = {"examples_per_second": examples / seconds} if seconds > 0 else {}
         for row in new:
-            row.update({"seconds": seconds, **(extra or {})})
+            row.update({"seconds": seconds, **speed, **report.peak_memory(), **(extra or {})})
             if tx.group_names:
                 row.update(finetune.rate_columns(row["epoch"], row["learning_rate"], tx.group_names,
                                                  tx.trainable_from, tx.rate_scale))  # fmt: skip
@@ -229,6 +236,14 @@ def _consumer(run: Setup, history: list[dict], log, progress, non_finite: list[i
         return bool(rows.halted[0])
 
     return consume
+
+
+def examples_per_epoch(run: Setup) -> int:
+    """The training examples an epoch trains on: the split (the padded last batch's real rows), or
+    train.steps_per_epoch whole batches of a stream read round and round."""
+    if run.config.train.steps_per_epoch:
+        return run.config.train.steps_per_epoch * run.config.train.batch_size
+    return data_lib.count(run.dataset.train)
 
 
 def _saver(ckpt, history: list[dict]):
