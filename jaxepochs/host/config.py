@@ -113,10 +113,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.accumulate_steps = 1
 
     c.init = init_config()  # from_workdir, epoch, include, exclude, reinit: start from a run (host/warm_start.py)
-    # Fine-tuning's groups (host/finetune.py), bottom to top: the model's top-level submodules, or `groups` by
-    # path pattern ("name=pattern,pattern"); those frozen throughout; the epoch each starts training (one per
-    # group; empty: all from epoch 1); each group's multiplier of the learning rate (empty: optimizer.layer_decay).
-    c.finetune = ml_collections.ConfigDict({"groups": (), "freeze": (), "unfreeze_epochs": (), "rate_scales": ()})
+    c.finetune = finetune_config()  # groups, freeze, unfreeze_epochs, rate_scales (host/finetune.py)
     c.mesh = mesh_config()  # data, runs, shard_params: where a run's arrays live (core/layout.py)
 
     c.optimizer = optimizer_config()  # name, learning_rate, momentum, b1, b2, weight_decay, clip_norm, schedule
@@ -132,6 +129,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.every_steps = 0  # streamed epochs: also every this many steps inside an epoch (0: by time there)
     c.checkpoint.max_to_keep = 3
     return c
+
+
+def finetune_config() -> ml_collections.ConfigDict:
+    """Fine-tuning's groups (host/finetune.py), bottom to top: the model's top-level submodules, or `groups` by
+    path pattern ("name=pattern,pattern"); those frozen throughout; the epoch each starts training (one per group;
+    empty: all from epoch 1); each group's multiplier of the learning rate (empty: optimizer.layer_decay)."""
+    return ml_collections.ConfigDict({"groups": (), "freeze": (), "unfreeze_epochs": (), "rate_scales": ()})
 
 
 def logging_config() -> ml_collections.ConfigDict:
