@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import assert_writers_hold_the_rows, read_jsonl, tiny_config
+from conftest import TIMED, assert_writers_hold_the_rows, read_jsonl, tiny_config
 
 import jaxepochs
 from jaxepochs.host import report
@@ -115,3 +115,24 @@ def test_peak_memory_is_the_backend_s_peak_where_it_reports_one(monkeypatch):
     assert report.peak_memory() == {"peak_memory_bytes": 123}
     monkeypatch.setattr(report.jax, "local_devices", lambda: [Device(None)])
     assert report.peak_memory() == {}
+
+
+def test_a_profiled_epoch_runs_alone_under_jax_profiler_and_changes_no_number(tmp_path):
+    import gzip
+
+    from jaxepochs.host.cadence import Pace, Periodic
+
+    pace, never = Pace(10, 0.5, 100, boundaries={3, 4}), Periodic(0, 0.0, enabled=False)
+    assert [pace.next(first, 12, never) for first in (1, 3, 4)] == [2, 1, 9]  # epoch 3 is a call of its own
+    overrides = {"train.epochs": "3", "train.epochs_per_call": "3"}
+    plain = jaxepochs.train_and_evaluate(tiny_config(overrides), tmp_path / "plain", quiet=True)
+    profiled = jaxepochs.train_and_evaluate(
+        tiny_config({**overrides, "train.profile_epochs": "(2,)"}), tmp_path / "profiled", quiet=True
+    )
+    untimed = lambda rows: [{k: v for k, v in row.items() if k not in TIMED} for row in rows]
+    assert untimed(profiled.history) == untimed(plain.history)
+    (trace,) = (tmp_path / "profiled" / "profile" / "plugins" / "profile").glob("*/perfetto_trace.json.gz")
+    assert "jit(run_epochs)" in gzip.decompress(trace.read_bytes()).decode()
+    assert list(trace.parent.glob("*.xplane.pb"))  # TensorBoard's profile plugin reads these
+    with pytest.raises(ValueError, match=r"train.profile_epochs = \(4,\). Name epochs of the run, 1 to 3"):
+        jaxepochs.train_and_evaluate(tiny_config({**overrides, "train.profile_epochs": "(4,)"}), tmp_path / "x")

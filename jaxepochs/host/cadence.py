@@ -58,8 +58,9 @@ class Pace:
     """Epochs per call: `fixed` (> 0), or chosen so that a call takes about `interval` seconds, from the seconds
     per epoch of the last call (the first call runs one epoch; each call at most `growth` times the last)."""
 
-    def __init__(self, fixed: int, interval: float, limit: int, growth: int = 8):
+    def __init__(self, fixed: int, interval: float, limit: int, growth: int = 8, boundaries=()):
         self.fixed = fixed
+        self.boundaries = sorted(boundaries)  # epochs a call must start at (a profiled epoch and the one after)
         self.interval = interval
         self.limit = limit  # the program's K: the most epochs one call can run
         self.growth = growth
@@ -85,5 +86,8 @@ class Pace:
         seconds = checkpoints.seconds_left()
         if seconds is not None and self.seconds_per_epoch:
             count = min(count, max(1, math.ceil(seconds / self.seconds_per_epoch)))
+        after = [b for b in self.boundaries if b > first_epoch]
+        if after:
+            count = min(count, after[0] - first_epoch)
         self._last = max(count, 1)
         return self._last

@@ -111,6 +111,7 @@ def base_config() -> ml_collections.ConfigDict:
     # k > 1: each optimizer step sums the gradients of k micro-batches of batch_size / k rows (a scan inside the
     # step): the step of the whole batch in the memory of one micro-batch.
     c.train.accumulate_steps = 1
+    c.train.profile_epochs = ()  # epochs traced by jax.profiler into WORKDIR/profile/ (each runs as a call alone)
 
     c.init = init_config()  # from_workdir, epoch, include, exclude, reinit: start from a run (host/warm_start.py)
     c.finetune = finetune_config()  # groups, freeze, unfreeze_epochs, rate_scales (host/finetune.py)
@@ -315,6 +316,9 @@ def _validate_train(t: ml_collections.ConfigDict) -> None:
             f"{t.accumulate_steps} does not divide train.batch_size = {t.batch_size}",
             "Use a divisor of the batch size (each micro-batch is batch_size / accumulate_steps rows).",
         )
+    bad = [e for e in t.profile_epochs if not isinstance(e, int) or isinstance(e, bool) or not 1 <= e <= t.epochs]
+    if bad:
+        _fail("train.profile_epochs", f"{tuple(t.profile_epochs)}", f"Name epochs of the run, 1 to {t.epochs}.")
 
 
 def _validate_finetune(config: ml_collections.ConfigDict) -> None:

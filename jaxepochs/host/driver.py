@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import pathlib
 import signal
 import threading
 import time
@@ -132,16 +133,23 @@ def train_loop(
     interrupted: Callable[[], bool],
     checkpointing: bool,
     final_epoch: Callable[[Outcome], int],
+    profile_dir: pathlib.Path | None = None,
 ) -> Outcome:
     """`drive` at the config's pace and checkpoint cadence, then the final checkpoint (`save(carry,
     final_epoch(outcome))`): the loop of runs and sweeps alike. The caller holds the Ctrl-C handler
     (`stop_on_ctrl_c`) around it, and around the outputs that follow. `limit`: the program's most epochs per call.
 
     When `consume` cannot write (a full disk), the carry of the epochs it was given is still saved (if the disk
-    takes it) before the OSError is raised: nothing trained is lost that can be kept."""
+    takes it) before the OSError is raised: nothing trained is lost that can be kept.
+
+    train.profile_epochs: each named epoch runs as a call of its own, traced by jax.profiler into `profile_dir`."""
     t, k = config.train, config.checkpoint
     checkpoints = Periodic(k.every_epochs, k.every_seconds, enabled=checkpointing)
-    pace = Pace(t.epochs_per_call, t.host_interval_seconds, limit)
+    profiled = set(t.profile_epochs) if profile_dir is not None else set()
+    boundaries = {e for epoch in profiled for e in (epoch, epoch + 1)}
+    pace = Pace(t.epochs_per_call, t.host_interval_seconds, limit, boundaries=boundaries)
+    if profiled:
+        call = _profiled(call, profiled, profile_dir)
     try:
         outcome = drive(
             call,
@@ -163,6 +171,25 @@ def train_loop(
         raise failed.error from None
     save(outcome.carry, final_epoch(outcome))
     return outcome
+
+
+def _profiled(call, epochs: set[int], directory: pathlib.Path):
+    """`call`, with a call that starts at one of `epochs` (it runs that epoch alone: Pace's boundaries) traced by
+    jax.profiler: WORKDIR/profile/plugins/profile/<time>/ holds the XSpace (TensorBoard's profile plugin) and
+    perfetto_trace.json.gz (ui.perfetto.dev)."""
+
+    def profiled_call(carry, first: int, count: int):
+        if first not in epochs:
+            return call(carry, first, count)
+        jax.profiler.start_trace(str(directory), create_perfetto_trace=True)
+        try:
+            out = call(carry, first, count)
+            jax.block_until_ready(out)
+        finally:
+            jax.profiler.stop_trace()
+        return out
+
+    return profiled_call
 
 
 EXIT_ON_SECOND_CTRL_C = False  # the `jaxepochs` command sets it; in a notebook, a KeyboardInterrupt instead

@@ -105,6 +105,12 @@ def set_up(config: ml_collections.ConfigDict, quiet: bool, fresh: bool = True) -
     hooks = hooks_lib.load_hooks(config)
     dataset = setup.load_data(config, hooks, quiet)
     setup.check_shapes(config, dataset)
+    if dataset.streamed and config.train.profile_epochs:
+        raise config_lib.ConfigError(
+            f"config.train.profile_epochs = {tuple(config.train.profile_epochs)}: profiling traces whole-epoch "
+            "calls, and this run's epochs are streamed in chunks. Profile with data.stream = False (data that fits "
+            "the device), or use jax.profiler around the run yourself."
+        )
     has_val = data_lib.count(dataset.val) > 0
     steps = streamed.steps_per_epoch(config, data_lib.count(dataset.train))
     chunk = streamed.chunk_steps(config, dataset, steps) if dataset.streamed else 0  # ConfigError if too large
@@ -276,6 +282,7 @@ def train(run: Setup, programs: Programs, carry, history: list[dict], workdir: p
             interrupted=stop,
             checkpointing=ckpt is not None,
             final_epoch=lambda outcome: len(history),  # the last good epoch: not a non-finite one
+            profile_dir=workdir / "profile",
         )
     finally:
         log.close()

@@ -294,6 +294,7 @@ def _train_chunk(group: _Group, runs, chunk_size: int, workdir: pathlib.Path, pr
             interrupted=stop,
             checkpointing=ckpt is not None,
             final_epoch=lambda outcome: outcome.last_epoch,
+            profile_dir=workdir / "profile",  # the chunk's
         )
     asked = bool(devices.agree((int(stop()),))[0])  # process 0's Ctrl-C stops every process
     if asked and outcome.last_epoch < config.train.epochs and not outcome.halted:
