@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import pathlib
 import sys
 
 from jaxepochs.host import config as config_lib
@@ -74,7 +75,22 @@ def _parser() -> argparse.ArgumentParser:
     for command in (run, swp):
         _distributed_arguments(command)
     _lr_find_arguments(sub)
+    cmp = sub.add_parser("compare", help="runs and sweeps side by side: their validation curves and a table")
+    cmp.add_argument("dirs", nargs="+", metavar="DIR", help="workdirs of finished runs or sweeps")
+    cmp.add_argument("--out", default="compare", help="writes OUT.png and OUT.csv (default: ./compare)")
     return parser
+
+
+def _compare(args, overrides: dict[str, str]) -> int:
+    if overrides:
+        raise UsageError("compare reads finished workdirs; it takes no --config.* overrides.")
+    from jaxepochs.studies import compare
+
+    rows = compare.compare(args.dirs, args.out)
+    out = pathlib.Path(args.out)
+    print(compare.markdown(rows))
+    print(f"\nWrote {out.with_suffix('.png')} and {out.with_suffix('.csv')}.")
+    return 0
 
 
 def _lr_find_arguments(sub) -> None:
@@ -211,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
             return _sweep(args, overrides, specs)
         if args.command == "lr-find":
             return _lr_find(args, overrides)
+        if args.command == "compare":
+            return _compare(args, overrides)
         if args.command == "reproduce":
             if overrides:
                 raise UsageError("reproduce takes no --config.* overrides; the references fix each recipe.")

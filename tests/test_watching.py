@@ -5,6 +5,7 @@ temporary local store)."""
 from __future__ import annotations
 
 import concurrent.futures
+import csv
 import io
 import json
 import sys
@@ -136,3 +137,31 @@ def test_a_profiled_epoch_runs_alone_under_jax_profiler_and_changes_no_number(tm
     assert list(trace.parent.glob("*.xplane.pb"))  # TensorBoard's profile plugin reads these
     with pytest.raises(ValueError, match=r"train.profile_epochs = \(4,\). Name epochs of the run, 1 to 3"):
         jaxepochs.train_and_evaluate(tiny_config({**overrides, "train.profile_epochs": "(4,)"}), tmp_path / "x")
+
+
+def test_compare_overlays_runs_and_a_sweep_s_members_and_tabulates_them(tmp_path, capsys):
+    from jaxepochs import cli
+    from jaxepochs.sweep import grid as grid_lib
+
+    stopping = {"train.epochs": "30", "early_stopping.enabled": "True", "early_stopping.patience": "1",
+                "optimizer.learning_rate": "0.05"}  # fmt: skip
+    stopped = jaxepochs.train_and_evaluate(tiny_config(stopping), tmp_path / "stopped", quiet=True)
+    plain = jaxepochs.train_and_evaluate(tiny_config(), tmp_path / "plain", quiet=True)
+    base = tiny_config()
+    swept = jaxepochs.sweep(base, grid_lib.expand(base, {"seed": "0,1"}), tmp_path / "sweep", quiet=True)
+    dirs = [str(tmp_path / name) for name in ("stopped", "plain", "sweep")]
+    assert cli.main(["compare", *dirs, "--out", str(tmp_path / "out" / "cmp")]) == 0
+    out = capsys.readouterr().out
+    assert "| name | best_epoch | metric | best_value | stopped_epoch |" in out and "cmp.png" in out
+    with (tmp_path / "out" / "cmp.csv").open() as f:
+        rows = {row["name"]: row for row in csv.DictReader(f)}
+    assert list(rows) == ["stopped", "plain", "sweep/r0", "sweep/r1"]
+    for name, summary in (("stopped", stopped.summary), ("plain", plain.summary)):
+        assert int(rows[name]["best_epoch"]) == summary["best_epoch"]
+        assert int(rows[name]["stopped_epoch"]) == summary["stopped_epoch"]
+        assert float(rows[name]["test_accuracy"]) == summary["test_accuracy"]
+    member = next(r for r in swept.results if r["run"] == "r1")
+    assert float(rows["sweep/r1"]["best_value"]) == pytest.approx(member["best_val_loss"])
+    assert int(rows["stopped"]["stopped_epoch"]) > 0 and (tmp_path / "out" / "cmp.png").read_bytes()[:4] == b"\x89PNG"
+    assert cli.main(["compare", str(tmp_path / "out")]) == 2
+    assert "holds no finished run" in capsys.readouterr().err
