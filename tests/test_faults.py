@@ -231,7 +231,8 @@ def _small_tmpfs(path, free_bytes: int):
 
 
 def test_a_full_disk_is_one_line_and_exit_1_with_whole_rows(tmp_path, jax_compilation_cache):
-    with _small_tmpfs(tmp_path / "disk", 20 * 1024) as disk:
+    # 40 KB: a tmpfs takes a 4 KB page per file, and the run writes seven (config.json, metrics.csv, TensorBoard...)
+    with _small_tmpfs(tmp_path / "disk", 40 * 1024) as disk:
         done = subprocess.run(
             _command(disk / "w", {"train.epochs": "300", "train.epochs_per_call": "1"}),
             cwd=REPO, env=_env(jax_compilation_cache), capture_output=True, text=True, timeout=WAIT,

@@ -209,7 +209,7 @@ def test_a_group_of_one_run_trains_as_that_run_alone(tmp_path):
         if (values["model.hidden_sizes"] == "(8,)") == (values["optimizer.learning_rate"] == "0.1")
     ]
     result = jaxepochs.sweep(base, grid, tmp_path / "sweep", quiet=True)
-    good, diverged = (next(r for r in result.results if r["model.hidden_sizes"] == h) for h in ("(8,)", "(12,)"))
+    good, diverged = (next(r for r in result.results if r["model.hidden_sizes"] == h) for h in ([8], [12]))
     alone = jaxepochs.train_and_evaluate(jaxepochs.apply_overrides(base, grid[0]), tmp_path / "alone", quiet=True)
     assert _untimed(result.histories[good["run"]]) == _untimed(alone.history)
     assert good["final_test_accuracy"] == alone.summary["test_accuracy"]
