@@ -99,6 +99,15 @@ def test_mlflow_logs_params_epochs_and_outputs_and_a_resumed_run_goes_on_in_the_
     assert sorted((m.step, m.value) for m in history) == [(row["epoch"], row["val_loss"]) for row in longer.history]
     artifacts = {f.path for f in client.list_artifacts(run_id)}
     assert {"config.json", "summary.json", "metrics.jsonl", "metrics.csv", "curves.png"} <= artifacts
+    from jaxepochs.sweep import grid as grid_lib
+
+    base = tiny_config({**overrides, "train.epochs": "1"})
+    swept = jaxepochs.sweep(base, grid_lib.expand(base, {"seed": "0,1"}), tmp_path / "sweep", quiet=True)
+    members = client.search_runs([run.info.experiment_id], "attributes.run_name LIKE 'sweep/%'")
+    assert sorted(m.info.run_name for m in members) == ["sweep/r0", "sweep/r1"]
+    for member in members:
+        name = member.info.run_name.split("/")[1]
+        assert member.data.metrics["val_loss"] == swept.histories[name][-1]["val_loss"]
     monkeypatch.setitem(sys.modules, "mlflow", None)  # not installed
     with pytest.raises(
         ValueError, match=r"mlflow is not installed. Install it with `pip install 'jaxepochs\[mlflow\]'`"
