@@ -138,6 +138,6 @@ def assert_writers_hold_the_rows(workdir) -> None:
     for row, line in zip(rows, table, strict=True):
         assert {k: float(v) for k, v in line.items() if v != ""} == {k: float(v) for k, v in row.items()}
     events = _events(workdir / "tensorboard")
-    for tag in set(rows[0]) - {"epoch", "steps"}:
+    for tag in {key for row in rows for key in row} - {"epoch", "steps"}:
         expected = [(row["epoch"], np.float32(row[tag])) for row in rows if tag in row]
         assert events[tag] == expected, tag

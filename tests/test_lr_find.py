@@ -136,3 +136,16 @@ def test_bad_arguments_are_one_line_errors_before_anything_runs(tmp_path, capsys
     err = capsys.readouterr().err
     assert err.startswith("jaxepochs: error: ") and named in err and err.count("\n") == 1
     assert not workdir.exists()
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ({"train.profile_epochs": "(1,)"}, "lr-find does not profile"),
+        ({"train.epochs": "5", "finetune.unfreeze_epochs": "(3, 1)"}, "unfreezes a group at epoch 3, after the"),
+    ],
+)
+def test_settings_lr_find_cannot_honour_are_refused_before_anything_trains(tmp_path, override, named):
+    with pytest.raises(ValueError, match=named):
+        lr_find.lr_find(tiny_config(override), tmp_path / "lr", epochs=2, quiet=True)
+    assert not (tmp_path / "lr").exists()

@@ -8,6 +8,7 @@ import concurrent.futures
 import csv
 import io
 import json
+import shutil
 import sys
 import time
 
@@ -53,7 +54,8 @@ def test_tensorboard_and_metrics_csv_hold_what_metrics_jsonl_holds(tmp_path):
     jaxepochs.train_and_evaluate(tiny_config(overrides), tmp_path, quiet=True)
     assert_writers_hold_the_rows(tmp_path)
     rows = read_jsonl(tmp_path / "metrics.jsonl")
-    assert "val_loss" not in rows[0] and "test_loss" in rows[2] and "learning_rate/Dense_0" in rows[0]
+    assert "val_loss" not in rows[0] and "val_loss" in rows[1] and "test_loss" in rows[2]
+    assert [row["learning_rate/Dense_0"] for row in rows[:2]] == [0.0, rows[1]["learning_rate"]]  # from epoch 2
     # Throughput: the epoch's training examples over its seconds; no peak memory on CPU (its backend has none).
     assert all(row["examples_per_second"] * row["seconds"] == pytest.approx(3600) for row in rows)
     assert "peak_memory_bytes" not in rows[0]
@@ -81,6 +83,9 @@ def test_a_sweep_writes_a_tensorboard_directory_per_run_with_its_hyperparameters
         )
         losses = [e.value for e in events.Scalars("val_loss")]
         assert losses == [np.float32(row["val_loss"]) for row in result.histories[run]]
+    with (tmp_path / "metrics.csv").open() as f:  # every member's rows, the run first
+        table = list(csv.DictReader(f))
+    assert list(table[0])[:2] == ["run", "epoch"] and len(table) == 4 and table[2]["run"] == "r1"
 
 
 def test_mlflow_logs_params_epochs_and_outputs_and_a_resumed_run_goes_on_in_the_same_run(tmp_path, monkeypatch):
@@ -144,6 +149,11 @@ def test_a_profiled_epoch_runs_alone_under_jax_profiler_and_changes_no_number(tm
     (trace,) = (tmp_path / "profiled" / "profile" / "plugins" / "profile").glob("*/perfetto_trace.json.gz")
     assert "jit(run_epochs)" in gzip.decompress(trace.read_bytes()).decode()
     assert list(trace.parent.glob("*.xplane.pb"))  # TensorBoard's profile plugin reads these
+    # Profiling may be asked for when a run resumes: it changes no number.
+    longer = {**overrides, "train.epochs": "4", "train.profile_epochs": "(4,)"}
+    shutil.rmtree(tmp_path / "profiled" / "profile")
+    jaxepochs.train_and_evaluate(tiny_config(longer), tmp_path / "profiled", quiet=True)
+    assert list((tmp_path / "profiled" / "profile" / "plugins" / "profile").glob("*/*.xplane.pb"))
     with pytest.raises(ValueError, match=r"train.profile_epochs = \(4,\). Name epochs of the run, 1 to 3"):
         jaxepochs.train_and_evaluate(tiny_config({**overrides, "train.profile_epochs": "(4,)"}), tmp_path / "x")
 

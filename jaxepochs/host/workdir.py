@@ -28,6 +28,7 @@ RESUMABLE_KEYS = (  # may change when resuming
     "mesh.",  # where the arrays live, not what they compute: a checkpoint restores onto any mesh
     "experiment.",  # a changed module is said when resuming (workdir.prepare_workdir), not refused
     "logging.",  # where the rows are written besides metrics.jsonl: each writer starts from the restored rows
+    "train.profile_epochs",  # which epochs are traced, not what they compute
 )
 
 
@@ -85,6 +86,7 @@ def _discard(workdir: pathlib.Path) -> None:
     shutil.rmtree(workdir / checkpoint_lib.CHECKPOINT_DIR, ignore_errors=True)
     shutil.rmtree(workdir / checkpoint_lib.IN_EPOCH_DIR, ignore_errors=True)
     shutil.rmtree(workdir / "tensorboard", ignore_errors=True)
+    shutil.rmtree(workdir / "profile", ignore_errors=True)
     for name in (*RUN_FILES, "config.json"):
         (workdir / name).unlink(missing_ok=True)
 
@@ -129,8 +131,9 @@ def _check_resumable(workdir: pathlib.Path, config: ml_collections.ConfigDict) -
         shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differing[:8])
         raise WorkdirError(
             f"{workdir} holds a run with another config ({shown}). Use a new --workdir, or --restart "
-            "(restart=True) to discard that run. Only train.epochs, train.epochs_per_call, "
-            "train.host_interval_seconds, checkpoint.*, mesh.* and data.data_dir may change when resuming."
+            "(restart=True) to discard that run. Only "
+            + ", ".join(k + "*" if k.endswith((".", "_")) else k for k in RESUMABLE_KEYS)
+            + " may change when resuming."
         )
     _say_if_the_module_changed(workdir, old, new)
     if not config.checkpoint.enabled:

@@ -29,14 +29,23 @@ MLFLOW_RECORD = "mlflow.json"  # the workdir's MLflow run: a resumed run logs in
 NOT_SCALARS = ("epoch", "steps")  # the step of every scalar, and its step count
 
 
+def scalars(row: dict) -> dict[str, float]:
+    """The row's numbers that TensorBoard and MLflow plot: every number but the epoch (their step) and steps."""
+    return {
+        key: value
+        for key, value in row.items()
+        if key not in NOT_SCALARS and isinstance(value, int | float) and not isinstance(value, bool)
+    }
+
+
 class CsvLog:
     """metrics.csv, one row per epoch, epoch first, then the metrics in the order metrics.jsonl logs them; a
     column first seen later (the validation split every n epochs) rewrites the file with it (empty where an
     epoch has none). Rows are appended whole; a rewrite replaces the file atomically."""
 
-    def __init__(self, path: pathlib.Path, rows: list[dict]):
+    def __init__(self, path: pathlib.Path, rows: list[dict], first: tuple[str, ...] = ("epoch",)):
         self._path, self._rows = path, []
-        self._columns: list[str] = ["epoch"]
+        self._columns: list[str] = list(first)
         for row in rows:
             self._rows.append(row)
             self._columns += [k for k in row if k not in self._columns]
@@ -110,11 +119,7 @@ class TensorBoardLog:
     def write(self, row: dict) -> None:
         from tensorboardX.proto.summary_pb2 import Summary
 
-        values = [
-            Summary.Value(tag=key, simple_value=value)
-            for key, value in row.items()
-            if key not in NOT_SCALARS and isinstance(value, int | float) and not isinstance(value, bool)
-        ]
+        values = [Summary.Value(tag=key, simple_value=value) for key, value in scalars(row).items()]
         self._summary(Summary(value=values), row["epoch"])
 
     def hparams(self, values: dict, metrics: dict) -> None:
@@ -195,11 +200,7 @@ class MlflowLog:
         if row["epoch"] <= self._logged:
             return
         stamp = int(time.time() * 1000)
-        metrics = [
-            Metric(key, float(value), stamp, row["epoch"])
-            for key, value in row.items()
-            if key not in NOT_SCALARS and isinstance(value, int | float) and math.isfinite(value)
-        ]
+        metrics = [Metric(k, float(v), stamp, row["epoch"]) for k, v in scalars(row).items() if math.isfinite(v)]
         self._client.log_batch(self.run_id, metrics=metrics)
         self._logged = row["epoch"]
 
@@ -231,7 +232,7 @@ class Logs:
 
     def _drop(self, name: str, error: Exception) -> None:
         del self._others[name]
-        print(f"warning: {name} stopped logging: {error}. metrics.jsonl and the run go on.", file=sys.stderr)
+        _warn(name, error)
 
     def close(self) -> None:
         self._primary.close()
@@ -248,32 +249,48 @@ def open_logs(primary, workdir: pathlib.Path, config, rows: list[dict]) -> Logs:
     if config.logging.tensorboard:
         others["tensorboard"] = TensorBoardLog(workdir / "tensorboard", rows)
     if config.logging.mlflow:
-        others["mlflow"] = MlflowLog(workdir, config, rows)
+        try:
+            others["mlflow"] = MlflowLog(workdir, config, rows)
+        except Exception as error:  # noqa: BLE001 - an unreachable tracking server does not stop the run
+            _warn("mlflow", error)
     return Logs(primary, others)
+
+
+def _warn(name: str, error: Exception) -> None:
+    print(f"warning: {name} is not logging: {error}. metrics.jsonl and the run go on.", file=sys.stderr)
 
 
 def finish_mlflow(workdir: pathlib.Path, config, status: str) -> None:
     """The workdir's MLflow run gets the outputs as artifacts and its end status (after summary.json)."""
     if not config.logging.mlflow:
         return
-    log = MlflowLog(workdir, config, [])
     names = ("config.json", "summary.json", "metrics.jsonl", "metrics.csv", "curves.png")
-    log.finish([workdir / name for name in names], status)
+    try:
+        MlflowLog(workdir, config, []).finish([workdir / name for name in names], status)
+    except Exception as error:  # noqa: BLE001 - the run's own outputs are written; the tracker's are extra
+        _warn("mlflow", error)
 
 
 def sweep_outputs(workdir: pathlib.Path, config, runs, histories: dict, results_rows: list[dict]) -> None:
-    """A sweep's members in TensorBoard (a directory each, with its swept values as hparams) and MLflow (a run
-    each), written once the sweep has finished (sweep.jsonl holds the same rows)."""
+    """A sweep's rows in WORKDIR/metrics.csv (a `run` column first), and its members in TensorBoard (a directory
+    each, with its swept values as hparams) and MLflow (a run each), as each member's config.logging says;
+    written once the sweep has finished (sweep.jsonl holds the same rows)."""
+    if config.logging.csv:
+        rows = [{"run": run.name, **row} for run in runs for row in histories[run.name] if run.config.logging.csv]
+        CsvLog(workdir / "metrics.csv", rows, first=("run", "epoch"))
     finals = {row["run"]: row for row in results_rows}
     for run in runs:
         final = {k: v for k, v in finals[run.name].items() if k.startswith(("best_", "final_")) and k != "best_epoch"}
         values = {k: finals[run.name][k] for k in run.values}
-        if config.logging.tensorboard:
+        if run.config.logging.tensorboard:
             board = TensorBoardLog(workdir / "tensorboard" / run.name, histories[run.name])
             board.hparams(values, final)
             board.close()
-        if config.logging.mlflow:
+        if run.config.logging.mlflow:
             member = workdir / "members" / run.name
             member.mkdir(parents=True, exist_ok=True)
-            log = MlflowLog(member, run.config, histories[run.name], name=f"{workdir.name}/{run.name}")
-            log.finish([], "FINISHED")
+            try:
+                log = MlflowLog(member, run.config, histories[run.name], name=f"{workdir.name}/{run.name}")
+                log.finish([], "FINISHED")
+            except Exception as error:  # noqa: BLE001 - the sweep's own outputs are written
+                _warn(f"mlflow ({run.name})", error)

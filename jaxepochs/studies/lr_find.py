@@ -84,6 +84,22 @@ def check_arguments(min_lr: float, max_lr: float, steps: int, rates: int, epochs
         raise LrFindError(f"--rates-range {rates_range[0]!r} {rates_range[1]!r}: give LOW HIGH with 0 < LOW < HIGH.")
 
 
+def check_config(config, epochs: int) -> None:
+    """ConfigError, before anything trains, for settings lr-find cannot honour: profiling (its range test is one
+    program, not epochs), and unfreezing epochs past the --epochs its constant rates train."""
+    if config.train.profile_epochs:
+        raise config_lib.ConfigError(
+            f"config.train.profile_epochs = {tuple(config.train.profile_epochs)}: lr-find does not profile. Leave "
+            "it at () here, and profile a `jaxepochs run`."
+        )
+    late = max(config.finetune.unfreeze_epochs, default=0)
+    if late > epochs:
+        raise config_lib.ConfigError(
+            f"--epochs {epochs}: config.finetune.unfreeze_epochs = {tuple(config.finetune.unfreeze_epochs)} "
+            f"unfreezes a group at epoch {late}, after the constant rates' last epoch. Give --epochs {late} or more."
+        )
+
+
 def exponential_rates(min_lr: float, max_lr: float, steps: int) -> np.ndarray:
     """Step i's rate: min_lr * (max_lr / min_lr) ** (i / (steps - 1)), from min_lr to max_lr."""
     return min_lr * (max_lr / min_lr) ** (np.arange(steps) / (steps - 1))
@@ -279,6 +295,7 @@ def lr_find(
     check_arguments(min_lr, max_lr, steps, rates, epochs, rates_range)
     start = time.perf_counter()
     config = config_lib.validate(config)
+    check_config(config, epochs)
     workdir = pathlib.Path(workdir)
     test = range_test(config, min_lr, max_lr, steps, quiet=True)
     values = constant_rate_values(test, rates, rates_range)

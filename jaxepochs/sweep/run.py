@@ -361,7 +361,7 @@ class _Progress:
         self._progress.close()
 
 
-SWEEP_FILES = ("sweep.json", "chunking.json", "sweep.jsonl", "results.csv", "cv.csv", "sweep.png")
+SWEEP_FILES = ("sweep.json", "chunking.json", "sweep.jsonl", "results.csv", "cv.csv", "sweep.png", "metrics.csv")
 
 
 def _discard(workdir: pathlib.Path) -> None:
