@@ -309,7 +309,11 @@ def train_streamed(run: Setup, programs: Programs, position, history, workdir, c
             ckpt_in.save(step, streamed.position_arrays(at), meta)
 
     def consume_epoch(rows, epoch: int, seconds: float, waited: float) -> bool:
-        return consume(rows, epoch, seconds, {"input_wait_seconds": waited})
+        extra = {"input_wait_seconds": waited}
+        if epoch == position.epoch and position.step and seconds > 0:  # resumed inside it: its later steps only
+            left = (run.pieces.steps_per_epoch - position.step) / run.pieces.steps_per_epoch
+            extra["examples_per_second"] = examples_per_epoch(run) * left / seconds
+        return consume(rows, epoch, seconds, extra)
 
     per_chunk = run.chunk_steps
     examples = per_chunk * config.train.batch_size
