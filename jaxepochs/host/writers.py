@@ -85,42 +85,33 @@ class TensorBoardLog:
     """WORKDIR/tensorboard/ (or a sweep member's directory under it): each row's metrics as scalars at step
     `epoch`, tagged as in metrics.jsonl (`train_loss`, `val_accuracy`, `learning_rate/Dense_0`).
 
-    The event file is written here, one record per row holding every scalar, flushed at each row: 8 us a row,
-    against 217 for tensorboardX's add_scalar per value through its writer thread (tensorboardX supplies the
-    protocol buffers; `crc32c` the records' checksums)."""
+    The event file is written here, one record per row holding every scalar, flushed at each row: about 8 us a
+    row, against 217 for tensorboardX's add_scalar per value through its writer thread. The records are encoded
+    by hand (an Event is three fields); importing tensorboardX for its protocol buffers would import PyTorch
+    where it is installed (a second and 170 MB at every run's start). Only a sweep's hparams summaries, written
+    once at its end, use tensorboardX."""
 
     def __init__(self, directory: pathlib.Path, rows: list[dict]):
-        from tensorboardX.proto.event_pb2 import Event
-
         shutil.rmtree(directory, ignore_errors=True)  # rows past the resumed checkpoint are trained again
         directory.mkdir(parents=True)
         name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.jaxepochs"
         self._file = (directory / name).open("ab")
-        self._record(Event(wall_time=time.time(), file_version="brain.Event:2"))
+        self._record(_event(field=_bytes_field(3, b"brain.Event:2")))  # file_version
         for row in rows:
             self.write(row)
 
-    def _record(self, event) -> None:
-        """One TFRecord: length, its masked CRC-32C, the event, the event's masked CRC-32C."""
-        from tensorboardX.record_writer import masked_crc32c
-
-        data = event.SerializeToString()
+    def _record(self, data: bytes) -> None:
+        """One TFRecord: the length, its masked CRC-32C, the event, the event's masked CRC-32C."""
         header = struct.pack("<Q", len(data))
-        self._file.write(
-            header + struct.pack("<I", masked_crc32c(header)) + data + struct.pack("<I", masked_crc32c(data))
-        )
+        self._file.write(header + struct.pack("<I", _masked_crc(header)) + data + struct.pack("<I", _masked_crc(data)))
         self._file.flush()
 
-    def _summary(self, summary, step: int) -> None:
-        from tensorboardX.proto.event_pb2 import Event
-
-        self._record(Event(wall_time=time.time(), step=step, summary=summary))
-
     def write(self, row: dict) -> None:
-        from tensorboardX.proto.summary_pb2 import Summary
-
-        values = [Summary.Value(tag=key, simple_value=value) for key, value in scalars(row).items()]
-        self._summary(Summary(value=values), row["epoch"])
+        values = b"".join(
+            _bytes_field(1, _bytes_field(1, tag.encode()) + b"\x15" + struct.pack("<f", value))  # Summary.Value
+            for tag, value in scalars(row).items()
+        )
+        self._record(_event(row["epoch"], _bytes_field(5, values)))  # Event.summary
 
     def hparams(self, values: dict, metrics: dict) -> None:
         """The run's hyperparameters and its final metrics, for TensorBoard's hparams plugin (a sweep's runs)."""
@@ -129,11 +120,38 @@ class TensorBoardLog:
         plain = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in values.items()}
         metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and math.isfinite(v)}
         for summary in hparams(plain, metrics):
-            self._summary(summary, 0)
+            self._record(_event(0, _bytes_field(5, summary.SerializeToString())))
         self.write({"epoch": 0, **metrics})
 
     def close(self) -> None:
         self._file.close()
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        out.append(low | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _bytes_field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protocol-buffer field (wire type 2)."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _event(step: int = 0, field: bytes = b"") -> bytes:
+    """tensorflow.Event: wall_time (1, double), step (2, varint), then `field` (file_version or summary)."""
+    return b"\x09" + struct.pack("<d", time.time()) + b"\x10" + _varint(step) + field
+
+
+def _masked_crc(data: bytes) -> int:
+    """TFRecord's masked CRC-32C (crc32c's C code; the crc32c package is a dependency)."""
+    import crc32c
+
+    crc = crc32c.crc32c(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
 def import_mlflow():
