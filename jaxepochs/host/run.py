@@ -223,15 +223,16 @@ def _consumer(run: Setup, history: list[dict], log, progress, non_finite: list[i
         new, bad = report.run_rows(rows, first_epoch, run.pieces.steps_per_epoch)
         tx = run.pieces.tx
         speed = {"examples_per_second": examples / seconds} if seconds > 0 else {}
+        memory = report.peak_memory()  # once a call: its peak so far
         for row in new:
-            row.update({"seconds": seconds, **speed, **report.peak_memory(), **(extra or {})})
+            row.update({"seconds": seconds, **speed, **memory, **(extra or {})})
             if tx.group_names:
                 row.update(finetune.rate_columns(row["epoch"], row["learning_rate"], tx.group_names,
                                                  tx.trainable_from, tx.rate_scale))  # fmt: skip
         history.extend(new)  # before the writes: if the disk refuses them, the checkpoint still holds these epochs
         non_finite.extend([bad] if bad else [])
+        log.write_rows(new)
         for row in new:
-            log.write(row)
             progress.update(row)
         if bad:
             progress.message(f"epoch {bad}: training loss is not finite; stopping.")
@@ -424,7 +425,7 @@ def _prepare(workdir: pathlib.Path, config, restart: bool, say, run: Setup) -> b
 class _NoLog:
     """metrics.jsonl where another process writes it."""
 
-    def write(self, row: dict) -> None:
+    def write_rows(self, rows: list[dict]) -> None:
         pass
 
     def close(self) -> None:

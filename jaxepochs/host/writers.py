@@ -190,8 +190,7 @@ class MlflowLog:
         self.run_id = self._existing_run() or self._new_run(config, name or workdir.name, workdir)
         history = self._client.get_metric_history(self.run_id, "train_loss")
         self._logged = max((m.step for m in history), default=0)
-        for row in rows:
-            self.write(row)
+        self.write_rows(rows)
 
     def _existing_run(self) -> str | None:
         if not self._record.exists():
@@ -213,14 +212,20 @@ class MlflowLog:
         return run.info.run_id
 
     def write(self, row: dict) -> None:
+        self.write_rows([row])
+
+    def write_rows(self, rows: list[dict]) -> None:
+        """A call's rows in batches of MLflow's 1000 metrics (one log_batch a row cost 12% of a 5 ms epoch)."""
         from mlflow.entities import Metric
 
-        if row["epoch"] <= self._logged:
-            return
         stamp = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), stamp, row["epoch"]) for k, v in scalars(row).items() if math.isfinite(v)]
-        self._client.log_batch(self.run_id, metrics=metrics)
-        self._logged = row["epoch"]
+        new = [row for row in rows if row["epoch"] > self._logged]
+        metrics = [
+            Metric(k, float(v), stamp, row["epoch"]) for row in new for k, v in scalars(row).items() if math.isfinite(v)
+        ]
+        for start in range(0, len(metrics), 1000):
+            self._client.log_batch(self.run_id, metrics=metrics[start : start + 1000])
+        self._logged = max([self._logged, *(row["epoch"] for row in new)])
 
     def finish(self, files: list[pathlib.Path], status: str) -> None:
         """The run's outputs as artifacts, and its end (FINISHED, KILLED at Ctrl-C, FAILED)."""
@@ -240,11 +245,17 @@ class Logs:
     def __init__(self, primary, others: dict):
         self._primary, self._others = primary, dict(others)
 
-    def write(self, row: dict) -> None:
-        self._primary.write(row)
+    def write_rows(self, rows: list[dict]) -> None:
+        """A call's rows: metrics.jsonl's first, then each writer's (MLflow's in one batch)."""
+        for row in rows:
+            self._primary.write(row)
         for name, writer in list(self._others.items()):
             try:
-                writer.write(row)
+                if hasattr(writer, "write_rows"):
+                    writer.write_rows(rows)
+                else:
+                    for row in rows:
+                        writer.write(row)
             except Exception as error:  # noqa: BLE001 - a side writer never stops the run
                 self._drop(name, error)
 
