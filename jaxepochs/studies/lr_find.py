@@ -360,7 +360,10 @@ def plot(result: dict, path: pathlib.Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     nan = lambda values: [math.nan if v is None else v for v in values]
     left.plot(r["learning_rates"], nan(r["losses"]), color="0.75", label="loss")
-    left.plot(r["learning_rates"], nan(r["smoothed_losses"]), label=f"smoothed (beta {r['beta']})")
+    # The smoothed curve from where the suggestion may fall, as Lightning plots it: its first points are still
+    # warming up (the bias correction starts them near half the first loss).
+    left.plot(r["learning_rates"][SKIP_BEGIN:], nan(r["smoothed_losses"])[SKIP_BEGIN:],
+              label=f"smoothed (beta {r['beta']})")  # fmt: skip
     if r["suggestion_step"] is not None:
         i = r["suggestion_step"]
         left.plot(r["learning_rates"][i], r["smoothed_losses"][i], "o", color="red",
