@@ -81,6 +81,10 @@ def test_a_sweep_writes_a_tensorboard_directory_per_run_with_its_hyperparameters
         assert hparams["optimizer.learning_rate"].number_value == pytest.approx(
             float(values["optimizer.learning_rate"])
         )
+        content = events.PluginTagToContent("hparams")["_hparams_/experiment"]
+        experiment = plugin_data_pb2.HParamsPluginData.FromString(content).experiment
+        assert [info.name for info in experiment.hparam_infos] == ["optimizer.learning_rate"]
+        assert {"best_val_loss", "final_test_accuracy"} <= {info.name.tag for info in experiment.metric_infos}
         losses = [e.value for e in events.Scalars("val_loss")]
         assert losses == [np.float32(row["val_loss"]) for row in result.histories[run]]
     with (tmp_path / "metrics.csv").open() as f:  # every member's rows, the run first

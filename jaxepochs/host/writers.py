@@ -87,9 +87,8 @@ class TensorBoardLog:
 
     The event file is written here, one record per row holding every scalar, flushed at each row: about 8 us a
     row, against 217 for tensorboardX's add_scalar per value through its writer thread. The records are encoded
-    by hand (an Event is three fields); importing tensorboardX for its protocol buffers would import PyTorch
-    where it is installed (a second and 170 MB at every run's start). Only a sweep's hparams summaries, written
-    once at its end, use tensorboardX."""
+    by hand (an Event is three fields, the hparams plugin's data a few more): importing tensorboardX for its
+    protocol buffers would import PyTorch where it is installed (a second and 170 MB at every run's start)."""
 
     def __init__(self, directory: pathlib.Path, rows: list[dict]):
         shutil.rmtree(directory, ignore_errors=True)  # rows past the resumed checkpoint are trained again
@@ -115,12 +114,9 @@ class TensorBoardLog:
 
     def hparams(self, values: dict, metrics: dict) -> None:
         """The run's hyperparameters and its final metrics, for TensorBoard's hparams plugin (a sweep's runs)."""
-        from tensorboardX.summary import hparams
-
-        plain = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in values.items()}
         metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and math.isfinite(v)}
-        for summary in hparams(plain, metrics):
-            self._record(_event(0, _bytes_field(5, summary.SerializeToString())))
+        for summary in _hparams_summaries(values, list(metrics)):
+            self._record(_event(0, _bytes_field(5, summary)))
         self.write({"epoch": 0, **metrics})
 
     def close(self) -> None:
@@ -144,6 +140,34 @@ def _bytes_field(number: int, payload: bytes) -> bytes:
 def _event(step: int = 0, field: bytes = b"") -> bytes:
     """tensorflow.Event: wall_time (1, double), step (2, varint), then `field` (file_version or summary)."""
     return b"\x09" + struct.pack("<d", time.time()) + b"\x10" + _varint(step) + field
+
+
+def _hparams_summaries(values: dict, metric_tags: list[str]) -> list[bytes]:
+    """The three Summary messages of TensorBoard's hparams plugin (tensorboard/plugins/hparams: the experiment with
+    each hyperparameter's name and type and the metrics' tags, the session's values, its end), encoded as
+    tensorboardX's `summary.hparams` writes them."""
+    start = infos = b""
+    for name, value in values.items():
+        if isinstance(value, bool):
+            encoded, kind = b"\x20" + _varint(int(value)), 2  # google.protobuf.Value.bool_value; DATA_TYPE_BOOL
+        elif isinstance(value, int | float):
+            encoded, kind = b"\x11" + struct.pack("<d", float(value)), 3  # number_value; DATA_TYPE_FLOAT64
+        else:
+            encoded, kind = _bytes_field(3, str(value).encode()), 1  # string_value; DATA_TYPE_STRING
+        start += _bytes_field(1, _bytes_field(1, name.encode()) + _bytes_field(2, encoded))  # hparams[name]
+        infos += _bytes_field(4, _bytes_field(1, name.encode()) + b"\x20" + _varint(kind))  # HParamInfo
+    infos += b"".join(_bytes_field(5, _bytes_field(1, _bytes_field(2, tag.encode()))) for tag in metric_tags)
+
+    def summary(tag: str, data_field: int, payload: bytes) -> bytes:
+        content = _bytes_field(data_field, payload)  # HParamsPluginData (version 0: the default, not written)
+        metadata = _bytes_field(1, _bytes_field(1, b"hparams") + _bytes_field(2, content))  # SummaryMetadata
+        return _bytes_field(1, _bytes_field(1, tag.encode()) + _bytes_field(9, metadata))  # Summary.value
+
+    return [
+        summary("_hparams_/experiment", 2, infos),
+        summary("_hparams_/session_start_info", 3, start),
+        summary("_hparams_/session_end_info", 4, b"\x08\x01"),  # status: STATUS_SUCCESS
+    ]
 
 
 def _masked_crc(data: bytes) -> int:
