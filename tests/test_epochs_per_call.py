@@ -33,21 +33,21 @@ def _run(tmp_path, name: str, overrides: dict):
 
 def _record_calls(monkeypatch) -> list[tuple[int, int]]:
     """Records the (first epoch, epochs) of every call of the run program."""
-    from jaxepochs.host import run as run_lib
+    from jaxepochs.host.batch import RunBatch
 
     calls = []
-    compile_programs = run_lib.compile_programs
+    caller = RunBatch.caller
 
-    def recording(*args, **kwargs):
-        programs = compile_programs(*args, **kwargs)
+    def recording(self, *args, **kwargs):
+        call = caller(self, *args, **kwargs)
 
         def run_epochs(carry, first_epoch, count):
             calls.append((first_epoch, count))
-            return programs.run_epochs(carry, first_epoch, count)
+            return call(carry, first_epoch, count)
 
-        return programs._replace(run_epochs=run_epochs)
+        return run_epochs
 
-    monkeypatch.setattr(run_lib, "compile_programs", recording)
+    monkeypatch.setattr(RunBatch, "caller", recording)
     return calls
 
 

@@ -96,8 +96,9 @@ def _assert_checkpoints_consistent(workdir, rows: list[dict]) -> None:
         for epoch in _saved_epochs(workdir):
             meta = manager.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
             assert meta["epoch"] == epoch
-            assert [row["epoch"] for row in meta["history"]] == list(range(1, epoch + 1)), f"checkpoint {epoch}"
-            assert meta["history"] == rows[:epoch]
+            history = meta["histories"]["r0"]  # a run is a batch of one run, "r0"
+            assert [row["epoch"] for row in history] == list(range(1, epoch + 1)), f"checkpoint {epoch}"
+            assert history == rows[:epoch]
 
 
 def _corrupt(checkpoint_dir) -> int:

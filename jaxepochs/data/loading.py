@@ -392,3 +392,13 @@ def load_dataset(config: ml_collections.ConfigDict, quiet: bool = False, streame
     classes = getattr(label_feature, "num_classes", None) if config.task == "classification" else None
     num_classes = config.model.num_classes or classes or num_outputs(config.task, [full_train, test])
     return _finish(config, d.name, full_train, test, None, num_classes)._replace(streamed=streamed)
+
+
+def fold_indices(num_train: int, cv: int, fold: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) indices of `fold`: a seeded permutation cut into K folds of N // K; the N mod K left over
+    always train, so every fold has the same shapes (one program for all folds)."""
+    order = np.random.default_rng(seed).permutation(num_train)
+    size = num_train // cv
+    val = np.sort(order[fold * size : (fold + 1) * size])
+    train = np.sort(np.concatenate([order[: fold * size], order[(fold + 1) * size :]]))
+    return train, val

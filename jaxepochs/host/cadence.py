@@ -13,14 +13,20 @@ import time
 
 
 class Periodic:
-    """Due every `every_epochs` epochs (counted from epoch 0), or with 0 every `every_seconds` seconds."""
+    """Due every `every_epochs` epochs (counted from epoch 0), or with 0 every `every_seconds` seconds; inside a
+    streamed epoch (`due_inside`), every `every_steps` optimizer steps, or with 0 every `every_seconds`. One
+    object for both, so a checkpoint inside an epoch and one at its end share the clock."""
 
-    def __init__(self, every_epochs: int = 0, every_seconds: float = 0.0, *, enabled: bool = True, clock=None):
+    def __init__(self, every_epochs: int = 0, every_seconds: float = 0.0, *, enabled: bool = True, clock=None,
+                 every_steps: int = 0, steps_per_epoch: int = 0, step: int = 0):  # fmt: skip
         self.every_epochs = every_epochs
         self.every_seconds = every_seconds
+        self.every_steps = every_steps
+        self.steps_per_epoch = steps_per_epoch  # epoch e ends at step e * steps_per_epoch
         self.enabled = enabled
         self._clock = clock or time.monotonic
         self._last_time = self._clock()
+        self._last_step = step
         self._requested = False
 
     def due(self, epoch: int) -> bool:
@@ -33,10 +39,20 @@ class Periodic:
             return epoch % self.every_epochs == 0
         return self._clock() - self._last_time >= self.every_seconds
 
-    def done(self) -> None:
-        """Records that the action ran now."""
+    def due_inside(self, step: int) -> bool:
+        """Whether to act inside an epoch, after optimizer step `step` (a streamed epoch's chunk)."""
+        if not self.enabled:
+            return False
+        if self.every_steps:
+            return step - self._last_step >= self.every_steps
+        return self._clock() - self._last_time >= self.every_seconds
+
+    def done(self, epoch: int | None = None, step: int | None = None) -> None:
+        """Records that the action ran now: after `epoch` ended, or at optimizer `step` inside an epoch."""
         self._last_time = self._clock()
         self._requested = False
+        if step is not None or epoch is not None:
+            self._last_step = step if step is not None else epoch * self.steps_per_epoch
 
     def request(self) -> None:
         self._requested = True

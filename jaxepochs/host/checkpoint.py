@@ -1,10 +1,12 @@
 """Checkpoints with orbax: everything a resumed run needs, saved asynchronously at epoch boundaries.
 
-A checkpoint (`WORKDIR/checkpoints/<epoch>/`) holds two items:
-- `arrays`: the run's carry (`arrays_of`): {"train": TrainState, "early_stopping": ..., "plateau": ...,
-  "best_params": params}, without a run axis for a run and with one for a sweep's chunk;
-- `meta`: JSON with the epoch, the history rows so far and a CRC-32 of each array and of the rest of the meta
-  (`checksums`): a restore that reads other bytes than were saved is refused, naming the array.
+A checkpoint (`WORKDIR/checkpoints/<epoch>/`) holds one `CheckpointState` in two items, in one format for a
+run, a streamed run (whose checkpoints inside an epoch are in `checkpoints_in_epoch/<step>/`) and a sweep's chunk:
+- `arrays`: the batch's carry with its run axis (`arrays_of`): {"train": TrainState, "early_stopping": ...,
+  "plateau": ..., "best_params": params}, and inside an epoch the position's {"state", "sums"};
+- `meta`: JSON with the epoch, each member's rows so far, the epochs whose loss was not finite, and a CRC-32 of
+  each array and of the rest of the meta (`checksums`): a restore that reads other bytes than were saved is
+  refused, naming the array. Checkpoints of jaxepochs 0.1 (three formats) are refused with that said.
 Resuming restores them exactly; the epoch's shuffle (`fold_in(key, epoch)`) and dropout keys
 (`fold_in(key, step)`) depend only on those, so a resumed run repeats an uninterrupted one bit for bit.
 """
@@ -19,6 +21,7 @@ import pathlib
 import re
 import shutil
 import zlib
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -78,15 +81,18 @@ def path_name(path, sep: str = ".") -> str:
 
 
 def _first_mismatch(saved_metadata, expected) -> str | None:
-    """The path, saved shape and expected shape of the first array that differs, or None."""
+    """The path, saved shape and expected shape of the first array that differs, or None. Every array has a
+    leading run axis: the shapes are said without it (a model's), and a different number of runs on its own."""
     saved = {path_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(saved_metadata)[0]}
     for path, leaf in jax.tree_util.tree_flatten_with_path(expected)[0]:
         name = path_name(path)
         if name not in saved:
             return f"{name}: missing from the checkpoint"
-        got = tuple(getattr(saved[name], "shape", ()))
-        if got != tuple(leaf.shape):
-            return f"{name}: checkpoint has shape {got}, the model needs {tuple(leaf.shape)}"
+        got, want = tuple(getattr(saved[name], "shape", ())), tuple(leaf.shape)
+        if got[1:] != want[1:]:
+            return f"{name}: checkpoint has shape {got[1:]}, the model needs {want[1:]}"
+        if got != want:
+            return f"{name}: the checkpoint holds {got[:1]} runs, this batch {want[:1]}"
     return None
 
 
@@ -173,6 +179,11 @@ class Checkpointer:
         _verify(where, restored.arrays, restored.meta)
         return restored.arrays, restored.meta
 
+    def meta(self, epoch: int) -> dict:
+        """A checkpoint's meta alone (its arrays unread)."""
+        args = ocp.args.Composite(meta=ocp.args.JsonRestore())
+        return self._manager.restore(epoch, args=args).meta
+
     def restore_latest(self, like: dict, warn) -> tuple[int, dict, dict] | None:
         """The newest checkpoint that restores, falling back past corrupt ones (saying so); None if none."""
         errors = []
@@ -231,3 +242,69 @@ def arrays_of(carry) -> dict:
 def carry_of(arrays: dict, halted):
     """The RunCarry of a checkpoint's arrays, halted where `halted` says."""
     return RunCarry(arrays["train"], arrays["early_stopping"], arrays["plateau"], arrays["best_params"], halted)
+
+
+class CheckpointState(NamedTuple):
+    """What one checkpoint holds, for a run, a streamed run and a sweep's chunk alike (as Kauldron's
+    CheckpointState holds the train state beside the data iterator's): the batch's carry (a leading run axis R;
+    its `halted` is recomputed on restore), every member's rows, the epochs whose loss was not finite, and a
+    streamed run's position inside the next epoch."""
+
+    carry: RunCarry  # after `epoch` epochs
+    histories: dict[str, list[dict]]  # member name -> its rows (metrics.jsonl's) up to `epoch`
+    non_finite: dict[str, int]  # member name -> the epoch whose training loss was not finite
+    epoch: int  # epochs the carry has finished
+    step: int = 0  # steps of epoch + 1 done (a checkpoint inside a streamed epoch), else 0
+    inside: Any = None  # with `step`: {"state": TrainState [R] after those steps, "sums": their metric sums [R]}
+
+
+def save_state(ckpt: Checkpointer, state: CheckpointState, key: int | None = None) -> None:
+    """Starts saving `state` under `key` (its epoch; a streamed run's step inside an epoch)."""
+    arrays = arrays_of(state.carry)
+    if state.inside is not None:
+        arrays["inside"] = state.inside
+    meta = {
+        "epoch": state.epoch,
+        "step": state.step,
+        "histories": {name: list(rows) for name, rows in state.histories.items()},  # copies: orbax writes later
+        "non_finite": dict(state.non_finite),
+    }
+    ckpt.save(state.epoch if key is None else key, arrays, meta)
+
+
+def restore_state(ckpt: Checkpointer, like_carry, say, like_inside=None, key: int | None = None):
+    """The newest checkpoint that restores (falling back past corrupt ones), or `key`'s, as a CheckpointState
+    shaped as `like_carry` (and `like_inside` for one inside an epoch); None if there is none."""
+    like = arrays_of(like_carry)
+    if like_inside is not None:
+        like["inside"] = like_inside
+    try:
+        restored = ckpt.restore_latest(like, say) if key is None else (key, *ckpt.restore(key, like))
+    except CheckpointError as e:
+        _refuse_old_format(ckpt, e)
+        raise
+    if restored is None:
+        return None
+    _, arrays, meta = restored
+    if "histories" not in meta:
+        _refuse_old_format(ckpt, None)
+    halted = np.zeros(jax.tree.leaves(arrays["train"].step)[0].shape, bool)
+    carry = carry_of(arrays, halted)
+    return CheckpointState(carry, meta["histories"], meta["non_finite"], meta["epoch"], meta["step"],
+                           arrays.get("inside"))  # fmt: skip
+
+
+def _refuse_old_format(ckpt: Checkpointer, error: CheckpointError | None) -> None:
+    """CheckpointError for a checkpoint of jaxepochs 0.1's formats (a run's had no run axis), which do not load."""
+    for epoch in reversed(ckpt.epochs()):
+        try:
+            meta = ckpt.meta(epoch)
+        except Exception:  # unreadable: the error already raised says so
+            continue
+        if "histories" not in meta:
+            raise CheckpointError(
+                f"checkpoint {ckpt.directory / str(epoch)} was written by an earlier jaxepochs, whose checkpoints "
+                "(a run's, a streamed run's, a sweep's) had other formats; it cannot be resumed. Use --restart to "
+                "train afresh in this workdir, or another workdir."
+            ) from error
+        return

@@ -10,6 +10,7 @@ call; `Pace` sizes the calls. Nothing here runs per batch or per epoch.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import os
 import pathlib
@@ -23,6 +24,28 @@ import jax
 
 from jaxepochs.host import devices
 from jaxepochs.host.cadence import Pace, Periodic
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSpec:
+    """What the host loop needs of a config: its epochs, the pace of its calls, the checkpoints' cadence and
+    the epochs to profile. Built once, after validation."""
+
+    epochs: int  # the run's last epoch
+    epochs_per_call: int  # 0: paced by `host_interval_seconds`
+    host_interval_seconds: float
+    checkpointing: bool  # checkpoint.enabled
+    max_to_keep: int
+    every_epochs: int
+    every_seconds: float
+    every_steps: int  # a streamed run's checkpoints inside an epoch
+    profile_epochs: tuple[int, ...] = ()
+
+    @classmethod
+    def of(cls, config) -> LoopSpec:
+        t, k = config.train, config.checkpoint
+        return cls(t.epochs, t.epochs_per_call, t.host_interval_seconds, bool(k.enabled), k.max_to_keep,
+                   k.every_epochs, k.every_seconds, k.every_steps, tuple(t.profile_epochs))  # fmt: skip
 
 
 class Outcome(NamedTuple):
@@ -113,7 +136,7 @@ def drive(
         going_on = going_on and not (halted or asked_to_stop())
         if going_on and devices.agree((int(checkpoints.due(last_done)),))[0]:
             save(pending.carry, last_done)
-            checkpoints.done()
+            checkpoints.done(last_done)
         host_seconds += time.perf_counter() - arrived
         epochs_done += ran
         if not going_on:
@@ -122,7 +145,7 @@ def drive(
 
 
 def train_loop(
-    config,
+    loop: LoopSpec,
     call,
     carry,
     first_epoch: int,
@@ -134,6 +157,8 @@ def train_loop(
     checkpointing: bool,
     final_epoch: Callable[[Outcome], int],
     profile_dir: pathlib.Path | None = None,
+    checkpoints: Periodic | None = None,
+    overlap: bool = True,
 ) -> Outcome:
     """`drive` at the config's pace and checkpoint cadence, then the final checkpoint (`save(carry,
     final_epoch(outcome))`): the loop of runs and sweeps alike. The caller holds the Ctrl-C handler
@@ -143,11 +168,10 @@ def train_loop(
     takes it) before the OSError is raised: nothing trained is lost that can be kept.
 
     train.profile_epochs: each named epoch runs as a call of its own, traced by jax.profiler into `profile_dir`."""
-    t, k = config.train, config.checkpoint
-    checkpoints = Periodic(k.every_epochs, k.every_seconds, enabled=checkpointing)
-    profiled = set(t.profile_epochs) if profile_dir is not None else set()
+    checkpoints = checkpoints or cadence_of(loop, checkpointing)
+    profiled = set(loop.profile_epochs) if profile_dir is not None else set()
     boundaries = {e for epoch in profiled for e in (epoch, epoch + 1)}
-    pace = Pace(t.epochs_per_call, t.host_interval_seconds, limit, boundaries=boundaries)
+    pace = Pace(loop.epochs_per_call, loop.host_interval_seconds, limit, boundaries=boundaries)
     if profiled:
         call = _profiled(call, profiled, profile_dir)
     try:
@@ -155,7 +179,7 @@ def train_loop(
             call,
             carry,
             first_epoch,
-            t.epochs,
+            loop.epochs,
             pace=pace,
             checkpoints=checkpoints,
             consume=consume,
@@ -163,7 +187,7 @@ def train_loop(
             interrupted=interrupted,
             # Not past one process: whether a call returned ready is each process's own, and the dispatch ahead
             # would pair the processes' broadcasts differently.
-            overlap=jax.default_backend() != "cpu" and not devices.multi_process(),
+            overlap=overlap and jax.default_backend() != "cpu" and not devices.multi_process(),
         )
     except WriteFailed as failed:
         with contextlib.suppress(Exception):  # the disk may refuse the checkpoint too: the write's error counts
@@ -171,6 +195,13 @@ def train_loop(
         raise failed.error from None
     save(outcome.carry, final_epoch(outcome))
     return outcome
+
+
+def cadence_of(loop: LoopSpec, enabled: bool, steps_per_epoch: int = 0, step: int = 0) -> Periodic:
+    """The checkpoints' cadence: at epoch ends by `every_epochs` or `every_seconds`, and inside a streamed
+    epoch by `every_steps` or `every_seconds`, counted from optimizer step `step`."""
+    return Periodic(loop.every_epochs, loop.every_seconds, enabled=enabled, every_steps=loop.every_steps,
+                    steps_per_epoch=steps_per_epoch, step=step)  # fmt: skip
 
 
 def _profiled(call, epochs: set[int], directory: pathlib.Path):

@@ -22,7 +22,7 @@ from jaxepochs.core import program as program_lib
 from jaxepochs.core import task as task_lib
 from jaxepochs.data import loading as data_lib
 from jaxepochs.host import config as config_lib
-from jaxepochs.host import devices, finetune, seam, warm_start
+from jaxepochs.host import devices, finetune, seam
 from jaxepochs.host import hooks as hooks_lib
 
 # With train.epochs_per_call = 0 a call runs up to this many epochs (the size of the rows it returns: 52 bytes a
@@ -118,14 +118,6 @@ def make_pieces(config, dataset: data_lib.Dataset, hooks: hooks_lib.Hooks, steps
     return pieces._replace(start=jax.jit(functools.partial(_start, pieces)))
 
 
-def with_warm_start(pieces: Pieces, config, x_1) -> Pieces:
-    """`pieces` with the arrays its fresh runs take from config.init.from_workdir (read and checked now)."""
-    if not config.init.from_workdir:
-        return pieces
-    shapes = jax.eval_shape(lambda x: pieces.source.trace_init(config, x), x_1)
-    return pieces._replace(warm=warm_start.prepare(config, shapes[0], shapes[1]))
-
-
 def run_spec(
     config, pieces: Pieces, eval_sizes: dict[str, int], data_axes: dict | None = None, layout=None
 ) -> program_lib.RunSpec:
@@ -152,9 +144,9 @@ def run_spec(
     )
 
 
-def eval_sizes(config, sizes: dict[str, int]) -> dict[str, int]:
+def eval_sizes(eval_batch_size: int, sizes: dict[str, int]) -> dict[str, int]:
     """Batch sizes of the non-empty held-out splits among `sizes` (split -> examples), capped at the split."""
-    return {name: min(config.train.eval_batch_size, n) for name, n in sizes.items() if n}
+    return {name: min(eval_batch_size, n) for name, n in sizes.items() if n}
 
 
 def on_device(split, layout=None) -> dict:
@@ -218,7 +210,8 @@ def init_carries(pieces: Pieces, configs: list, opt_hparams: list[optim.OptHPara
     parts = []
     for config, hparams in zip(configs, opt_hparams, strict=True):
         params, model_state, run_key = pieces.source.init(config, x_1)
-        params, model_state = warm_start.apply(pieces.warm, params, model_state)
+        if pieces.warm is not None:  # host/warm_start.WarmStart: the source run's arrays taken
+            params, model_state = pieces.warm.apply(params, model_state)
         hparams = optim.OptHParams(*(np.float32(v) for v in hparams))
         parts.append(pieces.start(params, model_state, run_key, hparams, _group_state(pieces, config)))
     if len(parts) == 1:

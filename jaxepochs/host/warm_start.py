@@ -24,6 +24,7 @@ import numpy as np
 
 from jaxepochs.host import checkpoint as checkpoint_lib
 from jaxepochs.host import config as config_lib
+from jaxepochs.host import load as load_lib
 
 
 class WarmStart(NamedTuple):
@@ -34,6 +35,20 @@ class WarmStart(NamedTuple):
     params: dict[str, np.ndarray]  # path -> the source's array, for every path taken
     model_state: dict[str, np.ndarray]  # (collection, path) joined as "collection:path" -> array
     reinitialised: tuple[str, ...]  # the new model's paths initialised afresh
+
+    def apply(self, params, model_state):
+        """A freshly initialised run's (params, model_state) with the source's arrays where this takes them."""
+
+        def put(table, prefix=""):
+            return lambda path, leaf: table.get(prefix + path_name(path), leaf)
+
+        params = jax.tree_util.tree_map_with_path(put(self.params), params)
+        if model_state:
+            model_state = {
+                collection: jax.tree_util.tree_map_with_path(put(self.model_state, f"{collection}:"), tree)
+                for collection, tree in model_state.items()
+            }
+        return params, model_state
 
     def summary(self) -> dict:
         return {
@@ -75,11 +90,9 @@ def prepare(config, abstract_params, abstract_model_state) -> WarmStart | None:
     init = config.init  # its values were checked by config.validate
     if not init.from_workdir:
         return None
-    from jaxepochs.host import run as run_lib  # run imports this module's users: at call time
-
     source = pathlib.Path(init.from_workdir).expanduser()
     try:
-        loaded = run_lib.load(source, _epoch_arg(str(init.epoch)))
+        loaded = load_lib.load(source, _epoch_arg(str(init.epoch)))
     except ValueError as e:
         raise config_lib.ConfigError(f"config.init.from_workdir = {str(source)!r}: {e}") from None
     new, old = _flat(abstract_params), {k: np.asarray(v) for k, v in _flat(loaded.params).items()}
@@ -133,20 +146,3 @@ def _take_state(init, source, abstract_state, loaded_state, fresh: list[str]) ->
             _check_fits(source, key, leaf, old, list(old))
             taken[key] = old[key].astype(leaf.dtype)
     return taken
-
-
-def apply(warm: WarmStart | None, params, model_state):
-    """A freshly initialised run's (params, model_state) with the source's arrays where `warm` takes them."""
-    if warm is None:
-        return params, model_state
-
-    def put(table, prefix=""):
-        return lambda path, leaf: table.get(prefix + path_name(path), leaf)
-
-    params = jax.tree_util.tree_map_with_path(put(warm.params), params)
-    if model_state:
-        model_state = {
-            collection: jax.tree_util.tree_map_with_path(put(warm.model_state, f"{collection}:"), tree)
-            for collection, tree in model_state.items()
-        }
-    return params, model_state

@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from jaxepochs.data.loading import fold_indices  # noqa: F401  (the sweep's name for it)
 from jaxepochs.host import config as config_lib
 from jaxepochs.host import finetune
 
@@ -182,13 +183,3 @@ def check_cv(cv: int, num_train: int) -> None:
         raise SweepError(f"--cv {cv}: cross-validation needs K >= 2 folds.")
     if cv > num_train:
         raise SweepError(f"--cv {cv}: more folds than the {num_train} training examples; use K <= {num_train}.")
-
-
-def fold_indices(num_train: int, cv: int, fold: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train, val) indices of `fold`: a seeded permutation cut into K folds of N // K; the N mod K left over
-    always train, so every fold has the same shapes (one program for all folds)."""
-    order = np.random.default_rng(seed).permutation(num_train)
-    size = num_train // cv
-    val = np.sort(order[fold * size : (fold + 1) * size])
-    train = np.sort(np.concatenate([order[: fold * size], order[(fold + 1) * size :]]))
-    return train, val

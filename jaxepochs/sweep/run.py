@@ -9,10 +9,7 @@ config's checkpoint section). A chunk of one run is the run's own program: the s
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
-import dataclasses
-import functools
 import json
 import math
 import os
@@ -22,24 +19,21 @@ import time
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from jaxepochs.core import epoch as epoch_lib
-from jaxepochs.core import layout as layout_lib
-from jaxepochs.core import optim
-from jaxepochs.core import program as program_lib
 from jaxepochs.data import loading as data_lib
 from jaxepochs.data import lock
+from jaxepochs.host import batch as batch_lib
 from jaxepochs.host import checkpoint as checkpoint_lib
+from jaxepochs.host import compose as compose_lib
 from jaxepochs.host import config as config_lib
-from jaxepochs.host import devices, driver, finetune, report, setup, writers
+from jaxepochs.host import devices, driver, report, setup, writers
 from jaxepochs.host import hooks as hooks_lib
 from jaxepochs.host import run as run_lib
 from jaxepochs.host import workdir as workdir_lib
+from jaxepochs.host.batch import RunBatch
 from jaxepochs.sweep import grid as sweep_lib
 from jaxepochs.sweep import report as sweep_report
 
@@ -74,11 +68,11 @@ def _widest(params) -> int:
 
 
 class _Group:
-    """The shared pieces of one program group: data, model, optimizer, tracker, and its compiled programs."""
+    """A program group: its runs' composition (data, model, optimizer, tracker, the run program's spec) and
+    the programs compiled for it, shared by its chunks."""
 
-    def __init__(self, runs: list[sweep_lib.Run], cv: int, quiet: bool):
+    def __init__(self, runs: list[sweep_lib.Run], cv: int, quiet: bool, fresh: bool):
         template = runs[0].config
-        self.config, self.cv = template, cv
         hooks = hooks_lib.load_hooks(template)
         dataset = setup.load_data(template, hooks, quiet)
         if dataset.streamed:
@@ -88,129 +82,29 @@ class _Group:
                 "data.stream = False where the data fits the device, or train the runs one by one with "
                 "`jaxepochs run`."
             )
-        self.dataset = dataset
-        n_train = data_lib.count(dataset.train)
         if cv:
-            sweep_lib.check_cv(cv, n_train)
-            n_train = sweep_lib.fold_indices(n_train, cv, 0, template.data.split_seed)[0].shape[0]
-        setup.check_shapes(template, dataset, n_train)
-        self.has_val = bool(cv) or data_lib.count(dataset.val) > 0
-        steps = epoch_lib.steps_per_epoch(n_train, template.train.batch_size)
-        self.pieces = setup.make_pieces(template, dataset, hooks, steps, self.has_val)
-        self.pieces = setup.with_warm_start(self.pieces, template, setup.first_example(dataset.train))
-        # Every run's fine-tuning values (metrics.jsonl's rate per group), checked before anything runs.
-        names = self.pieces.tx.group_names
-        self.group_values = {run.name: finetune.group_values(run.config, names) for run in runs} if names else {}
-        n_val = data_lib.count(dataset.train) // cv if cv else data_lib.count(dataset.val)
-        every_epoch = setup.eval_sizes(template, {"val": n_val})
-        if template.train.log_test:
-            every_epoch.update(setup.eval_sizes(template, {"test": data_lib.count(dataset.test)}))
-        self.runs_size = devices.sweep_mesh(template)[0]
-        self.layout = devices.sweep_layout(template)  # None: each run on one device
-        axes = {"train": 0, "val": 0} if cv else {}
-        self.spec = setup.run_spec(template, self.pieces, every_epoch, axes, layout=self.layout)
-        # The test split once, on the parameters each run ends with (its validation curve is in its history).
-        final_sizes = setup.eval_sizes(template, {"test": data_lib.count(dataset.test)})
-        self.final_spec = dataclasses.replace(self.spec, eval_batch_sizes=final_sizes)
-        self.programs: dict = {}  # (chunk size, sharded) -> Programs, shared by the chunks
+            sweep_lib.check_cv(cv, data_lib.count(dataset.train))
+        self.comp = compose_lib.compose(template, dataset, hooks, cv=cv, sweep=True, fresh=fresh)
+        pieces, has_val = self.comp.pieces, self.comp.has_val
+        # Every run's own numbers (its fine-tuning values too), checked before anything runs.
+        self.members = [compose_lib.member(r.config, r.name, r.fold, pieces, has_val) for r in runs]
+        self.programs: dict = {}  # (chunk size, sharded) -> the compiled run program, shared by the chunks
 
-    def splits(self, runs: list[sweep_lib.Run]) -> dict:
-        """The arrays the runs train and are evaluated on: CV folds per run ([R, ...]), else shared; placed on
-        the mesh where the sweep has a layout."""
-        splits = self._splits(runs)
-        if self.layout is None:
-            return splits
-        per_run = lambda name: self.layout.per_run() if self.spec.data_axes.get(name) == 0 else self.layout.replicated()
-        return {name: devices.put(jax.device_get(split), per_run(name)) for name, split in splits.items()}
-
-    def _splits(self, runs: list[sweep_lib.Run]) -> dict:
-        d = self.dataset
-        if not self.cv:
-            splits = {"train": setup.on_device(d.train)}
-            if "val" in self.spec.eval_batch_sizes:
-                splits["val"] = setup.on_device(d.val)
-        else:
-            seed = self.config.data.split_seed
-            folds = [sweep_lib.fold_indices(data_lib.count(d.train), self.cv, r.fold, seed) for r in runs]
-            stack = lambda part: jax.tree.map(
-                lambda *a: jnp.asarray(np.stack(a)), *[setup.on_device(data_lib.take(d.train, f[part])) for f in folds]
-            )
-            splits = {"train": stack(0), "val": stack(1)}
-        if "test" in self.spec.eval_batch_sizes:
-            splits["test"] = setup.on_device(d.test)
-        return splits
-
-    def init(self, runs: list[sweep_lib.Run]):
-        """The stacked carry of `runs` (each run's parameters from its seed, its optimizer's and early
-        stopping's numbers from its config) and their early-stopping hyperparameters."""
-        opt_hparams = [optim.hparams_of(r.config.optimizer.to_dict()) for r in runs]
-        x_1 = setup.first_example(self.dataset.train)
-        carry = setup.init_carries(self.pieces, [r.config for r in runs], opt_hparams, x_1)
-        trackers = [setup.make_tracker(r.config, self.has_val, self.pieces.metric_names)[0] for r in runs]
-        return carry, setup.es_hparams(trackers)
-
-    def compile(self, carry, splits, es_hparams, sharding) -> tuple:
-        """The run program and the final evaluation of a chunk; with `sharding`, each device runs them on its
-        share of the runs (`jax.shard_map`): per device the very program a run alone compiles, on fewer runs."""
-        start = time.perf_counter()
-        one = jnp.asarray(1, jnp.int32)
-        run_epochs = program_lib.make_run_epochs(self.spec, "runs" if sharding is not None else None)
-        evaluate = program_lib.make_evaluate(self.final_spec)
-        test = {"test": setup.on_device(self.dataset.test)}
-        if sharding is not None:
-            test = {"test": devices.put(jax.device_get(test["test"]), NamedSharding(sharding.mesh, P()))}
-            runs, shared = P("runs"), P()
-            data = {name: runs if self.spec.data_axes.get(name) == 0 else shared for name in splits}
-            rows = program_lib.EpochRows(runs, runs, runs, runs, runs, shared, runs)
-            over = functools.partial(jax.shard_map, mesh=sharding.mesh, check_vma=False)
-            run_epochs = over(run_epochs, in_specs=(runs, data, runs, shared, shared, shared), out_specs=(runs, rows))
-            evaluate = over(evaluate, in_specs=(runs, {"test": shared}), out_specs=runs)
-        if self.layout is not None:
-            return (*self._compile_on_mesh(run_epochs, evaluate, carry, splits, es_hparams, test), _since(start))
-        run_epochs = jax.jit(run_epochs).lower(carry, splits, es_hparams, one, one, one).compile()
-        evaluate = jax.jit(evaluate).lower(carry.state, test).compile()
-        return run_epochs, evaluate, test, time.perf_counter() - start
-
-    def _compile_on_mesh(self, run_epochs, evaluate, carry, splits, es_hparams, test):
-        """The programs of a sweep whose runs' batches span devices: XLA partitions them over the mesh (the runs
-        over "runs", each batch's rows over "data"); the scalars and the shared splits replicated."""
-        layout, rep = self.layout, self.layout.replicated()
-        carry_sh = layout_lib.carry_shardings(layout, carry)
-        split_sh = {k: layout.per_run() if self.spec.data_axes.get(k) == 0 else rep for k in splits}
-        runs = layout.per_run()
-        jitted = jax.jit(
-            run_epochs, in_shardings=(carry_sh, split_sh, runs, rep, rep, rep), out_shardings=(carry_sh, rep)
-        )
-        one = devices.put(np.asarray(1, np.int32), rep)
-        test = {"test": devices.put(jax.device_get(test["test"]), rep)}
-        run_epochs = jitted.lower(carry, splits, es_hparams, one, one, one).compile()
-        evaluate = jax.jit(evaluate, in_shardings=(carry_sh.state, {"test": rep}), out_shardings=rep)
-        return run_epochs, evaluate.lower(carry.state, test).compile(), test
-
-
-def _since(start: float) -> float:
-    return time.perf_counter() - start
-
-
-def _sharding(chunk: int, runs: int):
-    """The run axis split across `runs` devices (a mesh with a "runs" axis), or None on one device."""
-    if runs < 2 or chunk % runs:
-        return None
-    return NamedSharding(Mesh(np.array(jax.devices()[:runs]), ("runs",)), P("runs"))
-
-
-def _restore(ckpt, group: _Group, carry, names: list[str], progress) -> tuple:
-    """The chunk's newest checkpoint as (carry, histories, non-finite epochs, first epoch), or None. A run that
-    had stopped early or met a non-finite loss stays halted (`names`: each run's, padding included)."""
-    like = checkpoint_lib.arrays_of(jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), carry))
-    restored = ckpt.restore_latest(like, progress.message)
-    if restored is None:
-        return None
-    done, arrays, meta = restored
-    non_finite = meta.get("non_finite", {})
-    halted = np.asarray(arrays["early_stopping"].should_stop) & group.pieces.may_stop
-    halted = halted | np.array([name in non_finite for name in names])
-    return checkpoint_lib.carry_of(arrays, halted), meta["histories"], non_finite, done + 1
+    def chunk_size(self, chunk: int) -> int:
+        """Runs per program: `chunk`, or as many as fit the free memory; whole shards of the run axis."""
+        comp, count = self.comp, len(self.members)
+        x_1 = setup.first_example(comp.train)
+        example, _, _ = jax.eval_shape(lambda x: comp.pieces.source.trace_init(self.members[0].config, x), x_1)
+        batch_size = comp.spec.batch_size
+        data_bytes = sum(np.asarray(a).nbytes for a in jax.tree.leaves(comp.train.x))
+        copied = data_bytes if batch_size > 1 and data_bytes <= epoch_lib.PERMUTE_WHOLE_BYTES else 0
+        size = min(chunk or default_chunk(count, example, batch_size, _widest(example), copied), count)
+        shards = comp.runs_devices
+        if size >= shards > 1:
+            size -= size % shards  # whole shards of the run axis
+        elif comp.layout is not None or devices.multi_process():
+            size = shards  # fewer runs than shards: padded to one run per shard
+        return size
 
 
 class _Chunk(NamedTuple):
@@ -219,120 +113,39 @@ class _Chunk(NamedTuple):
     compile_seconds: float
 
 
-def _train_chunk(group: _Group, runs, chunk_size: int, workdir: pathlib.Path, progress, stop) -> _Chunk:
-    """Trains `runs` (padded to `chunk_size` with copies of the first, dropped after) to the end, resuming from
-    the chunk's checkpoint; the same host loop as a run (driver.drive), with each run's rows apart."""
-    config = group.config
-    padded = runs + [runs[0]] * (chunk_size - len(runs))
-    carry, es_hparams = group.init(padded)
-    splits = group.splits(padded)
-    sharding = _sharding(chunk_size, group.runs_size) if group.layout is None else None
-    if group.layout is not None:
-        carry, es_hparams = _on_mesh(group.layout, carry), devices.put(es_hparams, group.layout.per_run())
-    if sharding is not None:  # each process places its devices' runs; the shared splits on every device
-        carry, es_hparams = devices.put((jax.device_get(carry), es_hparams), sharding)
-        everywhere = NamedSharding(sharding.mesh, P())
-        on = lambda k: sharding if group.spec.data_axes.get(k) == 0 else everywhere
-        splits = {k: devices.put(jax.device_get(v), on(k)) for k, v in splits.items()}
-    key = (chunk_size, sharding is not None)  # the chunks of a group share their size: one program for all
-    compile_seconds = 0.0
-    if key not in group.programs:
-        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:  # the progress counts its seconds
-            compiling = pool.submit(group.compile, carry, splits, es_hparams, sharding)
-            *programs, compile_seconds = progress.wait_compiling(compiling, time.monotonic(), "the sweep's program")
-        group.programs[key] = programs
-    run_epochs, evaluate, test = group.programs[key]
-    histories = {run.name: [] for run in runs}
-    non_finite: dict[str, int] = {}
-    enabled = config.checkpoint.enabled
-    first_epoch = 1
-    with checkpoint_lib.opened(workdir, config.checkpoint.max_to_keep, enabled) as ckpt:
-        names = [run.name for run in padded]
-        restored = _restore(ckpt, group, carry, names, progress) if ckpt is not None else None
-        if restored is not None:
-            carry, histories, non_finite, first_epoch = restored
-            carry = devices.put(carry, sharding) if sharding is not None else carry
-            carry = _on_mesh(group.layout, carry) if group.layout is not None else carry
+def _train_chunk(group: _Group, members, size: int, workdir: pathlib.Path, progress, stop) -> _Chunk:
+    """Trains `members` (padded to `size` with copies of the first, dropped after) to the end, resuming from
+    the chunk's checkpoint: a RunBatch through the host loop that a run goes through (driver.train_loop)."""
+    batch = RunBatch(group.comp, batch_lib.pad(members, size), real=len(members))
+    loop = group.comp.loop
+    key = (size, batch.sharding is not None)  # the chunks of a group share their size: one program for all
+    with checkpoint_lib.opened(workdir, loop.max_to_keep, loop.checkpointing) as ckpt:
+        compiled = group.programs.get(key)
+        if compiled is None:
+            call, carry, compile_seconds = batch.prepare(ckpt, progress, "the sweep's program")
+            group.programs[key] = batch.compiled
+        else:
+            call, carry, compile_seconds = batch.prepare(ckpt, progress, compiled=compiled)
 
-        def call(carry, first, count):
-            as_int = lambda value: np.asarray(value, np.int32)
-            if group.layout is not None:  # replicated global scalars
-                as_int = lambda value: devices.put(np.asarray(value, np.int32), group.layout.replicated())
-            return run_epochs(carry, splits, es_hparams, as_int(first), as_int(count), as_int(config.train.epochs))
-
-        def consume(rows, first, seconds) -> bool:
-            new = {}
-            for r, run in enumerate(runs):
-                new[run.name], bad = report.run_rows(rows, first, group.pieces.steps_per_epoch, r)
-                for row in new[run.name]:
-                    row["seconds"] = seconds
-                    if run.name in group.group_values:
-                        names, values = group.pieces.tx.group_names, group.group_values[run.name]
-                        row.update(finetune.rate_columns(row["epoch"], row["learning_rate"], names, *values))
-                histories[run.name] += new[run.name]
-                if bad:
-                    non_finite[run.name] = bad
-            active = int(np.sum(~np.asarray(rows.halted)[: len(runs)]))
-            last = first + int(rows.ran) - 1
-            progress.advance(last, active, len(runs), new, group.pieces.tracker.monitor)
+        def consume(rows, first: int, seconds: float) -> bool:
+            new = batch.take_rows(rows, first, {"seconds": seconds})
+            active = int(np.sum(~np.asarray(rows.halted)[: len(members)]))
+            progress.advance(first + int(rows.ran) - 1, active, len(members), new, group.comp.pieces.tracker.monitor)
             return bool(np.all(rows.halted))
 
-        def save(carry, epoch: int) -> None:
-            if ckpt is not None and epoch > 0:
-                copied = {name: list(rows) for name, rows in histories.items()}  # orbax writes it later
-                meta = {"epoch": epoch, "histories": copied, "non_finite": dict(non_finite)}
-                ckpt.save(epoch, checkpoint_lib.arrays_of(devices.fetch(carry)), meta)
-
         outcome = driver.train_loop(
-            config,
-            call,
-            carry,
-            first_epoch,
-            limit=group.spec.epochs_per_call,
-            consume=consume,
-            save=save,
-            interrupted=stop,
-            checkpointing=ckpt is not None,
-            final_epoch=lambda outcome: outcome.last_epoch,
+            loop, call, carry, batch.first_epoch(), limit=group.comp.spec.epochs_per_call, consume=consume,
+            save=lambda carry, epoch: batch.save(ckpt, carry, epoch), interrupted=stop,
+            checkpointing=ckpt is not None, final_epoch=lambda outcome: batch.last_good_epoch(),
             profile_dir=workdir / "profile",  # the chunk's
-        )
+        )  # fmt: skip
     asked = bool(devices.agree((int(stop()),))[0])  # process 0's Ctrl-C stops every process
-    if asked and outcome.last_epoch < config.train.epochs and not outcome.halted:
+    if asked and outcome.last_epoch < loop.epochs and not outcome.halted:
         raise KeyboardInterrupt  # saved: the sweep's rerun resumes this chunk
-    place = functools.partial(_place_state, group, sharding)
-    return _Chunk(histories, _summaries(group, runs, outcome.carry, evaluate, test, non_finite, place), compile_seconds)
-
-
-def _place_state(group: _Group, sharding, state):
-    """The runs' final TrainStates (host arrays) where the evaluation program takes them."""
-    if group.layout is not None:
-        return devices.put(state, layout_lib.carry_shardings(group.layout, state))
-    return devices.put(state, sharding) if sharding is not None else state
-
-
-def _on_mesh(layout, carry):
-    """A chunk's carry (host arrays) where the layout puts it: the runs over "runs"."""
-    return devices.put(jax.device_get(carry), layout_lib.carry_shardings(layout, carry))
-
-
-def _summaries(group: _Group, runs, carry, evaluate, test, non_finite: dict, place) -> dict[str, dict]:
-    """Each run's stopping fields and final test metrics, as its summary.json would hold them."""
-    restore_best = group.config.early_stopping.enabled and group.config.early_stopping.restore_best
-    es_all = devices.fetch(carry.es_state)
-    state = devices.fetch(carry.state)  # padded runs too: no new shapes
-    if restore_best:  # each run's best epoch's, where it had one (an epoch monitored)
-        has_best = np.asarray(es_all.best_epoch) > 0
-        pick = lambda best, last: np.where(has_best.reshape(-1, *[1] * (np.ndim(best) - 1)), best, last)
-        state = state._replace(params=jax.tree.map(pick, devices.fetch(carry.best_params), state.params))
-    totals = devices.fetch(evaluate(place(state), test))["test"]
-    out = {}
-    for r, run in enumerate(runs):
-        es = jax.tree.map(lambda a, r=r: np.asarray(a)[r], es_all)
-        reason = report.stop_reason(es, group.pieces.may_stop, non_finite.get(run.name), False)
-        fields = report.stopping_fields(es, group.pieces.tracker.monitor, reason, non_finite.get(run.name))
-        final = jax.tree.map(lambda a, r=r: np.asarray(a)[r], totals).means("test")
-        out[run.name] = {**fields, **final}
-    return out
+    test = {"test": setup.on_device(group.comp.dataset.test)}
+    endings = batch.finish(outcome.carry, False, batch.evaluator(test))
+    summaries = {name: {k: v for k, v in e.fields.items() if k != "restored_best"} for name, e in endings.items()}
+    return _Chunk(batch.histories, summaries, compile_seconds)
 
 
 class _Progress:
@@ -416,22 +229,6 @@ def _recorded_chunk(workdir: pathlib.Path, g: int, size: int, say) -> int:
     return size
 
 
-def _chunk_size(group: _Group, members: list, chunk: int) -> int:
-    """Runs per program: `chunk`, or as many as fit the free memory; whole shards of the run axis."""
-    x_1 = setup.first_example(group.dataset.train)
-    example, _, _ = jax.eval_shape(lambda x: group.pieces.source.trace_init(group.config, x), x_1)
-    batch_size = group.config.train.batch_size
-    data_bytes = sum(np.asarray(a).nbytes for a in jax.tree.leaves(group.dataset.train.x))
-    copied = data_bytes if batch_size > 1 and data_bytes <= epoch_lib.PERMUTE_WHOLE_BYTES else 0
-    size = min(chunk or default_chunk(len(members), example, batch_size, _widest(example), copied), len(members))
-    shards = group.runs_size
-    if size >= shards > 1:
-        size -= size % shards  # whole shards of the run axis
-    elif group.layout is not None or devices.multi_process():
-        size = shards  # fewer runs than shards: padded to one run per shard
-    return size
-
-
 def sweep(
     config: ml_collections.ConfigDict,
     grid: list[dict[str, str]],
@@ -455,7 +252,8 @@ def sweep(
     run_lib.use_compilation_cache(config.train.compilation_cache_dir)
     quiet = quiet or not primary
     runs = sweep_lib.make_runs(config, grid, cv)
-    groups = [(_Group(members, cv, quiet), members) for members in sweep_lib.group_runs(runs)]  # data checked
+    fresh = restart or not _has_progress(workdir)  # only a fresh sweep reads init.from_workdir's source
+    groups = [_Group(members, cv, quiet, fresh) for members in sweep_lib.group_runs(runs)]  # data checked
     spec = {"config": json.loads(config.to_json_best_effort()), "grid": grid, "cv": cv}
     with lock.hold(workdir, "sweep workdir") if primary else contextlib.nullcontext():
         progress = _Progress(max(r.config.train.epochs for r in runs), quiet)
@@ -497,8 +295,9 @@ def _train_groups(groups, workdir: pathlib.Path, chunk: int, progress, stop) -> 
     summaries: dict[str, dict] = {}
     compile_seconds = 0.0
     try:
-        for g, (group, members) in enumerate(groups):
-            size = _chunk_size(group, members, chunk)
+        for g, group in enumerate(groups):
+            members = group.members
+            size = group.chunk_size(chunk)
             size = _recorded_chunk(workdir, g, size, progress.message) if devices.is_primary() else size
             size = devices.agree((size,))[0]  # process 0's record
             for c in range(0, len(members), size):
