@@ -121,7 +121,7 @@ def load_hooks(config: ml_collections.ConfigDict) -> Hooks:
         ) from None
     found = {name: getattr(module, name) for name in HOOKS if hasattr(module, name)}
     if "metrics_fn" not in found:  # the task's metrics: their names are known now
-        stopping.check(config, METRIC_NAMES[config.task])
+        stopping.check(config.early_stopping, config.data.validation_fraction > 0, METRIC_NAMES[config.task])
     for name, function in found.items():
         _check_signature(path, name, function)
     _say_unused(path, module)

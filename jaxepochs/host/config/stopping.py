@@ -28,27 +28,26 @@ def make_early_stopping(
         raise ConfigError(f"config.early_stopping: {e}") from None
 
 
-def check(config: ml_collections.ConfigDict, metric_names: tuple[str, ...] | None) -> None:
-    """ConfigError for an enabled early_stopping section that cannot run on a run logging `metric_names`
+def check(section: ml_collections.ConfigDict, has_validation: bool, metric_names: tuple[str, ...] | None) -> None:
+    """ConfigError for an enabled `early_stopping` section that cannot run on a run logging `metric_names`
     (None: not known yet, nothing is checked)."""
-    if config.early_stopping.enabled and metric_names:
-        make_early_stopping(config.early_stopping, config.data.validation_fraction > 0, metric_names)
+    if section.enabled and metric_names:
+        make_early_stopping(section, has_validation, metric_names)
 
 
-def names_known_from_the_config(config: ml_collections.ConfigDict) -> tuple[str, ...] | None:
-    """The metrics' names a config's early stopping can be checked against without its experiment module: the
+def known_names(task: str, module: str, monitor: str, has_validation: bool):
+    """The metrics' names early stopping can be checked against without importing the experiment module: the
     task's; with a module (whose metrics_fn may log others), "loss" alone where the monitor is a loss every run
-    logs (the section's other rules do not depend on the names), else None."""
-    if not config.experiment.module:
-        return METRIC_NAMES[config.task]
-    logged = ("train_loss", "val_loss") if config.data.validation_fraction > 0 else ("train_loss",)
-    return ("loss",) if config.early_stopping.monitor in logged else None
+    logs (the section's other rules do not depend on the names), else None (checked once the module is loaded)."""
+    if not module:
+        return METRIC_NAMES[task]
+    logged = ("train_loss", "val_loss") if has_validation else ("train_loss",)
+    return ("loss",) if monitor in logged else None
 
 
-def check_strips(config: ml_collections.ConfigDict) -> None:
+def check_strips(e: ml_collections.ConfigDict, n: int) -> None:
     """Prechelt's pq and up measure at strip ends, every k epochs after start_from_epoch: on a validation metric
-    those must be epochs that validate (a strip end without a value is not measured)."""
-    e, n = config.early_stopping, config.train.validate_every
+    those must be epochs that validate (a strip end without a value is not measured); n is train.validate_every."""
     if not (e.enabled and e.rule in ("pq", "up") and e.monitor.startswith("val_") and n > 1):
         return
     if e.k % n or e.start_from_epoch % n:

@@ -246,11 +246,12 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _validate_finetune(config)
     try:
         optim.validate_schedule(o.schedule.to_dict(), config.train.epochs)
-        # With an experiment module, a monitor of the metrics is checked where its names are known: its hooks load.
-        stopping.check(config, stopping.names_known_from_the_config(config))
+        es, has_val = config.early_stopping, config.data.validation_fraction > 0
+        # With an experiment module, a monitor of its metrics is checked where their names are known: hooks.py.
+        stopping.check(es, has_val, stopping.known_names(config.task, config.experiment.module, es.monitor, has_val))
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    stopping.check_strips(config)
+    stopping.check_strips(config.early_stopping, config.train.validate_every)
     k = config.checkpoint
     if k.every_epochs < 0 or k.every_seconds < 0 or k.max_to_keep < 1:
         fail(
