@@ -66,6 +66,9 @@ def _as_sequence(x_bl: jax.Array, model_name: str) -> jax.Array:
     return x_bl[..., None] if x_bl.ndim == 2 else x_bl
 
 
+CONVS = ("auto", "patches", "native")  # a CNN's convolution: see conv_for_backend and PatchConv1D
+
+
 def conv_for_backend(conv: str, backend: str | None = None) -> str:
     """ "auto" as the form that is fastest on `backend` (default: JAX's): patches on CPU, where XLA's convolution
     is slow for small 1-D shapes (about 5x here on MNIST-1D's CNN), the native convolution on GPU and TPU."""
@@ -258,26 +261,40 @@ class Transformer1L(nn.Module):
         return last_bd @ w_unembed
 
 
+def _mlp(m: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
+    return MLP(tuple(int(h) for h in m.hidden_sizes), num_classes, residual=bool(m.residual), initializer=m.init)
+
+
+def _cnn(m: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
+    return CNN1D(
+        tuple(m.channels),
+        tuple(m.kernel_sizes),
+        tuple(m.strides),
+        int(m.padding),
+        num_classes,
+        initializer=m.init,
+        conv=conv_for_backend(m.conv),
+    )
+
+
+def _gru(m: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
+    return GRU1D(int(m.gru_hidden), bool(m.bidirectional), num_classes, initializer=m.init)
+
+
+def _transformer(m: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
+    vocab = int(m.vocab_size) or num_classes + 1  # default: the classes and one separator (modular_addition)
+    return Transformer1L(vocab, int(m.d_model), int(m.num_heads), int(m.d_mlp), num_classes)
+
+
+_BUILDERS = {"mlp": _mlp, "cnn": _cnn, "gru": _gru, "transformer": _transformer}
+MODELS = tuple(_BUILDERS)  # the names make_model builds (config.model.name)
+
+
 def make_model(model_config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
-    m = model_config
-    if m.name == "mlp":
-        return MLP(tuple(int(h) for h in m.hidden_sizes), num_classes, residual=bool(m.residual), initializer=m.init)
-    if m.name == "cnn":
-        return CNN1D(
-            tuple(m.channels),
-            tuple(m.kernel_sizes),
-            tuple(m.strides),
-            int(m.padding),
-            num_classes,
-            initializer=m.init,
-            conv=conv_for_backend(m.conv),
-        )
-    if m.name == "gru":
-        return GRU1D(int(m.gru_hidden), bool(m.bidirectional), num_classes, initializer=m.init)
-    if m.name == "transformer":
-        vocab = int(m.vocab_size) or num_classes + 1  # default: the classes and one separator (modular_addition)
-        return Transformer1L(vocab, int(m.d_model), int(m.num_heads), int(m.d_mlp), num_classes)
-    raise ValueError(f'Unknown model "{m.name}"; use mlp, cnn, gru or transformer.')
+    if model_config.name not in _BUILDERS:
+        names = f"{', '.join(MODELS[:-1])} or {MODELS[-1]}"
+        raise ValueError(f'Unknown model "{model_config.name}"; use {names}.')
+    return _BUILDERS[model_config.name](model_config, num_classes)
 
 
 def init_params(model: nn.Module, key: jax.Array, example_x: jax.Array):

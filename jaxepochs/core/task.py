@@ -102,6 +102,13 @@ BUILTIN_METRICS = {
     "regression": regression_metrics,
     "binary": binary_metrics,
 }
+# The names of "loss" and of each built-in task's metrics, as rows show them ("loss", then the metrics sorted):
+# the names early stopping may monitor, known before anything is traced.
+METRIC_NAMES = {
+    "classification": ("loss", "accuracy"),
+    "regression": ("loss", "mae", "mse"),
+    "binary": ("loss", "accuracy"),
+}
 
 
 def make_task(apply: Callable, task: str = "classification", loss=None, metrics=None) -> Task:

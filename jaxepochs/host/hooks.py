@@ -23,7 +23,9 @@ from typing import NamedTuple
 
 import ml_collections
 
+from jaxepochs.core.task import METRIC_NAMES
 from jaxepochs.host import config as config_lib
+from jaxepochs.host.config import stopping
 
 HOOKS = {
     "get_model": ("config",),
@@ -103,7 +105,10 @@ def _say_unused_config(path: str, hooks: Hooks, config: ml_collections.ConfigDic
 
 
 def load_hooks(config: ml_collections.ConfigDict) -> Hooks:
-    """The hooks of the config's experiment module (none for a config built without one)."""
+    """The hooks of the config's experiment module (none for a config built without one). Checks what needs the
+    module: its hooks' signatures, its early stopping's monitor (validate leaves it to here: the module's
+    metrics_fn may log metrics of its own, checked once traced by setup.make_tracker), and the functions and
+    settings it would leave unused (warnings)."""
     path = config.experiment.module
     if not path:
         return Hooks("")
@@ -115,6 +120,8 @@ def load_hooks(config: ml_collections.ConfigDict) -> Hooks:
             "Restore it, or point config.experiment.module at it."
         ) from None
     found = {name: getattr(module, name) for name in HOOKS if hasattr(module, name)}
+    if "metrics_fn" not in found:  # the task's metrics: their names are known now
+        stopping.check(config.early_stopping, config.data.validation_fraction > 0, METRIC_NAMES[config.task])
     for name, function in found.items():
         _check_signature(path, name, function)
     _say_unused(path, module)
