@@ -15,7 +15,6 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import functools
-import json
 import pathlib
 import sys
 import time
@@ -34,10 +33,9 @@ from jaxepochs.data import loading as data_lib
 from jaxepochs.data import lock
 from jaxepochs.host import checkpoint as checkpoint_lib
 from jaxepochs.host import config as config_lib
-from jaxepochs.host import devices, driver, finetune, report, setup, streamed, writers
+from jaxepochs.host import devices, driver, finetune, report, setup, streamed, warm_start, writers
 from jaxepochs.host import hooks as hooks_lib
 from jaxepochs.host import workdir as workdir_lib
-from jaxepochs.host.workdir import WorkdirError
 
 TIMING_KEYS = (
     "seconds",
@@ -117,7 +115,7 @@ def set_up(config: ml_collections.ConfigDict, quiet: bool, fresh: bool = True) -
     layout = devices.run_layout(config, dataset.streamed, lambda text: None if quiet else devices.warn(text))
     pieces = setup.make_pieces(config, dataset, hooks, steps, has_val)
     if fresh:  # a resumed run restores its own checkpoint: the source run may have gone
-        pieces = setup.with_warm_start(pieces, config, setup.first_example(dataset.train))
+        pieces = warm_start.attach(pieces, config, setup.first_example(dataset.train))
     held_out = {name: getattr(dataset, name) for name in ("val", "test") if data_lib.count(getattr(dataset, name))}
     sizes = setup.eval_sizes(config, {name: data_lib.count(split) for name, split in held_out.items()})
     every_epoch = {name: size for name, size in sizes.items() if name == "val" or config.train.log_test}
@@ -553,63 +551,3 @@ def _say_interrupted(trained: Trained, history: list[dict], workdir: pathlib.Pat
         else f"outputs saved in {workdir}; checkpoint.enabled is False, so there is nothing to resume from."
     )
     progress.message(f"Interrupted after epoch {len(history)}; {saved}")
-
-
-def _shapes_of(run: dict) -> data_lib.Dataset:
-    """A dataset of two zero examples shaped as the run's (run.json), to rebuild its model and state from."""
-    is_leaf = lambda spec: isinstance(spec, list) and len(spec) == 2 and isinstance(spec[1], str)
-    inputs = run.get("inputs", [run.get("input_shape"), run.get("input_dtype", "float32")])
-    x = jax.tree.map(lambda spec: np.zeros([2, *spec[0]], spec[1]), inputs, is_leaf=is_leaf)
-    split = data_lib.Split(x, np.zeros([2, *run.get("label_shape", [])], run.get("label_dtype", "int32")))
-    empty = data_lib.take(split, slice(0, 0))
-    return data_lib.Dataset(
-        "run.json", split, empty if not run["num_val_examples"] else split, split, run["num_classes"]
-    )
-
-
-def _open_checkpoints(workdir: pathlib.Path, tries: int = 5) -> checkpoint_lib.Checkpointer:
-    """The workdir's checkpoints, read while a live run may be rotating them: orbax lists the directories, then
-    reads each one's time, and one deleted in between (max_to_keep) is a FileNotFoundError; list again."""
-    for attempt in range(tries):
-        try:
-            return checkpoint_lib.Checkpointer(workdir)
-        except FileNotFoundError:
-            if attempt == tries - 1:
-                raise
-            time.sleep(0.05)
-    raise AssertionError("unreachable")
-
-
-def load(workdir: str | pathlib.Path, epoch: int | str | None = None) -> epoch_lib.TrainState:
-    """The train state of a run's checkpoint: the newest (None), "best" (its best epoch's parameters) or epoch N."""
-    workdir = pathlib.Path(workdir)
-    if not (workdir / "run.json").exists():
-        raise WorkdirError(f"{workdir} holds no jaxepochs run (no run.json); pass the --workdir of a run.")
-    try:
-        config = config_lib.from_json((workdir / "config.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise WorkdirError(f"{workdir / 'config.json'} is damaged ({e}); the run there cannot be read.") from None
-    run = json.loads((workdir / "run.json").read_text())
-    dataset = _shapes_of(run)
-    hooks = hooks_lib.load_hooks(config)
-    pieces = setup.make_pieces(config, dataset, hooks, run["steps_per_epoch"], run["num_val_examples"] > 0)
-    x_1 = setup.first_example(dataset.train)
-    like = checkpoint_lib.arrays_of(setup.without_run_axis(setup.abstract_carry(pieces, config, x_1)))
-    ckpt = _open_checkpoints(workdir)
-    try:
-        saved = ckpt.epochs()
-        if not saved:
-            raise WorkdirError(f"{workdir} has no checkpoints.")
-        chosen = saved[-1] if epoch in (None, "best") else int(epoch)
-        if chosen not in saved:
-            raise WorkdirError(f"{workdir} has no checkpoint of epoch {epoch}; it has epochs {saved}.")
-        try:
-            arrays, _ = ckpt.restore(chosen, like)
-        except checkpoint_lib.CheckpointError as e:
-            others = [e for e in saved if e != chosen]
-            raise checkpoint_lib.CheckpointError(f"{e}. Its other checkpoints: epochs {others}.") from None
-    finally:
-        ckpt.close()
-    state = arrays["train"]
-    has_best = int(arrays["early_stopping"].best_epoch) > 0  # no epoch monitored yet: the last is the best known
-    return state._replace(params=arrays["best_params"]) if epoch == "best" and has_best else state

@@ -22,7 +22,7 @@ from jaxepochs.core import program as program_lib
 from jaxepochs.core import task as task_lib
 from jaxepochs.data import loading as data_lib
 from jaxepochs.host import config as config_lib
-from jaxepochs.host import devices, finetune, seam, warm_start
+from jaxepochs.host import devices, finetune, seam, streamed
 from jaxepochs.host import hooks as hooks_lib
 
 # With train.epochs_per_call = 0 a call runs up to this many epochs (the size of the rows it returns: 52 bytes a
@@ -49,8 +49,6 @@ class Pieces(NamedTuple):
 def load_data(config: ml_collections.ConfigDict, hooks: hooks_lib.Hooks, quiet: bool) -> data_lib.Dataset:
     """The experiment module's get_data(config), or the config's dataset; streamed (its splits read a chunk at a
     time, host/streamed.py) where it does not fit the device budget or the config asks for it."""
-    from jaxepochs.host import streamed
-
     if hooks.get_data is None:
         wanted = streamed.wants_stream(config, data_lib.estimated_bytes(config, quiet))
         dataset = data_lib.load_dataset(config, quiet, streamed=wanted)
@@ -116,14 +114,6 @@ def make_pieces(config, dataset: data_lib.Dataset, hooks: hooks_lib.Hooks, steps
     tracker, may_stop = make_tracker(config, has_validation, names)
     pieces = Pieces(source, task, names, hooks, tx, tracker, may_stop, plateau, steps_per_epoch, None)
     return pieces._replace(start=jax.jit(functools.partial(_start, pieces)))
-
-
-def with_warm_start(pieces: Pieces, config, x_1) -> Pieces:
-    """`pieces` with the arrays its fresh runs take from config.init.from_workdir (read and checked now)."""
-    if not config.init.from_workdir:
-        return pieces
-    shapes = jax.eval_shape(lambda x: pieces.source.trace_init(config, x), x_1)
-    return pieces._replace(warm=warm_start.prepare(config, shapes[0], shapes[1]))
 
 
 def run_spec(
@@ -218,7 +208,8 @@ def init_carries(pieces: Pieces, configs: list, opt_hparams: list[optim.OptHPara
     parts = []
     for config, hparams in zip(configs, opt_hparams, strict=True):
         params, model_state, run_key = pieces.source.init(config, x_1)
-        params, model_state = warm_start.apply(pieces.warm, params, model_state)
+        if pieces.warm is not None:  # host/warm_start.WarmStart: the arrays taken from init.from_workdir
+            params, model_state = pieces.warm.apply(params, model_state)
         hparams = optim.OptHParams(*(np.float32(v) for v in hparams))
         parts.append(pieces.start(params, model_state, run_key, hparams, _group_state(pieces, config)))
     if len(parts) == 1:

@@ -6,6 +6,9 @@
     init.exclude = ()                       # ... and of what is not
     init.reinit = ("Dense_2/*",)            # initialised afresh even where the run has them (a new head)
 
+    pieces = warm_start.attach(pieces, config, x_1)   # host/setup.Pieces whose fresh runs take the source's arrays
+    params, model_state = pieces.warm.apply(params, model_state)   # (host/setup.init_carries does this)
+
 A parameter is named by its path in the parameter tree, "/"-joined ("Dense_0/kernel"); BatchNorm's statistics
 by theirs without the collection ("BatchNorm_0/mean"), so one pattern names a layer's parameters and statistics.
 Every parameter the patterns select is taken from the run; one the run lacks, or whose shape differs, is an
@@ -24,6 +27,7 @@ import numpy as np
 
 from jaxepochs.host import checkpoint as checkpoint_lib
 from jaxepochs.host import config as config_lib
+from jaxepochs.host import saved_run, setup
 
 
 class WarmStart(NamedTuple):
@@ -42,6 +46,20 @@ class WarmStart(NamedTuple):
             "parameters_taken": len(self.params),
             "reinitialised": list(self.reinitialised),
         }
+
+    def apply(self, params, model_state):
+        """A freshly initialised run's (params, model_state) with the source's arrays where this takes them."""
+
+        def put(table, prefix=""):
+            return lambda path, leaf: table.get(prefix + path_name(path), leaf)
+
+        params = jax.tree_util.tree_map_with_path(put(self.params), params)
+        if model_state:
+            model_state = {
+                collection: jax.tree_util.tree_map_with_path(put(self.model_state, f"{collection}:"), tree)
+                for collection, tree in model_state.items()
+            }
+        return params, model_state
 
 
 def path_name(path) -> str:
@@ -69,17 +87,23 @@ def _epoch_arg(epoch: str):
     return None if epoch == "last" else ("best" if epoch == "best" else int(epoch))
 
 
+def attach(pieces: setup.Pieces, config, x_1) -> setup.Pieces:
+    """`pieces` with the arrays its fresh runs take from config.init.from_workdir (read and checked now)."""
+    if not config.init.from_workdir:
+        return pieces
+    shapes = jax.eval_shape(lambda x: pieces.source.trace_init(config, x), x_1)
+    return pieces._replace(warm=prepare(config, shapes[0], shapes[1]))
+
+
 def prepare(config, abstract_params, abstract_model_state) -> WarmStart | None:
     """The source run's arrays that a run of `config` starts from (None without init.from_workdir), checked
     against the new model's shapes; ConfigError naming the path or pattern that does not fit."""
     init = config.init  # its values were checked by config.validate
     if not init.from_workdir:
         return None
-    from jaxepochs.host import run as run_lib  # run imports this module's users: at call time
-
     source = pathlib.Path(init.from_workdir).expanduser()
     try:
-        loaded = run_lib.load(source, _epoch_arg(str(init.epoch)))
+        loaded = saved_run.load(source, _epoch_arg(str(init.epoch)))
     except ValueError as e:
         raise config_lib.ConfigError(f"config.init.from_workdir = {str(source)!r}: {e}") from None
     new, old = _flat(abstract_params), {k: np.asarray(v) for k, v in _flat(loaded.params).items()}
@@ -133,20 +157,3 @@ def _take_state(init, source, abstract_state, loaded_state, fresh: list[str]) ->
             _check_fits(source, key, leaf, old, list(old))
             taken[key] = old[key].astype(leaf.dtype)
     return taken
-
-
-def apply(warm: WarmStart | None, params, model_state):
-    """A freshly initialised run's (params, model_state) with the source's arrays where `warm` takes them."""
-    if warm is None:
-        return params, model_state
-
-    def put(table, prefix=""):
-        return lambda path, leaf: table.get(prefix + path_name(path), leaf)
-
-    params = jax.tree_util.tree_map_with_path(put(warm.params), params)
-    if model_state:
-        model_state = {
-            collection: jax.tree_util.tree_map_with_path(put(warm.model_state, f"{collection}:"), tree)
-            for collection, tree in model_state.items()
-        }
-    return params, model_state

@@ -36,7 +36,7 @@ from jaxepochs.data import loading as data_lib
 from jaxepochs.data import lock
 from jaxepochs.host import checkpoint as checkpoint_lib
 from jaxepochs.host import config as config_lib
-from jaxepochs.host import devices, driver, finetune, report, setup, writers
+from jaxepochs.host import devices, driver, finetune, report, setup, warm_start, writers
 from jaxepochs.host import hooks as hooks_lib
 from jaxepochs.host import run as run_lib
 from jaxepochs.host import workdir as workdir_lib
@@ -97,7 +97,7 @@ class _Group:
         self.has_val = bool(cv) or data_lib.count(dataset.val) > 0
         steps = epoch_lib.steps_per_epoch(n_train, template.train.batch_size)
         self.pieces = setup.make_pieces(template, dataset, hooks, steps, self.has_val)
-        self.pieces = setup.with_warm_start(self.pieces, template, setup.first_example(dataset.train))
+        self.pieces = warm_start.attach(self.pieces, template, setup.first_example(dataset.train))
         # Every run's fine-tuning values (metrics.jsonl's rate per group), checked before anything runs.
         names = self.pieces.tx.group_names
         self.group_values = {run.name: finetune.group_values(run.config, names) for run in runs} if names else {}
