@@ -37,7 +37,7 @@ class Pieces(NamedTuple):
     task: task_lib.Task  # the model's apply, the loss and the metrics
     metric_names: tuple[str, ...]  # "loss" and the task's metrics, in the order rows show them
     hooks: hooks_lib.Hooks  # the experiment module's (augment is used by the run program)
-    tx: optim.Optimizer
+    tx: optim.TrainerOptimizer  # optim.Optimizer (finetune.configure gives it groups)
     tracker: early_stopping_lib.EarlyStopping
     may_stop: bool  # early stopping is enabled (otherwise the tracker only tracks the best epoch)
     plateau: optim.PlateauState | None
@@ -193,9 +193,7 @@ def _group_state(pieces: Pieces, config):
 
 
 def _start(pieces: Pieces, params, model_state, run_key, opt_hparams, groups=None) -> program_lib.RunCarry:
-    opt_state = pieces.tx.init(params)._replace(hparams=opt_hparams)
-    if groups is not None:
-        opt_state = opt_state._replace(groups=groups)
+    opt_state = pieces.tx.with_hparams(pieces.tx.init(params), opt_hparams, groups)
     state = epoch_lib.TrainState(params, opt_state, jnp.zeros((), jnp.int32), run_key, model_state)
     carry = program_lib.start_carry(state, pieces.tracker, pieces.plateau)
     return jax.tree.map(lambda a: a[None], carry)
