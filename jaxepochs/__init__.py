@@ -9,8 +9,8 @@ from jaxepochs.core.early_stopping import EarlyStopping, EarlyStoppingState
 from jaxepochs.core.epoch import Metrics, TrainState, eval_epoch, train_epoch, train_step
 from jaxepochs.data.loading import DataError
 from jaxepochs.host.config import ConfigError, apply_overrides, base_config, load_config_file
-from jaxepochs.host.load import load
 from jaxepochs.host.run import NonFiniteLossError, TrainResult, train_and_evaluate
+from jaxepochs.host.saved_run import load
 from jaxepochs.host.workdir import WorkdirError
 from jaxepochs.sweep.grid import SweepError
 

@@ -317,3 +317,23 @@ def test_other_bad_settings_raise_naming_the_key():
         S.make_optimizer(opt_cfg(learning_rate=0.0), 4, 2)
     with pytest.raises(ValueError, match=r"min_learning_rate"):
         S.plateau_init(plateau_opt(min_learning_rate=2.0))  # above learning_rate 1.0
+
+
+def test_the_built_in_optimizer_is_a_trainer_optimizer_and_its_methods_are_the_functions():
+    from jaxepochs.core import schedules
+
+    assert S.make_schedule is schedules.make_schedule and S.SCHEDULES is schedules.SCHEDULES  # one definition
+    cfg = opt_cfg(name="adamw", schedule=sched_cfg(name="reduce_on_plateau", factor=0.5, patience=1))
+    tx = S.make_optimizer(cfg, 2, 4)
+    assert isinstance(tx, S.TrainerOptimizer) and tx.group_names == ()
+    params = {"w": jnp.ones(3)}
+    run_values = S.hparams_of({**cfg.to_dict(), "learning_rate": 0.05, "weight_decay": 0.2})
+    state = tx.with_hparams(tx.init(params), S.OptHParams(*(jnp.float32(v) for v in run_values)))
+    assert tx.hparams(state) is state.hparams and float(state.hparams.weight_decay) == pytest.approx(0.2)
+    _, state = tx.update({"w": jnp.full(3, 0.5)}, state, params)
+    assert tx.learning_rate(state) == S.learning_rate_of(state) == jnp.float32(0.05)
+    plateau = S.plateau_update(S.plateau_update(S.plateau_init(cfg), 1.0), 1.0)  # one reduction: scale 0.5
+    scaled = tx.with_plateau_scale(state, plateau.scale)
+    assert jax.tree.all(jax.tree.map(lambda a, b: a.dtype == b.dtype and a.shape == b.shape, scaled, state))
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), scaled, S.with_plateau_scale(state, plateau)))
+    assert float(tx.learning_rate(scaled)) == pytest.approx(0.025)

@@ -22,7 +22,7 @@ SHUFFLE_STREAM, DROPOUT_STREAM, AUGMENT_STREAM = 0, 1, 2  # fold_in tags: indepe
 
 class TrainState(NamedTuple):
     params: Any  # model parameters
-    opt_state: Any  # the optimizer's state (optim.OptState: holds the learning rate)
+    opt_state: Any  # the optimizer's state (optim.OptState, or another optim.TrainerOptimizer's)
     step: jax.Array  # int32 [] optimizer steps taken
     key: jax.Array  # PRNG key of the run; epochs and steps fold into it, it never advances
     model_state: Any = None  # what the model changes as it trains (BatchNorm's statistics); None or {} if nothing

@@ -1,25 +1,22 @@
-"""Optimizers and learning-rate schedules written in epochs: pure functions of plain values (no config objects).
+"""Optimizers: what the trainer needs of one (`TrainerOptimizer`, a Protocol), and the built-in one
+(`make_optimizer`: adam, adamw or sgd); pure functions of plain values (no config objects).
 
-The user writes every length in epochs (fractions allowed); the trainer passes `steps_per_epoch` and the run's
-epochs, and each length becomes `epochs_to_steps(epochs, steps_per_epoch)` = round(epochs * steps_per_epoch)
-steps (halves round up). optax builds every schedule's shape (peak 1); the optimizer multiplies it by the peak
-rate and reduce_on_plateau's scale.
-
-`make_optimizer` returns adam, adamw or sgd (momentum) with gradient clipping, whose state holds every number a
-sweep may vary as an array (`OptHParams`: the peak rate, the plateau scale, Adam's betas, weight decay,
-momentum), so runs that differ only in them share one compiled program and `jax.vmap` batches them. One counter
-drives the schedule and Adam's bias correction; the schedule is evaluated once per step. (It replaced
-`optax.inject_hyperparams`, whose three counters and rebuilt inner optimizer cost about 0.45 us per step at
-batch size 1 on CPU, and whose `b ** count` rounds differently batched and unbatched: a sweep member parted from
-its solo run in the 7th digit.)
+`make_optimizer` returns adam, adamw or sgd (momentum) with gradient clipping and a schedule's shape
+(core/schedules.py), whose state holds every number a sweep may vary as an array (`OptHParams`: the peak rate, the
+plateau scale, Adam's betas, weight decay, momentum), so runs that differ only in them share one compiled program
+and `jax.vmap` batches them. One counter drives the schedule and Adam's bias correction; the schedule is evaluated
+once per step. (It replaced `optax.inject_hyperparams`, whose three counters and rebuilt inner optimizer cost
+about 0.45 us per step at batch size 1 on CPU, and whose `b ** count` rounds differently batched and unbatched: a
+sweep member parted from its solo run in the 7th digit.)
 
     tx = make_optimizer(spec, steps_per_epoch, epochs)   # spec: name, learning_rate, ..., schedule: {...}
-    opt_state = tx.init(params)                          # OptState; opt_state.hparams may be replaced per run
+    opt_state = tx.with_hparams(tx.init(params), hparams_of(spec))   # a run's own values (a sweep's differ)
     updates, opt_state = tx.update(grads, opt_state, params)
-    learning_rate_of(opt_state)                          # the rate the last update applied
+    tx.learning_rate(opt_state)                          # the rate the last update applied
 
 reduce_on_plateau (`optax.contrib.reduce_on_plateau`) sees one monitored value per epoch: `plateau_init`,
-`plateau_update` (pure) and `with_plateau_scale`, which writes its scale into the optimizer's state.
+`plateau_update` (pure), and the optimizer's `with_plateau_scale`, which writes its scale into the state.
+The schedules' names (SCHEDULES, make_schedule, ...) are importable from here too.
 """
 
 from __future__ import annotations
@@ -27,47 +24,52 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import types
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
 import optax
 
-SCHEDULES = (
-    "constant",
-    "warmup_cosine",
-    "one_cycle",
-    "one_cycle_linear",
-    "step",
-    "exponential",
-    "reduce_on_plateau",
+from jaxepochs.core.schedules import (
+    MONITORS,
+    SCHEDULE_DEFAULTS,
+    SCHEDULES,
+    epochs_to_steps,
+    make_schedule,
+    schedule_spec,
+    validate_schedule,
 )
-OPTIMIZERS = ("adam", "adamw", "sgd")
-MONITORS = ("val_loss", "train_loss")  # reduce_on_plateau minimizes: a loss, not an accuracy
-ADAM_EPS = 1e-8  # optax.adam's default
-_KEY = "optimizer.schedule."
 
-# The keys of a schedule spec (the config's `optimizer.schedule`), with their defaults. Lengths are in epochs.
-SCHEDULE_DEFAULTS = {
-    "name": "constant",  # one of SCHEDULES
-    "warmup_epochs": 0.0,  # linear ramp from 0 (constant, warmup_cosine, step, exponential, reduce_on_plateau)
-    "decay_epochs": 0.0,  # warmup_cosine, one_cycle*: where the decay ends; 0 = at the end of training
-    "final_fraction": 0.0,  # warmup_cosine: decays to learning_rate * final_fraction
-    "boundaries_epochs": (),  # step: the rate is multiplied by `factor` at each of these epochs
-    "factor": 0.1,  # step and reduce_on_plateau: the multiplier at each reduction
-    "rate_per_epoch": 0.95,  # exponential: learning_rate * rate_per_epoch ** (step / steps_per_epoch)
-    "pct_start": 0.3,  # one_cycle*: fraction of the cycle spent rising to learning_rate
-    "div_factor": 25.0,  # one_cycle*: starts at learning_rate / div_factor
-    "final_div_factor": 1e4,  # one_cycle*: ends at learning_rate / (div_factor * final_div_factor)
-    "patience": 10,  # reduce_on_plateau: epochs without improvement before reducing (the patience-th one)
-    "cooldown": 0,  # reduce_on_plateau: epochs after a reduction during which none can happen
-    "min_learning_rate": 0.0,  # reduce_on_plateau: absolute floor of the reduced rate
-    "rtol": 1e-4,  # reduce_on_plateau: an improvement is value < (1 - rtol) * best - atol
-    "atol": 0.0,
-    "monitor": "val_loss",  # reduce_on_plateau: the per-epoch metric it watches (one of MONITORS)
-}
+__all__ = [  # the schedules' names are core/schedules.py's, importable from here as before
+    "ADAM_EPS",
+    "MONITORS",
+    "OPTIMIZERS",
+    "OPTIMIZER_DEFAULTS",
+    "SCHEDULES",
+    "SCHEDULE_DEFAULTS",
+    "GroupState",
+    "OptHParams",
+    "OptState",
+    "Optimizer",
+    "PlateauState",
+    "TrainerOptimizer",
+    "epochs_to_steps",
+    "hparams_of",
+    "learning_rate_of",
+    "make_optimizer",
+    "make_schedule",
+    "optimizer_spec",
+    "plateau_init",
+    "plateau_update",
+    "schedule_spec",
+    "validate_schedule",
+    "with_plateau_scale",
+]
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+ADAM_EPS = 1e-8  # optax.adam's default
+
 # The keys of an optimizer spec (the config's `optimizer` section), with their defaults.
 OPTIMIZER_DEFAULTS = {
     "name": "adam",  # one of OPTIMIZERS
@@ -79,139 +81,6 @@ OPTIMIZER_DEFAULTS = {
     "clip_norm": 0.0,  # clip gradients to this global norm before the optimizer; 0 = off
     "layer_decay": 1.0,  # fine-tuning: group k from the top trains at learning_rate * layer_decay ** k (host/finetune)
 }
-
-
-def schedule_spec(spec: Mapping[str, Any] | None) -> dict:
-    """A schedule spec with the defaults filled in (an `optimizer` section from before schedules has none)."""
-    return {**SCHEDULE_DEFAULTS, **(dict(spec) if spec is not None else {})}
-
-
-def epochs_to_steps(epochs: float, steps_per_epoch: int) -> int:
-    """round(epochs * steps_per_epoch), halves rounded up: 0.5 epoch of 10 steps is 5 steps, 0.25 is 3."""
-    return math.floor(epochs * steps_per_epoch + 0.5)
-
-
-def _namespace(spec: dict) -> types.SimpleNamespace:
-    return types.SimpleNamespace(**spec)
-
-
-def validate_schedule(spec: Mapping[str, Any] | None, total_epochs: float) -> None:
-    """Raises ValueError naming the `optimizer.schedule` key and the fix, for a schedule that cannot run."""
-    s = _namespace(schedule_spec(spec))
-
-    def fail(key: str, problem: str, fix: str) -> None:
-        raise ValueError(f"config.{_KEY}{key} = {problem}. {fix}")
-
-    if s.name not in SCHEDULES:
-        fail("name", f'"{s.name}" is not a known schedule', f"Use one of {SCHEDULES}.")
-    if not 0.0 <= s.warmup_epochs <= total_epochs:
-        fail("warmup_epochs", f"{s.warmup_epochs!r}", f"Use 0 to train.epochs ({total_epochs}) epochs.")
-    if s.name.startswith("one_cycle") and s.warmup_epochs > 0:
-        fail(
-            "warmup_epochs",
-            f"{s.warmup_epochs!r}",
-            "one_cycle rises over pct_start of the cycle; set it to 0.",
-        )
-    if s.decay_epochs < 0:
-        fail("decay_epochs", f"{s.decay_epochs!r}", "Use 0 (decay until the end of training) or more epochs.")
-    if s.name == "warmup_cosine":
-        decay_end = s.decay_epochs or total_epochs
-        if total_epochs > 0 and decay_end <= s.warmup_epochs:
-            fail(
-                "decay_epochs",
-                f"{s.decay_epochs!r} (decay ends at epoch {decay_end}, warmup at {s.warmup_epochs})",
-                "The decay must end after the warmup: lower warmup_epochs or raise decay_epochs.",
-            )
-        if not 0.0 <= s.final_fraction <= 1.0:
-            fail("final_fraction", f"{s.final_fraction!r}", "Use a fraction of learning_rate in [0, 1].")
-    if s.name.startswith("one_cycle"):
-        if not 0.0 < s.pct_start < 1.0:
-            fail("pct_start", f"{s.pct_start!r}", "Use a fraction of the cycle in (0, 1).")
-        if not s.div_factor > 0 or not s.final_div_factor > 0:
-            fail("div_factor/final_div_factor", f"{s.div_factor!r}/{s.final_div_factor!r}", "Both must be > 0.")
-    if s.name == "step":
-        bounds = tuple(s.boundaries_epochs)
-        if not bounds:
-            fail(
-                "boundaries_epochs",
-                "()",
-                "Give the epochs at which to multiply the rate by factor, e.g. (30, 60).",
-            )
-        if bounds[0] <= 0 or any(b <= a for a, b in zip(bounds[:-1], bounds[1:], strict=True)):
-            fail("boundaries_epochs", f"{bounds}", "Boundaries must be positive and strictly increasing.")
-    if s.name in ("step", "reduce_on_plateau") and not 0.0 < s.factor <= 1.0:
-        fail("factor", f"{s.factor!r}", "Use a multiplier in (0, 1], e.g. 0.1.")
-    if s.name == "exponential" and not s.rate_per_epoch > 0:
-        fail("rate_per_epoch", f"{s.rate_per_epoch!r}", "Use a positive multiplier per epoch, e.g. 0.95.")
-    if s.name == "reduce_on_plateau":
-        if s.factor == 1.0:
-            fail(
-                "factor",
-                "1.0",
-                "reduce_on_plateau needs factor < 1; use schedule.name='constant' for no decay.",
-            )
-        if not isinstance(s.patience, int) or s.patience < 1:
-            # optax counts epochs without improvement and reduces when the count equals patience; with 0 it
-            # would reduce on every improvement instead.
-            fail("patience", f"{s.patience!r}", "Use a whole number of epochs, 1 or more.")
-        if not isinstance(s.cooldown, int) or s.cooldown < 0:
-            fail("cooldown", f"{s.cooldown!r}", "Use a whole number of epochs, 0 or more.")
-        if s.min_learning_rate < 0:
-            fail("min_learning_rate", f"{s.min_learning_rate!r}", "Use 0 (no floor) or a positive rate.")
-        if s.rtol < 0 or s.atol < 0 or s.rtol > 1 or (s.rtol == 0 and s.atol == 0):
-            fail("rtol/atol", f"{s.rtol!r}/{s.atol!r}", "Use 0 <= rtol <= 1 and atol >= 0, not both 0.")
-        if s.monitor not in MONITORS:
-            fail("monitor", f'"{s.monitor}"', f"Use one of {MONITORS}.")
-
-
-def _with_warmup(schedule: optax.Schedule, warmup_steps: int) -> optax.Schedule:
-    """A linear ramp from 0 to schedule(warmup_steps), then `schedule` at its own (absolute) step."""
-    if warmup_steps == 0:
-        return schedule
-    ramp = optax.linear_schedule(0.0, float(schedule(warmup_steps)), warmup_steps)
-    return optax.join_schedules([ramp, lambda count: schedule(count + warmup_steps)], [warmup_steps])
-
-
-def make_schedule(
-    spec: Mapping[str, Any] | None, learning_rate: float, steps_per_epoch: int, total_epochs: int
-) -> optax.Schedule:
-    """The step-indexed optax schedule of `optimizer.schedule` (reduce_on_plateau: its constant part)."""
-    validate_schedule(spec, total_epochs)
-    s = _namespace(schedule_spec(spec))
-    if not isinstance(steps_per_epoch, int) or steps_per_epoch < 1:
-        raise ValueError(f"steps_per_epoch = {steps_per_epoch!r}; it must be a positive integer.")
-    to_steps = functools.partial(epochs_to_steps, steps_per_epoch=steps_per_epoch)
-    warmup = to_steps(s.warmup_epochs)
-    decay_end = to_steps(s.decay_epochs) if s.decay_epochs > 0 else total_epochs * steps_per_epoch
-    lr = learning_rate
-    if s.name == "warmup_cosine":
-        # optax's decay_steps is the whole length, warmup included. With 0 epochs no step is ever taken.
-        decay_steps = max(decay_end, warmup + 1)
-        if total_epochs > 0 and decay_end <= warmup:
-            raise ValueError(
-                f"config.{_KEY}decay_epochs: the decay ends at step {decay_end}, not after the {warmup} "
-                f"warmup steps ({steps_per_epoch} steps per epoch). Lengthen the decay or shorten the warmup."
-            )
-        return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, decay_steps, end_value=lr * s.final_fraction)
-    if s.name == "one_cycle":
-        return optax.cosine_onecycle_schedule(max(decay_end, 1), lr, s.pct_start, s.div_factor, s.final_div_factor)
-    if s.name == "one_cycle_linear":
-        return optax.linear_onecycle_schedule(
-            max(decay_end, 1), lr, s.pct_start, div_factor=s.div_factor, final_div_factor=s.final_div_factor
-        )
-    if s.name == "step":
-        bounds = [to_steps(b) for b in s.boundaries_epochs]
-        if len(set(bounds)) != len(bounds):
-            raise ValueError(
-                f"config.{_KEY}boundaries_epochs = {tuple(s.boundaries_epochs)} fall on steps {bounds} at "
-                f"{steps_per_epoch} steps per epoch; two share a step. Space them further apart."
-            )
-        schedule = optax.piecewise_constant_schedule(lr, {b: s.factor for b in bounds})
-    elif s.name == "exponential":
-        schedule = optax.exponential_decay(lr, transition_steps=steps_per_epoch, decay_rate=s.rate_per_epoch)
-    else:  # constant, reduce_on_plateau
-        schedule = optax.constant_schedule(lr)
-    return _with_warmup(schedule, warmup)
 
 
 class OptHParams(NamedTuple):
@@ -245,10 +114,58 @@ class OptState(NamedTuple):
     groups: GroupState | None = None  # with fine-tuning's groups (Optimizer.groups), else None
 
 
+@runtime_checkable
+class TrainerOptimizer(Protocol):
+    """What the trainer asks of an optimizer (`RunSpec.tx`; host/setup.py makes the built-in `Optimizer`).
+
+    optax's contract (optax.GradientTransformation), which the run program calls once per step:
+      init(params) -> state
+      update(grads, state, params) -> (updates, state): `updates` are added to the parameters as they are
+          (optax.apply_updates): the learning rate is already in them.
+    The state is a pytree of arrays whose structure `init` fixes: the run's carry holds it, checkpoints save it,
+    and a sweep stacks it on a leading run axis.
+
+    What the trainer owns per run, written into and read from that state:
+      defaults: the run's `OptHParams` (as floats, in its field order) for the optimizer's own spec. A sweep puts
+          each run's values (`hparams_of(spec)` of its config's optimizer section) on the run axis: runs that
+          differ only in them share one program. An optimizer keeps every field and reads those it uses (sgd: no
+          betas; weight decay: adamw's).
+      with_hparams(state, hparams, groups=None) -> state: a fresh state (from `init`) with a run's values: its
+          `OptHParams` (float32 [] each) and, with fine-tuning's groups (`group_names` not empty), its
+          `GroupState` (None: the state's own).
+      hparams(state) -> OptHParams: the values `with_hparams` wrote (the learning-rate finder rewrites the rate).
+      learning_rate(state) -> float32 []: the rate the last update applied (before any: the first step's), with
+          the schedule and reduce_on_plateau's scale in it: metrics.jsonl's learning_rate.
+      with_plateau_scale(state, scale) -> state: the state whose next updates apply `scale` (float32 [],
+          reduce_on_plateau's multiplier of the rate, core/optim.PlateauState.scale) in place of the one before;
+          once per epoch, after the epoch's steps. The plateau's own state is the trainer's (RunCarry.plateau).
+      group_names: fine-tuning's groups, bottom to top (learning_rate/<group> in metrics.jsonl); () without.
+
+    An optimizer whose direction is another optax transformation implements it by owning the rest: a state of
+    (count, the schedule's shape, OptHParams, the inner transformation's state); `update` scales the inner
+    updates by -learning_rate * shape * scale (adding weight_decay * params first where it decays).
+    """
+
+    defaults: tuple[float, ...]
+    group_names: tuple[str, ...]
+
+    def init(self, params) -> Any: ...
+
+    def update(self, grads, state, params=None) -> tuple[Any, Any]: ...
+
+    def with_hparams(self, state, hparams: OptHParams, groups: GroupState | None = None) -> Any: ...
+
+    def hparams(self, state) -> OptHParams: ...
+
+    def learning_rate(self, state) -> jax.Array: ...
+
+    def with_plateau_scale(self, state, scale: jax.Array) -> Any: ...
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Optimizer:
-    """adam, adamw or sgd with momentum, the schedule's shape and optional clipping by global norm; `init` and
-    `update` as an optax GradientTransformation's. Every update applies learning_rate * shape(count) * scale."""
+    """adam, adamw or sgd with momentum, the schedule's shape and optional clipping by global norm: a
+    `TrainerOptimizer`. Every update applies learning_rate * shape(count) * scale."""
 
     name: str  # one of OPTIMIZERS
     shape: optax.Schedule  # the schedule of peak 1, of the 0-based step index
@@ -276,6 +193,19 @@ class Optimizer:
             groups = GroupState(jnp.asarray(self.trainable_from, jnp.int32), jnp.asarray(self.rate_scale, jnp.float32),
                                 ones, ones)  # fmt: skip
         return OptState(count, self._shape_at(count), hparams, one, one, mu, nu, groups)
+
+    def with_hparams(self, state: OptState, hparams: OptHParams, groups: GroupState | None = None) -> OptState:
+        state = state._replace(hparams=hparams)
+        return state if groups is None else state._replace(groups=groups)
+
+    def hparams(self, state: OptState) -> OptHParams:
+        return state.hparams
+
+    def learning_rate(self, state: OptState) -> jax.Array:
+        return learning_rate_of(state)
+
+    def with_plateau_scale(self, state: OptState, scale: jax.Array) -> OptState:
+        return _with_scale(state, scale)
 
     def _shape_at(self, count: jax.Array) -> jax.Array:
         return jnp.asarray(self.shape(count), jnp.float32)
@@ -342,7 +272,8 @@ def optimizer_spec(spec: Mapping[str, Any]) -> dict:
 
 
 def hparams_of(spec: Mapping[str, Any]) -> OptHParams:
-    """The spec's OptHParams as Python floats (scale 1)."""
+    """The spec's OptHParams as Python floats (scale 1): a run's values for TrainerOptimizer.with_hparams, whichever
+    optimizer the spec names (a sweep stacks each run's on the run axis)."""
     o = optimizer_spec(spec)
     return OptHParams(
         float(o["learning_rate"]), 1.0, float(o["b1"]), float(o["b2"]), float(o["weight_decay"]), float(o["momentum"])
@@ -366,8 +297,9 @@ def make_optimizer(spec: Mapping[str, Any], steps_per_epoch: int, total_epochs: 
 
 
 def learning_rate_of(opt_state: OptState, plateau_state: PlateauState | None = None) -> jax.Array:
-    """The rate the last update applied: after an epoch, the value at its last step, plateau scale included
-    (before any update: the first step's rate).
+    """The rate the last update applied (the built-in Optimizer's state; the trainer asks its optimizer's
+    `learning_rate`: TrainerOptimizer): after an epoch, the value at its last step, plateau scale included (before
+    any update: the first step's rate).
 
     With `plateau_state`, the rate of that same step under plateau_state's scale instead of the scale it ran
     with (after `plateau_update`: the rate the plateau decision gives that step).
@@ -401,8 +333,8 @@ def plateau_init(spec: Mapping[str, Any]) -> PlateauState | None:
     min_scale = s["min_learning_rate"] / o["learning_rate"]
     if min_scale > 1:
         raise ValueError(
-            f"config.{_KEY}min_learning_rate = {s['min_learning_rate']!r} is above optimizer.learning_rate "
-            f"({o['learning_rate']!r}). Use a floor below the learning rate."
+            f"config.optimizer.schedule.min_learning_rate = {s['min_learning_rate']!r} is above "
+            f"optimizer.learning_rate ({o['learning_rate']!r}). Use a floor below the learning rate."
         )
     settings = (
         ("factor", float(s["factor"])),
@@ -425,9 +357,11 @@ def plateau_update(plateau_state: PlateauState, value: jax.typing.ArrayLike) -> 
 
 
 def with_plateau_scale(opt_state: OptState, plateau_state: PlateauState | None) -> OptState:
-    """`opt_state` whose next updates apply the plateau's scale; unchanged shapes and dtypes. Pure."""
-    if plateau_state is None:
-        return opt_state
+    """`opt_state` (the built-in Optimizer's) whose next updates apply the plateau's scale; unchanged shapes and
+    dtypes. Pure. (The trainer calls its optimizer's `with_plateau_scale`: TrainerOptimizer.)"""
+    return opt_state if plateau_state is None else _with_scale(opt_state, plateau_state.scale)
+
+
+def _with_scale(opt_state: OptState, scale: jax.typing.ArrayLike) -> OptState:
     h = opt_state.hparams
-    scale = jnp.asarray(plateau_state.scale, h.scale.dtype).reshape(h.scale.shape)
-    return opt_state._replace(hparams=h._replace(scale=scale))
+    return opt_state._replace(hparams=h._replace(scale=jnp.asarray(scale, h.scale.dtype).reshape(h.scale.shape)))

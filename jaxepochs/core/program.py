@@ -61,7 +61,7 @@ class RunSpec:
     """What is compiled into the program: the model's apply function, the optimizer and the epoch's settings."""
 
     task: Task  # the model's apply, the loss and the metrics (core/task.py)
-    tx: Any  # optim.Optimizer (or any optax-style init/update pair)
+    tx: optim.TrainerOptimizer  # optim.Optimizer, or another optimizer that does what the trainer asks of one
     metric_names: tuple[str, ...]  # "loss" and the task's metrics: the structure of every split's sums
     batch_size: int
     eval_batch_sizes: dict[str, int]  # "val" and/or "test" -> batch size; a split not named is not evaluated
@@ -133,7 +133,7 @@ def conclude_epoch(spec: RunSpec, carry: RunCarry, state, train_m, val_m, test_m
         es_hparams,
         observed=_observed(spec.tracker.monitor, val_due),
     )
-    learning_rate = optim.learning_rate_of(state.opt_state).astype(jnp.float32)
+    learning_rate = spec.tx.learning_rate(state.opt_state).astype(jnp.float32)
     plateau = carry.plateau
     if plateau is not None:
         # reduce_on_plateau is fed only the epochs its monitor was measured: with validation every n epochs its
@@ -141,7 +141,7 @@ def conclude_epoch(spec: RunSpec, carry: RunCarry, state, train_m, val_m, test_m
         fed = optim.plateau_update(plateau, _metric(by_split, spec.plateau_monitor))
         observed = _observed(spec.plateau_monitor, val_due)
         plateau = jax.tree.map(lambda new, old: jnp.where(observed, new, old), fed, plateau)
-        state = state._replace(opt_state=optim.with_plateau_scale(state.opt_state, plateau))
+        state = state._replace(opt_state=spec.tx.with_plateau_scale(state.opt_state, plateau.scale))
     finite = jnp.isfinite(train_m.sums["loss"])
     # A run halted before this epoch keeps everything; a non-finite epoch is discarded and halts the run.
     discard = carry.halted | ~finite

@@ -107,9 +107,8 @@ def compose(config, dataset: data_lib.Dataset, hooks, *, cv: int = 0, sweep: boo
     has_val = bool(cv) or data_lib.count(dataset.val) > 0
     steps = config.train.steps_per_epoch or epoch_lib.steps_per_epoch(n_train, config.train.batch_size)
     pieces = setup.make_pieces(config, dataset, hooks, steps, has_val)
-    if fresh and config.init.from_workdir:  # the arrays its fresh runs take from init.from_workdir, checked now
-        shapes = jax.eval_shape(lambda x: pieces.source.trace_init(config, x), setup.first_example(dataset.train))
-        pieces = pieces._replace(warm=warm_start.prepare(config, shapes[0], shapes[1]))
+    if fresh:  # the arrays its fresh runs take from init.from_workdir, read and checked now
+        pieces = warm_start.attach(pieces, config, setup.first_example(dataset.train))
     if sweep:
         runs_devices, layout = devices.sweep_mesh(config)[0], devices.sweep_layout(config)
     else:

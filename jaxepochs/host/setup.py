@@ -22,7 +22,7 @@ from jaxepochs.core import program as program_lib
 from jaxepochs.core import task as task_lib
 from jaxepochs.data import loading as data_lib
 from jaxepochs.host import config as config_lib
-from jaxepochs.host import devices, finetune, seam
+from jaxepochs.host import devices, finetune, seam, streamed
 from jaxepochs.host import hooks as hooks_lib
 
 # With train.epochs_per_call = 0 a call runs up to this many epochs (the size of the rows it returns: 52 bytes a
@@ -37,7 +37,7 @@ class Pieces(NamedTuple):
     task: task_lib.Task  # the model's apply, the loss and the metrics
     metric_names: tuple[str, ...]  # "loss" and the task's metrics, in the order rows show them
     hooks: hooks_lib.Hooks  # the experiment module's (augment is used by the run program)
-    tx: optim.Optimizer
+    tx: optim.TrainerOptimizer  # optim.Optimizer (finetune.configure gives it groups)
     tracker: early_stopping_lib.EarlyStopping
     may_stop: bool  # early stopping is enabled (otherwise the tracker only tracks the best epoch)
     plateau: optim.PlateauState | None
@@ -49,8 +49,6 @@ class Pieces(NamedTuple):
 def load_data(config: ml_collections.ConfigDict, hooks: hooks_lib.Hooks, quiet: bool) -> data_lib.Dataset:
     """The experiment module's get_data(config), or the config's dataset; streamed (its splits read a chunk at a
     time, host/streamed.py) where it does not fit the device budget or the config asks for it."""
-    from jaxepochs.host import streamed
-
     if hooks.get_data is None:
         wanted = streamed.wants_stream(config, data_lib.estimated_bytes(config, quiet))
         dataset = data_lib.load_dataset(config, quiet, streamed=wanted)
@@ -195,9 +193,7 @@ def _group_state(pieces: Pieces, config):
 
 
 def _start(pieces: Pieces, params, model_state, run_key, opt_hparams, groups=None) -> program_lib.RunCarry:
-    opt_state = pieces.tx.init(params)._replace(hparams=opt_hparams)
-    if groups is not None:
-        opt_state = opt_state._replace(groups=groups)
+    opt_state = pieces.tx.with_hparams(pieces.tx.init(params), opt_hparams, groups)
     state = epoch_lib.TrainState(params, opt_state, jnp.zeros((), jnp.int32), run_key, model_state)
     carry = program_lib.start_carry(state, pieces.tracker, pieces.plateau)
     return jax.tree.map(lambda a: a[None], carry)
@@ -210,7 +206,7 @@ def init_carries(pieces: Pieces, configs: list, opt_hparams: list[optim.OptHPara
     parts = []
     for config, hparams in zip(configs, opt_hparams, strict=True):
         params, model_state, run_key = pieces.source.init(config, x_1)
-        if pieces.warm is not None:  # host/warm_start.WarmStart: the source run's arrays taken
+        if pieces.warm is not None:  # host/warm_start.WarmStart: the arrays taken from init.from_workdir
             params, model_state = pieces.warm.apply(params, model_state)
         hparams = optim.OptHParams(*(np.float32(v) for v in hparams))
         parts.append(pieces.start(params, model_state, run_key, hparams, _group_state(pieces, config)))

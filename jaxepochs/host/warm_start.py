@@ -6,6 +6,9 @@
     init.exclude = ()                       # ... and of what is not
     init.reinit = ("Dense_2/*",)            # initialised afresh even where the run has them (a new head)
 
+    pieces = warm_start.attach(pieces, config, x_1)   # host/setup.Pieces whose fresh runs take the source's arrays
+    params, model_state = pieces.warm.apply(params, model_state)   # (host/setup.init_carries does this)
+
 A parameter is named by its path in the parameter tree, "/"-joined ("Dense_0/kernel"); BatchNorm's statistics
 by theirs without the collection ("BatchNorm_0/mean"), so one pattern names a layer's parameters and statistics.
 Every parameter the patterns select is taken from the run; one the run lacks, or whose shape differs, is an
@@ -24,7 +27,7 @@ import numpy as np
 
 from jaxepochs.host import checkpoint as checkpoint_lib
 from jaxepochs.host import config as config_lib
-from jaxepochs.host import load as load_lib
+from jaxepochs.host import saved_run, setup
 
 
 class WarmStart(NamedTuple):
@@ -84,6 +87,14 @@ def _epoch_arg(epoch: str):
     return None if epoch == "last" else ("best" if epoch == "best" else int(epoch))
 
 
+def attach(pieces: setup.Pieces, config, x_1) -> setup.Pieces:
+    """`pieces` with the arrays its fresh runs take from config.init.from_workdir (read and checked now)."""
+    if not config.init.from_workdir:
+        return pieces
+    shapes = jax.eval_shape(lambda x: pieces.source.trace_init(config, x), x_1)
+    return pieces._replace(warm=prepare(config, shapes[0], shapes[1]))
+
+
 def prepare(config, abstract_params, abstract_model_state) -> WarmStart | None:
     """The source run's arrays that a run of `config` starts from (None without init.from_workdir), checked
     against the new model's shapes; ConfigError naming the path or pattern that does not fit."""
@@ -92,7 +103,7 @@ def prepare(config, abstract_params, abstract_model_state) -> WarmStart | None:
         return None
     source = pathlib.Path(init.from_workdir).expanduser()
     try:
-        loaded = load_lib.load(source, _epoch_arg(str(init.epoch)))
+        loaded = saved_run.load(source, _epoch_arg(str(init.epoch)))
     except ValueError as e:
         raise config_lib.ConfigError(f"config.init.from_workdir = {str(source)!r}: {e}") from None
     new, old = _flat(abstract_params), {k: np.asarray(v) for k, v in _flat(loaded.params).items()}

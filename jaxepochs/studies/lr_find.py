@@ -160,8 +160,8 @@ def range_program(task, tx, batch_size: int, steps: int, shuffle: bool = True, a
 
         def body(state, inputs):
             idx_b, rate = inputs
-            hparams = state.opt_state.hparams._replace(learning_rate=rate)
-            state = state._replace(opt_state=state.opt_state._replace(hparams=hparams))
+            hparams = tx.hparams(state.opt_state)._replace(learning_rate=rate)
+            state = state._replace(opt_state=tx.with_hparams(state.opt_state, hparams))
             state, metrics = epoch_lib.train_step(
                 state, epoch_lib.take(data_n, idx_b), task=task, tx=tx, augment=augment, accumulate=accumulate
             )

@@ -1,5 +1,6 @@
-"""Reading a finished (or live) run back: `jaxepochs.load(workdir, epoch)` rebuilds the run's model from its
-config.json and the shapes in run.json, and restores a checkpoint's train state, without its data."""
+"""Reading a run from its workdir: `load(workdir, epoch)` (exported as `jaxepochs.load`), the train state of one of
+its checkpoints, its model and optimizer state rebuilt from its config.json and the shapes in its run.json. The run
+may be finished or still training (its checkpoints are read without the workdir's lock)."""
 
 from __future__ import annotations
 
