@@ -24,6 +24,7 @@ import sys
 import time
 
 from jaxepochs.host import config as config_lib
+from jaxepochs.host import report
 
 MLFLOW_RECORD = "mlflow.json"  # the workdir's MLflow run: a resumed run logs into the same one
 NOT_SCALARS = ("epoch", "steps")  # the step of every scalar, and its step count
@@ -55,9 +56,8 @@ class CsvLog:
         return ",".join(_csv_value(row.get(column)) for column in self._columns) + "\n"
 
     def _rewrite(self) -> None:
-        temporary = self._path.with_suffix(".csv.tmp")
-        temporary.write_text(",".join(self._columns) + "\n" + "".join(self._line(row) for row in self._rows))
-        os.replace(temporary, self._path)
+        text = ",".join(self._columns) + "\n" + "".join(self._line(row) for row in self._rows)
+        report.replace_file(self._path, text.encode())
 
     def write(self, row: dict) -> None:
         self._rows.append(row)
@@ -91,26 +91,26 @@ class TensorBoardLog:
     protocol buffers would import PyTorch where it is installed (a second and 170 MB at every run's start)."""
 
     def __init__(self, directory: pathlib.Path, rows: list[dict]):
-        shutil.rmtree(directory, ignore_errors=True)  # rows past the resumed checkpoint are trained again
-        directory.mkdir(parents=True)
-        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.jaxepochs"
-        self._file = (directory / name).open("ab")
-        self._record(_event(field=_bytes_field(3, b"brain.Event:2")))  # file_version
-        for row in rows:
-            self.write(row)
+        # Rows past the resumed checkpoint are trained again: the event file is rebuilt from `rows` in a temporary
+        # file beside it and renamed over it (under its old name), so a kill while it is written leaves the old one.
+        directory.mkdir(parents=True, exist_ok=True)
+        old = sorted(directory.glob("events.out.tfevents.*.jaxepochs"))
+        name = old[-1].name if old else f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.jaxepochs"
+        self._path = directory / name
+        data = _tf_record(_event(field=_bytes_field(3, b"brain.Event:2")))  # file_version
+        data += b"".join(_tf_record(_row_event(row)) for row in rows)
+        report.replace_file(self._path, data)
+        for stale in directory.iterdir():  # an earlier writer's other files (a sweep member's directories)
+            if stale.name != name:
+                shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
+        self._file = self._path.open("ab")
 
     def _record(self, data: bytes) -> None:
-        """One TFRecord: the length, its masked CRC-32C, the event, the event's masked CRC-32C."""
-        header = struct.pack("<Q", len(data))
-        self._file.write(header + struct.pack("<I", _masked_crc(header)) + data + struct.pack("<I", _masked_crc(data)))
+        self._file.write(_tf_record(data))
         self._file.flush()
 
     def write(self, row: dict) -> None:
-        values = b"".join(
-            _bytes_field(1, _bytes_field(1, tag.encode()) + b"\x15" + struct.pack("<f", value))  # Summary.Value
-            for tag, value in scalars(row).items()
-        )
-        self._record(_event(row["epoch"], _bytes_field(5, values)))  # Event.summary
+        self._record(_row_event(row))
 
     def hparams(self, values: dict, metrics: dict) -> None:
         """The run's hyperparameters and its final metrics, for TensorBoard's hparams plugin (a sweep's runs)."""
@@ -121,6 +121,21 @@ class TensorBoardLog:
 
     def close(self) -> None:
         self._file.close()
+
+
+def _tf_record(data: bytes) -> bytes:
+    """One TFRecord: the length, its masked CRC-32C, the event, the event's masked CRC-32C."""
+    header = struct.pack("<Q", len(data))
+    return header + struct.pack("<I", _masked_crc(header)) + data + struct.pack("<I", _masked_crc(data))
+
+
+def _row_event(row: dict) -> bytes:
+    """A row's scalars as one Event at step `epoch`."""
+    values = b"".join(
+        _bytes_field(1, _bytes_field(1, tag.encode()) + b"\x15" + struct.pack("<f", value))  # Summary.Value
+        for tag, value in scalars(row).items()
+    )
+    return _event(row["epoch"], _bytes_field(5, values))  # Event.summary
 
 
 def _varint(n: int) -> bytes:

@@ -1,0 +1,80 @@
+"""Issue #28: user-facing faults (a kill while a log is rewritten, writers' contract, workdir kinds, hooks' dtypes,
+MLflow paths, split shapes, lr-find's lock, false warnings, overrides of experiment.*, messages, a full disk in
+TensorBoard). Each test fails before anything compiles where it can."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import _events
+
+from jaxepochs.host import report, writers
+from jaxepochs.studies import compare
+
+
+class Killed(BaseException):
+    """A SIGKILL's stand-in: nothing after it runs."""
+
+
+def _rows(n: int) -> list[dict]:
+    return [{"epoch": e, "steps": 10 * e, "train_loss": 1.0 / e, "learning_rate": 0.1} for e in range(1, n + 1)]
+
+
+def _kill_after(monkeypatch, module, name: str, calls: int) -> None:
+    """`module.name` raises Killed at its `calls`-th call."""
+    real, count = getattr(module, name), [0]
+
+    def patched(*args, **kwargs):
+        count[0] += 1
+        if count[0] >= calls:
+            raise Killed
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, patched)
+
+
+def test_a_kill_while_metrics_jsonl_is_rebuilt_leaves_the_old_file_whole(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.jsonl"
+    log = report.MetricsLog(path, _rows(3))
+    log.close()
+    before = path.read_bytes()
+    _kill_after(monkeypatch, report, "_jsonable", 6)  # inside the second restored row
+    with pytest.raises(Killed):
+        report.MetricsLog(path, _rows(2))
+    assert path.read_bytes() == before
+    monkeypatch.undo()
+    log = report.MetricsLog(path, _rows(2))  # the rebuild itself: a temporary file renamed over the old one
+    log.write_rows(_rows(3)[2:])
+    log.close()
+    assert path.read_bytes() == before and not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_kill_while_tensorboard_is_rebuilt_leaves_the_old_event_file(tmp_path, monkeypatch):
+    directory = tmp_path / "tensorboard"
+    writers.TensorBoardLog(directory, _rows(3)).close()
+    (old,) = directory.iterdir()
+    before = old.read_bytes()
+    _kill_after(monkeypatch, writers, "scalars", 2)
+    with pytest.raises(Killed):
+        writers.TensorBoardLog(directory, _rows(2))
+    assert [p.name for p in directory.iterdir() if not p.name.endswith(".tmp")] == [old.name]
+    assert old.read_bytes() == before
+    monkeypatch.undo()
+    board = writers.TensorBoardLog(directory, _rows(2))
+    board.write(_rows(4)[3])
+    board.close()
+    assert [p.name for p in directory.iterdir()] == [old.name]
+    assert [step for step, _ in _events(directory)["train_loss"]] == [1, 2, 4]
+
+
+def test_compare_refuses_a_run_whose_metrics_jsonl_was_cut_short(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    report.write_json(run / "summary.json", {"epochs_completed": 3, "best_epoch": 3, "stop_reason": "completed"})
+    (run / "metrics.jsonl").write_text(json.dumps(_rows(1)[0]) + "\n")
+    with pytest.raises(compare.CompareError, match=r"run/metrics.jsonl holds 1 rows .* completed 3 epochs"):
+        compare.read([run])
+    (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in _rows(3))[:-20])
+    with pytest.raises(compare.CompareError, match=r"run/metrics.jsonl is damaged"):
+        compare.read([run])
