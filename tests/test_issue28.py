@@ -78,3 +78,35 @@ def test_compare_refuses_a_run_whose_metrics_jsonl_was_cut_short(tmp_path):
     (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in _rows(3))[:-20])
     with pytest.raises(compare.CompareError, match=r"run/metrics.jsonl is damaged"):
         compare.read([run])
+
+
+def test_every_writer_implements_the_metric_writer_protocol(tmp_path):
+    from jaxepochs.host import run
+
+    protocol = writers.MetricWriter
+    assert protocol is report.MetricWriter
+    for cls in (writers.CsvLog, writers.TensorBoardLog, writers.MlflowLog, writers.Logs, writers.NullWriter):
+        assert issubclass(cls, protocol) and protocol in cls.__mro__, cls  # explicitly, not by habit
+    assert protocol in report.MetricsLog.__mro__
+    made = [
+        report.MetricsLog(tmp_path / "metrics.jsonl", _rows(1)),
+        writers.CsvLog(tmp_path / "metrics.csv", _rows(1)),
+        writers.TensorBoardLog(tmp_path / "tensorboard", _rows(1)),
+        writers.NullWriter(),
+        run._NoLog(),
+    ]
+    made.append(writers.Logs(made[0], {"metrics.csv": made[1], "tensorboard": made[2]}))
+    for writer in made:
+        assert isinstance(writer, protocol), writer
+        writer.write_rows(_rows(2)[1:])
+    for writer in reversed(made):
+        writer.close()
+    assert [row["epoch"] for row in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())] == [1, 2, 2]
+    assert not isinstance(object(), protocol)
+
+    class Incomplete(protocol):
+        def close(self) -> None:
+            pass
+
+    with pytest.raises(TypeError):
+        Incomplete()  # a writer that forgets write_rows fails when made, not when the first rows come

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import concurrent.futures
 import contextlib
 import json
@@ -10,6 +11,7 @@ import os
 import pathlib
 import sys
 import time
+import typing
 from typing import Any
 
 import jax
@@ -61,11 +63,33 @@ def write_json(path: pathlib.Path, obj: dict) -> None:
     write_text(path, json.dumps({k: _jsonable(v) for k, v in obj.items()}, indent=2) + "\n")
 
 
+@typing.runtime_checkable
+class MetricWriter(typing.Protocol):
+    """Where a run's rows go: metrics.jsonl (MetricsLog), metrics.csv, TensorBoard, MLflow (host/writers.py), or
+    nowhere (writers.NullWriter: a process that is not process 0).
+
+    A row is one epoch's dict as metrics.jsonl logs it: "epoch" (the step every value is plotted at), "steps",
+    the metrics (train_loss, val_accuracy, ...), "learning_rate", timings. A writer is made from the rows a
+    resumed run restored (it rebuilds its output from them, or skips those it already holds), then takes each
+    host call's new rows; the same interface as CLU's `metric_writers.MetricWriter`, with rows for its
+    write_scalars(step, scalars). A writer's errors are raised to its caller (host/writers.Logs decides whether
+    the run stops)."""
+
+    @abc.abstractmethod
+    def write_rows(self, rows: list[dict]) -> None:
+        """Writes `rows` (one host call's epochs, in order; possibly none). Written rows are whole: a failure (a
+        full disk) leaves the output ending at the last whole row and raises the OSError."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Flushes and releases the output (a file, a connection). Nothing is written after it."""
+
+
 def _jsonl_line(row: dict) -> bytes:
     return (json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n").encode()
 
 
-class MetricsLog:
+class MetricsLog(MetricWriter):
     """metrics.jsonl: the rows so far (`rows`, a resumed run's: any partial last line of the file is gone), then
     one JSON object per epoch, appended whole. A row the disk does not take is cut off again, so the file never
     ends in half a row; the OSError is raised to the caller."""

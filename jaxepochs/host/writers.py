@@ -29,6 +29,18 @@ from jaxepochs.host import report
 MLFLOW_RECORD = "mlflow.json"  # the workdir's MLflow run: a resumed run logs into the same one
 NOT_SCALARS = ("epoch", "steps")  # the step of every scalar, and its step count
 
+MetricWriter = report.MetricWriter  # the writers' interface: write_rows(rows), close()
+
+
+class NullWriter(MetricWriter):
+    """Writes nothing: the log of a process that is not process 0 (its rows are process 0's)."""
+
+    def write_rows(self, rows: list[dict]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
 
 def scalars(row: dict) -> dict[str, float]:
     """The row's numbers that TensorBoard and MLflow plot: every number but the epoch (their step) and steps."""
@@ -39,7 +51,7 @@ def scalars(row: dict) -> dict[str, float]:
     }
 
 
-class CsvLog:
+class CsvLog(MetricWriter):
     """metrics.csv, one row per epoch, epoch first, then the metrics in the order metrics.jsonl logs them; a
     column first seen later (the validation split every n epochs) rewrites the file with it (empty where an
     epoch has none). Rows are appended whole; a rewrite replaces the file atomically."""
@@ -58,6 +70,10 @@ class CsvLog:
     def _rewrite(self) -> None:
         text = ",".join(self._columns) + "\n" + "".join(self._line(row) for row in self._rows)
         report.replace_file(self._path, text.encode())
+
+    def write_rows(self, rows: list[dict]) -> None:
+        for row in rows:
+            self.write(row)
 
     def write(self, row: dict) -> None:
         self._rows.append(row)
@@ -81,7 +97,7 @@ def _csv_value(value) -> str:
     return str(value)
 
 
-class TensorBoardLog:
+class TensorBoardLog(MetricWriter):
     """WORKDIR/tensorboard/ (or a sweep member's directory under it): each row's metrics as scalars at step
     `epoch`, tagged as in metrics.jsonl (`train_loss`, `val_accuracy`, `learning_rate/Dense_0`).
 
@@ -108,6 +124,10 @@ class TensorBoardLog:
     def _record(self, data: bytes) -> None:
         self._file.write(_tf_record(data))
         self._file.flush()
+
+    def write_rows(self, rows: list[dict]) -> None:
+        for row in rows:
+            self.write(row)
 
     def write(self, row: dict) -> None:
         self._record(_row_event(row))
@@ -215,7 +235,7 @@ def tracking_uri(config) -> str:
     return uri
 
 
-class MlflowLog:
+class MlflowLog(MetricWriter):
     """One MLflow run per workdir (recorded in WORKDIR/mlflow.json, so a resumed run goes on in it): the flattened
     config as params, each epoch's metrics at step `epoch` (an epoch it already holds is not logged again)."""
 
@@ -277,24 +297,19 @@ class MlflowLog:
         pass
 
 
-class Logs:
+class Logs(MetricWriter):
     """metrics.jsonl and the writers the config turns on, written together. metrics.jsonl's errors (a full disk)
     are the run's; another writer's failure is reported once and that writer dropped: the run goes on."""
 
-    def __init__(self, primary, others: dict):
+    def __init__(self, primary: MetricWriter, others: dict[str, MetricWriter]):
         self._primary, self._others = primary, dict(others)
 
     def write_rows(self, rows: list[dict]) -> None:
         """A call's rows: metrics.jsonl's first, then each writer's (MLflow's in one batch)."""
-        for row in rows:
-            self._primary.write(row)
+        self._primary.write_rows(rows)
         for name, writer in list(self._others.items()):
             try:
-                if hasattr(writer, "write_rows"):
-                    writer.write_rows(rows)
-                else:
-                    for row in rows:
-                        writer.write(row)
+                writer.write_rows(rows)
             except Exception as error:  # noqa: BLE001 - a side writer never stops the run
                 self._drop(name, error)
 
