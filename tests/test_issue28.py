@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import _events
+from conftest import EXPERIMENT, _events
 
 from jaxepochs.host import report, writers
 from jaxepochs.studies import compare
@@ -110,3 +110,38 @@ def test_every_writer_implements_the_metric_writer_protocol(tmp_path):
 
     with pytest.raises(TypeError):
         Incomplete()  # a writer that forgets write_rows fails when made, not when the first rows come
+
+
+def _tree(directory) -> dict:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("restart", [False, True])
+def test_a_run_into_a_sweep_s_workdir_is_refused_before_anything_is_written(tmp_path, restart):
+    from conftest import tiny_config
+
+    from jaxepochs import cli
+    from jaxepochs.host import workdir as workdir_lib
+
+    sweep = tmp_path / "sweep"
+    (sweep / "tensorboard" / "r0").mkdir(parents=True)
+    (sweep / "tensorboard" / "r0" / "events.out.tfevents.1.h.jaxepochs").write_bytes(b"events")
+    (sweep / "sweep.json").write_text("{}\n")
+    (sweep / "metrics.csv").write_text("run,epoch,train_loss\nr0,1,0.5\n")
+    before = _tree(sweep)
+    with pytest.raises(workdir_lib.WorkdirError, match=r"holds a sweep \(`jaxepochs sweep`\), not a run .* --workdir"):
+        workdir_lib.prepare_workdir(sweep, tiny_config(), restart=restart)
+    assert _tree(sweep) == before
+    # lr-find's constant_rates/ is a sweep's workdir; lr-find's own, a study's and a run's refuse the others too.
+    run = tmp_path / "run"
+    workdir_lib.prepare_workdir(run, tiny_config(), restart=False)
+    assert workdir_lib.kind_of(run) == "run" and json.loads((run / "jaxepochs.json").read_text()) == {"kind": "run"}
+    with pytest.raises(workdir_lib.WorkdirError, match=r"holds a run \(`jaxepochs run`\), not a sweep"):
+        workdir_lib.check_kind(run, "sweep")
+    workdir_lib.claim(tmp_path / "lr", "lr-find")
+    for kind in ("run", "sweep", "study"):
+        with pytest.raises(workdir_lib.WorkdirError, match="holds a learning-rate range test"):
+            workdir_lib.claim(tmp_path / "lr", kind)
+    # The command line says it in one line, exit 2, before the data is read.
+    code = cli.main(["run", "--config", str(EXPERIMENT), "--workdir", str(sweep), "--config.train.epochs=1"])
+    assert code == 2 and _tree(sweep) == before

@@ -474,6 +474,7 @@ def train_and_evaluate(
     workdir = workdir_lib.as_workdir(workdir)
     primary = devices.is_primary()  # process 0 writes the outputs and the checkpoints' arrays
     devices.on_primary(lambda: lock.check_free(workdir, "workdir"))
+    devices.on_primary(lambda: workdir_lib.check_kind(workdir, "run"))  # a sweep's, lr-find's, a study's: refused
     config = config_lib.validate(config)
     devices.check_same_config(config)
     use_compilation_cache(config.train.compilation_cache_dir)

@@ -42,6 +42,7 @@ from jaxepochs.core import epoch as epoch_lib
 from jaxepochs.host import config as config_lib
 from jaxepochs.host import report, setup
 from jaxepochs.host import run as run_lib
+from jaxepochs.host import workdir as workdir_lib
 from jaxepochs.sweep import run as sweep_run
 
 MIN_LR, MAX_LR, STEPS, RATES, EPOCHS = 1e-8, 1.0, 100, 8, 2  # Lightning's lr_find defaults; K rates, E epochs
@@ -296,7 +297,8 @@ def lr_find(
     start = time.perf_counter()
     config = config_lib.validate(config)
     check_config(config, epochs)
-    workdir = pathlib.Path(workdir)
+    workdir = workdir_lib.as_workdir(workdir)
+    workdir_lib.claim(workdir, "lr-find")  # a run's, a sweep's or a study's workdir is refused; creates it
     test = range_test(config, min_lr, max_lr, steps, quiet=True)
     values = constant_rate_values(test, rates, rates_range)
     swept = time.perf_counter()
