@@ -8,6 +8,7 @@ import json
 
 import pytest
 from conftest import EXPERIMENT, _events
+from test_hooks import _module
 
 from jaxepochs.host import report, writers
 from jaxepochs.studies import compare
@@ -145,3 +146,27 @@ def test_a_run_into_a_sweep_s_workdir_is_refused_before_anything_is_written(tmp_
     # The command line says it in one line, exit 2, before the data is read.
     code = cli.main(["run", "--config", str(EXPERIMENT), "--workdir", str(sweep), "--config.train.epochs=1"])
     assert code == 2 and _tree(sweep) == before
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        (
+            "def loss_fn(outputs, batch):\n    return (outputs[:, 0] > 0).astype(jnp.int32)\n",
+            r"loss_fn in .*exp\.py returned a loss of dtype int32; it must be floating point .* Return float "
+            "per-example values",
+        ),
+        (
+            "def metrics_fn(outputs, batch):\n    return {'hit': outputs[:, 0] > 0}\n",
+            r'metrics_fn in .*exp\.py returned a metric "hit" of dtype bool; .* Return float per-example values',
+        ),
+    ],
+)
+def test_a_loss_or_metric_of_integers_is_refused_before_compiling(tmp_path, extra, match):
+    import jaxepochs
+    from jaxepochs.host.config import ConfigError
+
+    path = _module(tmp_path, extra="import jax.numpy as jnp\n" + extra)
+    with pytest.raises(ConfigError, match=match):
+        jaxepochs.train_and_evaluate(jaxepochs.load_config_file(path), tmp_path / "run", quiet=True)
+    assert not (tmp_path / "run").exists()
