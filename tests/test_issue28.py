@@ -170,3 +170,24 @@ def test_a_loss_or_metric_of_integers_is_refused_before_compiling(tmp_path, extr
     with pytest.raises(ConfigError, match=match):
         jaxepochs.train_and_evaluate(jaxepochs.load_config_file(path), tmp_path / "run", quiet=True)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("relative", [True, False])
+def test_mlflow_takes_a_plain_path_as_the_file_store_it_names(tmp_path, monkeypatch, relative):
+    from conftest import tiny_config
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)  # restored after: tracking_uri sets it
+    store = tmp_path / "mlruns2"
+    given = "./mlruns2" if relative else str(store)
+    config = tiny_config({"logging.mlflow": "True", "logging.mlflow_tracking_uri": given})
+    assert writers.tracking_uri(config) == store.as_uri()
+    for named in ("databricks", "http://localhost:5000", "sqlite:///x.db", "file:///tmp/x"):
+        assert writers.tracking_uri(tiny_config({"logging.mlflow_tracking_uri": named})) == named
+    (tmp_path / "run").mkdir()
+    log = writers.MlflowLog(tmp_path / "run", config, _rows(2))
+    client = MlflowClient(store.as_uri())
+    assert [(m.step, m.value) for m in client.get_metric_history(log.run_id, "train_loss")] == [(1, 1.0), (2, 0.5)]
+    assert json.loads((tmp_path / "run" / "mlflow.json").read_text())["tracking_uri"] == store.as_uri()

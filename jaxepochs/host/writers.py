@@ -225,14 +225,28 @@ def import_mlflow():
     return mlflow
 
 
+MLFLOW_NAMED_URIS = ("databricks", "databricks-uc", "uc")  # MLflow's tracking URIs with no scheme that are not paths
+
+
 def tracking_uri(config) -> str:
-    """logging.mlflow_tracking_uri, else $MLFLOW_TRACKING_URI, else ./mlruns (a local file store)."""
+    """logging.mlflow_tracking_uri, else $MLFLOW_TRACKING_URI, else ./mlruns (a local file store). A plain path
+    (./mlruns2, /data/mlruns, ~/mlruns) is the file store it names: the file: URI of its absolute path (MLflow
+    takes file: URIs for a local store; a relative path would also move with the working directory)."""
     uri = config.logging.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
     uri = uri or (pathlib.Path.cwd() / "mlruns").as_uri()
+    if _is_plain_path(uri):
+        uri = pathlib.Path(uri).expanduser().absolute().as_uri()
     if uri.startswith("file:"):
         # MLflow 3 keeps its file store in maintenance mode and refuses it unless told: the local default here.
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     return uri
+
+
+def _is_plain_path(uri: str) -> bool:
+    """Whether `uri` has no scheme (http://, file:, sqlite:///...) and is no named store ("databricks"): a path.
+    A Windows drive ("C:\\mlruns") has a one-letter "scheme", and is a path too."""
+    scheme = uri.split(":", 1)[0] if ":" in uri else ""
+    return uri not in MLFLOW_NAMED_URIS and (not scheme or (len(scheme) == 1 and scheme.isalpha()))
 
 
 class MlflowLog(MetricWriter):
