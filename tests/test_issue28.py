@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from conftest import EXPERIMENT, _events
 from test_hooks import _module
@@ -191,3 +192,46 @@ def test_mlflow_takes_a_plain_path_as_the_file_store_it_names(tmp_path, monkeypa
     client = MlflowClient(store.as_uri())
     assert [(m.step, m.value) for m in client.get_metric_history(log.run_id, "train_loss")] == [(1, 1.0), (2, 0.5)]
     assert json.loads((tmp_path / "run" / "mlflow.json").read_text())["tracking_uri"] == store.as_uri()
+
+
+def _split(n: int, x) -> dict:
+    return {"x": x, "y": np.arange(n) % 2}
+
+
+@pytest.mark.parametrize(
+    ("test_x", "train_x", "match"),
+    [
+        (
+            np.zeros((4, 5), np.float32),
+            np.zeros((8, 8), np.float32),
+            r'get_data in exp.py: split "test" has x of per-example shape \(5,\) \(float32\), but split "train" '
+            r"has \(8,\) \(float32\); .* same per-example shape and dtype",
+        ),
+        (
+            {"a": np.zeros((4, 3)), "b": np.zeros((4, 2, 2), np.int32)},
+            {"a": np.zeros((8, 3)), "b": np.zeros((8, 2), np.int32)},
+            r"split \"test\" has x\['b'\] of per-example shape \(2, 2\) \(int32\), but split \"train\" has \(2,\)",
+        ),
+        (
+            {"a": np.zeros((4, 3))},
+            {"a": np.zeros((8, 3)), "b": np.zeros((8, 2))},
+            r"split \"test\" has inputs \[\"x\['a'\]\", 'y'\] but split \"train\" has",
+        ),
+        (
+            np.zeros((4, 8), np.int32),
+            np.zeros((8, 8), np.float32),
+            r"split \"test\" has x of per-example shape \(8,\) \(int32\), but split \"train\" has \(8,\) \(float32\)",
+        ),
+    ],
+)
+def test_splits_whose_inputs_differ_from_the_training_split_s_are_refused(test_x, train_x, match):
+    from conftest import tiny_config
+
+    from jaxepochs.data import loading
+
+    splits = {"train": _split(8, train_x), "test": _split(4, test_x)}
+    with pytest.raises(loading.DataError, match=match):
+        loading.from_arrays(tiny_config({"data.validation_fraction": "0.0"}), splits, "get_data in exp.py")
+    splits = {"train": _split(8, train_x), "test": _split(4, train_x), "validation": _split(2, test_x)}
+    with pytest.raises(loading.DataError, match=match.replace("test", "validation")):
+        loading.from_arrays(tiny_config(), splits, "get_data in exp.py")
