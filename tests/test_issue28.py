@@ -235,3 +235,23 @@ def test_splits_whose_inputs_differ_from_the_training_split_s_are_refused(test_x
     splits = {"train": _split(8, train_x), "test": _split(4, train_x), "validation": _split(2, test_x)}
     with pytest.raises(loading.DataError, match=match.replace("test", "validation")):
         loading.from_arrays(tiny_config(), splits, "get_data in exp.py")
+
+
+def test_lr_find_takes_the_workdir_lock_before_anything_else(tmp_path, monkeypatch):
+    from conftest import tiny_config
+
+    from jaxepochs.data import lock
+    from jaxepochs.studies import lr_find
+
+    def compiled(*args, **kwargs):
+        with pytest.raises(lock.LockedError):  # lr-find holds it while it works
+            lock.check_free(tmp_path / "w", "workdir")
+        raise AssertionError("the range test ran")
+
+    monkeypatch.setattr(lr_find, "range_test", compiled)
+    for holder in ("workdir", "sweep workdir"):  # a live run's workdir, a second lr-find's
+        with lock.hold(tmp_path / "w", holder):
+            with pytest.raises(lock.LockedError, match=r"the workdir .*/w is in use by pid \d+"):
+                lr_find.lr_find(tiny_config(), tmp_path / "w", quiet=True)
+    with pytest.raises(AssertionError, match="range test ran"):  # free: it goes on, holding the lock
+        lr_find.lr_find(tiny_config(), tmp_path / "w", quiet=True)
