@@ -255,3 +255,21 @@ def test_lr_find_takes_the_workdir_lock_before_anything_else(tmp_path, monkeypat
                 lr_find.lr_find(tiny_config(), tmp_path / "w", quiet=True)
     with pytest.raises(AssertionError, match="range test ran"):  # free: it goes on, holding the lock
         lr_find.lr_find(tiny_config(), tmp_path / "w", quiet=True)
+
+
+def test_data_stream_with_get_data_is_not_said_to_be_unused(tmp_path):
+    import warnings
+
+    import jaxepochs
+    from jaxepochs.host import hooks
+
+    config = jaxepochs.load_config_file(_module(tmp_path, config="config.data.stream = True"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any "is not used" warning fails
+        hooks.load_hooks(config)
+        hooks.load_hooks(
+            jaxepochs.load_config_file(_module(tmp_path, config="config.data.device_memory_bytes = 10**9"))
+        )
+        hooks.load_hooks(jaxepochs.load_config_file(_module(tmp_path, config="config.data.label_noise = 0.1")))
+    with pytest.warns(UserWarning, match=r"config.data.name is not used"):  # what get_data does replace
+        hooks.load_hooks(jaxepochs.load_config_file(_module(tmp_path, config="config.data.name = 'digits'")))
