@@ -5,6 +5,7 @@ TensorBoard). Each test fails before anything compiles where it can."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -273,3 +274,24 @@ def test_data_stream_with_get_data_is_not_said_to_be_unused(tmp_path):
         hooks.load_hooks(jaxepochs.load_config_file(_module(tmp_path, config="config.data.label_noise = 0.1")))
     with pytest.warns(UserWarning, match=r"config.data.name is not used"):  # what get_data does replace
         hooks.load_hooks(jaxepochs.load_config_file(_module(tmp_path, config="config.data.name = 'digits'")))
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["run", "--config", "{module}", "--workdir", "{w}", "--config.experiment.module={other}"],
+        ["run", "--config", "{module}", "--workdir", "{w}", "--config.experiment.source_sha256", "0"],
+        ["sweep", "--config", "{module}", "--workdir", "{w}", "--config.experiment.module={other}", "--sweep.seed=0,1"],
+        ["sweep", "--config", "{module}", "--workdir", "{w}", "--sweep.experiment.module={other},{module}"],
+        ["lr-find", "--config", "{module}", "--workdir", "{w}", "--config.experiment.module={other}"],
+    ],
+)
+def test_experiment_keys_cannot_be_overridden_on_the_command_line(tmp_path, capsys, argv):
+    from jaxepochs import cli
+
+    names = {"module": str(EXPERIMENT), "other": str(tmp_path / "other.py"), "w": str(tmp_path / "w")}
+    assert cli.main([arg.format(**names) for arg in argv]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"--(config|sweep)\.experiment\.\w+: experiment\.\* records the experiment module .* cannot be "
+                     r"overridden\. Pass the module itself as --config PATH", err), err  # fmt: skip
+    assert not (tmp_path / "w").exists()
