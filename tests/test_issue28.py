@@ -295,3 +295,14 @@ def test_experiment_keys_cannot_be_overridden_on_the_command_line(tmp_path, caps
     assert re.search(r"--(config|sweep)\.experiment\.\w+: experiment\.\* records the experiment module .* cannot be "
                      r"overridden\. Pass the module itself as --config PATH", err), err  # fmt: skip
     assert not (tmp_path / "w").exists()
+
+
+def test_a_get_data_dataset_is_named_after_its_module_not_a_split():
+    from conftest import tiny_config
+
+    from jaxepochs.data import loading
+
+    splits = {"train": _split(8, np.zeros((8, 3))), "test": _split(4, np.zeros((4, 3)))}
+    dataset = loading.from_arrays(tiny_config(), splits, "get_data in exp.py", "exp.get_data")
+    assert dataset.name == "exp.get_data"
+    assert loading.from_arrays(tiny_config(), splits, "get_data in exp.py").name == "get_data in exp.py"

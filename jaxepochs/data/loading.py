@@ -311,14 +311,14 @@ def from_arrays(config: ml_collections.ConfigDict, splits, where: str, name: str
             'each batch a dict {"x": inputs, "y": labels} of arrays with one leading example axis.'
         )
     parts = {}
-    for name, batch in splits.items():
+    for split_name, batch in splits.items():  # not `name`: that is the dataset's, in every message and output
         if not isinstance(batch, dict) or set(batch) != {"x", "y"}:
             keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
-            raise DataError(f'{where}: split "{name}" is {keys}; give a dict with "x" (inputs) and "y" (labels).')
+            raise DataError(f'{where}: split "{split_name}" is {keys}; give a dict with "x" (inputs) and "y" (labels).')
         x = _as_arrays(batch["x"])
         y = np.asarray(batch["y"])
         y = y.astype(np.int32) if np.issubdtype(y.dtype, np.integer) else y.astype(np.float32)
-        parts[name] = Split(x, y)
+        parts[split_name] = Split(x, y)
     _check_like_train(parts, where)
     full_train, test, val = parts["train"], parts["test"], parts.get("validation")
     present = [split for split in (full_train, test, val) if split is not None]
