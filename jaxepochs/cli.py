@@ -48,6 +48,11 @@ def _refuse_experiment_keys(overrides, flag: str = "--config.") -> None:
 def _load_config(path: str, overrides: dict[str, str]):
     """The experiment module's config with the command line's overrides (experiment.* refused)."""
     _refuse_experiment_keys(overrides)
+    if pathlib.Path(path).is_file() and pathlib.Path(path).suffix != ".py":
+        raise UsageError(
+            f"--config {path} is not a Python file: the config is an experiment module, a .py file that defines "
+            "get_config() (e.g. experiments/mnist1d_mlp.py)."
+        )
     return config_lib.apply_overrides(config_lib.load_config_file(path), overrides)
 
 

@@ -306,3 +306,16 @@ def test_a_get_data_dataset_is_named_after_its_module_not_a_split():
     dataset = loading.from_arrays(tiny_config(), splits, "get_data in exp.py", "exp.get_data")
     assert dataset.name == "exp.get_data"
     assert loading.from_arrays(tiny_config(), splits, "get_data in exp.py").name == "get_data in exp.py"
+
+
+@pytest.mark.parametrize("command", ["run", "sweep", "lr-find"])
+def test_a_config_that_is_not_a_python_file_says_what_a_config_is(tmp_path, capsys, command):
+    from jaxepochs import cli
+
+    for name in ("README.md", "config.txt"):
+        (tmp_path / name).write_text("# not a module\n")
+        argv = [command, "--config", str(tmp_path / name), "--workdir", str(tmp_path / "w")]
+        assert cli.main(argv + (["--sweep.seed=0,1"] if command == "sweep" else [])) == 2
+        err = capsys.readouterr().err
+        assert f"--config {tmp_path / name} is not a Python file" in err and "defines get_config()" in err, err
+        assert "AttributeError" not in err and "Traceback" not in err
