@@ -319,3 +319,23 @@ def test_a_config_that_is_not_a_python_file_says_what_a_config_is(tmp_path, caps
         err = capsys.readouterr().err
         assert f"--config {tmp_path / name} is not a Python file" in err and "defines get_config()" in err, err
         assert "AttributeError" not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("split", "x", "y", "match"),
+    [
+        ("train", np.array([["a", "b"]] * 8), np.arange(8) % 2, r'split "train" has x of dtype <U1, which is not'),
+        ("test", {"ids": np.zeros((4, 2)), "text": np.array(["t"] * 4, dtype=object)}, np.arange(4) % 2,
+         r"split \"test\" has x\['text'\] of dtype object, which is not numeric"),
+        ("test", np.zeros((4, 2)), np.array(["cat", "dog"] * 2), r'split "test" has y of dtype <U3, which is not'),
+    ],
+)  # fmt: skip
+def test_non_numeric_get_data_arrays_are_refused_naming_the_split_and_key(split, x, y, match):
+    from conftest import tiny_config
+
+    from jaxepochs.data import loading
+
+    splits = {"train": _split(8, np.zeros((8, 2))), "test": _split(4, np.zeros((4, 2)))}
+    splits[split] = {"x": x, "y": y}
+    with pytest.raises(loading.DataError, match=match + r".* Convert it in get_data"):
+        loading.from_arrays(tiny_config(), splits, "get_data in exp.py")

@@ -317,6 +317,7 @@ def from_arrays(config: ml_collections.ConfigDict, splits, where: str, name: str
             raise DataError(f'{where}: split "{split_name}" is {keys}; give a dict with "x" (inputs) and "y" (labels).')
         x = _as_arrays(batch["x"])
         y = np.asarray(batch["y"])
+        _check_numeric(x, y, where, split_name)
         y = y.astype(np.int32) if np.issubdtype(y.dtype, np.integer) else y.astype(np.float32)
         parts[split_name] = Split(x, y)
     _check_like_train(parts, where)
@@ -328,6 +329,21 @@ def from_arrays(config: ml_collections.ConfigDict, splits, where: str, name: str
     num_classes = num_outputs(config.task, present, config.model.num_classes)
     dataset = _finish(config, where, full_train, test, val, num_classes)
     return dataset._replace(name=name or where)
+
+
+def _check_numeric(x, y: np.ndarray, where: str, split: str) -> None:
+    """DataError naming the split and the key of an array that holds no numbers (strings, objects, dates): JAX
+    would refuse it deep inside the first jit, with no word of get_data."""
+    import jax
+
+    leaves = [(f"x{jax.tree_util.keystr(path)}", a) for path, a in jax.tree_util.tree_leaves_with_path(x)]
+    for key, array in [*leaves, ("y", y)]:
+        if np.asarray(array).dtype.kind not in "biuf":  # bool, signed and unsigned integers, floats
+            raise DataError(
+                f'{where}: split "{split}" has {key} of dtype {np.asarray(array).dtype}, which is not numeric; JAX '
+                "trains on numbers only. Convert it in get_data: parse numbers (.astype(np.float32)), or encode "
+                "strings and categories as integer ids."
+            )
 
 
 def _per_example(split: Split) -> dict[str, tuple[tuple, str]]:
