@@ -339,3 +339,13 @@ def test_non_numeric_get_data_arrays_are_refused_naming_the_split_and_key(split,
     splits[split] = {"x": x, "y": y}
     with pytest.raises(loading.DataError, match=match + r".* Convert it in get_data"):
         loading.from_arrays(tiny_config(), splits, "get_data in exp.py")
+
+
+def test_a_non_finite_loss_from_a_module_s_loss_fn_names_the_loss_fn(tmp_path):
+    import jaxepochs
+    from jaxepochs.host import run
+
+    extra = "import jax.numpy as jnp\ndef loss_fn(outputs, batch):\n    return jnp.sum(outputs, -1) * jnp.nan\n"
+    path = _module(tmp_path, config="config.train.epochs = 1", extra=extra)
+    with pytest.raises(run.NonFiniteLossError, match=r"learning_rate .*; or check loss_fn in .*exp\.py, which may"):
+        jaxepochs.train_and_evaluate(jaxepochs.load_config_file(path), tmp_path / "run", quiet=True)

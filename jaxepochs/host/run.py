@@ -502,7 +502,13 @@ def train_and_evaluate(
         raise NonFiniteLossError(
             f"Training loss became non-finite in epoch {trained.non_finite_epoch}; the run stopped and kept the "
             f"state and checkpoint of epoch {len(history)} (outputs in {workdir}). Lower optimizer.learning_rate "
-            "or set optimizer.clip_norm."
+            "or set optimizer.clip_norm"
+            + (
+                f"; or check loss_fn in {run.pieces.hooks.module}, which may itself return NaN or inf (a log of 0, a "
+                "division by 0)."
+                if run.pieces.hooks.loss_fn is not None
+                else "."
+            )  # fmt: skip
         )
     return TrainResult(state, history, summary)
 
