@@ -349,3 +349,33 @@ def test_a_non_finite_loss_from_a_module_s_loss_fn_names_the_loss_fn(tmp_path):
     path = _module(tmp_path, config="config.train.epochs = 1", extra=extra)
     with pytest.raises(run.NonFiniteLossError, match=r"learning_rate .*; or check loss_fn in .*exp\.py, which may"):
         jaxepochs.train_and_evaluate(jaxepochs.load_config_file(path), tmp_path / "run", quiet=True)
+
+
+def test_a_full_disk_under_tensorboard_is_the_run_s_oserror_and_leaves_whole_records(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    directory = tmp_path / "tensorboard"
+    board = writers.TensorBoardLog(directory, _rows(2))
+    (path,) = directory.iterdir()
+    size = path.stat().st_size
+    real = os.write
+
+    def full(fd, data):
+        real(fd, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(writers.os, "write", full)
+    with pytest.raises(OSError, match="No space left") as raised:
+        board.write_rows(_rows(3)[2:])
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(path)
+    assert path.stat().st_size == size  # the half record was cut off again
+    # Through Logs: the workdir's writers' disk errors are the run's (it saves and stops), not a dropped writer.
+    logs = writers.Logs(writers.NullWriter(), {"tensorboard": board})
+    with pytest.raises(OSError, match="No space left") as raised:
+        logs.write_rows(_rows(3)[2:])
+    assert raised.value.filename == str(path)
+    monkeypatch.undo()
+    logs.write_rows(_rows(3)[2:])  # the disk has room again: whole records follow the whole ones
+    logs.close()
+    assert [step for step, _ in _events(directory)["train_loss"]] == [1, 2, 3]

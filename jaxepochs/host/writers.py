@@ -119,11 +119,25 @@ class TensorBoardLog(MetricWriter):
         for stale in directory.iterdir():  # an earlier writer's other files (a sweep member's directories)
             if stale.name != name:
                 shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
-        self._file = self._path.open("ab")
+        self._fd = os.open(self._path, os.O_WRONLY)
+        self._size = os.lseek(self._fd, 0, os.SEEK_END)
 
     def _record(self, data: bytes) -> None:
-        self._file.write(_tf_record(data))
-        self._file.flush()
+        """One TFRecord, written through at once. A write the disk does not take (ENOSPC) is cut back to the last
+        whole record, so the event file never ends in half of one, and the OSError is raised naming the file: the
+        run saves its epochs and stops, as at metrics.jsonl's."""
+        record = _tf_record(data)
+        try:
+            written = 0
+            while written < len(record):  # os.write may take part of it
+                written += os.write(self._fd, record[written:])
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, self._size)
+                os.lseek(self._fd, self._size, os.SEEK_SET)
+            e.filename = e.filename or str(self._path)
+            raise
+        self._size += len(record)
 
     def write_rows(self, rows: list[dict]) -> None:
         for row in rows:
@@ -140,7 +154,8 @@ class TensorBoardLog(MetricWriter):
         self.write({"epoch": 0, **metrics})
 
     def close(self) -> None:
-        self._file.close()
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
 
 
 def _tf_record(data: bytes) -> bytes:
@@ -311,9 +326,14 @@ class MlflowLog(MetricWriter):
         pass
 
 
+WORKDIR_WRITERS = ("metrics.csv", "tensorboard")  # files in the workdir: a disk that refuses them is the run's
+
+
 class Logs(MetricWriter):
     """metrics.jsonl and the writers the config turns on, written together. metrics.jsonl's errors (a full disk)
-    are the run's; another writer's failure is reported once and that writer dropped: the run goes on."""
+    are the run's, and so are the OSErrors of the workdir's other files (metrics.csv, the TensorBoard event file):
+    the disk that refuses them holds the checkpoints too, so the run saves and stops with the disk-full message.
+    Another failure (MLflow's tracking server) is reported once and that writer dropped: the run goes on."""
 
     def __init__(self, primary: MetricWriter, others: dict[str, MetricWriter]):
         self._primary, self._others = primary, dict(others)
@@ -324,7 +344,11 @@ class Logs(MetricWriter):
         for name, writer in list(self._others.items()):
             try:
                 writer.write_rows(rows)
-            except Exception as error:  # noqa: BLE001 - a side writer never stops the run
+            except OSError as error:
+                if name in WORKDIR_WRITERS:
+                    raise
+                self._drop(name, error)
+            except Exception as error:  # noqa: BLE001 - a side writer's other failures never stop the run
                 self._drop(name, error)
 
     def _drop(self, name: str, error: Exception) -> None:
