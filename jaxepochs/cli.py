@@ -34,6 +34,28 @@ def _split_overrides(argv: list[str], prefix: str = "--config.") -> tuple[list[s
     return rest, overrides
 
 
+def _refuse_experiment_keys(overrides, flag: str = "--config.") -> None:
+    """experiment.* records the module the config was loaded from (its path and source hash, in config.json): set
+    by loading --config, never from the command line, where it would record another module than the one run."""
+    fixed = sorted(k for k in overrides if k == "experiment" or k.startswith("experiment."))
+    if fixed:
+        raise UsageError(
+            f"{flag}{fixed[0]}: experiment.* records the experiment module the config was loaded from (its path and "
+            "source hash), so it cannot be overridden. Pass the module itself as --config PATH."
+        )
+
+
+def _load_config(path: str, overrides: dict[str, str]):
+    """The experiment module's config with the command line's overrides (experiment.* refused)."""
+    _refuse_experiment_keys(overrides)
+    if pathlib.Path(path).is_file() and pathlib.Path(path).suffix != ".py":
+        raise UsageError(
+            f"--config {path} is not a Python file: the config is an experiment module, a .py file that defines "
+            "get_config() (e.g. experiments/mnist1d_mlp.py)."
+        )
+    return config_lib.apply_overrides(config_lib.load_config_file(path), overrides)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxepochs", description="Epoch-centric training with JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -120,7 +142,7 @@ def _lr_find(args, overrides: dict[str, str]) -> int:
     from jaxepochs.studies import lr_find  # imports jax: after the cheap checks
 
     lr_find.check_arguments(args.min, args.max, args.steps, args.rates, args.epochs, args.rates_range)
-    config = config_lib.apply_overrides(config_lib.load_config_file(args.config), overrides)
+    config = _load_config(args.config, overrides)
     lr_find.lr_find(
         config, args.workdir, min_lr=args.min, max_lr=args.max, steps=args.steps, rates=args.rates,
         epochs=args.epochs, rates_range=args.rates_range, quiet=args.quiet,
@@ -175,7 +197,8 @@ def _initialize_distributed(args) -> None:
 def _sweep(args, overrides: dict[str, str], specs: dict[str, str]) -> int:
     from jaxepochs.sweep import grid as sweep_lib
 
-    config = config_lib.apply_overrides(config_lib.load_config_file(args.config), overrides)
+    _refuse_experiment_keys(specs, "--sweep.")
+    config = _load_config(args.config, overrides)
     grid = sweep_lib.expand(config, specs, args.random, args.random_seed)
     from jaxepochs.sweep import run as sweep_run
 
@@ -243,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 failed += sum(not row["passed"] for row in rows)
             return 1 if failed else 0
-        config = config_lib.apply_overrides(config_lib.load_config_file(args.config), overrides)
+        config = _load_config(args.config, overrides)
         from jaxepochs.host import run  # imports jax: after the cheap checks
 
         run.train_and_evaluate(config, args.workdir, quiet=args.quiet, restart=args.restart)

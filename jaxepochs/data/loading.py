@@ -311,14 +311,16 @@ def from_arrays(config: ml_collections.ConfigDict, splits, where: str, name: str
             'each batch a dict {"x": inputs, "y": labels} of arrays with one leading example axis.'
         )
     parts = {}
-    for name, batch in splits.items():
+    for split_name, batch in splits.items():  # not `name`: that is the dataset's, in every message and output
         if not isinstance(batch, dict) or set(batch) != {"x", "y"}:
             keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
-            raise DataError(f'{where}: split "{name}" is {keys}; give a dict with "x" (inputs) and "y" (labels).')
+            raise DataError(f'{where}: split "{split_name}" is {keys}; give a dict with "x" (inputs) and "y" (labels).')
         x = _as_arrays(batch["x"])
         y = np.asarray(batch["y"])
+        _check_numeric(x, y, where, split_name)
         y = y.astype(np.int32) if np.issubdtype(y.dtype, np.integer) else y.astype(np.float32)
-        parts[name] = Split(x, y)
+        parts[split_name] = Split(x, y)
+    _check_like_train(parts, where)
     full_train, test, val = parts["train"], parts["test"], parts.get("validation")
     present = [split for split in (full_train, test, val) if split is not None]
     for split, label in ((full_train, "train"), (test, "test"), (val, "validation")):
@@ -327,6 +329,53 @@ def from_arrays(config: ml_collections.ConfigDict, splits, where: str, name: str
     num_classes = num_outputs(config.task, present, config.model.num_classes)
     dataset = _finish(config, where, full_train, test, val, num_classes)
     return dataset._replace(name=name or where)
+
+
+def _check_numeric(x, y: np.ndarray, where: str, split: str) -> None:
+    """DataError naming the split and the key of an array that holds no numbers (strings, objects, dates): JAX
+    would refuse it deep inside the first jit, with no word of get_data."""
+    import jax
+
+    leaves = [(f"x{jax.tree_util.keystr(path)}", a) for path, a in jax.tree_util.tree_leaves_with_path(x)]
+    for key, array in [*leaves, ("y", y)]:
+        if np.asarray(array).dtype.kind not in "biuf":  # bool, signed and unsigned integers, floats
+            raise DataError(
+                f'{where}: split "{split}" has {key} of dtype {np.asarray(array).dtype}, which is not numeric; JAX '
+                "trains on numbers only. Convert it in get_data: parse numbers (.astype(np.float32)), or encode "
+                "strings and categories as integer ids."
+            )
+
+
+def _per_example(split: Split) -> dict[str, tuple[tuple, str]]:
+    """Each input leaf's and the labels' per-example shape and dtype, by name: "x", "x['image']", "y"."""
+    import jax
+
+    leaves = jax.tree_util.tree_leaves_with_path(split.x)
+    out = {f"x{jax.tree_util.keystr(path)}": (tuple(np.shape(a)[1:]), str(a.dtype)) for path, a in leaves}
+    return {**out, "y": (tuple(np.shape(split.y)[1:]), str(split.y.dtype))}
+
+
+def _check_like_train(parts: dict[str, Split], where: str) -> None:
+    """DataError unless every split's inputs (each leaf of x) and labels have the training split's per-example
+    shapes and dtypes: the model is built for the training split's, and another split's would fail only at its
+    first evaluation, with a traceback from inside the model."""
+    want = _per_example(parts["train"])
+    for name, split in parts.items():
+        if name == "train":
+            continue
+        got = _per_example(split)
+        if list(got) != list(want):
+            raise DataError(
+                f'{where}: split "{name}" has inputs {sorted(got)} but split "train" has {sorted(want)}; every split '
+                "must hold the same inputs. Give each split's x the training split's structure."
+            )
+        for key, (shape, dtype) in got.items():
+            if (shape, dtype) != want[key]:
+                raise DataError(
+                    f'{where}: split "{name}" has {key} of per-example shape {shape} ({dtype}), but split "train" '
+                    f"has {want[key][0]} ({want[key][1]}); the model is built for the training split's. Give every "
+                    f"split's {key} the same per-example shape and dtype (the leading axis counts the examples)."
+                )
 
 
 def _as_arrays(x):

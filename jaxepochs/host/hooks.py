@@ -85,12 +85,15 @@ def _say_unused(path: str, module) -> None:
 
 def _say_unused_config(path: str, hooks: Hooks, config: ml_collections.ConfigDict) -> None:
     """get_model and get_data replace config.model and config.data: settings there that differ from the
-    defaults would be ignored, so they are said."""
+    defaults would be ignored, so they are said. Those that apply to get_data's arrays too are not: the validation
+    split's, the label noise (classification), and whether (data.stream) and by which budget
+    (data.device_memory_*) they are streamed."""
     defaults = config_lib.base_config()
     for hook, section, kept in (
         ("get_model", "model", ()),
-        ("get_data", "data", ("validation_fraction", "split_seed")),
-    ):
+        ("get_data", "data", ("validation_fraction", "split_seed", "label_noise", "stream", "device_memory_fraction",
+                              "device_memory_bytes")),
+    ):  # fmt: skip
         if getattr(hooks, hook) is None:
             continue
         ours = config_lib.flatten(json.loads(config[section].to_json_best_effort()))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import concurrent.futures
 import contextlib
 import json
@@ -10,6 +11,7 @@ import os
 import pathlib
 import sys
 import time
+import typing
 from typing import Any
 
 import jax
@@ -24,35 +26,89 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def write_text(path: pathlib.Path, text: str) -> None:
-    """Writes `path` whole or not at all: a reader (or a rerun after a full disk) never sees half a file."""
+def replace_file(path: pathlib.Path, data: bytes) -> None:
+    """Writes `path` whole or not at all: `data` goes to a temporary file beside it, is flushed to the disk
+    (fsync), and is renamed over `path` (os.replace, atomic), so a reader, a rerun after a full disk or a kill at
+    any moment finds either the old file or the new one, never a part of either."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        tmp.write_text(text)
-    except OSError:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
         tmp.unlink(missing_ok=True)
+        e.filename = e.filename or str(path)
         raise
-    tmp.replace(path)
+    os.replace(tmp, path)
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: pathlib.Path) -> None:
+    """The rename itself on the disk (where the file system lets a directory be opened)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_text(path: pathlib.Path, text: str) -> None:
+    """Writes `path` whole or not at all (`replace_file`)."""
+    replace_file(path, text.encode())
 
 
 def write_json(path: pathlib.Path, obj: dict) -> None:
     write_text(path, json.dumps({k: _jsonable(v) for k, v in obj.items()}, indent=2) + "\n")
 
 
-class MetricsLog:
+@typing.runtime_checkable
+class MetricWriter(typing.Protocol):
+    """Where a run's rows go: metrics.jsonl (MetricsLog), metrics.csv, TensorBoard, MLflow (host/writers.py), or
+    nowhere (writers.NullWriter: a process that is not process 0).
+
+    A row is one epoch's dict as metrics.jsonl logs it: "epoch" (the step every value is plotted at), "steps",
+    the metrics (train_loss, val_accuracy, ...), "learning_rate", timings. A writer is made from the rows a
+    resumed run restored (it rebuilds its output from them, or skips those it already holds), then takes each
+    host call's new rows; the same interface as CLU's `metric_writers.MetricWriter`, with rows for its
+    write_scalars(step, scalars). A writer's errors are raised to its caller (host/writers.Logs decides whether
+    the run stops)."""
+
+    @abc.abstractmethod
+    def write_rows(self, rows: list[dict]) -> None:
+        """Writes `rows` (one host call's epochs, in order; possibly none). Written rows are whole: a failure (a
+        full disk) leaves the output ending at the last whole row and raises the OSError."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Flushes and releases the output (a file, a connection). Nothing is written after it."""
+
+
+def _jsonl_line(row: dict) -> bytes:
+    return (json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n").encode()
+
+
+class MetricsLog(MetricWriter):
     """metrics.jsonl: the rows so far (`rows`, a resumed run's: any partial last line of the file is gone), then
     one JSON object per epoch, appended whole. A row the disk does not take is cut off again, so the file never
     ends in half a row; the OSError is raised to the caller."""
 
     def __init__(self, path: pathlib.Path, rows: list[dict]):
         self._path = path
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        self._size = 0
+        # The restored rows replace the file whole (a temporary file renamed over it): a kill while they are
+        # written leaves the old file, never a few rows beside a complete summary.json.
+        data = b"".join(_jsonl_line(row) for row in rows)
+        replace_file(path, data)
+        self._fd = os.open(path, os.O_WRONLY)
+        self._size = os.lseek(self._fd, 0, os.SEEK_END)
+
+    def write_rows(self, rows: list[dict]) -> None:
         for row in rows:
             self.write(row)
 
     def write(self, row: dict) -> None:
-        line = (json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n").encode()
+        line = _jsonl_line(row)
         try:
             written = 0
             while written < len(line):  # os.write may take part of it

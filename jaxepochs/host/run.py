@@ -319,6 +319,7 @@ def train_and_evaluate(
     workdir = workdir_lib.as_workdir(workdir)
     primary = devices.is_primary()  # process 0 writes the outputs and the checkpoints' arrays
     devices.on_primary(lambda: lock.check_free(workdir, "workdir"))
+    devices.on_primary(lambda: workdir_lib.check_kind(workdir, "run"))  # a sweep's, lr-find's, a study's: refused
     config = config_lib.validate(config)
     devices.check_same_config(config)
     use_compilation_cache(config.train.compilation_cache_dir)
@@ -337,7 +338,13 @@ def train_and_evaluate(
         raise NonFiniteLossError(
             f"Training loss became non-finite in epoch {run.batch.non_finite['r0']}; the run stopped and kept the "
             f"state and checkpoint of epoch {len(history)} (outputs in {workdir}). Lower optimizer.learning_rate "
-            "or set optimizer.clip_norm."
+            "or set optimizer.clip_norm"
+            + (
+                f"; or check loss_fn in {run.pieces.hooks.module}, which may itself return NaN or inf (a log of 0, a "
+                "division by 0)."
+                if run.pieces.hooks.loss_fn is not None
+                else "."
+            )  # fmt: skip
         )
     return TrainResult(state, history, summary)
 

@@ -145,6 +145,7 @@ def check(config, source: ModelSource, task: task_lib.Task, hooks: Hooks, train_
             f"{loss_name} returned {_shape(loss)} for a batch of {n}; it must return the per-example loss [B] (the "
             "trainer masks the padding and takes the mean): do not average it."
         )
+    _check_float(loss_name, "loss", loss)
     _check_metrics(config, task, hooks, outputs, batch, n)
     if config.task == "classification" and hooks.loss_fn is None:
         classes, top = outputs.shape[-1], int(np.max(train_split.y))
@@ -172,3 +173,15 @@ def _check_metrics(config, task, hooks, outputs, batch, n: int) -> None:
             raise config_lib.ConfigError(
                 f'{where}: metric "{name}" is {_shape(value)} for a batch of {n}; give its per-example values [B].'
             )
+        _check_float(where, f'metric "{name}"', value)
+
+
+def _check_float(where: str, what: str, value) -> None:
+    """A loss or metric of integers (or booleans) trains nothing (an integer loss has no gradient) and averages
+    wrongly: refused, naming the hook, the dtype and the fix."""
+    if not jnp.issubdtype(value.dtype, jnp.floating):
+        raise config_lib.ConfigError(
+            f"{where} returned a {what} of dtype {value.dtype}; it must be floating point (an integer loss has no "
+            "gradient, so nothing would train, and integer means round). Return float per-example values, e.g. "
+            "`values.astype(jnp.float32)`."
+        )

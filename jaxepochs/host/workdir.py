@@ -36,6 +36,60 @@ class WorkdirError(ValueError):
     """The workdir holds a run that this one cannot continue."""
 
 
+KIND_FILE = "jaxepochs.json"  # {"kind": "run"}: what a workdir holds, so that no other command writes there
+KINDS = {
+    "run": "a run (`jaxepochs run`)",
+    "sweep": "a sweep (`jaxepochs sweep`)",
+    "lr-find": "a learning-rate range test (`jaxepochs lr-find`)",
+    "study": "a study (`jaxepochs reproduce`)",
+}
+
+
+def kind_of(workdir: pathlib.Path) -> str | None:
+    """What `workdir` holds: "run", "sweep", "lr-find", "study", or None (missing, empty, or none of these). Read
+    from its jaxepochs.json, else (a workdir written before it) from the files each kind writes: a sweep's
+    sweep.json, lr-find's lr_find.json and constant_rates/, a study's report.md, runs/ and histories/, a run's."""
+    workdir = pathlib.Path(workdir)
+    if not workdir.is_dir():
+        return None
+    try:
+        kind = json.loads((workdir / KIND_FILE).read_text()).get("kind")
+        if kind in KINDS:
+            return kind
+    except (OSError, ValueError, AttributeError):  # no marker (or a damaged one): the files say
+        pass
+    has = lambda *names: any((workdir / name).exists() for name in names)
+    if has("sweep.json", "sweep.jsonl", "chunking.json"):
+        return "sweep"
+    if has("lr_find.json", "constant_rates"):
+        return "lr-find"
+    if has("histories") or (has("report.md") and has("runs", "sweeps")):
+        return "study"
+    if has(*RUN_FILES, "config.json", checkpoint_lib.CHECKPOINT_DIR, checkpoint_lib.IN_EPOCH_DIR):
+        return "run"
+    return None
+
+
+def check_kind(workdir: pathlib.Path, kind: str) -> None:
+    """WorkdirError if `workdir` holds another kind of output than `kind`'s (a run into a sweep's workdir would
+    overwrite its metrics.csv and delete its TensorBoard directories); writes nothing. --restart does not lift it:
+    it discards a workdir's own kind only."""
+    held = kind_of(workdir)
+    if held is not None and held != kind:
+        raise WorkdirError(
+            f"--workdir {workdir} holds {KINDS[held]}, not {KINDS[kind]}; writing there would overwrite its "
+            f"outputs. Give this {kind} a new --workdir (or delete that directory first if it is no longer needed)."
+        )
+
+
+def claim(workdir: pathlib.Path, kind: str) -> None:
+    """`check_kind`, then records `kind` in workdir/jaxepochs.json (creating the workdir)."""
+    check_kind(workdir, kind)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if not (workdir / KIND_FILE).exists():
+        report_lib.write_text(workdir / KIND_FILE, json.dumps({"kind": kind}) + "\n")
+
+
 def _say_if_the_module_changed(workdir: pathlib.Path, old: dict, new: dict) -> None:
     was, now = old.get("experiment.source_sha256", ""), new.get("experiment.source_sha256", "")
     if was and now and was != now:
@@ -151,7 +205,9 @@ def _check_resumable(workdir: pathlib.Path, config: ml_collections.ConfigDict) -
 
 def prepare_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict, restart: bool, say=print) -> bool:
     """Makes `workdir` ready; True when it holds a run of the same config to resume. A workdir whose earlier
-    command finished no epoch (it failed or was killed first) holds nothing to resume: it starts afresh."""
+    command finished no epoch (it failed or was killed first) holds nothing to resume: it starts afresh. A
+    workdir of another kind (a sweep's, lr-find's, a study's) is refused before anything is written."""
+    check_kind(workdir, "run")
     used = any((workdir / name).exists() for name in (*RUN_FILES, "config.json", checkpoint_lib.CHECKPOINT_DIR))
     if used and not restart and not _has_finished_epoch(workdir):
         say(f"{workdir} holds no finished epoch of an earlier run; starting afresh.")
@@ -161,6 +217,6 @@ def prepare_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict, re
         used = False
     if used:
         _check_resumable(workdir, config)
-    workdir.mkdir(parents=True, exist_ok=True)
+    claim(workdir, "run")
     report_lib.write_text(workdir / "config.json", config.to_json_best_effort(indent=2) + "\n")
     return used

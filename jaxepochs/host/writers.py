@@ -24,9 +24,22 @@ import sys
 import time
 
 from jaxepochs.host import config as config_lib
+from jaxepochs.host import report
 
 MLFLOW_RECORD = "mlflow.json"  # the workdir's MLflow run: a resumed run logs into the same one
 NOT_SCALARS = ("epoch", "steps")  # the step of every scalar, and its step count
+
+MetricWriter = report.MetricWriter  # the writers' interface: write_rows(rows), close()
+
+
+class NullWriter(MetricWriter):
+    """Writes nothing: the log of a process that is not process 0 (its rows are process 0's)."""
+
+    def write_rows(self, rows: list[dict]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def scalars(row: dict) -> dict[str, float]:
@@ -38,7 +51,7 @@ def scalars(row: dict) -> dict[str, float]:
     }
 
 
-class CsvLog:
+class CsvLog(MetricWriter):
     """metrics.csv, one row per epoch, epoch first, then the metrics in the order metrics.jsonl logs them; a
     column first seen later (the validation split every n epochs) rewrites the file with it (empty where an
     epoch has none). Rows are appended whole; a rewrite replaces the file atomically."""
@@ -55,9 +68,12 @@ class CsvLog:
         return ",".join(_csv_value(row.get(column)) for column in self._columns) + "\n"
 
     def _rewrite(self) -> None:
-        temporary = self._path.with_suffix(".csv.tmp")
-        temporary.write_text(",".join(self._columns) + "\n" + "".join(self._line(row) for row in self._rows))
-        os.replace(temporary, self._path)
+        text = ",".join(self._columns) + "\n" + "".join(self._line(row) for row in self._rows)
+        report.replace_file(self._path, text.encode())
+
+    def write_rows(self, rows: list[dict]) -> None:
+        for row in rows:
+            self.write(row)
 
     def write(self, row: dict) -> None:
         self._rows.append(row)
@@ -81,7 +97,7 @@ def _csv_value(value) -> str:
     return str(value)
 
 
-class TensorBoardLog:
+class TensorBoardLog(MetricWriter):
     """WORKDIR/tensorboard/ (or a sweep member's directory under it): each row's metrics as scalars at step
     `epoch`, tagged as in metrics.jsonl (`train_loss`, `val_accuracy`, `learning_rate/Dense_0`).
 
@@ -91,26 +107,44 @@ class TensorBoardLog:
     protocol buffers would import PyTorch where it is installed (a second and 170 MB at every run's start)."""
 
     def __init__(self, directory: pathlib.Path, rows: list[dict]):
-        shutil.rmtree(directory, ignore_errors=True)  # rows past the resumed checkpoint are trained again
-        directory.mkdir(parents=True)
-        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.jaxepochs"
-        self._file = (directory / name).open("ab")
-        self._record(_event(field=_bytes_field(3, b"brain.Event:2")))  # file_version
+        # Rows past the resumed checkpoint are trained again: the event file is rebuilt from `rows` in a temporary
+        # file beside it and renamed over it (under its old name), so a kill while it is written leaves the old one.
+        directory.mkdir(parents=True, exist_ok=True)
+        old = sorted(directory.glob("events.out.tfevents.*.jaxepochs"))
+        name = old[-1].name if old else f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.jaxepochs"
+        self._path = directory / name
+        data = _tf_record(_event(field=_bytes_field(3, b"brain.Event:2")))  # file_version
+        data += b"".join(_tf_record(_row_event(row)) for row in rows)
+        report.replace_file(self._path, data)
+        for stale in directory.iterdir():  # an earlier writer's other files (a sweep member's directories)
+            if stale.name != name:
+                shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
+        self._fd = os.open(self._path, os.O_WRONLY)
+        self._size = os.lseek(self._fd, 0, os.SEEK_END)
+
+    def _record(self, data: bytes) -> None:
+        """One TFRecord, written through at once. A write the disk does not take (ENOSPC) is cut back to the last
+        whole record, so the event file never ends in half of one, and the OSError is raised naming the file: the
+        run saves its epochs and stops, as at metrics.jsonl's."""
+        record = _tf_record(data)
+        try:
+            written = 0
+            while written < len(record):  # os.write may take part of it
+                written += os.write(self._fd, record[written:])
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, self._size)
+                os.lseek(self._fd, self._size, os.SEEK_SET)
+            e.filename = e.filename or str(self._path)
+            raise
+        self._size += len(record)
+
+    def write_rows(self, rows: list[dict]) -> None:
         for row in rows:
             self.write(row)
 
-    def _record(self, data: bytes) -> None:
-        """One TFRecord: the length, its masked CRC-32C, the event, the event's masked CRC-32C."""
-        header = struct.pack("<Q", len(data))
-        self._file.write(header + struct.pack("<I", _masked_crc(header)) + data + struct.pack("<I", _masked_crc(data)))
-        self._file.flush()
-
     def write(self, row: dict) -> None:
-        values = b"".join(
-            _bytes_field(1, _bytes_field(1, tag.encode()) + b"\x15" + struct.pack("<f", value))  # Summary.Value
-            for tag, value in scalars(row).items()
-        )
-        self._record(_event(row["epoch"], _bytes_field(5, values)))  # Event.summary
+        self._record(_row_event(row))
 
     def hparams(self, values: dict, metrics: dict) -> None:
         """The run's hyperparameters and its final metrics, for TensorBoard's hparams plugin (a sweep's runs)."""
@@ -120,7 +154,23 @@ class TensorBoardLog:
         self.write({"epoch": 0, **metrics})
 
     def close(self) -> None:
-        self._file.close()
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+
+
+def _tf_record(data: bytes) -> bytes:
+    """One TFRecord: the length, its masked CRC-32C, the event, the event's masked CRC-32C."""
+    header = struct.pack("<Q", len(data))
+    return header + struct.pack("<I", _masked_crc(header)) + data + struct.pack("<I", _masked_crc(data))
+
+
+def _row_event(row: dict) -> bytes:
+    """A row's scalars as one Event at step `epoch`."""
+    values = b"".join(
+        _bytes_field(1, _bytes_field(1, tag.encode()) + b"\x15" + struct.pack("<f", value))  # Summary.Value
+        for tag, value in scalars(row).items()
+    )
+    return _event(row["epoch"], _bytes_field(5, values))  # Event.summary
 
 
 def _varint(n: int) -> bytes:
@@ -190,17 +240,31 @@ def import_mlflow():
     return mlflow
 
 
+MLFLOW_NAMED_URIS = ("databricks", "databricks-uc", "uc")  # MLflow's tracking URIs with no scheme that are not paths
+
+
 def tracking_uri(config) -> str:
-    """logging.mlflow_tracking_uri, else $MLFLOW_TRACKING_URI, else ./mlruns (a local file store)."""
+    """logging.mlflow_tracking_uri, else $MLFLOW_TRACKING_URI, else ./mlruns (a local file store). A plain path
+    (./mlruns2, /data/mlruns, ~/mlruns) is the file store it names: the file: URI of its absolute path (MLflow
+    takes file: URIs for a local store; a relative path would also move with the working directory)."""
     uri = config.logging.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
     uri = uri or (pathlib.Path.cwd() / "mlruns").as_uri()
+    if _is_plain_path(uri):
+        uri = pathlib.Path(uri).expanduser().absolute().as_uri()
     if uri.startswith("file:"):
         # MLflow 3 keeps its file store in maintenance mode and refuses it unless told: the local default here.
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     return uri
 
 
-class MlflowLog:
+def _is_plain_path(uri: str) -> bool:
+    """Whether `uri` has no scheme (http://, file:, sqlite:///...) and is no named store ("databricks"): a path.
+    A Windows drive ("C:\\mlruns") has a one-letter "scheme", and is a path too."""
+    scheme = uri.split(":", 1)[0] if ":" in uri else ""
+    return uri not in MLFLOW_NAMED_URIS and (not scheme or (len(scheme) == 1 and scheme.isalpha()))
+
+
+class MlflowLog(MetricWriter):
     """One MLflow run per workdir (recorded in WORKDIR/mlflow.json, so a resumed run goes on in it): the flattened
     config as params, each epoch's metrics at step `epoch` (an epoch it already holds is not logged again)."""
 
@@ -262,25 +326,29 @@ class MlflowLog:
         pass
 
 
-class Logs:
-    """metrics.jsonl and the writers the config turns on, written together. metrics.jsonl's errors (a full disk)
-    are the run's; another writer's failure is reported once and that writer dropped: the run goes on."""
+WORKDIR_WRITERS = ("metrics.csv", "tensorboard")  # files in the workdir: a disk that refuses them is the run's
 
-    def __init__(self, primary, others: dict):
+
+class Logs(MetricWriter):
+    """metrics.jsonl and the writers the config turns on, written together. metrics.jsonl's errors (a full disk)
+    are the run's, and so are the OSErrors of the workdir's other files (metrics.csv, the TensorBoard event file):
+    the disk that refuses them holds the checkpoints too, so the run saves and stops with the disk-full message.
+    Another failure (MLflow's tracking server) is reported once and that writer dropped: the run goes on."""
+
+    def __init__(self, primary: MetricWriter, others: dict[str, MetricWriter]):
         self._primary, self._others = primary, dict(others)
 
     def write_rows(self, rows: list[dict]) -> None:
         """A call's rows: metrics.jsonl's first, then each writer's (MLflow's in one batch)."""
-        for row in rows:
-            self._primary.write(row)
+        self._primary.write_rows(rows)
         for name, writer in list(self._others.items()):
             try:
-                if hasattr(writer, "write_rows"):
-                    writer.write_rows(rows)
-                else:
-                    for row in rows:
-                        writer.write(row)
-            except Exception as error:  # noqa: BLE001 - a side writer never stops the run
+                writer.write_rows(rows)
+            except OSError as error:
+                if name in WORKDIR_WRITERS:
+                    raise
+                self._drop(name, error)
+            except Exception as error:  # noqa: BLE001 - a side writer's other failures never stop the run
                 self._drop(name, error)
 
     def _drop(self, name: str, error: Exception) -> None:

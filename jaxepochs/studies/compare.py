@@ -29,12 +29,32 @@ class Curve(NamedTuple):
 
 
 def _rows(path: pathlib.Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CompareError(
+            f"{path} is damaged ({e}): it ends in a cut row or holds something else. Run the command that wrote it "
+            "again (it resumes from its checkpoint and rewrites the file)."
+        ) from None
 
 
 def _run(directory: pathlib.Path, name: str) -> Curve:
-    summary = json.loads((directory / "summary.json").read_text())
+    try:
+        summary = json.loads((directory / "summary.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CompareError(
+            f"{directory / 'summary.json'} is damaged ({e}); run the command that wrote it again."
+        ) from None
     history = _rows(directory / "metrics.jsonl")
+    completed = summary.get("epochs_completed")
+    epochs = [row.get("epoch") for row in history]
+    if completed is not None and len(history) != completed:
+        raise CompareError(
+            f"{directory / 'metrics.jsonl'} holds {len(history)} rows (epochs {_span(epochs)}) but "
+            f"{directory / 'summary.json'} says the run completed {completed} epochs: the log was cut short (a "
+            "kill while it was rewritten, or an edit). Run the same `jaxepochs run` again to rewrite it from the "
+            "run's checkpoint, or leave this workdir out."
+        )
     fields = {
         "best_epoch": summary.get("best_epoch"),
         "metric": summary.get("best_epoch_metric", "val_loss"),
@@ -49,12 +69,23 @@ def _run(directory: pathlib.Path, name: str) -> Curve:
     return Curve(name, history, fields)
 
 
+def _span(epochs: list) -> str:
+    return "none" if not epochs else f"{epochs[0]}..{epochs[-1]}"
+
+
 def _sweep(directory: pathlib.Path, name: str) -> list[Curve]:
     histories: dict[str, list[dict]] = {}
     for row in _rows(directory / "sweep.jsonl"):
         histories.setdefault(row["run"], []).append(row)
     with (directory / "results.csv").open() as f:
         results = {row["run"]: row for row in csv.DictReader(f)}
+    if set(histories) != set(results):
+        missing = sorted(set(histories) ^ set(results))
+        raise CompareError(
+            f"{directory / 'sweep.jsonl'} and {directory / 'results.csv'} disagree on the sweep's runs (runs "
+            f"{', '.join(missing[:5])} are in one only): the sweep's outputs are incomplete. Run the same "
+            "`jaxepochs sweep` again to rewrite them, or leave this workdir out."
+        )
     curves = []
     for run, history in histories.items():
         result = results[run]

@@ -39,9 +39,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxepochs.core import epoch as epoch_lib
+from jaxepochs.data import lock
 from jaxepochs.host import config as config_lib
 from jaxepochs.host import report, setup
 from jaxepochs.host import run as run_lib
+from jaxepochs.host import workdir as workdir_lib
 from jaxepochs.sweep import run as sweep_run
 
 MIN_LR, MAX_LR, STEPS, RATES, EPOCHS = 1e-8, 1.0, 100, 8, 2  # Lightning's lr_find defaults; K rates, E epochs
@@ -294,37 +296,43 @@ def lr_find(
     unless `quiet`."""
     check_arguments(min_lr, max_lr, steps, rates, epochs, rates_range)
     start = time.perf_counter()
+    workdir = workdir_lib.as_workdir(workdir)
+    # The workdir's lock, as a run's: a second lr-find or a live run there is refused at once, before the data is
+    # read or anything compiles; held until the outputs are written.
+    lock.check_free(workdir, "workdir")
+    workdir_lib.check_kind(workdir, "lr-find")  # a run's, a sweep's or a study's workdir is refused
     config = config_lib.validate(config)
     check_config(config, epochs)
-    workdir = pathlib.Path(workdir)
-    test = range_test(config, min_lr, max_lr, steps, quiet=True)
-    values = constant_rate_values(test, rates, rates_range)
-    swept = time.perf_counter()
-    rows = constant_rates(config, values, epochs, workdir / "constant_rates")
-    best, metric = best_constant(rows)
-    result = {
-        "config": config.experiment.module if "experiment" in config else None,
-        "optimizer": config.optimizer.name,
-        "batch_size": config.train.batch_size,
-        "range_test": range_fields(test, min_lr, max_lr),
-        "constant_rates": {
-            "epochs": epochs,
-            "learning_rates": [float(v) for v in values],
-            "runs": rows,
-            "selected_by": metric,
-            "suggested_learning_rate": None if best is None else rows[best]["learning_rate"],
-            "seconds": time.perf_counter() - swept,
-        },
-        "total_seconds": time.perf_counter() - start,
-    }
-    result["suggested_learning_rate"] = result["range_test"]["suggested_learning_rate"]
-    result["suggested_learning_rate_constant"] = result["constant_rates"]["suggested_learning_rate"]
-    workdir.mkdir(parents=True, exist_ok=True)
-    report.write_text(workdir / "lr_find.json", json.dumps(result, indent=2) + "\n")
-    plot(result, workdir / "lr_find.png")
-    if not quiet:
-        print(summary_lines(result, workdir))
-    return result
+    with lock.hold(workdir, "workdir"):
+        workdir_lib.claim(workdir, "lr-find")
+        test = range_test(config, min_lr, max_lr, steps, quiet=True)
+        values = constant_rate_values(test, rates, rates_range)
+        swept = time.perf_counter()
+        rows = constant_rates(config, values, epochs, workdir / "constant_rates")
+        best, metric = best_constant(rows)
+        result = {
+            "config": config.experiment.module if "experiment" in config else None,
+            "optimizer": config.optimizer.name,
+            "batch_size": config.train.batch_size,
+            "range_test": range_fields(test, min_lr, max_lr),
+            "constant_rates": {
+                "epochs": epochs,
+                "learning_rates": [float(v) for v in values],
+                "runs": rows,
+                "selected_by": metric,
+                "suggested_learning_rate": None if best is None else rows[best]["learning_rate"],
+                "seconds": time.perf_counter() - swept,
+            },
+            "total_seconds": time.perf_counter() - start,
+        }
+        result["suggested_learning_rate"] = result["range_test"]["suggested_learning_rate"]
+        result["suggested_learning_rate_constant"] = result["constant_rates"]["suggested_learning_rate"]
+        workdir.mkdir(parents=True, exist_ok=True)
+        report.write_text(workdir / "lr_find.json", json.dumps(result, indent=2) + "\n")
+        plot(result, workdir / "lr_find.png")
+        if not quiet:
+            print(summary_lines(result, workdir))
+        return result
 
 
 def summary_lines(result: dict, workdir: pathlib.Path) -> str:

@@ -13,6 +13,7 @@ import pathlib
 
 import numpy as np
 
+from jaxepochs.host import workdir as workdir_lib
 from jaxepochs.studies import double_descent, grokking, transfer
 from jaxepochs.studies.common import load_reference, load_rerun, row, run_seeds, write_report
 
@@ -139,7 +140,7 @@ def reproduce(
     `vmap`: each experiment's seeds as one sweep, one vmapped program); returns the judged rows."""
     reference = load_reference(name)
     workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir_lib.claim(workdir, "study")  # a run's, a sweep's or lr-find's workdir is refused; creates it
     if quick:
         seeds = QUICK["seeds"]
     elif seeds is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import pathlib
@@ -10,6 +11,7 @@ import pathlib
 import numpy as np
 
 from jaxepochs.host import config as config_lib
+from jaxepochs.host import report as report_lib
 
 
 def _minimize(monitor: str) -> bool:
@@ -111,40 +113,36 @@ def table(results_rows: list[dict], cv_rows: list[dict], top: int = 10) -> str:
 
 
 def write(workdir: pathlib.Path, runs, histories: dict, results_rows: list[dict], cv_rows: list[dict], grid) -> None:
-    with (workdir / "sweep.jsonl").open("w") as f:
-        for run in runs:
-            values = typed_values(run)
-            for row in histories[run.name]:
-                f.write(json.dumps({"run": run.name, **values, **row}) + "\n")
+    """sweep.jsonl, results.csv and cv.csv, each written whole (a temporary file renamed over it: a rerun that
+    is killed while it rewrites them leaves the old ones), then sweep.png."""
+    lines = [
+        json.dumps({"run": run.name, **typed_values(run), **row}) + "\n" for run in runs for row in histories[run.name]
+    ]
+    report_lib.write_text(workdir / "sweep.jsonl", "".join(lines))
     columns = list(dict.fromkeys(k for row in results_rows for k in row))
-    with (workdir / "results.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, columns)
-        writer.writeheader()
-        writer.writerows(results_rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, columns)
+    writer.writeheader()
+    writer.writerows(results_rows)
+    report_lib.write_text(workdir / "results.csv", text.getvalue())
     if cv_rows:
-        with (workdir / "cv.csv").open("w", newline="") as f:
-            writer = csv.writer(f)
+        text = io.StringIO(newline="")
+        writer = csv.writer(text)
+        writer.writerow(
+            ["config", *grid[0].keys(), "recommended_epochs", "mean_val_loss", "std_val_loss", "refit_test_accuracy"]
+        )
+        for row in cv_rows:
             writer.writerow(
                 [
-                    "config",
-                    *grid[0].keys(),
-                    "recommended_epochs",
-                    "mean_val_loss",
-                    "std_val_loss",
-                    "refit_test_accuracy",
+                    row["config"],
+                    *row["values"].values(),
+                    row["recommended_epochs"],
+                    row["best_mean_val_loss"],
+                    row["best_std_val_loss"],
+                    row.get("refit_test_accuracy", ""),
                 ]
             )
-            for row in cv_rows:
-                writer.writerow(
-                    [
-                        row["config"],
-                        *row["values"].values(),
-                        row["recommended_epochs"],
-                        row["best_mean_val_loss"],
-                        row["best_std_val_loss"],
-                        row.get("refit_test_accuracy", ""),
-                    ]
-                )
+        report_lib.write_text(workdir / "cv.csv", text.getvalue())
     plot(workdir / "sweep.png", runs, histories, results_rows, grid)
 
 

@@ -247,6 +247,7 @@ def sweep(
     workdir = workdir_lib.as_workdir(workdir)
     primary = devices.is_primary()  # process 0 writes the outputs and the checkpoints' arrays
     devices.on_primary(lambda: lock.check_free(workdir, "sweep workdir"))
+    devices.on_primary(lambda: workdir_lib.check_kind(workdir, "sweep"))  # a run's, lr-find's, a study's: refused
     config = _check_arguments(config_lib.validate(config), cv, refit, chunk)
     devices.check_same_config(config)
     run_lib.use_compilation_cache(config.train.compilation_cache_dir)

@@ -1,0 +1,381 @@
+"""Issue #28: user-facing faults (a kill while a log is rewritten, writers' contract, workdir kinds, hooks' dtypes,
+MLflow paths, split shapes, lr-find's lock, false warnings, overrides of experiment.*, messages, a full disk in
+TensorBoard). Each test fails before anything compiles where it can."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+from conftest import EXPERIMENT, _events
+from test_hooks import _module
+
+from jaxepochs.host import report, writers
+from jaxepochs.studies import compare
+
+
+class Killed(BaseException):
+    """A SIGKILL's stand-in: nothing after it runs."""
+
+
+def _rows(n: int) -> list[dict]:
+    return [{"epoch": e, "steps": 10 * e, "train_loss": 1.0 / e, "learning_rate": 0.1} for e in range(1, n + 1)]
+
+
+def _kill_after(monkeypatch, module, name: str, calls: int) -> None:
+    """`module.name` raises Killed at its `calls`-th call."""
+    real, count = getattr(module, name), [0]
+
+    def patched(*args, **kwargs):
+        count[0] += 1
+        if count[0] >= calls:
+            raise Killed
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, patched)
+
+
+def test_a_kill_while_metrics_jsonl_is_rebuilt_leaves_the_old_file_whole(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.jsonl"
+    log = report.MetricsLog(path, _rows(3))
+    log.close()
+    before = path.read_bytes()
+    _kill_after(monkeypatch, report, "_jsonable", 6)  # inside the second restored row
+    with pytest.raises(Killed):
+        report.MetricsLog(path, _rows(2))
+    assert path.read_bytes() == before
+    monkeypatch.undo()
+    log = report.MetricsLog(path, _rows(2))  # the rebuild itself: a temporary file renamed over the old one
+    log.write_rows(_rows(3)[2:])
+    log.close()
+    assert path.read_bytes() == before and not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_kill_while_tensorboard_is_rebuilt_leaves_the_old_event_file(tmp_path, monkeypatch):
+    directory = tmp_path / "tensorboard"
+    writers.TensorBoardLog(directory, _rows(3)).close()
+    (old,) = directory.iterdir()
+    before = old.read_bytes()
+    _kill_after(monkeypatch, writers, "scalars", 2)
+    with pytest.raises(Killed):
+        writers.TensorBoardLog(directory, _rows(2))
+    assert [p.name for p in directory.iterdir() if not p.name.endswith(".tmp")] == [old.name]
+    assert old.read_bytes() == before
+    monkeypatch.undo()
+    board = writers.TensorBoardLog(directory, _rows(2))
+    board.write(_rows(4)[3])
+    board.close()
+    assert [p.name for p in directory.iterdir()] == [old.name]
+    assert [step for step, _ in _events(directory)["train_loss"]] == [1, 2, 4]
+
+
+def test_compare_refuses_a_run_whose_metrics_jsonl_was_cut_short(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    report.write_json(run / "summary.json", {"epochs_completed": 3, "best_epoch": 3, "stop_reason": "completed"})
+    (run / "metrics.jsonl").write_text(json.dumps(_rows(1)[0]) + "\n")
+    with pytest.raises(compare.CompareError, match=r"run/metrics.jsonl holds 1 rows .* completed 3 epochs"):
+        compare.read([run])
+    (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in _rows(3))[:-20])
+    with pytest.raises(compare.CompareError, match=r"run/metrics.jsonl is damaged"):
+        compare.read([run])
+
+
+def test_every_writer_implements_the_metric_writer_protocol(tmp_path):
+    from jaxepochs.host import run
+
+    protocol = writers.MetricWriter
+    assert protocol is report.MetricWriter
+    for cls in (writers.CsvLog, writers.TensorBoardLog, writers.MlflowLog, writers.Logs, writers.NullWriter):
+        assert issubclass(cls, protocol) and protocol in cls.__mro__, cls  # explicitly, not by habit
+    assert protocol in report.MetricsLog.__mro__
+    made = [
+        report.MetricsLog(tmp_path / "metrics.jsonl", _rows(1)),
+        writers.CsvLog(tmp_path / "metrics.csv", _rows(1)),
+        writers.TensorBoardLog(tmp_path / "tensorboard", _rows(1)),
+        writers.NullWriter(),
+        run._NoLog(),
+    ]
+    made.append(writers.Logs(made[0], {"metrics.csv": made[1], "tensorboard": made[2]}))
+    for writer in made:
+        assert isinstance(writer, protocol), writer
+        writer.write_rows(_rows(2)[1:])
+    for writer in reversed(made):
+        writer.close()
+    assert [row["epoch"] for row in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())] == [1, 2, 2]
+    assert not isinstance(object(), protocol)
+
+    class Incomplete(protocol):
+        def close(self) -> None:
+            pass
+
+    with pytest.raises(TypeError):
+        Incomplete()  # a writer that forgets write_rows fails when made, not when the first rows come
+
+
+def _tree(directory) -> dict:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("restart", [False, True])
+def test_a_run_into_a_sweep_s_workdir_is_refused_before_anything_is_written(tmp_path, restart):
+    from conftest import tiny_config
+
+    from jaxepochs import cli
+    from jaxepochs.host import workdir as workdir_lib
+
+    sweep = tmp_path / "sweep"
+    (sweep / "tensorboard" / "r0").mkdir(parents=True)
+    (sweep / "tensorboard" / "r0" / "events.out.tfevents.1.h.jaxepochs").write_bytes(b"events")
+    (sweep / "sweep.json").write_text("{}\n")
+    (sweep / "metrics.csv").write_text("run,epoch,train_loss\nr0,1,0.5\n")
+    before = _tree(sweep)
+    with pytest.raises(workdir_lib.WorkdirError, match=r"holds a sweep \(`jaxepochs sweep`\), not a run .* --workdir"):
+        workdir_lib.prepare_workdir(sweep, tiny_config(), restart=restart)
+    assert _tree(sweep) == before
+    # lr-find's constant_rates/ is a sweep's workdir; lr-find's own, a study's and a run's refuse the others too.
+    run = tmp_path / "run"
+    workdir_lib.prepare_workdir(run, tiny_config(), restart=False)
+    assert workdir_lib.kind_of(run) == "run" and json.loads((run / "jaxepochs.json").read_text()) == {"kind": "run"}
+    with pytest.raises(workdir_lib.WorkdirError, match=r"holds a run \(`jaxepochs run`\), not a sweep"):
+        workdir_lib.check_kind(run, "sweep")
+    workdir_lib.claim(tmp_path / "lr", "lr-find")
+    for kind in ("run", "sweep", "study"):
+        with pytest.raises(workdir_lib.WorkdirError, match="holds a learning-rate range test"):
+            workdir_lib.claim(tmp_path / "lr", kind)
+    # The command line says it in one line, exit 2, before the data is read.
+    code = cli.main(["run", "--config", str(EXPERIMENT), "--workdir", str(sweep), "--config.train.epochs=1"])
+    assert code == 2 and _tree(sweep) == before
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        (
+            "def loss_fn(outputs, batch):\n    return (outputs[:, 0] > 0).astype(jnp.int32)\n",
+            r"loss_fn in .*exp\.py returned a loss of dtype int32; it must be floating point .* Return float "
+            "per-example values",
+        ),
+        (
+            "def metrics_fn(outputs, batch):\n    return {'hit': outputs[:, 0] > 0}\n",
+            r'metrics_fn in .*exp\.py returned a metric "hit" of dtype bool; .* Return float per-example values',
+        ),
+    ],
+)
+def test_a_loss_or_metric_of_integers_is_refused_before_compiling(tmp_path, extra, match):
+    import jaxepochs
+    from jaxepochs.host.config import ConfigError
+
+    path = _module(tmp_path, extra="import jax.numpy as jnp\n" + extra)
+    with pytest.raises(ConfigError, match=match):
+        jaxepochs.train_and_evaluate(jaxepochs.load_config_file(path), tmp_path / "run", quiet=True)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("relative", [True, False])
+def test_mlflow_takes_a_plain_path_as_the_file_store_it_names(tmp_path, monkeypatch, relative):
+    from conftest import tiny_config
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)  # restored after: tracking_uri sets it
+    store = tmp_path / "mlruns2"
+    given = "./mlruns2" if relative else str(store)
+    config = tiny_config({"logging.mlflow": "True", "logging.mlflow_tracking_uri": given})
+    assert writers.tracking_uri(config) == store.as_uri()
+    for named in ("databricks", "http://localhost:5000", "sqlite:///x.db", "file:///tmp/x"):
+        assert writers.tracking_uri(tiny_config({"logging.mlflow_tracking_uri": named})) == named
+    (tmp_path / "run").mkdir()
+    log = writers.MlflowLog(tmp_path / "run", config, _rows(2))
+    client = MlflowClient(store.as_uri())
+    assert [(m.step, m.value) for m in client.get_metric_history(log.run_id, "train_loss")] == [(1, 1.0), (2, 0.5)]
+    assert json.loads((tmp_path / "run" / "mlflow.json").read_text())["tracking_uri"] == store.as_uri()
+
+
+def _split(n: int, x) -> dict:
+    return {"x": x, "y": np.arange(n) % 2}
+
+
+@pytest.mark.parametrize(
+    ("test_x", "train_x", "match"),
+    [
+        (
+            np.zeros((4, 5), np.float32),
+            np.zeros((8, 8), np.float32),
+            r'get_data in exp.py: split "test" has x of per-example shape \(5,\) \(float32\), but split "train" '
+            r"has \(8,\) \(float32\); .* same per-example shape and dtype",
+        ),
+        (
+            {"a": np.zeros((4, 3)), "b": np.zeros((4, 2, 2), np.int32)},
+            {"a": np.zeros((8, 3)), "b": np.zeros((8, 2), np.int32)},
+            r"split \"test\" has x\['b'\] of per-example shape \(2, 2\) \(int32\), but split \"train\" has \(2,\)",
+        ),
+        (
+            {"a": np.zeros((4, 3))},
+            {"a": np.zeros((8, 3)), "b": np.zeros((8, 2))},
+            r"split \"test\" has inputs \[\"x\['a'\]\", 'y'\] but split \"train\" has",
+        ),
+        (
+            np.zeros((4, 8), np.int32),
+            np.zeros((8, 8), np.float32),
+            r"split \"test\" has x of per-example shape \(8,\) \(int32\), but split \"train\" has \(8,\) \(float32\)",
+        ),
+    ],
+)
+def test_splits_whose_inputs_differ_from_the_training_split_s_are_refused(test_x, train_x, match):
+    from conftest import tiny_config
+
+    from jaxepochs.data import loading
+
+    splits = {"train": _split(8, train_x), "test": _split(4, test_x)}
+    with pytest.raises(loading.DataError, match=match):
+        loading.from_arrays(tiny_config({"data.validation_fraction": "0.0"}), splits, "get_data in exp.py")
+    splits = {"train": _split(8, train_x), "test": _split(4, train_x), "validation": _split(2, test_x)}
+    with pytest.raises(loading.DataError, match=match.replace("test", "validation")):
+        loading.from_arrays(tiny_config(), splits, "get_data in exp.py")
+
+
+def test_lr_find_takes_the_workdir_lock_before_anything_else(tmp_path, monkeypatch):
+    from conftest import tiny_config
+
+    from jaxepochs.data import lock
+    from jaxepochs.studies import lr_find
+
+    def compiled(*args, **kwargs):
+        with pytest.raises(lock.LockedError):  # lr-find holds it while it works
+            lock.check_free(tmp_path / "w", "workdir")
+        raise AssertionError("the range test ran")
+
+    monkeypatch.setattr(lr_find, "range_test", compiled)
+    for holder in ("workdir", "sweep workdir"):  # a live run's workdir, a second lr-find's
+        with lock.hold(tmp_path / "w", holder):
+            with pytest.raises(lock.LockedError, match=r"the workdir .*/w is in use by pid \d+"):
+                lr_find.lr_find(tiny_config(), tmp_path / "w", quiet=True)
+    with pytest.raises(AssertionError, match="range test ran"):  # free: it goes on, holding the lock
+        lr_find.lr_find(tiny_config(), tmp_path / "w", quiet=True)
+
+
+def test_data_stream_with_get_data_is_not_said_to_be_unused(tmp_path):
+    import warnings
+
+    import jaxepochs
+    from jaxepochs.host import hooks
+
+    config = jaxepochs.load_config_file(_module(tmp_path, config="config.data.stream = True"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any "is not used" warning fails
+        hooks.load_hooks(config)
+        hooks.load_hooks(
+            jaxepochs.load_config_file(_module(tmp_path, config="config.data.device_memory_bytes = 10**9"))
+        )
+        hooks.load_hooks(jaxepochs.load_config_file(_module(tmp_path, config="config.data.label_noise = 0.1")))
+    with pytest.warns(UserWarning, match=r"config.data.name is not used"):  # what get_data does replace
+        hooks.load_hooks(jaxepochs.load_config_file(_module(tmp_path, config="config.data.name = 'digits'")))
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["run", "--config", "{module}", "--workdir", "{w}", "--config.experiment.module={other}"],
+        ["run", "--config", "{module}", "--workdir", "{w}", "--config.experiment.source_sha256", "0"],
+        ["sweep", "--config", "{module}", "--workdir", "{w}", "--config.experiment.module={other}", "--sweep.seed=0,1"],
+        ["sweep", "--config", "{module}", "--workdir", "{w}", "--sweep.experiment.module={other},{module}"],
+        ["lr-find", "--config", "{module}", "--workdir", "{w}", "--config.experiment.module={other}"],
+    ],
+)
+def test_experiment_keys_cannot_be_overridden_on_the_command_line(tmp_path, capsys, argv):
+    from jaxepochs import cli
+
+    names = {"module": str(EXPERIMENT), "other": str(tmp_path / "other.py"), "w": str(tmp_path / "w")}
+    assert cli.main([arg.format(**names) for arg in argv]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"--(config|sweep)\.experiment\.\w+: experiment\.\* records the experiment module .* cannot be "
+                     r"overridden\. Pass the module itself as --config PATH", err), err  # fmt: skip
+    assert not (tmp_path / "w").exists()
+
+
+def test_a_get_data_dataset_is_named_after_its_module_not_a_split():
+    from conftest import tiny_config
+
+    from jaxepochs.data import loading
+
+    splits = {"train": _split(8, np.zeros((8, 3))), "test": _split(4, np.zeros((4, 3)))}
+    dataset = loading.from_arrays(tiny_config(), splits, "get_data in exp.py", "exp.get_data")
+    assert dataset.name == "exp.get_data"
+    assert loading.from_arrays(tiny_config(), splits, "get_data in exp.py").name == "get_data in exp.py"
+
+
+@pytest.mark.parametrize("command", ["run", "sweep", "lr-find"])
+def test_a_config_that_is_not_a_python_file_says_what_a_config_is(tmp_path, capsys, command):
+    from jaxepochs import cli
+
+    for name in ("README.md", "config.txt"):
+        (tmp_path / name).write_text("# not a module\n")
+        argv = [command, "--config", str(tmp_path / name), "--workdir", str(tmp_path / "w")]
+        assert cli.main(argv + (["--sweep.seed=0,1"] if command == "sweep" else [])) == 2
+        err = capsys.readouterr().err
+        assert f"--config {tmp_path / name} is not a Python file" in err and "defines get_config()" in err, err
+        assert "AttributeError" not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("split", "x", "y", "match"),
+    [
+        ("train", np.array([["a", "b"]] * 8), np.arange(8) % 2, r'split "train" has x of dtype <U1, which is not'),
+        ("test", {"ids": np.zeros((4, 2)), "text": np.array(["t"] * 4, dtype=object)}, np.arange(4) % 2,
+         r"split \"test\" has x\['text'\] of dtype object, which is not numeric"),
+        ("test", np.zeros((4, 2)), np.array(["cat", "dog"] * 2), r'split "test" has y of dtype <U3, which is not'),
+    ],
+)  # fmt: skip
+def test_non_numeric_get_data_arrays_are_refused_naming_the_split_and_key(split, x, y, match):
+    from conftest import tiny_config
+
+    from jaxepochs.data import loading
+
+    splits = {"train": _split(8, np.zeros((8, 2))), "test": _split(4, np.zeros((4, 2)))}
+    splits[split] = {"x": x, "y": y}
+    with pytest.raises(loading.DataError, match=match + r".* Convert it in get_data"):
+        loading.from_arrays(tiny_config(), splits, "get_data in exp.py")
+
+
+def test_a_non_finite_loss_from_a_module_s_loss_fn_names_the_loss_fn(tmp_path):
+    import jaxepochs
+    from jaxepochs.host import run
+
+    extra = "import jax.numpy as jnp\ndef loss_fn(outputs, batch):\n    return jnp.sum(outputs, -1) * jnp.nan\n"
+    path = _module(tmp_path, config="config.train.epochs = 1", extra=extra)
+    with pytest.raises(run.NonFiniteLossError, match=r"learning_rate .*; or check loss_fn in .*exp\.py, which may"):
+        jaxepochs.train_and_evaluate(jaxepochs.load_config_file(path), tmp_path / "run", quiet=True)
+
+
+def test_a_full_disk_under_tensorboard_is_the_run_s_oserror_and_leaves_whole_records(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    directory = tmp_path / "tensorboard"
+    board = writers.TensorBoardLog(directory, _rows(2))
+    (path,) = directory.iterdir()
+    size = path.stat().st_size
+    real = os.write
+
+    def full(fd, data):
+        real(fd, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(writers.os, "write", full)
+    with pytest.raises(OSError, match="No space left") as raised:
+        board.write_rows(_rows(3)[2:])
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(path)
+    assert path.stat().st_size == size  # the half record was cut off again
+    # Through Logs: the workdir's writers' disk errors are the run's (it saves and stops), not a dropped writer.
+    logs = writers.Logs(writers.NullWriter(), {"tensorboard": board})
+    with pytest.raises(OSError, match="No space left") as raised:
+        logs.write_rows(_rows(3)[2:])
+    assert raised.value.filename == str(path)
+    monkeypatch.undo()
+    logs.write_rows(_rows(3)[2:])  # the disk has room again: whole records follow the whole ones
+    logs.close()
+    assert [step for step, _ in _events(directory)["train_loss"]] == [1, 2, 3]
