@@ -69,7 +69,7 @@ def input_throughput(batches: int) -> None:
     idx = order[: steps * batch].reshape(steps, batch)
     mask = np.ones_like(idx, bool)
     start = time.perf_counter()
-    per_chunk = streamed.chunk_steps(config, dataset, n // batch)
+    per_chunk = streamed.chunk_steps(config.train, config.data, dataset, n // batch)
     for _ in streamed.chunks(dataset.train, idx, mask, per_chunk, "bench"):
         pass
     ours = steps * batch / (time.perf_counter() - start)

@@ -13,6 +13,7 @@ from conftest import EXPERIMENT, _events
 from test_hooks import _module
 
 from jaxepochs.host import report, writers
+from jaxepochs.host.specs import specs_of
 from jaxepochs.studies import compare
 
 
@@ -185,11 +186,11 @@ def test_mlflow_takes_a_plain_path_as_the_file_store_it_names(tmp_path, monkeypa
     store = tmp_path / "mlruns2"
     given = "./mlruns2" if relative else str(store)
     config = tiny_config({"logging.mlflow": "True", "logging.mlflow_tracking_uri": given})
-    assert writers.tracking_uri(config) == store.as_uri()
+    assert writers.tracking_uri(config.logging.mlflow_tracking_uri) == store.as_uri()
     for named in ("databricks", "http://localhost:5000", "sqlite:///x.db", "file:///tmp/x"):
-        assert writers.tracking_uri(tiny_config({"logging.mlflow_tracking_uri": named})) == named
+        assert writers.tracking_uri(named) == named
     (tmp_path / "run").mkdir()
-    log = writers.MlflowLog(tmp_path / "run", config, _rows(2))
+    log = writers.MlflowLog(tmp_path / "run", specs_of(config).logging, _rows(2))
     client = MlflowClient(store.as_uri())
     assert [(m.step, m.value) for m in client.get_metric_history(log.run_id, "train_loss")] == [(1, 1.0), (2, 0.5)]
     assert json.loads((tmp_path / "run" / "mlflow.json").read_text())["tracking_uri"] == store.as_uri()

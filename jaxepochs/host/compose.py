@@ -24,7 +24,7 @@ from jaxepochs.core import layout as layout_lib
 from jaxepochs.core import optim
 from jaxepochs.core import program as program_lib
 from jaxepochs.data import loading as data_lib
-from jaxepochs.host import devices, driver, finetune, setup, warm_start
+from jaxepochs.host import devices, driver, finetune, setup, specs, warm_start
 
 
 class Member(NamedTuple):
@@ -88,8 +88,8 @@ def _batch(split: data_lib.Split, array) -> dict:
 def member(config, name: str, fold: int, pieces: setup.Pieces, has_val: bool) -> Member:
     """A run's own numbers from its config (checked: fine-tuning values that do not fit raise ConfigError)."""
     names = pieces.tx.group_names
-    tracker = setup.make_tracker(config, has_val, pieces.metric_names)[0]
-    groups = finetune.group_values(config, names) if names else None
+    tracker = setup.make_tracker(config.early_stopping, has_val, pieces.metric_names)[0]
+    groups = finetune.group_values(specs.specs_of(config).finetune, names) if names else None
     return Member(name, config, fold, optim.hparams_of(config.optimizer.to_dict()), tracker, groups)
 
 
@@ -103,31 +103,35 @@ def compose(config, dataset: data_lib.Dataset, hooks, *, cv: int = 0, sweep: boo
     n_train = data_lib.count(dataset.train)
     if cv:
         n_train = data_lib.fold_indices(n_train, cv, 0, config.data.split_seed)[0].shape[0]
-    setup.check_shapes(config, dataset, n_train)
+    setup.check_shapes(config.model, config.train.batch_size, dataset, n_train)
     has_val = bool(cv) or data_lib.count(dataset.val) > 0
     steps = config.train.steps_per_epoch or epoch_lib.steps_per_epoch(n_train, config.train.batch_size)
     pieces = setup.make_pieces(config, dataset, hooks, steps, has_val)
     if fresh:  # the arrays its fresh runs take from init.from_workdir, read and checked now
-        pieces = warm_start.attach(pieces, config, setup.first_example(dataset.train))
+        trace_init = lambda x: pieces.source.trace_init(config, x)
+        pieces = warm_start.attach(pieces, config.init, trace_init, setup.first_example(dataset.train))
+    m, batch_size = config.mesh, config.train.batch_size
     if sweep:
-        runs_devices, layout = devices.sweep_mesh(config)[0], devices.sweep_layout(config)
+        runs_devices, layout = devices.sweep_mesh(m, batch_size)[0], devices.sweep_layout(m, batch_size)
     else:
-        runs_devices, layout = 1, devices.run_layout(config, dataset.streamed, say)
-    every_epoch = _every_epoch_sizes(config, dataset, cv)
+        layout = devices.run_layout(m, batch_size, config.train.accumulate_steps, dataset.streamed, say)
+        runs_devices = 1
+    every_epoch = _every_epoch_sizes(config.train, dataset, cv)
     axes = {"train": 0, "val": 0} if cv else {}
-    spec = setup.run_spec(config, pieces, every_epoch, axes, layout=layout)
+    monitor = config.optimizer.schedule.monitor
+    spec = setup.run_spec(config.train, pieces, every_epoch, axes, layout=layout, plateau_monitor=monitor)
     e = config.early_stopping
     return Composition(
-        dataset, pieces, spec, driver.LoopSpec.of(config), layout, runs_devices, config.train.eval_batch_size,
+        dataset, pieces, spec, specs.specs_of(config).loop, layout, runs_devices, config.train.eval_batch_size,
         bool(e.enabled and e.restore_best), has_val, cv, config.data.split_seed,
     )  # fmt: skip
 
 
-def _every_epoch_sizes(config, dataset: data_lib.Dataset, cv: int) -> dict[str, int]:
+def _every_epoch_sizes(t, dataset: data_lib.Dataset, cv: int) -> dict[str, int]:
     """The held-out splits the run program evaluates when due, and their batch sizes: validation (a CV run's
-    fold), and the test split with train.log_test."""
+    fold), and the test split with train.log_test (`t`: the config's train section)."""
     n_val = data_lib.count(dataset.train) // cv if cv else data_lib.count(dataset.val)
-    sizes = setup.eval_sizes(config.train.eval_batch_size, {"val": n_val})
-    if config.train.log_test:
-        sizes.update(setup.eval_sizes(config.train.eval_batch_size, {"test": data_lib.count(dataset.test)}))
+    sizes = setup.eval_sizes(t.eval_batch_size, {"val": n_val})
+    if t.log_test:
+        sizes.update(setup.eval_sizes(t.eval_batch_size, {"test": data_lib.count(dataset.test)}))
     return sizes

@@ -111,10 +111,10 @@ def on_primary(step):
     raise DistributedError("process 0 stopped with an error before training (see its output); fix it and rerun all.")
 
 
-def run_layout(config, streamed: bool, say) -> layout_lib.Layout | None:
+def run_layout(m, batch: int, accumulate: int, streamed: bool, say) -> layout_lib.Layout | None:
     """The layout of a run: its batches over `mesh.data` devices (None on one device: the programs are then
-    those of a single-device run, with no annotations). ConfigError for a mesh that cannot be built."""
-    m, batch = config.mesh, config.train.batch_size
+    those of a single-device run, with no annotations). ConfigError for a mesh that cannot be built. `m`: the
+    config's mesh section; `batch`, `accumulate`: train.batch_size and train.accumulate_steps."""
     available = jax.device_count()
     if m.runs > 1:
         raise config_lib.ConfigError(
@@ -133,7 +133,7 @@ def run_layout(config, streamed: bool, say) -> layout_lib.Layout | None:
             f"config.train.batch_size = {batch} does not divide over the {available} devices of the "
             f"{jax.process_count()} processes (a multi-process run uses them all). Use a multiple of {available}."
         )
-    data = m.data or _auto_data(available, batch, config.train.accumulate_steps, say)
+    data = m.data or _auto_data(available, batch, accumulate, say)
     if batch % data:
         raise config_lib.ConfigError(
             f"config.train.batch_size = {batch} does not divide over mesh.data = {data} devices. Use a batch size "
@@ -149,10 +149,10 @@ def run_layout(config, streamed: bool, say) -> layout_lib.Layout | None:
     return layout_lib.Layout(layout_lib.make_mesh(jax.devices(), 1, data), bool(m.shard_params))
 
 
-def sweep_mesh(config) -> tuple[int, int]:
+def sweep_mesh(m, batch: int) -> tuple[int, int]:
     """(runs, data): the devices a sweep splits its runs over and those each run's batches split over. By
     default every device on "runs" (a run's batch stays on one device: the runs are the parallel work)."""
-    m, available = config.mesh, jax.device_count()
+    available = jax.device_count()
     data = m.data or 1
     _check_devices("mesh.data", data, available)
     runs = m.runs or max(available // data, 1)
@@ -166,21 +166,21 @@ def sweep_mesh(config) -> tuple[int, int]:
             f"config.mesh.runs * mesh.data = {runs} * {data} asks for {runs * data} devices, but JAX sees "
             f"{available}. Use a mesh of at most {available} devices, or 0 for either axis to choose it."
         )
-    if config.train.batch_size % data:
+    if batch % data:
         raise config_lib.ConfigError(
-            f"config.train.batch_size = {config.train.batch_size} does not divide over mesh.data = {data} devices. "
+            f"config.train.batch_size = {batch} does not divide over mesh.data = {data} devices. "
             f"Use a batch size that is a multiple of {data}, or a mesh.data that divides it."
         )
     return runs, data
 
 
-def sweep_layout(config) -> layout_lib.Layout | None:
+def sweep_layout(m, batch: int) -> layout_lib.Layout | None:
     """A sweep's layout where its runs' batches span devices (mesh.data > 1, or shard_params); None where each
     run lies on one device (the runs split over "runs" by `jax.shard_map`, sweep/run.py)."""
-    runs, data = sweep_mesh(config)
-    if data == 1 and not config.mesh.shard_params:
+    runs, data = sweep_mesh(m, batch)
+    if data == 1 and not m.shard_params:
         return None
-    return layout_lib.Layout(layout_lib.make_mesh(jax.devices(), runs, data), bool(config.mesh.shard_params))
+    return layout_lib.Layout(layout_lib.make_mesh(jax.devices(), runs, data), bool(m.shard_params))
 
 
 def _check_devices(key: str, wanted: int, available: int) -> None:
@@ -245,14 +245,15 @@ def agree(values: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(int(v) for v in np.asarray(agreed))
 
 
-def check_same_config(config) -> None:
-    """DistributedError on every process, naming the first key where a process's config differs from process
-    0's: the processes of one run must run one config (else their programs would not match and they would hang)."""
+def check_same_config(config_json: str) -> None:
+    """DistributedError on every process, naming the first key where a process's config (`config_json`, as
+    config.json holds it) differs from process 0's: the processes of one run must run one config (else their
+    programs would not match and they would hang)."""
     if not multi_process():
         return
     from jax.experimental import multihost_utils
 
-    mine = config_lib.flatten(json.loads(config.to_json_best_effort()))
+    mine = config_lib.flatten(json.loads(config_json))
     text = json.dumps(mine, sort_keys=True, default=str).encode()
     size = int(agree((len(text),))[0])
     padded = np.zeros(size, np.uint8)

@@ -41,12 +41,6 @@ class LoopSpec:
     every_steps: int  # a streamed run's checkpoints inside an epoch
     profile_epochs: tuple[int, ...] = ()
 
-    @classmethod
-    def of(cls, config) -> LoopSpec:
-        t, k = config.train, config.checkpoint
-        return cls(t.epochs, t.epochs_per_call, t.host_interval_seconds, bool(k.enabled), k.max_to_keep,
-                   k.every_epochs, k.every_seconds, k.every_steps, tuple(t.profile_epochs))  # fmt: skip
-
 
 class Outcome(NamedTuple):
     carry: Any  # after the last call whose rows were consumed

@@ -48,14 +48,26 @@ def parse_groups(specs) -> list[tuple[str, tuple[str, ...]]]:
     return out
 
 
-def grouping(config, abstract_params) -> Groups:
+class FinetuneSpec(NamedTuple):
+    """What fine-tuning needs of a config (its finetune section, optimizer.layer_decay and train.epochs), read
+    once after validation; a sweep's members each have theirs (their groups' values may differ)."""
+
+    groups: tuple[str, ...]
+    freeze: tuple[str, ...]
+    unfreeze_epochs: tuple[int, ...]
+    rate_scales: tuple[float, ...]
+    layer_decay: float
+    epochs: int
+
+
+def grouping(f: FinetuneSpec, abstract_params) -> Groups:
     """The model's groups (config.finetune.groups, or its top-level submodules) and each parameter's group;
     ConfigError naming a pattern that matches nothing, or a parameter in no group."""
     paths = _paths(abstract_params)
-    if not config.finetune.groups:
+    if not f.groups:
         names = tuple(dict.fromkeys(top for top, _ in paths))
         return Groups(names, tuple(names.index(top) for top, _ in paths))
-    specs = parse_groups(config.finetune.groups)
+    specs = parse_groups(f.groups)
     names = tuple(name for name, _ in specs)
     first = lambda path: next((g for g, (_, pats) in enumerate(specs) if _matches(path, pats)), None)
     of_leaf = [first(path) for _, path in paths]
@@ -80,13 +92,12 @@ def _matches(path: str, patterns) -> bool:
     return any(fnmatch.fnmatchcase(path, pattern) for pattern in patterns)
 
 
-def in_use(config) -> bool:
-    f = config.finetune
-    return bool(f.freeze or f.unfreeze_epochs or f.rate_scales or config.optimizer.layer_decay != 1.0)
+def in_use(f: FinetuneSpec) -> bool:
+    return bool(f.freeze or f.unfreeze_epochs or f.rate_scales or f.layer_decay != 1.0)
 
 
-def _check_counts(config, names: tuple[str, ...]) -> None:
-    f, count = config.finetune, len(names)
+def _check_counts(f: FinetuneSpec, names: tuple[str, ...]) -> None:
+    count = len(names)
     for name in f.freeze:
         if name not in names:
             raise config_lib.ConfigError(
@@ -94,17 +105,18 @@ def _check_counts(config, names: tuple[str, ...]) -> None:
                 f"top: {', '.join(names)}."
             )
     for key in ("unfreeze_epochs", "rate_scales"):
-        if f[key] and len(f[key]) != count:
+        given = getattr(f, key)
+        if given and len(given) != count:
             raise config_lib.ConfigError(
-                f"config.finetune.{key} = {tuple(f[key])} gives {len(f[key])} values for the model's {count} "
+                f"config.finetune.{key} = {given} gives {len(given)} values for the model's {count} "
                 f"groups ({', '.join(names)}, bottom to top). Give one per group."
             )
 
 
-def group_values(config, names: tuple[str, ...]) -> tuple[tuple[int, ...], tuple[float, ...]]:
+def group_values(f: FinetuneSpec, names: tuple[str, ...]) -> tuple[tuple[int, ...], tuple[float, ...]]:
     """Each group's first trainable epoch and rate multiplier; ConfigError naming what does not fit."""
-    _check_counts(config, names)
-    f, count = config.finetune, len(names)
+    _check_counts(f, names)
+    count = len(names)
     starts = list(f.unfreeze_epochs) or [1] * count
     for lower, upper in zip(range(count - 1), range(1, count), strict=True):
         if starts[lower] < starts[upper]:
@@ -113,22 +125,22 @@ def group_values(config, names: tuple[str, ...]) -> tuple[tuple[int, ...], tuple
                 f"{starts[lower]}) before {names[upper]} above it (epoch {starts[upper]}). Unfreeze from the top "
                 "down: each group at or after the one above it."
             )
-    if max(starts) > config.train.epochs or min(starts) < 1:
+    if max(starts) > f.epochs or min(starts) < 1:
         raise config_lib.ConfigError(
             f"config.finetune.unfreeze_epochs = {tuple(starts)}: each must be an epoch of the run, 1 to "
-            f"train.epochs = {config.train.epochs}. Use finetune.freeze for a group that never trains."
+            f"train.epochs = {f.epochs}. Use finetune.freeze for a group that never trains."
         )
     starts = [NEVER if name in f.freeze else start for name, start in zip(names, starts, strict=True)]
     if f.rate_scales:
         return tuple(starts), tuple(float(r) for r in f.rate_scales)
-    decay = config.optimizer.layer_decay
+    decay = f.layer_decay
     return tuple(starts), tuple(float(decay ** (count - 1 - k)) for k in range(count))
 
 
-def configure(tx, config, abstract_params, steps_per_epoch: int):
+def configure(tx, f: FinetuneSpec, abstract_params, steps_per_epoch: int):
     """The optimizer with the config's groups (make_pieces calls it where `in_use`)."""
-    groups = grouping(config, abstract_params)
-    starts, rates = group_values(config, groups.names)
+    groups = grouping(f, abstract_params)
+    starts, rates = group_values(f, groups.names)
     return dataclasses.replace(
         tx,
         groups=groups.of_leaf,

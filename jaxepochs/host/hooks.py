@@ -83,11 +83,11 @@ def _say_unused(path: str, module) -> None:
             )
 
 
-def _say_unused_config(path: str, hooks: Hooks, config: ml_collections.ConfigDict) -> None:
+def _say_unused_config(path: str, hooks: Hooks, sections: dict) -> None:
     """get_model and get_data replace config.model and config.data: settings there that differ from the
     defaults would be ignored, so they are said. Those that apply to get_data's arrays too are not: the validation
     split's, the label noise (classification), and whether (data.stream) and by which budget
-    (data.device_memory_*) they are streamed."""
+    (data.device_memory_*) they are streamed. `sections`: the config's model and data sections, by name."""
     defaults = config_lib.base_config()
     for hook, section, kept in (
         ("get_model", "model", ()),
@@ -96,7 +96,7 @@ def _say_unused_config(path: str, hooks: Hooks, config: ml_collections.ConfigDic
     ):  # fmt: skip
         if getattr(hooks, hook) is None:
             continue
-        ours = config_lib.flatten(json.loads(config[section].to_json_best_effort()))
+        ours = config_lib.flatten(json.loads(sections[section].to_json_best_effort()))
         theirs = config_lib.flatten(json.loads(defaults[section].to_json_best_effort()))
         changed = [f"{section}.{k}" for k in ours if ours[k] != theirs.get(k) and k.split(".")[0] not in kept]
         if changed:
@@ -129,5 +129,5 @@ def load_hooks(config: ml_collections.ConfigDict) -> Hooks:
         _check_signature(path, name, function)
     _say_unused(path, module)
     hooks = Hooks(path, **found)
-    _say_unused_config(path, hooks, config)
+    _say_unused_config(path, hooks, {"model": config.model, "data": config.data})
     return hooks

@@ -29,7 +29,7 @@ from jaxepochs.data import lock
 from jaxepochs.host import checkpoint as checkpoint_lib
 from jaxepochs.host import compose as compose_lib
 from jaxepochs.host import config as config_lib
-from jaxepochs.host import devices, driver, report, run_stream, setup, streamed, writers
+from jaxepochs.host import devices, driver, report, run_stream, setup, specs, streamed, writers
 from jaxepochs.host import hooks as hooks_lib
 from jaxepochs.host import workdir as workdir_lib
 from jaxepochs.host.batch import RunBatch
@@ -60,7 +60,7 @@ class RunInfo:
     chance_loss: float | None  # the loss of a uniform guess, the divergence warning's reference, where known
     watch_divergence: bool  # early_stopping.divergence_threshold is unset: warn once instead
     examples_per_epoch: int  # the training split, or train.steps_per_epoch whole batches of a stream
-    config: Any  # the validated config, for the writers (MLflow records it)
+    logging: writers.LogSpec  # the writers on, and what MLflow records
 
 
 def use_compilation_cache(directory: str) -> None:
@@ -119,24 +119,22 @@ def set_up(config: ml_collections.ConfigDict, quiet: bool, fresh: bool = True) -
     say = lambda text: None if quiet else devices.warn(text)
     comp = compose_lib.compose(config, dataset, hooks, fresh=fresh, say=say)
     if dataset.streamed:  # ConfigError if a chunk is too large
-        chunk = streamed.chunk_steps(config, dataset, comp.pieces.steps_per_epoch)
-        comp = dataclasses.replace(comp, chunk_steps=chunk, stream_budget=streamed.budget(config)[0])
+        chunk = streamed.chunk_steps(config.train, config.data, dataset, comp.pieces.steps_per_epoch)
+        comp = dataclasses.replace(comp, chunk_steps=chunk, stream_budget=streamed.budget(config.data)[0])
     batch = RunBatch(comp, [compose_lib.member(config, "r0", -1, comp.pieces, comp.has_val)])
-    return Setup(batch, _info(config, comp))
-
-
-def _info(config, comp: compose_lib.Composition) -> RunInfo:
     own_model = comp.pieces.hooks.get_model is not None
     model = type(comp.pieces.source.module).__name__ if own_model else config.model.name
     t = config.train
-    fields = {"dataset": comp.dataset.name, "model": model, "batch_size": t.batch_size,
+    fields = {"dataset": dataset.name, "model": model, "batch_size": t.batch_size,
               "compute_dtype": t.compute_dtype, "accumulate_steps": t.accumulate_steps}  # fmt: skip
-    chance = report.chance_loss(config.task, comp.dataset.num_classes, comp.pieces.hooks.loss_fn is not None)
+    chance = report.chance_loss(config.task, dataset.num_classes, comp.pieces.hooks.loss_fn is not None)
     watch = config.early_stopping.divergence_threshold is None
     # The training examples an epoch trains on: the split (the padded last batch's real rows), or
     # train.steps_per_epoch whole batches of a stream read round and round.
     examples = t.steps_per_epoch * t.batch_size if t.steps_per_epoch else data_lib.count(comp.train)
-    return RunInfo(f"{comp.dataset.name} {config.model.name}", fields, chance, watch, examples, config)
+    logging = specs.specs_of(config).logging
+    info = RunInfo(f"{dataset.name} {config.model.name}", fields, chance, watch, examples, logging)
+    return Setup(batch, info)
 
 
 class Trained(NamedTuple):
@@ -267,21 +265,11 @@ def _report_end(summary: dict, workdir: pathlib.Path, progress) -> None:
     progress.message(f"{tested}  ({summary['total_seconds']:.1f} s, outputs in {workdir})")
 
 
-class _NoLog:
-    """metrics.jsonl where another process writes it."""
-
-    def write_rows(self, rows: list[dict]) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def _metrics_log(workdir: pathlib.Path, run: Setup, history: list[dict]):
     """metrics.jsonl and the writers of config.logging (process 0's; the others write nothing)."""
     if not devices.is_primary():
-        return _NoLog()
-    return writers.open_logs(report.MetricsLog(workdir / "metrics.jsonl", history), workdir, run.info.config, history)
+        return writers.NullWriter()
+    return writers.open_logs(report.MetricsLog(workdir / "metrics.jsonl", history), workdir, run.info.logging, history)
 
 
 def write_run_json(workdir: pathlib.Path, run: Setup) -> None:
@@ -321,14 +309,16 @@ def train_and_evaluate(
     devices.on_primary(lambda: lock.check_free(workdir, "workdir"))
     devices.on_primary(lambda: workdir_lib.check_kind(workdir, "run"))  # a sweep's, lr-find's, a study's: refused
     config = config_lib.validate(config)
-    devices.check_same_config(config)
+    devices.check_same_config(config.to_json_best_effort())
     use_compilation_cache(config.train.compilation_cache_dir)
     fresh = restart or not workdir_lib.checkpointed_epochs(workdir)
     run = set_up(config, quiet or not primary, fresh)
     with lock.hold(workdir, "workdir") if primary else contextlib.nullcontext():
         progress = report.Progress(config.train.epochs, quiet or not primary)
         with driver.stop_on_ctrl_c(progress.message) as stop:
-            resuming = devices.on_primary(lambda: _prepare(workdir, config, restart, progress.message, run))
+            say = progress.message
+            resuming = devices.on_primary(lambda: workdir_lib.prepare_workdir(workdir, config, restart, say))
+            devices.on_primary(lambda: write_run_json(workdir, run))
             resuming = bool(devices.agree((int(bool(resuming)),))[0])  # the others wait for process 0's workdir
             trained = _train_in(run, workdir, resuming, progress, stop, timings)
             state, summary = finish(run, trained, timings)
@@ -349,13 +339,6 @@ def train_and_evaluate(
     return TrainResult(state, history, summary)
 
 
-def _prepare(workdir: pathlib.Path, config, restart: bool, say, run: Setup) -> bool:
-    """The workdir made ready for the run (resumed or fresh) and run.json written: whether it resumes."""
-    resuming = workdir_lib.prepare_workdir(workdir, config, restart, say)
-    write_run_json(workdir, run)
-    return resuming
-
-
 def _write_outputs(run: Setup, trained: Trained, summary: dict, workdir, progress, stop, plot: bool) -> None:
     """summary.json, curves.png, the end said, MLflow's run ended; Ctrl-C said and raised after them."""
     history, primary = run.batch.histories["r0"], devices.is_primary()
@@ -366,7 +349,7 @@ def _write_outputs(run: Setup, trained: Trained, summary: dict, workdir, progres
     _report_end(summary, workdir, progress)
     if primary:
         status = "KILLED" if stop() else "FAILED" if run.batch.non_finite else "FINISHED"
-        writers.finish_mlflow(workdir, run.info.config, status)
+        writers.finish_mlflow(workdir, run.info.logging, status)
     if stop():
         _say_interrupted(trained, history, workdir, run.batch.comp.loop.checkpointing, progress)
         raise KeyboardInterrupt

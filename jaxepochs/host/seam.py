@@ -106,8 +106,9 @@ def model_source(config, num_outputs: int, hooks: Hooks) -> ModelSource:
     return ModelSource("linen", module, task_lib.linen_apply(module), init, trace_init, what)
 
 
-def make_task(config, source: ModelSource, hooks: Hooks) -> task_lib.Task:
-    return task_lib.make_task(source.apply, config.task, hooks.loss_fn, hooks.metrics_fn)
+def make_task(task: str, source: ModelSource, hooks: Hooks) -> task_lib.Task:
+    """The core's Task of the config's `task` (a name), with the module's loss_fn and metrics_fn where given."""
+    return task_lib.make_task(source.apply, task, hooks.loss_fn, hooks.metrics_fn)
 
 
 def _brief(error: Exception, limit: int = 400) -> str:
@@ -121,19 +122,21 @@ def _shape(tree) -> str:
     return str(shapes[0]) if len(shapes) == 1 else str(shapes)
 
 
-def check(config, source: ModelSource, task: task_lib.Task, hooks: Hooks, train_split, num_outputs: int):
-    """Traces the model, the loss and the metrics on two training examples without compiling; a ConfigError names
-    the part that does not fit (and its shapes). Returns "loss" and the metrics' names."""
+def check(task_name: str, trace_init, source: ModelSource, task: task_lib.Task, hooks: Hooks, train_split,
+          num_outputs: int):  # fmt: skip
+    """Traces the model (`trace_init(x)`: a run's initialisation), the loss and the metrics on two training
+    examples without compiling; a ConfigError names the part that does not fit (and its shapes). Returns "loss"
+    and the metrics' names."""
     batch = {"x": jax.tree.map(lambda a: np.asarray(a[:2]), train_split.x), "y": np.asarray(train_split.y[:2])}
     n = batch["y"].shape[0]
     try:
-        params, model_state, _ = jax.eval_shape(lambda x: source.trace_init(config, x), batch["x"])
+        params, model_state, _ = jax.eval_shape(trace_init, batch["x"])
         outputs, _ = jax.eval_shape(lambda p, s, x: task.apply(p, s, x, None, False), params, model_state, batch["x"])
     except Exception as e:  # a model, loss or metric that cannot trace raises anything (ZeroDivisionError...)
         raise config_lib.ConfigError(
             f"{source.what} cannot take inputs of shape {_shape(batch['x'])}: {_brief(e)}"
         ) from e
-    loss_name = f"loss_fn in {hooks.module}" if hooks.loss_fn else f'task "{config.task}"'
+    loss_name = f"loss_fn in {hooks.module}" if hooks.loss_fn else f'task "{task_name}"'
     try:
         loss = jax.eval_shape(task.loss, outputs, batch)
     except Exception as e:  # a model, loss or metric that cannot trace raises anything (ZeroDivisionError...)
@@ -146,8 +149,8 @@ def check(config, source: ModelSource, task: task_lib.Task, hooks: Hooks, train_
             "trainer masks the padding and takes the mean): do not average it."
         )
     _check_float(loss_name, "loss", loss)
-    _check_metrics(config, task, hooks, outputs, batch, n)
-    if config.task == "classification" and hooks.loss_fn is None:
+    _check_metrics(task_name, task, hooks, outputs, batch, n)
+    if task_name == "classification" and hooks.loss_fn is None:
         classes, top = outputs.shape[-1], int(np.max(train_split.y))
         if top >= classes:
             raise config_lib.ConfigError(
@@ -158,8 +161,8 @@ def check(config, source: ModelSource, task: task_lib.Task, hooks: Hooks, train_
     return ("loss", *sorted(metric_names))
 
 
-def _check_metrics(config, task, hooks, outputs, batch, n: int) -> None:
-    where = f"metrics_fn in {hooks.module}" if hooks.metrics_fn else f'task "{config.task}"'
+def _check_metrics(task_name: str, task, hooks, outputs, batch, n: int) -> None:
+    where = f"metrics_fn in {hooks.module}" if hooks.metrics_fn else f'task "{task_name}"'
     try:
         values = jax.eval_shape(task.metrics, outputs, batch)
     except Exception as e:  # a model, loss or metric that cannot trace raises anything (ZeroDivisionError...)

@@ -22,7 +22,7 @@ from jaxepochs.core import program as program_lib
 from jaxepochs.core import task as task_lib
 from jaxepochs.data import loading as data_lib
 from jaxepochs.host import config as config_lib
-from jaxepochs.host import devices, finetune, seam, streamed
+from jaxepochs.host import devices, finetune, seam, specs, streamed
 from jaxepochs.host import hooks as hooks_lib
 
 # With train.epochs_per_call = 0 a call runs up to this many epochs (the size of the rows it returns: 52 bytes a
@@ -50,40 +50,44 @@ def load_data(config: ml_collections.ConfigDict, hooks: hooks_lib.Hooks, quiet: 
     """The experiment module's get_data(config), or the config's dataset; streamed (its splits read a chunk at a
     time, host/streamed.py) where it does not fit the device budget or the config asks for it."""
     if hooks.get_data is None:
-        wanted = streamed.wants_stream(config, data_lib.estimated_bytes(config, quiet))
+        estimated = data_lib.estimated_bytes(config, quiet)
+        wanted = streamed.wants_stream(config.data, config.train.steps_per_epoch, estimated)
         dataset = data_lib.load_dataset(config, quiet, streamed=wanted)
     else:
         name = f"{pathlib.Path(hooks.module).stem}.get_data"
         dataset = data_lib.from_arrays(config, hooks.get_data(config), f"get_data in {hooks.module}", name)
         arrays = [dataset.train, dataset.val, dataset.test]
         size = sum(np.asarray(a).nbytes for split in arrays for a in jax.tree.leaves((split.x, split.y)))
-        dataset = data_lib.as_streamed(dataset) if streamed.wants_stream(config, size) else dataset
+        streams = streamed.wants_stream(config.data, config.train.steps_per_epoch, size)
+        dataset = data_lib.as_streamed(dataset) if streams else dataset
     return dataset
 
 
-def check_shapes(config: ml_collections.ConfigDict, dataset: data_lib.Dataset, n_train: int | None = None) -> None:
-    """ConfigError for a batch larger than the training set, or tokens beyond the transformer's vocabulary."""
+def check_shapes(model, batch_size: int, dataset: data_lib.Dataset, n_train: int | None = None) -> None:
+    """ConfigError for a batch larger than the training set, or tokens beyond the transformer's vocabulary
+    (`model`: the config's model section)."""
     n_train = data_lib.count(dataset.train) if n_train is None else n_train
     x = dataset.train.x
-    if config.model.name == "transformer" and hasattr(x, "dtype") and np.issubdtype(x.dtype, np.integer):
-        vocab = config.model.vocab_size or dataset.num_classes + 1
+    if model.name == "transformer" and hasattr(x, "dtype") and np.issubdtype(x.dtype, np.integer):
+        vocab = model.vocab_size or dataset.num_classes + 1
         top = max(int(x.max()), int(dataset.test.x.max()))
         if top >= vocab:
             raise config_lib.ConfigError(
                 f"{dataset.name} has token ids up to {top}, but the transformer's vocabulary is 0..{vocab - 1}. "
                 f"Set model.vocab_size to at least {top + 1}."
             )
-    if config.train.batch_size > n_train:
+    if batch_size > n_train:
         raise config_lib.ConfigError(
-            f"config.train.batch_size = {config.train.batch_size} is larger than the {n_train} training "
+            f"config.train.batch_size = {batch_size} is larger than the {n_train} training "
             f"examples of {dataset.name} (after holding out validation). Use batch_size <= {n_train}."
         )
 
 
-def make_tracker(config, has_validation: bool, metric_names=("loss", "accuracy")):
-    """The early-stopping rule and whether it may stop the run (disabled, it only tracks the best epoch)."""
-    if config.early_stopping.enabled:
-        return config_lib.make_early_stopping(config.early_stopping, has_validation, metric_names), True
+def make_tracker(e, has_validation: bool, metric_names=("loss", "accuracy")):
+    """The early-stopping rule of the config's early_stopping section `e`, and whether it may stop the run
+    (disabled, it only tracks the best epoch)."""
+    if e.enabled:
+        return config_lib.make_early_stopping(e, has_validation, metric_names), True
     # Never stops (a stopped state freezes, and the best epoch must keep being tracked).
     monitor = "val_loss" if has_validation else "train_loss"
     return early_stopping_lib.EarlyStopping(monitor=monitor, patience=2**30, stop_on_nonfinite=False), False
@@ -104,40 +108,43 @@ def make_pieces(config, dataset: data_lib.Dataset, hooks: hooks_lib.Hooks, steps
     except ValueError as e:
         raise config_lib.ConfigError(str(e)) from None
     source = seam.model_source(config, dataset.num_classes, hooks)
-    task = seam.make_task(config, source, hooks)
+    task = seam.make_task(config.task, source, hooks)
     if config.train.compute_dtype == "bfloat16":
         task = task._replace(apply=task_lib.in_compute_dtype(task.apply, jnp.bfloat16))
-    names = seam.check(config, source, task, hooks, dataset.train, dataset.num_classes)
-    if finetune.in_use(config):  # the groups are the model's top-level submodules: traced, nothing compiled
+    trace_init = lambda x: source.trace_init(config, x)
+    names = seam.check(config.task, trace_init, source, task, hooks, dataset.train, dataset.num_classes)
+    tuning = specs.specs_of(config).finetune
+    if finetune.in_use(tuning):  # the groups are the model's top-level submodules: traced, nothing compiled
         params = jax.eval_shape(lambda x: source.trace_init(config, x), first_example(dataset.train))[0]
-        tx = finetune.configure(tx, config, params, steps_per_epoch)
-    tracker, may_stop = make_tracker(config, has_validation, names)
+        tx = finetune.configure(tx, tuning, params, steps_per_epoch)
+    tracker, may_stop = make_tracker(config.early_stopping, has_validation, names)
     pieces = Pieces(source, task, names, hooks, tx, tracker, may_stop, plateau, steps_per_epoch, None)
     return pieces._replace(start=jax.jit(functools.partial(_start, pieces)))
 
 
 def run_spec(
-    config, pieces: Pieces, eval_sizes: dict[str, int], data_axes: dict | None = None, layout=None
+    t, pieces: Pieces, eval_sizes: dict[str, int], data_axes: dict | None = None, layout=None, plateau_monitor=None
 ) -> program_lib.RunSpec:
-    """The run program's spec: `eval_sizes` names the held-out splits evaluated when due (val every
-    train.validate_every epochs, test every train.test_every with train.log_test; both after the last) and their
-    batch sizes; `layout` (core/layout.py) where the program spans a mesh."""
+    """The run program's spec from the config's train section `t`: `eval_sizes` names the held-out splits
+    evaluated when due (val every train.validate_every epochs, test every train.test_every with train.log_test;
+    both after the last) and their batch sizes; `layout` (core/layout.py) where the program spans a mesh;
+    `plateau_monitor`, reduce_on_plateau's metric where the schedule is used."""
     return program_lib.RunSpec(
         task=pieces.task,
         tx=pieces.tx,
         metric_names=pieces.metric_names,
-        batch_size=config.train.batch_size,
+        batch_size=t.batch_size,
         eval_batch_sizes=eval_sizes,
         tracker=pieces.tracker,
         may_stop=pieces.may_stop,
-        epochs_per_call=config.train.epochs_per_call or AUTO_EPOCHS_PER_CALL,
-        test_every=config.train.test_every,
-        validate_every=config.train.validate_every,
-        shuffle=config.train.shuffle,
-        plateau_monitor=config.optimizer.schedule.monitor if pieces.plateau is not None else None,
+        epochs_per_call=t.epochs_per_call or AUTO_EPOCHS_PER_CALL,
+        test_every=t.test_every,
+        validate_every=t.validate_every,
+        shuffle=t.shuffle,
+        plateau_monitor=plateau_monitor if pieces.plateau is not None else None,
         data_axes=data_axes or {},
         augment=pieces.hooks.augment,
-        accumulate_steps=config.train.accumulate_steps,
+        accumulate_steps=t.accumulate_steps,
         layout=layout,
     )
 
@@ -183,11 +190,11 @@ def init_state(model, tx, seed: int, x) -> epoch_lib.TrainState:
     return epoch_lib.TrainState(params, jax.jit(tx.init)(params), jnp.zeros((), jnp.int32), run_key, model_state)
 
 
-def _group_state(pieces: Pieces, config):
+def _group_state(pieces: Pieces, spec: finetune.FinetuneSpec):
     """This run's fine-tuning values (its unfreezing epochs and rate multipliers: a sweep may vary them), or None."""
     if pieces.tx.groups is None:
         return None
-    starts, rates = finetune.group_values(config, pieces.tx.group_names)
+    starts, rates = finetune.group_values(spec, pieces.tx.group_names)
     return optim.GroupState(np.asarray(starts, np.int32), np.asarray(rates, np.float32), *[np.ones(len(starts),
                             np.float32)] * 2)  # fmt: skip
 
@@ -209,7 +216,8 @@ def init_carries(pieces: Pieces, configs: list, opt_hparams: list[optim.OptHPara
         if pieces.warm is not None:  # host/warm_start.WarmStart: the arrays taken from init.from_workdir
             params, model_state = pieces.warm.apply(params, model_state)
         hparams = optim.OptHParams(*(np.float32(v) for v in hparams))
-        parts.append(pieces.start(params, model_state, run_key, hparams, _group_state(pieces, config)))
+        groups = _group_state(pieces, specs.specs_of(config).finetune)
+        parts.append(pieces.start(params, model_state, run_key, hparams, groups))
     if len(parts) == 1:
         return parts[0]
     return jax.tree.map(lambda *leaves: np.concatenate(leaves), *jax.device_get(parts))

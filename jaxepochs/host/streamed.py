@@ -55,20 +55,21 @@ def device_free_bytes() -> tuple[int, str]:
     return available, "available host memory (the CPU device's)"
 
 
-def budget(config) -> tuple[int, str]:
-    """The bytes the data may take on the device, and a phrase saying where the figure comes from."""
-    d = config.data
+def budget(d) -> tuple[int, str]:
+    """The bytes the data may take on the device (by the config's `data` section `d`), and a phrase saying where
+    the figure comes from."""
     total, what = (d.device_memory_bytes, "data.device_memory_bytes") if d.device_memory_bytes else device_free_bytes()
     return int(
         d.device_memory_fraction * total
     ), f"data.device_memory_fraction = {d.device_memory_fraction} of {what} ({total / 1e6:.1f} MB)"
 
 
-def wants_stream(config, data_bytes: int) -> bool:
-    """Whether the run streams: `data.stream` where set; else with `train.steps_per_epoch`, or data over budget."""
-    if config.data.stream is not None:
-        return bool(config.data.stream)
-    return bool(config.train.steps_per_epoch) or data_bytes > budget(config)[0]
+def wants_stream(d, steps_per_epoch: int, data_bytes: int) -> bool:
+    """Whether the run streams: `data.stream` where set (`d`: the config's data section); else with
+    `train.steps_per_epoch`, or data over budget."""
+    if d.stream is not None:
+        return bool(d.stream)
+    return bool(steps_per_epoch) or data_bytes > budget(d)[0]
 
 
 CHUNK_BYTES = 32 << 20  # train.steps_per_call = 0: chunks of about this size (a quarter of the budget at most)
@@ -80,12 +81,12 @@ def _row_bytes(split: data_lib.Split) -> int:
     return row + int(np.prod(split.y.shape[1:], dtype=np.int64)) * split.y.dtype.itemsize + 1
 
 
-def chunk_steps(config, dataset: data_lib.Dataset, steps: int) -> int:
+def chunk_steps(t, d, dataset: data_lib.Dataset, steps: int) -> int:
     """Batches per chunk: `train.steps_per_call`, or with 0 as many as make about CHUNK_BYTES (at most a quarter
     of the device budget, and at most an epoch): a chunk per epoch for small data, few calls per epoch for large.
-    ConfigError when two chunks (the one training and the next, put ahead) exceed the device budget."""
-    t = config.train
-    limit, where = budget(config)
+    ConfigError when two chunks (the one training and the next, put ahead) exceed the device budget. `t`, `d`:
+    the config's train and data sections."""
+    limit, where = budget(d)
     row = _row_bytes(dataset.train)
     target = min(CHUNK_BYTES, limit // 4)
     per_call = t.steps_per_call or int(max(1, min(steps, target // (t.batch_size * row))))
@@ -98,10 +99,6 @@ def chunk_steps(config, dataset: data_lib.Dataset, steps: int) -> int:
             "data.device_memory_fraction."
         )
     return per_call
-
-
-def steps_per_epoch(config, n_train: int) -> int:
-    return config.train.steps_per_epoch or epoch_lib.steps_per_epoch(n_train, config.train.batch_size)
 
 
 class Position(NamedTuple):

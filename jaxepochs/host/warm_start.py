@@ -6,7 +6,7 @@
     init.exclude = ()                       # ... and of what is not
     init.reinit = ("Dense_2/*",)            # initialised afresh even where the run has them (a new head)
 
-    pieces = warm_start.attach(pieces, config, x_1)   # host/setup.Pieces whose fresh runs take the source's arrays
+    pieces = warm_start.attach(pieces, config.init, trace_init, x_1)   # Pieces whose fresh runs take the arrays
     params, model_state = pieces.warm.apply(params, model_state)   # (host/setup.init_carries does this)
 
 A parameter is named by its path in the parameter tree, "/"-joined ("Dense_0/kernel"); BatchNorm's statistics
@@ -87,18 +87,19 @@ def _epoch_arg(epoch: str):
     return None if epoch == "last" else ("best" if epoch == "best" else int(epoch))
 
 
-def attach(pieces: setup.Pieces, config, x_1) -> setup.Pieces:
-    """`pieces` with the arrays its fresh runs take from config.init.from_workdir (read and checked now)."""
-    if not config.init.from_workdir:
+def attach(pieces: setup.Pieces, init, trace_init, x_1) -> setup.Pieces:
+    """`pieces` with the arrays its fresh runs take from init.from_workdir (`init`: the config's init section;
+    `trace_init(x)`: a run's initialisation, traced for the new model's shapes), read and checked now."""
+    if not init.from_workdir:
         return pieces
-    shapes = jax.eval_shape(lambda x: pieces.source.trace_init(config, x), x_1)
-    return pieces._replace(warm=prepare(config, shapes[0], shapes[1]))
+    shapes = jax.eval_shape(trace_init, x_1)
+    return pieces._replace(warm=prepare(init, shapes[0], shapes[1]))
 
 
-def prepare(config, abstract_params, abstract_model_state) -> WarmStart | None:
-    """The source run's arrays that a run of `config` starts from (None without init.from_workdir), checked
-    against the new model's shapes; ConfigError naming the path or pattern that does not fit."""
-    init = config.init  # its values were checked by config.validate
+def prepare(init, abstract_params, abstract_model_state) -> WarmStart | None:
+    """The source run's arrays that a run starts from (None without init.from_workdir; `init`: the config's init
+    section, its values checked by config.validate), checked against the new model's shapes; ConfigError naming
+    the path or pattern that does not fit."""
     if not init.from_workdir:
         return None
     source = pathlib.Path(init.from_workdir).expanduser()

@@ -155,26 +155,26 @@ def _read_config_json(workdir: pathlib.Path) -> dict:
         ) from None
 
 
-def _check_epochs(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
+def _check_epochs(workdir: pathlib.Path, epochs: int) -> None:
     """A run trained past the epochs asked for now cannot be resumed to them: refused, not silently kept."""
     done = max(checkpointed_epochs(workdir), default=0)
-    if done > config.train.epochs:
+    if done > epochs:
         raise WorkdirError(
-            f"{workdir} holds a run trained to epoch {done}, past train.epochs={config.train.epochs}. To continue "
+            f"{workdir} holds a run trained to epoch {done}, past train.epochs={epochs}. To continue "
             f"it, set train.epochs to {done} or more; for an earlier epoch's state, jaxepochs.load(workdir, "
             "epoch=N) reads any kept checkpoint; --restart (restart=True) trains afresh."
         )
 
 
-def _check_resumable(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
-    """WorkdirError unless `workdir`'s run is `config`'s, up to the keys that may change, and can be resumed."""
+def _check_resumable(workdir: pathlib.Path, new: dict) -> None:
+    """WorkdirError unless `workdir`'s run is the config's (`new`, flattened), up to the keys that may change,
+    and can be resumed."""
     if not (workdir / "config.json").exists():
         raise WorkdirError(
             f"{workdir} holds run outputs but no config.json, so it cannot be resumed. Use a new --workdir, "
             "or --restart (restart=True) to discard them."
         )
     old = config_lib.flatten(_read_config_json(workdir))
-    new = config_lib.flatten(json.loads(config.to_json_best_effort()))
     # A key that the run's jaxepochs did not have yet resumes at its default (the behaviour it had then).
     defaults = config_lib.flatten(json.loads(config_lib.base_config().to_json_best_effort()))
     old.update({k: v for k, v in new.items() if k not in old and defaults.get(k, object()) == v})
@@ -190,7 +190,7 @@ def _check_resumable(workdir: pathlib.Path, config: ml_collections.ConfigDict) -
             + " may change when resuming."
         )
     _say_if_the_module_changed(workdir, old, new)
-    if not config.checkpoint.enabled:
+    if not new["checkpoint.enabled"]:
         raise WorkdirError(
             f"{workdir} holds a run, and checkpoint.enabled=False cannot resume it. Enable checkpoints, use a "
             "new --workdir, or --restart (restart=True) to start over."
@@ -200,7 +200,7 @@ def _check_resumable(workdir: pathlib.Path, config: ml_collections.ConfigDict) -
             f"{workdir} holds a run without checkpoints to resume from. Use a new --workdir, or --restart "
             "(restart=True) to start over."
         )
-    _check_epochs(workdir, config)
+    _check_epochs(workdir, new["train.epochs"])
 
 
 def prepare_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict, restart: bool, say=print) -> bool:
@@ -216,7 +216,7 @@ def prepare_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict, re
         _discard(workdir)
         used = False
     if used:
-        _check_resumable(workdir, config)
+        _check_resumable(workdir, config_lib.flatten(json.loads(config.to_json_best_effort())))
     claim(workdir, "run")
     report_lib.write_text(workdir / "config.json", config.to_json_best_effort(indent=2) + "\n")
     return used

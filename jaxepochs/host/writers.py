@@ -13,6 +13,7 @@ one TensorBoard directory (and MLflow run) per member, with its swept values in 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -243,11 +244,24 @@ def import_mlflow():
 MLFLOW_NAMED_URIS = ("databricks", "databricks-uc", "uc")  # MLflow's tracking URIs with no scheme that are not paths
 
 
-def tracking_uri(config) -> str:
+@dataclasses.dataclass(frozen=True)
+class LogSpec:
+    """What the writers need of a config (its `logging` section, and the whole config flattened: MLflow's
+    params). Built once, after validation; a sweep's members each have theirs."""
+
+    csv: bool
+    tensorboard: bool
+    mlflow: bool
+    mlflow_tracking_uri: str
+    mlflow_experiment: str
+    params: tuple = ()  # the flattened config's (key, value) pairs
+
+
+def tracking_uri(setting: str) -> str:
     """logging.mlflow_tracking_uri, else $MLFLOW_TRACKING_URI, else ./mlruns (a local file store). A plain path
     (./mlruns2, /data/mlruns, ~/mlruns) is the file store it names: the file: URI of its absolute path (MLflow
     takes file: URIs for a local store; a relative path would also move with the working directory)."""
-    uri = config.logging.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    uri = setting or os.environ.get("MLFLOW_TRACKING_URI", "")
     uri = uri or (pathlib.Path.cwd() / "mlruns").as_uri()
     if _is_plain_path(uri):
         uri = pathlib.Path(uri).expanduser().absolute().as_uri()
@@ -268,14 +282,14 @@ class MlflowLog(MetricWriter):
     """One MLflow run per workdir (recorded in WORKDIR/mlflow.json, so a resumed run goes on in it): the flattened
     config as params, each epoch's metrics at step `epoch` (an epoch it already holds is not logged again)."""
 
-    def __init__(self, workdir: pathlib.Path, config, rows: list[dict], name: str | None = None):
+    def __init__(self, workdir: pathlib.Path, spec: LogSpec, rows: list[dict], name: str | None = None):
         import_mlflow()
         from mlflow.tracking import MlflowClient
 
-        self._uri = tracking_uri(config)
+        self._uri = tracking_uri(spec.mlflow_tracking_uri)
         self._client = MlflowClient(self._uri)
         self._record = workdir / MLFLOW_RECORD
-        self.run_id = self._existing_run() or self._new_run(config, name or workdir.name, workdir)
+        self.run_id = self._existing_run() or self._new_run(spec, name or workdir.name, workdir)
         history = self._client.get_metric_history(self.run_id, "train_loss")
         self._logged = max((m.step for m in history), default=0)
         self.write_rows(rows)
@@ -286,15 +300,14 @@ class MlflowLog(MetricWriter):
         record = json.loads(self._record.read_text())
         return record["run_id"] if record.get("tracking_uri") == self._uri else None
 
-    def _new_run(self, config, name: str, workdir: pathlib.Path) -> str:
+    def _new_run(self, spec: LogSpec, name: str, workdir: pathlib.Path) -> str:
         from mlflow.entities import Param
 
-        experiment = config.logging.mlflow_experiment
+        experiment = spec.mlflow_experiment
         found = self._client.get_experiment_by_name(experiment)
         experiment_id = found.experiment_id if found else self._client.create_experiment(experiment)
         run = self._client.create_run(experiment_id, run_name=name, tags={"jaxepochs.workdir": str(workdir)})
-        flat = config_lib.flatten(config)
-        params = [Param(k, (v if isinstance(v, str) else json.dumps(v))[:6000]) for k, v in flat.items()]
+        params = [Param(k, (v if isinstance(v, str) else json.dumps(v))[:6000]) for k, v in spec.params]
         self._client.log_batch(run.info.run_id, params=params)
         self._record.write_text(json.dumps({"tracking_uri": self._uri, "run_id": run.info.run_id}) + "\n")
         return run.info.run_id
@@ -362,16 +375,16 @@ class Logs(MetricWriter):
                 writer.close()
 
 
-def open_logs(primary, workdir: pathlib.Path, config, rows: list[dict]) -> Logs:
-    """`primary` (metrics.jsonl) and the writers config.logging turns on, each started from `rows`."""
+def open_logs(primary, workdir: pathlib.Path, spec: LogSpec, rows: list[dict]) -> Logs:
+    """`primary` (metrics.jsonl) and the writers config.logging turns on (`spec`), each started from `rows`."""
     others = {}
-    if config.logging.csv:
+    if spec.csv:
         others["metrics.csv"] = CsvLog(workdir / "metrics.csv", rows)
-    if config.logging.tensorboard:
+    if spec.tensorboard:
         others["tensorboard"] = TensorBoardLog(workdir / "tensorboard", rows)
-    if config.logging.mlflow:
+    if spec.mlflow:
         try:
-            others["mlflow"] = MlflowLog(workdir, config, rows)
+            others["mlflow"] = MlflowLog(workdir, spec, rows)
         except Exception as error:  # noqa: BLE001 - an unreachable tracking server does not stop the run
             _warn("mlflow", error)
     return Logs(primary, others)
@@ -381,37 +394,39 @@ def _warn(name: str, error: Exception) -> None:
     print(f"warning: {name} is not logging: {error}. metrics.jsonl and the run go on.", file=sys.stderr)
 
 
-def finish_mlflow(workdir: pathlib.Path, config, status: str) -> None:
+def finish_mlflow(workdir: pathlib.Path, spec: LogSpec, status: str) -> None:
     """The workdir's MLflow run gets the outputs as artifacts and its end status (after summary.json)."""
-    if not config.logging.mlflow:
+    if not spec.mlflow:
         return
     names = ("config.json", "summary.json", "metrics.jsonl", "metrics.csv", "curves.png")
     try:
-        MlflowLog(workdir, config, []).finish([workdir / name for name in names], status)
+        MlflowLog(workdir, spec, []).finish([workdir / name for name in names], status)
     except Exception as error:  # noqa: BLE001 - the run's own outputs are written; the tracker's are extra
         _warn("mlflow", error)
 
 
-def sweep_outputs(workdir: pathlib.Path, config, runs, histories: dict, results_rows: list[dict]) -> None:
-    """A sweep's rows in WORKDIR/metrics.csv (a `run` column first), and its members in TensorBoard (a directory
-    each, with its swept values as hparams) and MLflow (a run each), as each member's config.logging says;
-    written once the sweep has finished (sweep.jsonl holds the same rows)."""
-    if config.logging.csv:
-        rows = [{"run": run.name, **row} for run in runs for row in histories[run.name] if run.config.logging.csv]
+def sweep_outputs(workdir: pathlib.Path, csv: bool, logs: dict[str, LogSpec], runs, histories: dict,
+                  results_rows: list[dict]) -> None:  # fmt: skip
+    """A sweep's rows in WORKDIR/metrics.csv (with the sweep's logging.csv, `csv`; a `run` column first), and its
+    members in TensorBoard (a directory each, with its swept values as hparams) and MLflow (a run each), as each
+    member's logging (`logs`, by run name) says; written once the sweep has finished (sweep.jsonl holds the same
+    rows)."""
+    if csv:
+        rows = [{"run": run.name, **row} for run in runs for row in histories[run.name] if logs[run.name].csv]
         CsvLog(workdir / "metrics.csv", rows, first=("run", "epoch"))
     finals = {row["run"]: row for row in results_rows}
     for run in runs:
         final = {k: v for k, v in finals[run.name].items() if k.startswith(("best_", "final_")) and k != "best_epoch"}
         values = {k: finals[run.name][k] for k in run.values}
-        if run.config.logging.tensorboard:
+        if logs[run.name].tensorboard:
             board = TensorBoardLog(workdir / "tensorboard" / run.name, histories[run.name])
             board.hparams(values, final)
             board.close()
-        if run.config.logging.mlflow:
+        if logs[run.name].mlflow:
             member = workdir / "members" / run.name
             member.mkdir(parents=True, exist_ok=True)
             try:
-                log = MlflowLog(member, run.config, histories[run.name], name=f"{workdir.name}/{run.name}")
+                log = MlflowLog(member, logs[run.name], histories[run.name], name=f"{workdir.name}/{run.name}")
                 log.finish([], "FINISHED")
             except Exception as error:  # noqa: BLE001 - the sweep's own outputs are written
                 _warn(f"mlflow ({run.name})", error)

@@ -23,7 +23,6 @@ import numpy as np
 
 from jaxepochs.data.loading import fold_indices  # noqa: F401  (the sweep's name for it)
 from jaxepochs.host import config as config_lib
-from jaxepochs.host import finetune
 
 # Keys whose values are arrays in the carry (or the early-stopping hyperparameters): vmapped, not recompiled.
 TRACED = (
@@ -142,16 +141,16 @@ def expand(base, specs: dict[str, str], random: int = 0, random_seed: int = 0) -
     return runs
 
 
-def program_key(config) -> str:
-    """Everything but the traced values: runs with equal keys share one compiled program. (Momentum 0 is not
-    traced: sgd without momentum keeps no trace, a program of its own.)"""
-    flat = config_lib.flatten(config)
+def program_key(flat: dict) -> str:
+    """Everything of a run's flattened config but the traced values: runs with equal keys share one compiled
+    program. (Momentum 0 is not traced: sgd without momentum keeps no trace, a program of its own.)"""
     # reduce_on_plateau's floor is a fraction of the learning rate in its (static) settings: with a floor, the
     # learning rate is not traced either.
     floored = flat["optimizer.schedule.name"] == "reduce_on_plateau" and flat["optimizer.schedule.min_learning_rate"]
     traced = [k for k in TRACED if not (floored and k == "optimizer.learning_rate")]
     static = sorted((k, repr(v)) for k, v in flat.items() if k not in traced)
-    tuned = ("fine-tuning's groups", finetune.in_use(config))
+    tuning = ("finetune.freeze", "finetune.unfreeze_epochs", "finetune.rate_scales")
+    tuned = ("fine-tuning's groups", any(flat[k] for k in tuning) or flat["optimizer.layer_decay"] != 1.0)
     return repr([*static, ("optimizer.momentum is 0", flat["optimizer.momentum"] == 0), tuned])
 
 
@@ -172,7 +171,7 @@ def group_runs(runs: list[Run]) -> list[list[Run]]:
     """Runs grouped by program (same shapes and static settings), in order of first appearance."""
     groups: dict[str, list[Run]] = {}
     for run in runs:
-        groups.setdefault(program_key(run.config), []).append(run)
+        groups.setdefault(program_key(config_lib.flatten(run.config)), []).append(run)
     return list(groups.values())
 
 

@@ -29,7 +29,7 @@ from jaxepochs.host import batch as batch_lib
 from jaxepochs.host import checkpoint as checkpoint_lib
 from jaxepochs.host import compose as compose_lib
 from jaxepochs.host import config as config_lib
-from jaxepochs.host import devices, driver, report, setup, writers
+from jaxepochs.host import devices, driver, report, setup, specs, writers
 from jaxepochs.host import hooks as hooks_lib
 from jaxepochs.host import run as run_lib
 from jaxepochs.host import workdir as workdir_lib
@@ -248,8 +248,13 @@ def sweep(
     primary = devices.is_primary()  # process 0 writes the outputs and the checkpoints' arrays
     devices.on_primary(lambda: lock.check_free(workdir, "sweep workdir"))
     devices.on_primary(lambda: workdir_lib.check_kind(workdir, "sweep"))  # a run's, lr-find's, a study's: refused
-    config = _check_arguments(config_lib.validate(config), cv, refit, chunk)
-    devices.check_same_config(config)
+    _check_arguments(cv, refit, chunk)
+    config = config_lib.validate(config)
+    if cv:  # no validation split: the folds are
+        config = config_lib.apply_overrides(config, {"data.validation_fraction": "0.0"})
+    if config.logging.mlflow:
+        writers.import_mlflow()  # not installed: said now, with the pip command
+    devices.check_same_config(config.to_json_best_effort())
     run_lib.use_compilation_cache(config.train.compilation_cache_dir)
     quiet = quiet or not primary
     runs = sweep_lib.make_runs(config, grid, cv)
@@ -264,10 +269,11 @@ def sweep(
             results = sweep_report.results(runs, histories, summaries)
             cv_rows = sweep_report.cross_validation(runs, histories, cv) if cv else []
             if refit:
-                _refit(config, cv_rows, workdir)
+                _refit(lambda overrides: config_lib.apply_overrides(config, overrides), cv_rows, workdir)
             if primary:
                 sweep_report.write(workdir, runs, histories, results, cv_rows, grid)
-                writers.sweep_outputs(workdir, config, runs, histories, results)
+                logs = {run.name: specs.specs_of(run.config).logging for run in runs}
+                writers.sweep_outputs(workdir, bool(config.logging.csv), logs, runs, histories, results)
             if stop():
                 raise KeyboardInterrupt
     if not quiet:
@@ -275,19 +281,13 @@ def sweep(
     return SweepResult(results, histories, cv_rows, compile_seconds, time.perf_counter() - start, summaries)
 
 
-def _check_arguments(config, cv: int, refit: bool, chunk: int):
-    """The sweep's own arguments, checked before anything is read or written; the config as cross-validation
-    trains it (no validation split: the folds are)."""
-    if cv:
-        sweep_lib.check_cv(cv, 2**31)  # K < 2 here; K above the training examples once the data is read
-        config = config_lib.apply_overrides(config, {"data.validation_fraction": "0.0"})
+def _check_arguments(cv: int, refit: bool, chunk: int) -> None:
+    """The sweep's own arguments, checked before anything is read or written."""
+    sweep_lib.check_cv(cv, 2**31)  # K < 2 here; K above the training examples once the data is read
     if chunk < 0:
         raise sweep_lib.SweepError(f"--chunk {chunk}: give the most runs to train at once (1 or more), or 0.")
     if refit and not cv:
         raise sweep_lib.SweepError("--refit retrains on the whole training split after --cv K; add --cv K.")
-    if config.logging.mlflow:
-        writers.import_mlflow()  # not installed: said now, with the pip command
-    return config
 
 
 def _train_groups(groups, workdir: pathlib.Path, chunk: int, progress, stop) -> tuple[dict, dict, float]:
@@ -313,11 +313,11 @@ def _train_groups(groups, workdir: pathlib.Path, chunk: int, progress, stop) -> 
     return histories, summaries, compile_seconds
 
 
-def _refit(config, cv_rows: list[dict], workdir: pathlib.Path) -> None:
-    """Each configuration retrained on the whole training split for its recommended epochs; its test metrics."""
+def _refit(overridden, cv_rows: list[dict], workdir: pathlib.Path) -> None:
+    """Each configuration retrained on the whole training split for its recommended epochs; its test metrics.
+    `overridden(overrides)`: the sweep's config with these overrides."""
     for row in cv_rows:
-        refit_config = config_lib.apply_overrides(
-            config,
+        refit_config = overridden(
             {
                 **{key: str(value) for key, value in row["values"].items()},  # typed values, as override text
                 "train.epochs": str(row["recommended_epochs"]),

@@ -215,10 +215,11 @@ def mnist1d_args() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(MNIST1D_ARGS))
 
 
-def flatten(config: ml_collections.ConfigDict | dict, prefix: str = "") -> dict:
-    """{"train.epochs": 150, ...}: every field under its dotted key (tuples as lists, as in config.json)."""
+def flatten(tree: ml_collections.ConfigDict | dict, prefix: str = "") -> dict:
+    """{"train.epochs": 150, ...}: every field of a config (or any section, or dict of dicts) under its dotted key
+    (tuples as lists, as in config.json)."""
     out = {}
-    for key, value in config.items() if hasattr(config, "items") else []:
+    for key, value in tree.items() if hasattr(tree, "items") else []:
         if isinstance(value, ml_collections.ConfigDict | dict):
             out.update(flatten(value, f"{prefix}{key}."))
         else:

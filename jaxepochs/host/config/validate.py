@@ -17,8 +17,8 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 OPTIMIZERS = optim.OPTIMIZERS
 
 
-def _check_keys(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict, prefix: str) -> None:
-    for key, value in config.items():
+def _check_keys(section: ml_collections.ConfigDict, schema: ml_collections.ConfigDict, prefix: str) -> None:
+    for key, value in section.items():
         path = f"{prefix}{key}"
         if key not in schema:
             raise ConfigError(
@@ -31,12 +31,12 @@ def _check_keys(config: ml_collections.ConfigDict, schema: ml_collections.Config
             _check_keys(value, schema[key], path + ".")
 
 
-def _fill_defaults(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict) -> None:
+def _fill_defaults(section: ml_collections.ConfigDict, schema: ml_collections.ConfigDict) -> None:
     for key, default in schema.items():
-        if key not in config:
-            config[key] = default
+        if key not in section:
+            section[key] = default
         elif isinstance(default, ml_collections.ConfigDict):
-            _fill_defaults(config[key], default)
+            _fill_defaults(section[key], default)
 
 
 def _kind_problem(value, default) -> str | None:
@@ -60,9 +60,9 @@ def _kind_problem(value, default) -> str | None:
     return None
 
 
-def _check_types(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict, prefix: str) -> None:
+def _check_types(section: ml_collections.ConfigDict, schema: ml_collections.ConfigDict, prefix: str) -> None:
     for key, default in schema.items():
-        value = config[key]
+        value = section[key]
         if isinstance(default, ml_collections.ConfigDict):
             _check_types(value, default, f"{prefix}{key}.")
         elif default is not None and value is not None and (problem := _kind_problem(value, default)):
@@ -72,9 +72,9 @@ def _check_types(config: ml_collections.ConfigDict, schema: ml_collections.Confi
 SEED_KEYS = ("seed", "data.split_seed", "data.modular.seed")
 
 
-def _validate_seeds(config: ml_collections.ConfigDict) -> None:
+def _validate_seeds(flat: dict) -> None:
     for key in SEED_KEYS:
-        value = flatten(config)[key]
+        value = flat[key]
         if not 0 <= value < 2**32:
             fail(key, f"{value!r} is out of range", "Use a seed from 0 to 2**32 - 1.")
 
@@ -118,8 +118,8 @@ def _validate_train(t: ml_collections.ConfigDict) -> None:
         fail("train.profile_epochs", f"{tuple(t.profile_epochs)}", f"Name epochs of the run, 1 to {t.epochs}.")
 
 
-def _validate_finetune(config: ml_collections.ConfigDict) -> None:
-    decay, f = config.optimizer.layer_decay, config.finetune
+def _validate_finetune(f: ml_collections.ConfigDict, decay: float) -> None:
+    """The finetune section `f`, and optimizer.layer_decay (`decay`) beside it."""
     if not 0 < decay <= 1:
         fail("optimizer.layer_decay", f"{decay!r}", "Use a factor in (0, 1]: 1 trains every group at one rate.")
     if f.rate_scales and decay != 1.0:
@@ -226,7 +226,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check_keys(config, schema, "")
     _fill_defaults(config, schema)
     _check_types(config, schema, "")
-    _validate_seeds(config)
+    _validate_seeds(flatten(config))
     _validate_train(config.train)
     _validate_model(config.model)
     if config.task not in TASKS:
@@ -243,7 +243,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _validate_data(config.data)
     _validate_mesh(config.mesh)
     _validate_init(config.init)
-    _validate_finetune(config)
+    _validate_finetune(config.finetune, config.optimizer.layer_decay)
     try:
         optim.validate_schedule(o.schedule.to_dict(), config.train.epochs)
         es, has_val = config.early_stopping, config.data.validation_fraction > 0
