@@ -9,43 +9,14 @@ import contextlib
 import os
 import pathlib
 import sys
-from typing import NamedTuple
 
 import ml_collections
 import numpy as np
 
 from jaxepochs.data import lock
 from jaxepochs.data import rows as rows_lib
-
-
-class Split(NamedTuple):
-    x: object  # the inputs: an array [N, ...] (float32, or int32 tokens), or a pytree of them
-    y: np.ndarray  # the labels [N, ...]: int32 class ids, or float32 targets
-
-
-def count(split: Split) -> int:
-    return int(split.y.shape[0])
-
-
-def take(split: Split, idx) -> Split:
-    """The examples `idx` of a split (its inputs may be a pytree)."""
-    import jax
-
-    pick = lambda a: a.take(idx) if rows_lib.is_rows(a) else np.asarray(a)[idx]
-    return Split(jax.tree.map(pick, split.x), pick(split.y))
-
-
-class Dataset(NamedTuple):
-    name: str
-    train: Split
-    val: Split  # N may be 0 when data.validation_fraction is 0
-    test: Split
-    num_classes: int  # classification: the classes; regression and binary: the outputs per example
-    streamed: bool = False  # the splits' inputs are Rows, read a chunk at a time (data/rows.py)
-
-
-class DataError(ValueError):
-    """Data that cannot be trained on; the message says what is wrong and how to fix it."""
+from jaxepochs.data.checks import check_like_train, check_numeric, check_split  # noqa: F401  (loading's names)
+from jaxepochs.data.splits import DataError, Dataset, Split, count, fold_indices, take  # noqa: F401
 
 
 def data_dir(config: ml_collections.ConfigDict) -> pathlib.Path:
@@ -202,56 +173,6 @@ def _rows_split(builder, split: str, x_key: str, y_key: str, quiet: bool) -> Spl
     return Split(x, np.asarray(y) if y.ndim == 1 else y)
 
 
-def _leaves(x) -> list:
-    import jax
-
-    return [a if rows_lib.is_rows(a) else np.asarray(a) for a in jax.tree.leaves(x)]
-
-
-def check_split(split: Split, num_classes: int, what: str, task: str = "classification") -> None:
-    """Raises DataError for mismatched lengths, non-finite inputs, or labels that do not fit the task:
-    classification needs integer class ids in [0, num_classes); regression float targets; binary 0/1 labels."""
-    n = split.y.shape[0] if np.ndim(split.y) else 0
-    for leaf in _leaves(split.x):
-        if leaf.ndim == 0 or leaf.shape[0] != n:
-            raise DataError(
-                f"{what}: {leaf.shape[0] if leaf.ndim else 'no'} inputs but {n} labels; every input needs one label "
-                "(each array's leading axis counts the examples)."
-            )
-        # Rows (a streamed split) were checked block by block as they were decoded.
-        if not rows_lib.is_rows(leaf) and np.issubdtype(leaf.dtype, np.floating) and not np.isfinite(leaf).all():
-            raise DataError(f"{what}: inputs contain NaN or inf; clean the data before training.")
-    _check_labels(split.y, num_classes, what, task)
-
-
-def _check_labels(y: np.ndarray, num_classes: int, what: str, task: str) -> None:
-    integer = np.issubdtype(y.dtype, np.integer)
-    if task == "classification":
-        if not integer:
-            raise DataError(
-                f"{what}: labels are {y.dtype} values, not integer class ids; task classification would have to "
-                'reinterpret them. For real-valued targets set config.task = "regression" (for 0/1 labels, '
-                '"binary"); for classes, give integer labels.'
-            )
-        if y.ndim != 1:
-            raise DataError(f"{what}: labels have shape {y.shape}; classification needs class ids of shape [N].")
-        if y.size and (y.min() < 0 or y.max() >= num_classes):
-            raise DataError(
-                f"{what}: labels span [{y.min()}, {y.max()}] but the model has {num_classes} classes "
-                f"(valid labels 0..{num_classes - 1}). Set model.num_classes to at least {y.max() + 1}, "
-                "or fix the labels."
-            )
-    elif task == "regression" and integer:
-        raise DataError(
-            f'{what}: labels are {y.dtype}; task "regression" takes float targets. Convert them '
-            '(y.astype("float32")), or set config.task = "classification" if they are class ids.'
-        )
-    elif task == "binary" and y.size and not np.isin(y, (0, 1)).all():
-        raise DataError(f'{what}: task "binary" takes labels 0 and 1; these hold other values ({np.unique(y)[:5]}).')
-    if not integer and y.size and not np.isfinite(y).all():
-        raise DataError(f"{what}: labels contain NaN or inf; clean the data before training.")
-
-
 def add_label_noise(split: Split, fraction: float, num_classes: int, seed: int) -> Split:
     """Redraws each label with probability `fraction`, uniformly over the classes (it may land on itself), as
     the MNIST-1D double-descent notebook does; seeded, so every run of a config sees the same noisy labels."""
@@ -317,10 +238,10 @@ def from_arrays(config: ml_collections.ConfigDict, splits, where: str, name: str
             raise DataError(f'{where}: split "{split_name}" is {keys}; give a dict with "x" (inputs) and "y" (labels).')
         x = _as_arrays(batch["x"])
         y = np.asarray(batch["y"])
-        _check_numeric(x, y, where, split_name)
+        check_numeric(x, y, where, split_name)
         y = y.astype(np.int32) if np.issubdtype(y.dtype, np.integer) else y.astype(np.float32)
         parts[split_name] = Split(x, y)
-    _check_like_train(parts, where)
+    check_like_train(parts, where)
     full_train, test, val = parts["train"], parts["test"], parts.get("validation")
     present = [split for split in (full_train, test, val) if split is not None]
     for split, label in ((full_train, "train"), (test, "test"), (val, "validation")):
@@ -329,53 +250,6 @@ def from_arrays(config: ml_collections.ConfigDict, splits, where: str, name: str
     num_classes = num_outputs(config.task, present, config.model.num_classes)
     dataset = _finish(config, where, full_train, test, val, num_classes)
     return dataset._replace(name=name or where)
-
-
-def _check_numeric(x, y: np.ndarray, where: str, split: str) -> None:
-    """DataError naming the split and the key of an array that holds no numbers (strings, objects, dates): JAX
-    would refuse it deep inside the first jit, with no word of get_data."""
-    import jax
-
-    leaves = [(f"x{jax.tree_util.keystr(path)}", a) for path, a in jax.tree_util.tree_leaves_with_path(x)]
-    for key, array in [*leaves, ("y", y)]:
-        if np.asarray(array).dtype.kind not in "biuf":  # bool, signed and unsigned integers, floats
-            raise DataError(
-                f'{where}: split "{split}" has {key} of dtype {np.asarray(array).dtype}, which is not numeric; JAX '
-                "trains on numbers only. Convert it in get_data: parse numbers (.astype(np.float32)), or encode "
-                "strings and categories as integer ids."
-            )
-
-
-def _per_example(split: Split) -> dict[str, tuple[tuple, str]]:
-    """Each input leaf's and the labels' per-example shape and dtype, by name: "x", "x['image']", "y"."""
-    import jax
-
-    leaves = jax.tree_util.tree_leaves_with_path(split.x)
-    out = {f"x{jax.tree_util.keystr(path)}": (tuple(np.shape(a)[1:]), str(a.dtype)) for path, a in leaves}
-    return {**out, "y": (tuple(np.shape(split.y)[1:]), str(split.y.dtype))}
-
-
-def _check_like_train(parts: dict[str, Split], where: str) -> None:
-    """DataError unless every split's inputs (each leaf of x) and labels have the training split's per-example
-    shapes and dtypes: the model is built for the training split's, and another split's would fail only at its
-    first evaluation, with a traceback from inside the model."""
-    want = _per_example(parts["train"])
-    for name, split in parts.items():
-        if name == "train":
-            continue
-        got = _per_example(split)
-        if list(got) != list(want):
-            raise DataError(
-                f'{where}: split "{name}" has inputs {sorted(got)} but split "train" has {sorted(want)}; every split '
-                "must hold the same inputs. Give each split's x the training split's structure."
-            )
-        for key, (shape, dtype) in got.items():
-            if (shape, dtype) != want[key]:
-                raise DataError(
-                    f'{where}: split "{name}" has {key} of per-example shape {shape} ({dtype}), but split "train" '
-                    f"has {want[key][0]} ({want[key][1]}); the model is built for the training split's. Give every "
-                    f"split's {key} the same per-example shape and dtype (the leading axis counts the examples)."
-                )
 
 
 def _as_arrays(x):
@@ -441,13 +315,3 @@ def load_dataset(config: ml_collections.ConfigDict, quiet: bool = False, streame
     classes = getattr(label_feature, "num_classes", None) if config.task == "classification" else None
     num_classes = config.model.num_classes or classes or num_outputs(config.task, [full_train, test])
     return _finish(config, d.name, full_train, test, None, num_classes)._replace(streamed=streamed)
-
-
-def fold_indices(num_train: int, cv: int, fold: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train, val) indices of `fold`: a seeded permutation cut into K folds of N // K; the N mod K left over
-    always train, so every fold has the same shapes (one program for all folds)."""
-    order = np.random.default_rng(seed).permutation(num_train)
-    size = num_train // cv
-    val = np.sort(order[fold * size : (fold + 1) * size])
-    train = np.sort(np.concatenate([order[: fold * size], order[(fold + 1) * size :]]))
-    return train, val

@@ -1,0 +1,49 @@
+"""A dataset's parts as the trainer holds them: splits of inputs and labels, and the error bad data raises."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from jaxepochs.data import rows as rows_lib
+
+
+class Split(NamedTuple):
+    x: object  # the inputs: an array [N, ...] (float32, or int32 tokens), or a pytree of them
+    y: np.ndarray  # the labels [N, ...]: int32 class ids, or float32 targets
+
+
+def count(split: Split) -> int:
+    return int(split.y.shape[0])
+
+
+def take(split: Split, idx) -> Split:
+    """The examples `idx` of a split (its inputs may be a pytree)."""
+    import jax
+
+    pick = lambda a: a.take(idx) if rows_lib.is_rows(a) else np.asarray(a)[idx]
+    return Split(jax.tree.map(pick, split.x), pick(split.y))
+
+
+class Dataset(NamedTuple):
+    name: str
+    train: Split
+    val: Split  # N may be 0 when data.validation_fraction is 0
+    test: Split
+    num_classes: int  # classification: the classes; regression and binary: the outputs per example
+    streamed: bool = False  # the splits' inputs are Rows, read a chunk at a time (data/rows.py)
+
+
+class DataError(ValueError):
+    """Data that cannot be trained on; the message says what is wrong and how to fix it."""
+
+
+def fold_indices(num_train: int, cv: int, fold: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) indices of `fold`: a seeded permutation cut into K folds of N // K; the N mod K left over
+    always train, so every fold has the same shapes (one program for all folds)."""
+    order = np.random.default_rng(seed).permutation(num_train)
+    size = num_train // cv
+    val = np.sort(order[fold * size : (fold + 1) * size])
+    train = np.sort(np.concatenate([order[: fold * size], order[(fold + 1) * size :]]))
+    return train, val
