@@ -26,10 +26,16 @@ class TrainState(NamedTuple):
     step: jax.Array  # int32 [] optimizer steps taken
     key: jax.Array  # PRNG key of the run; epochs and steps fold into it, it never advances
     model_state: Any = None  # what the model changes as it trains (BatchNorm's statistics); None or {} if nothing
+    hparams: Any = None  # config.hparams' numbers (float32 [] each) passed to the loss, metrics and augment; or None
+
+
+WEIGHT = "/weight"  # sums[name + WEIGHT]: the weight sum of a weighted metric (a loss or metric giving (v, w))
 
 
 class Metrics(NamedTuple):
-    """Sums over the examples seen; divided once, on the host, at the end of the epoch."""
+    """Sums over the examples seen; divided once, on the host, at the end of the epoch. A weighted metric (one
+    whose function returned (values, weights)) has its weighted sum under its name and its weight sum under
+    name + WEIGHT: its mean is the one divided by the other."""
 
     sums: dict  # name -> float32 [] the sum of the per-example values over the real examples; "loss" always
     count: jax.Array  # float32 [] real (unmasked) examples
@@ -44,12 +50,23 @@ class Metrics(NamedTuple):
 
     def mean(self, name: str):
         """A metric's mean over the examples (a traced value inside a program)."""
+        if name + WEIGHT in self.sums:
+            return weighted_mean(self.sums[name], self.sums[name + WEIGHT])
         return self.sums[name] / jnp.maximum(self.count, 1.0)
 
     def means(self, prefix: str) -> dict[str, float]:
         count = max(float(self.count), 1.0)
-        names = ["loss", *sorted(name for name in self.sums if name != "loss")]
-        return {f"{prefix}_{name}": float(self.sums[name]) / count for name in names}
+        names = ["loss", *sorted(name for name in self.sums if name != "loss" and WEIGHT not in name)]
+        out = {}
+        for name in names:
+            weight = float(self.sums[name + WEIGHT]) if name + WEIGHT in self.sums else None
+            out[f"{prefix}_{name}"] = float(self.sums[name]) / (count if weight is None else (weight or 1.0))
+        return out
+
+
+def weighted_mean(total, weight):
+    """total / weight, 0 where the weight is 0 (a batch of padding, or of examples weighted 0)."""
+    return jnp.where(weight > 0, total / jnp.where(weight > 0, weight, 1.0), 0.0)
 
 
 ApplyFn = Callable[[Any, jax.Array], jax.Array]  # (params, x_b...) -> logits_bc
@@ -131,7 +148,7 @@ def take(data, idx):
 
 
 def loss_and_metrics(
-    task: Task, params, model_state, batch, key, train: bool, mask_b=None
+    task: Task, params, model_state, batch, key, train: bool, mask_b=None, hparams=None
 ) -> tuple[jax.Array, tuple[Metrics, Any]]:
     """The mean loss of a batch, its metric sums and the model's new state: the one loss body of training and
     evaluation.
@@ -139,17 +156,31 @@ def loss_and_metrics(
     `mask_b` (bool [B]) marks the real rows of a padded batch: the mean and the sums are theirs alone. Without
     it every row is real and nothing is masked (on CPU each op in a loop body has a fixed cost: at batch size 1
     the mask's ops were a fifth of a step); `count` is then the batch size, a constant. Evaluation (`train`
-    False) uses the task's evaluation loss.
+    False) uses the task's evaluation loss. `hparams` (config.hparams' traced numbers, or None): the task's
+    functions' third argument. A loss or metric may give (values [B], weights [B]): its figure is then
+    sum(w * v) / sum(w) over the real rows (Metrics.WEIGHT).
     """
     outputs, model_state = task.apply(params, model_state, batch["x"], key, train)
-    values = {"loss": (task.loss if train else task.evaluation_loss())(outputs, batch), **task.metrics(outputs, batch)}
+    extra = () if hparams is None else (hparams,)
+    loss = (task.loss if train else task.evaluation_loss())(outputs, batch, *extra)
+    values = {"loss": loss, **task.metrics(outputs, batch, *extra)}
     if mask_b is None:
         count = jnp.asarray(num_examples(batch), jnp.float32)
-        sums = {name: v_b.sum().astype(jnp.float32) for name, v_b in values.items()}
+        total = lambda v_b: v_b.sum().astype(jnp.float32)
     else:
         weights_b = mask_b.astype(jnp.float32)
         count = weights_b.sum()
-        sums = {name: (v_b * weights_b).sum() for name, v_b in values.items()}
+        total = lambda v_b: (v_b * weights_b).sum()
+    sums = {}
+    for name, value in values.items():
+        if isinstance(value, tuple):  # (values, weights): a weighted mean
+            v_b, w_b = value
+            w_b = w_b.astype(jnp.float32)
+            sums[name], sums[name + WEIGHT] = total(v_b * w_b), total(w_b)
+        else:
+            sums[name] = total(value)
+    if "loss" + WEIGHT in sums:
+        return weighted_mean(sums["loss"], sums["loss" + WEIGHT]), (Metrics(sums, count), model_state)
     return sums["loss"] / jnp.maximum(count, 1.0), (Metrics(sums, count), model_state)
 
 
@@ -169,18 +200,19 @@ def train_step(
     gradient of the whole batch's mean loss, in the memory of one micro-batch. `layout` (core/layout.py) keeps
     the batch split over the data axis and the state where it lives."""
     if augment is not None:
-        batch = augment(_step_key(state, AUGMENT_STREAM), batch)
+        extra = () if state.hparams is None else (state.hparams,)
+        batch = augment(_step_key(state, AUGMENT_STREAM), batch, *extra)
     key = _step_key(state, DROPOUT_STREAM)
     if layout is not None:
         batch = layout.rows(batch)
     if accumulate > 1:
         (metrics, model_state), grads = _accumulated_grads(task, state, batch, key, mask_b, accumulate, layout)
     else:
-        loss_fn = lambda params: loss_and_metrics(task, params, state.model_state, batch, key, True, mask_b)
+        loss_fn = lambda params: loss_and_metrics(task, params, state.model_state, batch, key, True, mask_b, state.hparams)
         (_, (metrics, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    new_state = TrainState(params, opt_state, state.step + 1, state.key, model_state)
+    new_state = TrainState(params, opt_state, state.step + 1, state.key, model_state, state.hparams)
     return (new_state if layout is None else layout.state(new_state)), metrics
 
 
@@ -201,7 +233,7 @@ def _accumulated_grads(task: Task, state: TrainState, batch, key, mask_b, k: int
 
         def loss_fn(params):
             _, (metrics, new_state) = loss_and_metrics(
-                task, params, model_state, batch_m, jax.random.fold_in(key, i), True, mask_m
+                task, params, model_state, batch_m, jax.random.fold_in(key, i), True, mask_m, state.hparams
             )
             return metrics.sums["loss"] / jnp.maximum(count, 1.0), (metrics, new_state)
 
@@ -210,7 +242,9 @@ def _accumulated_grads(task: Task, state: TrainState, batch, key, mask_b, k: int
 
     zero_grads = jax.tree.map(jnp.zeros_like, state.params)
     _, batch_0, mask_0 = _first((jnp.arange(k), batches, masks))
-    shapes = jax.eval_shape(lambda: loss_and_metrics(task, state.params, state.model_state, batch_0, key, True, mask_0))
+    shapes = jax.eval_shape(
+        lambda: loss_and_metrics(task, state.params, state.model_state, batch_0, key, True, mask_0, state.hparams)
+    )
     zeros = jax.tree.map(jnp.zeros_like, shapes[1][0])
     (grads, totals, model_state), _ = jax.lax.scan(
         body, (zero_grads, zeros, state.model_state), (jnp.arange(k), batches, masks)
@@ -294,7 +328,7 @@ def _first(inputs):
     return jax.tree.map(lambda a: a[0], inputs)
 
 
-def eval_epoch(params, model_state, data_n, *, task: Task, batch_size: int, layout=None) -> Metrics:
+def eval_epoch(params, model_state, data_n, *, task: Task, batch_size: int, layout=None, hparams=None) -> Metrics:
     """The metric sums over a whole split, in order, in evaluation mode: a scan over its whole batches (sliced,
     unmasked), then the partial last batch, if any, padded and masked as in training. `layout`: each batch's
     rows split over the data axis."""
@@ -304,7 +338,7 @@ def eval_epoch(params, model_state, data_n, *, task: Task, batch_size: int, layo
     def metrics_of(batch, mask_b=None):
         if layout is not None:
             batch = layout.rows(batch)
-        return loss_and_metrics(task, params, model_state, batch, None, False, mask_b)[1][0]
+        return loss_and_metrics(task, params, model_state, batch, None, False, mask_b, hparams)[1][0]
 
     if whole == 1:  # the usual validation split: one batch, no loop
         totals = metrics_of(take(data_n, slice(0, batch_size)))

@@ -57,7 +57,7 @@ def make_eval_chunk(spec: program_lib.RunSpec):
         def body(totals, inputs):
             batch, mask_b = inputs
             _, (metrics, _) = epoch_lib.loss_and_metrics(
-                spec.task, state.params, state.model_state, batch, None, False, mask_b
+                spec.task, state.params, state.model_state, batch, None, False, mask_b, state.hparams
             )
             return totals + metrics, None
 

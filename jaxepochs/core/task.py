@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-TASKS = ("classification", "regression", "binary")
+TASKS = ("classification", "regression", "binary", "custom")  # custom: the module's loss_fn, no label checks
 
 
 class Task(NamedTuple):
@@ -101,6 +101,7 @@ BUILTIN_METRICS = {
     "classification": classification_metrics,
     "regression": regression_metrics,
     "binary": binary_metrics,
+    "custom": lambda outputs, batch: {},
 }
 # The names of "loss" and of each built-in task's metrics, as rows show them ("loss", then the metrics sorted):
 # the names early stopping may monitor, known before anything is traced.
@@ -108,15 +109,100 @@ METRIC_NAMES = {
     "classification": ("loss", "accuracy"),
     "regression": ("loss", "mae", "mse"),
     "binary": ("loss", "accuracy"),
+    "custom": ("loss",),
 }
 
 
-def make_task(apply: Callable, task: str = "classification", loss=None, metrics=None) -> Task:
-    """The Task of a built-in objective (TASKS), or of the user's `loss` and `metrics` where given."""
+def make_task(apply: Callable, task: str = "classification", loss=None, metrics=None, *, hparams: bool = False,
+              class_weight=None) -> Task:  # fmt: skip
+    """The Task of a built-in objective (TASKS), or of the user's `loss` and `metrics` where given.
+
+    `hparams`: the run carries config.hparams (TrainState.hparams), so every function takes a third argument,
+    the section's traced numbers (a user's hook gets it where it takes three arguments). `class_weight` (float32
+    [C], classification's built-in loss): each training example's loss weighted by its class's weight. A built-in
+    loss weights each example by the batch's "weight" where the data has one (a sample weight)."""
     eval_loss = None
-    if loss is None and task == "classification":
-        eval_loss = lambda outputs, batch: classification_loss(outputs, batch, fixed_order=True)
-    return Task(apply, loss or BUILTIN_LOSSES[task], metrics or BUILTIN_METRICS[task], eval_loss)
+    if loss is None:
+        builtin = BUILTIN_LOSSES[task]
+        base = builtin
+        if task == "classification":
+            base = lambda outputs, batch: classification_loss(outputs, batch, fixed_order=True)
+        eval_loss = _sample_weighted(base, ones=class_weight is not None)
+        loss = _sample_weighted(builtin, class_weight)
+    task_obj = Task(apply, loss, metrics or BUILTIN_METRICS[task], eval_loss)
+    if not hparams:
+        return task_obj
+    return task_obj._replace(
+        loss=takes_hparams(task_obj.loss),
+        metrics=takes_hparams(task_obj.metrics),
+        eval_loss=None if eval_loss is None else takes_hparams(eval_loss),
+    )
+
+
+def _sample_weighted(loss: Callable, class_weight=None, ones: bool = False) -> Callable:
+    """A built-in loss that returns (values [B], weights [B]) where the batch has a "weight" (a sample weight)
+    or `class_weight` is given (`ones`: weights of 1, so that evaluation's sums have training's structure);
+    the loss itself, unchanged, otherwise (decided when traced: nothing is added to a run without weights)."""
+
+    def weighted(outputs, batch):
+        values = loss(outputs, batch)
+        weights = None
+        if class_weight is not None:
+            weights = jnp.asarray(class_weight, jnp.float32)[batch["y"]]
+        if "weight" in batch:
+            w = batch["weight"].astype(jnp.float32)
+            weights = w if weights is None else weights * w
+        if weights is None and ones:
+            weights = jnp.ones_like(values)
+        return values if weights is None else (values, weights)
+
+    return weighted
+
+
+def positional_count(function) -> int:
+    """How many positional arguments `function` takes (a large number for *args; 0 where it cannot be read)."""
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):
+        return 0
+    if any(p.kind == p.VAR_POSITIONAL for p in parameters):
+        return 1 << 10
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in parameters)
+
+
+class HParams:
+    """config.hparams' numbers as a hook sees them: `hparams.weight` or `hparams["weight"]` (traced scalars)."""
+
+    def __init__(self, values: dict):
+        self._values = dict(values)
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(
+                f"config.hparams has no number {name!r}; its numbers are {sorted(self._values)} (set it in "
+                "get_config: config.hparams.NAME = value)."
+            ) from None
+
+    def __getitem__(self, name: str):
+        return self.__getattr__(name)
+
+    def __contains__(self, name) -> bool:
+        return name in self._values
+
+    def keys(self):
+        return self._values.keys()
+
+
+def takes_hparams(function: Callable, extra_at: int = 2) -> Callable:
+    """`function` called with the hparams (an HParams view) as its third argument where it takes one, else
+    without them."""
+    if positional_count(function) > extra_at:
+        return lambda first, second, hparams: function(first, second, HParams(hparams))
+    return lambda first, second, hparams: function(first, second)
 
 
 def cast_floats(tree, dtype):

@@ -18,8 +18,10 @@ def _leaves(x) -> list:
 def check_split(split: Split, num_classes: int, what: str, task: str = "classification") -> None:
     """Raises DataError for mismatched lengths, non-finite inputs, or labels that do not fit the task:
     classification needs integer class ids in [0, num_classes); regression float targets; binary 0/1 labels."""
+    if task == "custom":
+        return _check_custom(split, what)
     n = split.y.shape[0] if np.ndim(split.y) else 0
-    for leaf in _leaves(split.x):
+    for leaf in _leaves((split.x, split.extra)):
         if leaf.ndim == 0 or leaf.shape[0] != n:
             raise DataError(
                 f"{what}: {leaf.shape[0] if leaf.ndim else 'no'} inputs but {n} labels; every input needs one label "
@@ -29,6 +31,24 @@ def check_split(split: Split, num_classes: int, what: str, task: str = "classifi
         if not rows_lib.is_rows(leaf) and np.issubdtype(leaf.dtype, np.floating) and not np.isfinite(leaf).all():
             raise DataError(f"{what}: inputs contain NaN or inf; clean the data before training.")
     _check_labels(split.y, num_classes, what, task)
+
+
+def _check_custom(split: Split, what: str) -> None:
+    """A custom task's split (the module's loss_fn): every leaf of x, y and the extra keys holds the same number of
+    examples and finite values; what the labels mean is the loss's business."""
+    import jax
+
+    leaves = jax.tree_util.tree_leaves_with_path({"x": split.x, "y": split.y, **(split.extra or {})})
+    counts = {jax.tree_util.keystr(path): (a.shape[0] if np.ndim(a) else None) for path, a in leaves}
+    if len(set(counts.values())) > 1 or None in counts.values():
+        raise DataError(
+            f"{what}: its arrays disagree on the number of examples ({counts}); every leaf of x, y and the other "
+            "keys needs one leading example axis of the same length."
+        )
+    for path, leaf in leaves:
+        if not rows_lib.is_rows(leaf) and np.issubdtype(np.asarray(leaf).dtype, np.floating):
+            if not np.isfinite(leaf).all():
+                raise DataError(f"{what}: {jax.tree_util.keystr(path)} holds NaN or inf; clean the data first.")
 
 
 def _check_labels(y: np.ndarray, num_classes: int, what: str, task: str) -> None:
@@ -59,13 +79,15 @@ def _check_labels(y: np.ndarray, num_classes: int, what: str, task: str) -> None
         raise DataError(f"{what}: labels contain NaN or inf; clean the data before training.")
 
 
-def check_numeric(x, y: np.ndarray, where: str, split: str) -> None:
+def check_numeric(x, y, where: str, split: str, extra: dict | None = None) -> None:
     """DataError naming the split and the key of an array that holds no numbers (strings, objects, dates): JAX
     would refuse it deep inside the first jit, with no word of get_data."""
     import jax
 
-    leaves = [(f"x{jax.tree_util.keystr(path)}", a) for path, a in jax.tree_util.tree_leaves_with_path(x)]
-    for key, array in [*leaves, ("y", y)]:
+    tree = {"x": x, "y": y, **(extra or {})}
+    name = lambda path: path[0].key + jax.tree_util.keystr(path[1:])  # x['text'], y, weight
+    leaves = [(name(path), a) for path, a in jax.tree_util.tree_leaves_with_path(tree)]
+    for key, array in leaves:
         if np.asarray(array).dtype.kind not in "biuf":  # bool, signed and unsigned integers, floats
             raise DataError(
                 f'{where}: split "{split}" has {key} of dtype {np.asarray(array).dtype}, which is not numeric; JAX '
@@ -80,7 +102,10 @@ def _per_example(split: Split) -> dict[str, tuple[tuple, str]]:
 
     leaves = jax.tree_util.tree_leaves_with_path(split.x)
     out = {f"x{jax.tree_util.keystr(path)}": (tuple(np.shape(a)[1:]), str(a.dtype)) for path, a in leaves}
-    return {**out, "y": (tuple(np.shape(split.y)[1:]), str(split.y.dtype))}
+    labels = jax.tree_util.tree_leaves_with_path({"y": split.y, **(split.extra or {})})
+    more = {path[0].key + jax.tree_util.keystr(path[1:]): (tuple(np.shape(a)[1:]), str(a.dtype))
+            for path, a in labels}  # fmt: skip
+    return {**out, **more}
 
 
 def check_like_train(parts: dict[str, Split], where: str) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 from jaxepochs.data import lock
 from jaxepochs.data import rows as rows_lib
 from jaxepochs.data.checks import check_like_train, check_numeric, check_split  # noqa: F401  (loading's names)
-from jaxepochs.data.splits import DataError, Dataset, Split, count, fold_indices, take  # noqa: F401
+from jaxepochs.data.splits import DataError, Dataset, Split, as_batch, count, fold_indices, take  # noqa: F401
 
 
 def data_dir(config: ml_collections.ConfigDict) -> pathlib.Path:
@@ -181,12 +181,12 @@ def add_label_noise(split: Split, fraction: float, num_classes: int, seed: int) 
     rng = np.random.default_rng([seed, 0x6E6F6973])  # a stream apart from the validation split's
     redraw_n = rng.random(split.y.shape[0]) < fraction
     y = np.where(redraw_n, rng.integers(0, num_classes, split.y.shape[0]), split.y).astype(np.int32)
-    return Split(split.x, y)
+    return Split(split.x, y, split.extra)
 
 
 def split_validation(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:
     """Holds out round(fraction * N) training examples (at least 1 if fraction > 0), chosen by `seed`."""
-    n = train.y.shape[0]
+    n = count(train)
     n_val = 0 if fraction == 0 else max(1, int(round(fraction * n)))
     if n_val >= n:
         raise DataError(f"data.validation_fraction={fraction} leaves no training examples out of {n}.")
@@ -197,8 +197,12 @@ def split_validation(train: Split, fraction: float, seed: int) -> tuple[Split, S
 
 def num_outputs(task: str, splits: list[Split], num_classes: int = 0) -> int:
     """Classification: the classes (`num_classes`, or the largest label + 1); else the targets per example."""
-    if task == "classification":
+    single = isinstance(splits[0].y, np.ndarray)
+    if task == "classification" or (task == "custom" and single and splits[0].y.ndim == 1 and
+                                    np.issubdtype(splits[0].y.dtype, np.integer)):  # fmt: skip
         return num_classes or max(int(split.y.max()) + 1 for split in splits if split.y.size)
+    if not single:  # a custom task's pytree of labels: the model's outputs are the module's to choose
+        return num_classes
     return int(np.prod(splits[0].y.shape[1:], dtype=int))
 
 
@@ -232,15 +236,22 @@ def from_arrays(config: ml_collections.ConfigDict, splits, where: str, name: str
             'each batch a dict {"x": inputs, "y": labels} of arrays with one leading example axis.'
         )
     parts = {}
+    custom = config.task == "custom"
     for split_name, batch in splits.items():  # not `name`: that is the dataset's, in every message and output
-        if not isinstance(batch, dict) or set(batch) != {"x", "y"}:
+        more = set(batch) - {"x", "y"} if isinstance(batch, dict) else set()
+        if not isinstance(batch, dict) or not {"x", "y"} <= set(batch) or (more - {"weight"} and not custom):
             keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
-            raise DataError(f'{where}: split "{split_name}" is {keys}; give a dict with "x" (inputs) and "y" (labels).')
+            raise DataError(
+                f'{where}: split "{split_name}" is {keys}; give a dict with "x" (inputs) and "y" (labels), and '
+                'optionally "weight" (a sample weight); other keys reach your hooks when the module defines loss_fn.'
+            )
         x = _as_arrays(batch["x"])
-        y = np.asarray(batch["y"])
-        check_numeric(x, y, where, split_name)
-        y = y.astype(np.int32) if np.issubdtype(y.dtype, np.integer) else y.astype(np.float32)
-        parts[split_name] = Split(x, y)
+        y = _as_arrays(batch["y"]) if custom else np.asarray(batch["y"])
+        extra = {key: _as_arrays(batch[key]) for key in sorted(more)} or None
+        check_numeric(x, y, where, split_name, extra)
+        if not custom:
+            y = y.astype(np.int32) if np.issubdtype(y.dtype, np.integer) else y.astype(np.float32)
+        parts[split_name] = Split(x, y, extra)
     check_like_train(parts, where)
     full_train, test, val = parts["train"], parts["test"], parts.get("validation")
     present = [split for split in (full_train, test, val) if split is not None]

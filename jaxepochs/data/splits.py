@@ -11,11 +11,14 @@ from jaxepochs.data import rows as rows_lib
 
 class Split(NamedTuple):
     x: object  # the inputs: an array [N, ...] (float32, or int32 tokens), or a pytree of them
-    y: np.ndarray  # the labels [N, ...]: int32 class ids, or float32 targets
+    y: np.ndarray  # the labels [N, ...]: int32 class ids, or float32 targets (task custom: any pytree of arrays)
+    extra: dict | None = None  # more per-example arrays of the batch beside "x" and "y" ("weight", "mask"), or None
 
 
 def count(split: Split) -> int:
-    return int(split.y.shape[0])
+    import jax
+
+    return int(jax.tree.leaves(split.y)[0].shape[0])
 
 
 def take(split: Split, idx) -> Split:
@@ -23,7 +26,16 @@ def take(split: Split, idx) -> Split:
     import jax
 
     pick = lambda a: a.take(idx) if rows_lib.is_rows(a) else np.asarray(a)[idx]
-    return Split(jax.tree.map(pick, split.x), pick(split.y))
+    extra = None if split.extra is None else jax.tree.map(pick, split.extra)
+    return Split(jax.tree.map(pick, split.x), jax.tree.map(pick, split.y), extra)
+
+
+def as_batch(split: Split, array) -> dict:
+    """A split's arrays as the trainer's batch: {"x": ..., "y": ..., and its extra keys}, each leaf `array(a)`."""
+    import jax
+
+    batch = {"x": jax.tree.map(array, split.x), "y": jax.tree.map(array, split.y)}
+    return batch if split.extra is None else {**batch, **jax.tree.map(array, split.extra)}
 
 
 class Dataset(NamedTuple):

@@ -82,7 +82,7 @@ class Composition:
 
 
 def _batch(split: data_lib.Split, array) -> dict:
-    return {"x": jax.tree.map(array, split.x), "y": array(split.y)}
+    return data_lib.as_batch(split, array)
 
 
 def member(config, name: str, fold: int, pieces: setup.Pieces, has_val: bool) -> Member:

@@ -6,6 +6,12 @@
     metrics_fn(outputs, batch)   -> {name: per-example values [B]}, logged as train_<name>, val_<name>, test_<name>
     get_data(config)             -> {"train": batch, "test": batch, optionally "validation": batch}, in memory
     augment(key, batch)          -> a batch, inside each training step on the device
+    get_optimizer(config)        -> an optax.GradientTransformation: the update's direction (the trainer applies
+                                    its learning rate, schedule and plateau scale to it)
+
+loss_fn, metrics_fn and augment may take a third argument, `hparams`: config.hparams' numbers as traced scalars
+(hparams.weight or hparams["weight"]), so a sweep over them is one program. loss_fn and each metric may give
+(values [B], weights [B]) for a weighted mean.
 
 A batch is a dict of arrays with one leading example axis: "x" (any pytree, the model's input) and "y". Whatever
 a module leaves out takes the built-in default. A function whose name is close to a hook's, or that starts with
@@ -33,7 +39,9 @@ HOOKS = {
     "metrics_fn": ("outputs", "batch"),
     "get_data": ("config",),
     "augment": ("key", "batch"),
+    "get_optimizer": ("config",),
 }
+TAKES_HPARAMS = ("loss_fn", "metrics_fn", "augment")  # these may take a third argument, config.hparams' numbers
 
 
 class Hooks(NamedTuple):
@@ -43,6 +51,7 @@ class Hooks(NamedTuple):
     metrics_fn: Callable | None = None
     get_data: Callable | None = None
     augment: Callable | None = None
+    get_optimizer: Callable | None = None
 
 
 def _check_signature(path: str, name: str, function) -> None:
@@ -58,7 +67,14 @@ def _check_signature(path: str, name: str, function) -> None:
     ]
     positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     variadic = any(p.kind == p.VAR_POSITIONAL for p in parameters)
-    if len(required) > len(expected) or (len(positional) < len(expected) and not variadic):
+    most = len(expected) + (name in TAKES_HPARAMS)
+    names = [p.name for p in positional]
+    if name == "augment" and names[:2] == ["batch", "key"]:
+        raise config_lib.ConfigError(
+            f"{path}: augment{inspect.signature(function)} takes its arguments swapped: the trainer calls "
+            "augment(key, batch). Define it as def augment(key, batch): ..."
+        )
+    if len(required) > most or (len(positional) < len(expected) and not variadic):
         raise config_lib.ConfigError(
             f"{path}: {name}{inspect.signature(function)} cannot be called as {name}({', '.join(expected)}). "
             f"Define it as def {name}({', '.join(expected)}): ..."
@@ -123,6 +139,10 @@ def load_hooks(config: ml_collections.ConfigDict) -> Hooks:
             "Restore it, or point config.experiment.module at it."
         ) from None
     found = {name: getattr(module, name) for name in HOOKS if hasattr(module, name)}
+    if config.task == "custom" and "loss_fn" not in found:
+        raise config_lib.ConfigError(
+            f'{path}: config.task = "custom" needs the module\'s own loss: define loss_fn(outputs, batch).'
+        )
     if "metrics_fn" not in found:  # the task's metrics: their names are known now
         stopping.check(config.early_stopping, config.data.validation_fraction > 0, METRIC_NAMES[config.task])
     for name, function in found.items():

@@ -281,8 +281,10 @@ def write_run_json(workdir: pathlib.Path, run: Setup) -> None:
             "steps_per_epoch": run.pieces.steps_per_epoch,
             "num_classes": d.num_classes,
             "inputs": jax.tree.map(lambda a: [list(a.shape[1:]), str(a.dtype)], d.train.x),
-            "label_shape": list(d.train.y.shape[1:]),
-            "label_dtype": str(d.train.y.dtype),
+            "label_shape": list(np.shape(jax.tree.leaves(d.train.y)[0])[1:]),
+            "label_dtype": str(jax.tree.leaves(d.train.y)[0].dtype),
+            "labels": jax.tree.map(lambda a: [list(a.shape[1:]), str(a.dtype)], d.train.y),  # a pytree (custom)
+            "extra": jax.tree.map(lambda a: [list(a.shape[1:]), str(a.dtype)], d.train.extra),
             "num_val_examples": data_lib.count(d.val),
         },
     )

@@ -25,7 +25,12 @@ def _shapes_of(run: dict) -> data_lib.Dataset:
     is_leaf = lambda spec: isinstance(spec, list) and len(spec) == 2 and isinstance(spec[1], str)
     inputs = run.get("inputs", [run.get("input_shape"), run.get("input_dtype", "float32")])
     x = jax.tree.map(lambda spec: np.zeros([2, *spec[0]], spec[1]), inputs, is_leaf=is_leaf)
-    split = data_lib.Split(x, np.zeros([2, *run.get("label_shape", [])], run.get("label_dtype", "int32")))
+    y = np.zeros([2, *run.get("label_shape", [])], run.get("label_dtype", "int32"))
+    if isinstance(run.get("labels"), dict):  # a custom task's pytree of labels
+        y = jax.tree.map(lambda spec: np.zeros([2, *spec[0]], spec[1]), run["labels"], is_leaf=is_leaf)
+    extra = run.get("extra")
+    extra = None if extra is None else jax.tree.map(lambda s: np.zeros([2, *s[0]], s[1]), extra, is_leaf=is_leaf)
+    split = data_lib.Split(x, y, extra)
     empty = data_lib.take(split, slice(0, 0))
     return data_lib.Dataset(
         "run.json", split, empty if not run["num_val_examples"] else split, split, run["num_classes"]

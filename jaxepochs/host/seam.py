@@ -19,6 +19,7 @@ import numpy as np
 
 from jaxepochs import models
 from jaxepochs.core import task as task_lib
+from jaxepochs.core.epoch import WEIGHT
 from jaxepochs.host import config as config_lib
 from jaxepochs.host.hooks import Hooks
 
@@ -106,9 +107,11 @@ def model_source(config, num_outputs: int, hooks: Hooks) -> ModelSource:
     return ModelSource("linen", module, task_lib.linen_apply(module), init, trace_init, what)
 
 
-def make_task(task: str, source: ModelSource, hooks: Hooks) -> task_lib.Task:
-    """The core's Task of the config's `task` (a name), with the module's loss_fn and metrics_fn where given."""
-    return task_lib.make_task(source.apply, task, hooks.loss_fn, hooks.metrics_fn)
+def make_task(task: str, source: ModelSource, hooks: Hooks, hparams: bool = False, class_weight=None) -> task_lib.Task:
+    """The core's Task of the config's `task` (a name), with the module's loss_fn and metrics_fn where given;
+    `hparams`: its functions take config.hparams' numbers as a third argument (core/task.make_task)."""
+    return task_lib.make_task(source.apply, task, hooks.loss_fn, hooks.metrics_fn, hparams=hparams,
+                              class_weight=class_weight)  # fmt: skip
 
 
 def _brief(error: Exception, limit: int = 400) -> str:
@@ -123,12 +126,16 @@ def _shape(tree) -> str:
 
 
 def check(task_name: str, trace_init, source: ModelSource, task: task_lib.Task, hooks: Hooks, train_split,
-          num_outputs: int):  # fmt: skip
+          num_outputs: int, hparams=None):  # fmt: skip
     """Traces the model (`trace_init(x)`: a run's initialisation), the loss and the metrics on two training
-    examples without compiling; a ConfigError names the part that does not fit (and its shapes). Returns "loss"
-    and the metrics' names."""
-    batch = {"x": jax.tree.map(lambda a: np.asarray(a[:2]), train_split.x), "y": np.asarray(train_split.y[:2])}
-    n = batch["y"].shape[0]
+    examples without compiling (`hparams`: config.hparams' numbers, abstract, or None); a ConfigError names the
+    part that does not fit (and its shapes). Returns "loss" and the metrics' names (and Metrics.WEIGHT entries of
+    the weighted ones)."""
+    from jaxepochs.data.splits import as_batch, take
+
+    batch = as_batch(take(train_split, slice(0, 2)), np.asarray)
+    n = jax.tree.leaves(batch["y"])[0].shape[0]
+    extra = () if hparams is None else (hparams,)
     try:
         params, model_state, _ = jax.eval_shape(trace_init, batch["x"])
         outputs, _ = jax.eval_shape(lambda p, s, x: task.apply(p, s, x, None, False), params, model_state, batch["x"])
@@ -138,18 +145,14 @@ def check(task_name: str, trace_init, source: ModelSource, task: task_lib.Task, 
         ) from e
     loss_name = f"loss_fn in {hooks.module}" if hooks.loss_fn else f'task "{task_name}"'
     try:
-        loss = jax.eval_shape(task.loss, outputs, batch)
+        loss = jax.eval_shape(lambda o, b, *h: task.loss(o, b, *h), outputs, batch, *extra)
     except Exception as e:  # a model, loss or metric that cannot trace raises anything (ZeroDivisionError...)
         raise config_lib.ConfigError(
-            f"{loss_name} cannot take the model's outputs {_shape(outputs)} and labels {batch['y'].shape}: {e}"
+            f"{loss_name} cannot take the model's outputs {_shape(outputs)} and labels {_shape(batch['y'])}: {e}"
         ) from e
-    if not hasattr(loss, "shape") or tuple(loss.shape) != (n,):
-        raise config_lib.ConfigError(
-            f"{loss_name} returned {_shape(loss)} for a batch of {n}; it must return the per-example loss [B] (the "
-            "trainer masks the padding and takes the mean): do not average it."
-        )
-    _check_float(loss_name, "loss", loss)
-    _check_metrics(task_name, task, hooks, outputs, batch, n)
+    weighted = _per_example_pair(loss_name, "loss", loss, n)
+    _check_float(loss_name, "loss", loss[0] if weighted else loss)
+    metric_names = _check_metrics(task_name, task, hooks, outputs, batch, n, extra)
     if task_name == "classification" and hooks.loss_fn is None:
         classes, top = outputs.shape[-1], int(np.max(train_split.y))
         if top >= classes:
@@ -157,26 +160,49 @@ def check(task_name: str, trace_init, source: ModelSource, task: task_lib.Task, 
                 f"{source.what} gives {classes} outputs per example, but the labels go up to {top}. Give the model "
                 "one output per class."
             )
-    metric_names = jax.eval_shape(task.metrics, outputs, batch)
-    return ("loss", *sorted(metric_names))
+    return ("loss", *(["loss" + WEIGHT] if weighted else []), *metric_names)
 
 
-def _check_metrics(task_name: str, task, hooks, outputs, batch, n: int) -> None:
+def _per_example_pair(where: str, what: str, value, n: int) -> bool:
+    """Whether `value` is a weighted pair (values [B], weights [B]); ConfigError unless it or the pair is [B]."""
+    pair = isinstance(value, tuple) and len(value) == 2
+    for part in value if pair else (value,):
+        if hasattr(part, "shape") and tuple(part.shape) == (n,):
+            continue
+        shape = tuple(part.shape) if hasattr(part, "shape") else ()
+        if len(shape) >= 2 and shape[0] == n:
+            fix = (f"it has {len(shape) - 1} more axes per example: reduce over them in the hook (values.mean(axis="
+                   f"{tuple(range(1, len(shape)))}), or give (values.sum(-1), weights.sum(-1)) for a mean over tokens)")
+        else:
+            fix = "do not average it over the batch"
+        fix += "; or give a pair (values [B], weights [B]) for a weighted mean"  # fmt: skip
+        if what == "loss":
+            raise config_lib.ConfigError(
+                f"{where} returned {_shape(value)} for a batch of {n}; it must return the per-example loss [B] (the "
+                f"trainer masks the padding and takes the mean): {fix}."
+            )
+        raise config_lib.ConfigError(
+            f"{where}: {what} is {_shape(value)} for a batch of {n}; give its per-example values [B]: {fix}."
+        )
+    return pair
+
+
+def _check_metrics(task_name: str, task, hooks, outputs, batch, n: int, extra=()) -> list[str]:
     where = f"metrics_fn in {hooks.module}" if hooks.metrics_fn else f'task "{task_name}"'
     try:
-        values = jax.eval_shape(task.metrics, outputs, batch)
+        values = jax.eval_shape(lambda o, b, *h: task.metrics(o, b, *h), outputs, batch, *extra)
     except Exception as e:  # a model, loss or metric that cannot trace raises anything (ZeroDivisionError...)
         raise config_lib.ConfigError(f"{where} cannot take the model's outputs {_shape(outputs)}: {e}") from e
     if not isinstance(values, dict) or not all(isinstance(k, str) for k in values):
         raise config_lib.ConfigError(f"{where} returned {type(values).__name__}; return a dict {{name: values [B]}}.")
-    for name, value in values.items():
+    names = []
+    for name, value in sorted(values.items()):
         if name == "loss" or not name.isidentifier():
             raise config_lib.ConfigError(f'{where}: a metric named "{name}"; use another name (a Python identifier).')
-        if not hasattr(value, "shape") or tuple(value.shape) != (n,):
-            raise config_lib.ConfigError(
-                f'{where}: metric "{name}" is {_shape(value)} for a batch of {n}; give its per-example values [B].'
-            )
-        _check_float(where, f'metric "{name}"', value)
+        weighted = _per_example_pair(where, f'metric "{name}"', value, n)
+        _check_float(where, f'metric "{name}"', value[0] if weighted else value)
+        names += [name, name + WEIGHT] if weighted else [name]
+    return names
 
 
 def _check_float(where: str, what: str, value) -> None:

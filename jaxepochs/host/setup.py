@@ -13,11 +13,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
 from jaxepochs.core import early_stopping as early_stopping_lib
 from jaxepochs.core import epoch as epoch_lib
 from jaxepochs.core import layout as layout_lib
-from jaxepochs.core import optim
+from jaxepochs.core import optax_optim, optim
 from jaxepochs.core import program as program_lib
 from jaxepochs.core import task as task_lib
 from jaxepochs.data import loading as data_lib
@@ -44,6 +45,7 @@ class Pieces(NamedTuple):
     steps_per_epoch: int
     start: object  # jitted (params, model state, run key, OptHParams) -> the run's carry with a run axis of 1
     warm: object = None  # host/warm_start.WarmStart: the arrays a fresh run takes from init.from_workdir
+    hparams_keys: tuple[str, ...] = ()  # config.hparams' numbers, carried per run (TrainState.hparams)
 
 
 def load_data(config: ml_collections.ConfigDict, hooks: hooks_lib.Hooks, quiet: bool) -> data_lib.Dataset:
@@ -57,8 +59,13 @@ def load_data(config: ml_collections.ConfigDict, hooks: hooks_lib.Hooks, quiet: 
         name = f"{pathlib.Path(hooks.module).stem}.get_data"
         dataset = data_lib.from_arrays(config, hooks.get_data(config), f"get_data in {hooks.module}", name)
         arrays = [dataset.train, dataset.val, dataset.test]
-        size = sum(np.asarray(a).nbytes for split in arrays for a in jax.tree.leaves((split.x, split.y)))
+        size = sum(np.asarray(a).nbytes for split in arrays for a in jax.tree.leaves(tuple(split)))
         streams = streamed.wants_stream(config.data, config.train.steps_per_epoch, size)
+        if streams and (dataset.train.extra is not None or not isinstance(dataset.train.y, np.ndarray)):
+            raise config_lib.ConfigError(
+                f"get_data in {hooks.module}: labels of several arrays or keys beside x and y are kept on the "
+                "device only; set data.stream = False (and give data that fits the device)."
+            )
         dataset = data_lib.as_streamed(dataset) if streams else dataset
     return dataset
 
@@ -102,24 +109,80 @@ def make_pieces(config, dataset: data_lib.Dataset, hooks: hooks_lib.Hooks, steps
             'config.optimizer.schedule.monitor = "val_loss" without a validation split (data.validation_fraction '
             'is 0). Monitor "train_loss", or hold out a validation split.'
         )
-    try:
-        tx = optim.make_optimizer(config.optimizer.to_dict(), steps_per_epoch, config.train.epochs)
-        plateau = optim.plateau_init(config.optimizer.to_dict())
-    except ValueError as e:
-        raise config_lib.ConfigError(str(e)) from None
+    tx, plateau = make_optimizer(config.optimizer, hooks, steps_per_epoch, config.train.epochs, config)
     source = seam.model_source(config, dataset.num_classes, hooks)
-    task = seam.make_task(config.task, source, hooks)
+    keys = tuple(sorted(hparams_of(config.hparams)))
+    if keys and hooks.augment is not None:  # augment(key, batch[, hparams]) as the run carries them
+        hooks = hooks._replace(augment=task_lib.takes_hparams(hooks.augment))
+    weights = class_weights(config.train.class_weight, dataset) if hooks.loss_fn is None else None
+    task = seam.make_task(config.task, source, hooks, hparams=bool(keys), class_weight=weights)
     if config.train.compute_dtype == "bfloat16":
         task = task._replace(apply=task_lib.in_compute_dtype(task.apply, jnp.bfloat16))
     trace_init = lambda x: source.trace_init(config, x)
-    names = seam.check(config.task, trace_init, source, task, hooks, dataset.train, dataset.num_classes)
+    abstract = {k: jax.ShapeDtypeStruct((), jnp.float32) for k in keys} if keys else None
+    names = seam.check(config.task, trace_init, source, task, hooks, dataset.train, dataset.num_classes, abstract)
+    if "loss" + epoch_lib.WEIGHT in names and config.train.accumulate_steps > 1:
+        raise config_lib.ConfigError(
+            "A weighted loss (loss_fn giving (values, weights), a sample weight or train.class_weight) with "
+            "train.accumulate_steps > 1 is not supported; set train.accumulate_steps = 1."
+        )
     tuning = specs.specs_of(config).finetune
     if finetune.in_use(tuning):  # the groups are the model's top-level submodules: traced, nothing compiled
+        if not isinstance(tx, optim.Optimizer):
+            raise config_lib.ConfigError(
+                "Fine-tuning's groups (finetune.*, optimizer.layer_decay) need the built-in optimizer (adam, adamw, "
+                "sgd); drop get_optimizer or the optax optimizer.name, or the fine-tuning settings."
+            )
         params = jax.eval_shape(lambda x: source.trace_init(config, x), first_example(dataset.train))[0]
         tx = finetune.configure(tx, tuning, params, steps_per_epoch)
     tracker, may_stop = make_tracker(config.early_stopping, has_validation, names)
-    pieces = Pieces(source, task, names, hooks, tx, tracker, may_stop, plateau, steps_per_epoch, None)
+    pieces = Pieces(source, task, names, hooks, tx, tracker, may_stop, plateau, steps_per_epoch, None, None, keys)
     return pieces._replace(start=jax.jit(functools.partial(_start, pieces)))
+
+
+def make_optimizer(o, hooks: hooks_lib.Hooks, steps_per_epoch: int, epochs: int, config=None):
+    """The optimizer of the config's optimizer section `o` and reduce_on_plateau's state: the built-in one, an
+    optax alias (optimizer.name), or the module's get_optimizer(config) direction. ConfigError naming the fix."""
+    spec = o.to_dict()
+    try:
+        if hooks.get_optimizer is not None:
+            direction = hooks.get_optimizer(config)
+            if not isinstance(direction, optax.GradientTransformation):
+                raise config_lib.ConfigError(
+                    f"get_optimizer in {hooks.module} returned {type(direction).__name__}; return an "
+                    "optax.GradientTransformation giving the update's direction, e.g. optax.chain("
+                    "optax.clip_by_global_norm(1.0), optax.scale_by_lion()): the trainer applies the learning rate."
+                )
+            tx = optax_optim.make(spec, steps_per_epoch, epochs, direction)
+        elif o.name in optax_optim.ALIASES:
+            tx = optax_optim.make(spec, steps_per_epoch, epochs)
+        else:
+            tx = optim.make_optimizer(spec, steps_per_epoch, epochs)
+        return tx, optim.plateau_init(spec)
+    except config_lib.ConfigError:
+        raise
+    except ValueError as e:
+        raise config_lib.ConfigError(str(e)) from None
+
+
+def hparams_of(section) -> dict[str, float]:
+    """config.hparams' numbers (not flags, text or tuples): each run's, traced (TrainState.hparams)."""
+    number = lambda v: isinstance(v, int | float) and not isinstance(v, bool)
+    return {k: float(v) for k, v in section.items() if number(v)}
+
+
+def class_weights(spec, dataset: data_lib.Dataset):
+    """train.class_weight as float32 [classes], or None: "balanced" is N / (classes * count) per class."""
+    if spec is None:
+        return None
+    classes = dataset.num_classes
+    if spec == "balanced":
+        counts = np.bincount(np.asarray(dataset.train.y), minlength=classes).astype(np.float64)
+        return (counts.sum() / (classes * np.maximum(counts, 1))).astype(np.float32)
+    if len(spec) != classes:
+        raise config_lib.ConfigError(f"config.train.class_weight has {len(spec)} weights for {classes} classes. "
+                                     "Give one weight per class.")  # fmt: skip
+    return np.asarray(spec, np.float32)
 
 
 def run_spec(
@@ -158,8 +221,8 @@ def on_device(split, layout=None) -> dict:
     """A split's arrays as the trainer's batch: {"x": ..., "y": ...} on the device, or with a `layout` on every
     device of its mesh (each computes on the rows of each batch that the layout gives it)."""
     if layout is not None:
-        return devices.put({"x": split.x, "y": split.y}, layout.replicated())
-    return {"x": jax.tree.map(jnp.asarray, split.x), "y": jnp.asarray(split.y)}
+        return devices.put(data_lib.as_batch(split, lambda a: a), layout.replicated())
+    return data_lib.as_batch(split, jnp.asarray)
 
 
 def jit_on(layout, program, abstract_carry):
@@ -199,9 +262,9 @@ def _group_state(pieces: Pieces, spec: finetune.FinetuneSpec):
                             np.float32)] * 2)  # fmt: skip
 
 
-def _start(pieces: Pieces, params, model_state, run_key, opt_hparams, groups=None) -> program_lib.RunCarry:
+def _start(pieces: Pieces, params, model_state, run_key, opt_hparams, groups=None, hparams=None) -> program_lib.RunCarry:
     opt_state = pieces.tx.with_hparams(pieces.tx.init(params), opt_hparams, groups)
-    state = epoch_lib.TrainState(params, opt_state, jnp.zeros((), jnp.int32), run_key, model_state)
+    state = epoch_lib.TrainState(params, opt_state, jnp.zeros((), jnp.int32), run_key, model_state, hparams)
     carry = program_lib.start_carry(state, pieces.tracker, pieces.plateau)
     return jax.tree.map(lambda a: a[None], carry)
 
@@ -217,7 +280,8 @@ def init_carries(pieces: Pieces, configs: list, opt_hparams: list[optim.OptHPara
             params, model_state = pieces.warm.apply(params, model_state)
         hparams = optim.OptHParams(*(np.float32(v) for v in hparams))
         groups = _group_state(pieces, specs.specs_of(config).finetune)
-        parts.append(pieces.start(params, model_state, run_key, hparams, groups))
+        own = _own_hparams(pieces, config)
+        parts.append(pieces.start(params, model_state, run_key, hparams, groups, own))
     if len(parts) == 1:
         return parts[0]
     return jax.tree.map(lambda *leaves: np.concatenate(leaves), *jax.device_get(parts))
@@ -226,7 +290,16 @@ def init_carries(pieces: Pieces, configs: list, opt_hparams: list[optim.OptHPara
 def abstract_carry(pieces: Pieces, config, x_1) -> program_lib.RunCarry:
     """The shapes and dtypes of a run's carry (leading run axis 1), traced without compiling."""
     hparams = optim.OptHParams(*(np.float32(v) for v in pieces.tx.defaults))
-    return jax.eval_shape(lambda x: _start(pieces, *pieces.source.trace_init(config, x), hparams), x_1)
+    own = _own_hparams(pieces, config)
+    return jax.eval_shape(lambda x: _start(pieces, *pieces.source.trace_init(config, x), hparams, None, own), x_1)
+
+
+def _own_hparams(pieces: Pieces, config):
+    """The run's config.hparams numbers (float32 [] each) where the pieces carry them, else None."""
+    if not pieces.hparams_keys:
+        return None
+    values = hparams_of(config.hparams)
+    return {k: np.float32(values[k]) for k in pieces.hparams_keys}
 
 
 def without_run_axis(tree):

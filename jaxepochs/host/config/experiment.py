@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import pathlib
+import sys
 
 import ml_collections
 
@@ -24,6 +25,8 @@ def load_config_file(path: str | pathlib.Path) -> ml_collections.ConfigDict:
     config = module.get_config()
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(f"{path}: get_config() returned {type(config).__name__}; return jaxepochs.base_config().")
+    if callable(getattr(module, "loss_fn", None)):  # its own loss: no built-in task's checks or metrics
+        config.task = "custom"
     config.experiment = ml_collections.ConfigDict(
         {"module": str(path.resolve()), "source_sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
     )
@@ -38,7 +41,12 @@ def import_experiment(path: str | pathlib.Path):
     if key not in _MODULES:
         spec = importlib.util.spec_from_file_location(f"jaxepochs_experiment_{path.stem}", path)
         module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        folder = str(path.parent)
+        sys.path.insert(0, folder)  # its siblings import while it loads (from two_heads import ...)
+        try:
+            spec.loader.exec_module(module)
+        finally:
+            sys.path.remove(folder)
         _MODULES[key] = module
     return _MODULES[key]
 

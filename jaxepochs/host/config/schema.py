@@ -35,6 +35,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.logging = logging_config()  # csv, tensorboard, mlflow: where the rows go besides metrics.jsonl
 
     c.checkpoint = checkpoint_config()  # orbax; rerunning in the workdir resumes from the newest one
+    # The experiment's own settings: whatever keys get_config sets here are known keys (overridable, sweepable,
+    # in config.json). Their numbers reach loss_fn, metrics_fn and augment as a third argument, traced per run.
+    c.hparams = ml_collections.ConfigDict()
     return c
 
 
@@ -122,6 +125,9 @@ def train_config() -> ml_collections.ConfigDict:
     # step): the step of the whole batch in the memory of one micro-batch.
     t.accumulate_steps = 1
     t.profile_epochs = ()  # epochs traced by jax.profiler into WORKDIR/profile/ (each runs as a call alone)
+    # Classification's built-in loss weighted per class in training, as Keras's class_weight: None (off), one
+    # weight per class (a tuple), or "balanced" (N / (classes * the class's count) over the training split).
+    t.class_weight = None
     return t
 
 

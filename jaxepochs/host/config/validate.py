@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from jaxepochs.core import optim
+from jaxepochs.core import optax_optim, optim
 from jaxepochs.core.task import TASKS
 from jaxepochs.host.config import stopping
 from jaxepochs.host.config.errors import ConfigError, fail, one_of, suggest
@@ -14,12 +14,15 @@ from jaxepochs.host.config.schema import base_config, flatten, mnist1d_args
 from jaxepochs.models import CONVS, INITS, MODELS
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
-OPTIMIZERS = optim.OPTIMIZERS
+OPTIMIZERS = (*optim.OPTIMIZERS, *optax_optim.ALIASES)
 
 
 def _check_keys(section: ml_collections.ConfigDict, schema: ml_collections.ConfigDict, prefix: str) -> None:
     for key, value in section.items():
         path = f"{prefix}{key}"
+        if path == "hparams":  # the experiment's own keys: any it declares
+            _check_hparams(value)
+            continue
         if key not in schema:
             raise ConfigError(
                 f'Unknown config key "{path}".{suggest(key, schema.keys())} '
@@ -29,6 +32,27 @@ def _check_keys(section: ml_collections.ConfigDict, schema: ml_collections.Confi
             if not isinstance(value, ml_collections.ConfigDict):
                 raise ConfigError(f'Config key "{path}" is a section; set its fields, e.g. "{path}.<field>".')
             _check_keys(value, schema[key], path + ".")
+
+
+def _check_hparams(section) -> None:
+    """config.hparams: a section of the experiment's own values (numbers, flags, text, tuples of them)."""
+    if not isinstance(section, ml_collections.ConfigDict):
+        raise ConfigError('Config key "hparams" is a section; set its fields, e.g. config.hparams.weight = 0.5.')
+    for key, value in section.items():
+        atoms = value if isinstance(value, tuple | list) else (value,)
+        if not key.isidentifier() or not all(isinstance(a, int | float | bool | str) for a in atoms):
+            fail(f"hparams.{key}", f"{value!r}", "Give numbers, True/False, text or tuples of them, named by identifiers.")
+
+
+def _validate_class_weight(t, task: str) -> None:
+    w = t.class_weight
+    if w is None:
+        return
+    if w != "balanced" and not (isinstance(w, tuple | list) and w and all(
+            isinstance(v, int | float) and not isinstance(v, bool) and v >= 0 for v in w)):  # fmt: skip
+        fail("train.class_weight", f"{w!r}", 'Use None, "balanced", or one weight >= 0 per class, e.g. (1.0, 5.0).')
+    if task != "classification":
+        fail("train.class_weight", f"{w!r} with task {task!r}", "Class weights weight the classification loss only.")
 
 
 def _fill_defaults(section: ml_collections.ConfigDict, schema: ml_collections.ConfigDict) -> None:
@@ -228,6 +252,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check_types(config, schema, "")
     _validate_seeds(flatten(config))
     _validate_train(config.train)
+    _validate_class_weight(config.train, config.task)
     _validate_model(config.model)
     if config.task not in TASKS:
         fail("task", f'"{config.task}" is not a known task{suggest(config.task, TASKS)}', f"Use one of {TASKS}.")
