@@ -48,10 +48,10 @@ TRACED = (
 )
 DISTRIBUTIONS = ("loguniform", "uniform", "randint")
 USED_BY = {  # optimizer hyperparameters that only some optimizers have
-    "optimizer.weight_decay": ("adamw",),
-    "optimizer.momentum": ("sgd",),
-    "optimizer.b1": ("adam", "adamw"),
-    "optimizer.b2": ("adam", "adamw"),
+    "optimizer.weight_decay": ("adamw", "lion", "lamb", "nadamw"),
+    "optimizer.momentum": ("sgd", "rmsprop", "sgd_nesterov"),
+    "optimizer.b1": ("adam", "adamw", "lion", "lamb", "nadam", "nadamw", "adabelief"),
+    "optimizer.b2": ("adam", "adamw", "lion", "lamb", "nadam", "nadamw", "adabelief", "rmsprop"),
 }
 
 
@@ -141,13 +141,21 @@ def expand(base, specs: dict[str, str], random: int = 0, random_seed: int = 0) -
     return runs
 
 
-def program_key(flat: dict) -> str:
+BUILT_IN = ("adam", "adamw", "sgd")  # their betas and momentum are arrays; an optax optimizer's are settings
+
+
+def program_key(flat: dict, static_hparams=()) -> str:
     """Everything of a run's flattened config but the traced values: runs with equal keys share one compiled
-    program. (Momentum 0 is not traced: sgd without momentum keeps no trace, a program of its own.)"""
+    program. (Momentum 0 is not traced: sgd without momentum keeps no trace, a program of its own.) The numbers
+    of config.hparams are traced, but for `static_hparams` (those get_model or get_data read: they may change
+    shapes)."""
     # reduce_on_plateau's floor is a fraction of the learning rate in its (static) settings: with a floor, the
     # learning rate is not traced either.
     floored = flat["optimizer.schedule.name"] == "reduce_on_plateau" and flat["optimizer.schedule.min_learning_rate"]
-    traced = [k for k in TRACED if not (floored and k == "optimizer.learning_rate")]
+    settings = () if flat["optimizer.name"] in BUILT_IN else ("optimizer.b1", "optimizer.b2", "optimizer.momentum")
+    traced = [k for k in TRACED if not (floored and k == "optimizer.learning_rate") and k not in settings]
+    number = lambda v: isinstance(v, int | float) and not isinstance(v, bool)
+    traced += [k for k, v in flat.items() if k.startswith("hparams.") and number(v) and k[8:] not in static_hparams]
     static = sorted((k, repr(v)) for k, v in flat.items() if k not in traced)
     tuning = ("finetune.freeze", "finetune.unfreeze_epochs", "finetune.rate_scales")
     tuned = ("fine-tuning's groups", any(flat[k] for k in tuning) or flat["optimizer.layer_decay"] != 1.0)
@@ -167,12 +175,36 @@ def make_runs(base, grid: list[dict[str, str]], cv: int = 0) -> list[Run]:
     return runs
 
 
-def group_runs(runs: list[Run]) -> list[list[Run]]:
+def group_runs(runs: list[Run], static_hparams=()) -> list[list[Run]]:
     """Runs grouped by program (same shapes and static settings), in order of first appearance."""
     groups: dict[str, list[Run]] = {}
     for run in runs:
-        groups.setdefault(program_key(config_lib.flatten(run.config)), []).append(run)
+        groups.setdefault(program_key(config_lib.flatten(run.config), static_hparams), []).append(run)
     return list(groups.values())
+
+
+def hparams_read_by_builders(config, hooks) -> set[str]:
+    """The keys of config.hparams that the module's get_model or get_data read (called once, on a copy of the
+    config that notes the keys read): a value there may change shapes, so runs that differ in it are separate
+    programs. Nothing is read where the module has neither hook or config.hparams is empty."""
+    import ml_collections
+
+    if not config.hparams or (hooks.get_model is None and hooks.get_data is None):
+        return set()
+
+    class Noting(ml_collections.ConfigDict):
+        def __getitem__(self, key):
+            object.__getattribute__(self, "_read").add(key)
+            return super().__getitem__(key)
+
+    section = Noting(config.hparams.to_dict())
+    object.__setattr__(section, "_read", set())
+    copy = ml_collections.ConfigDict(config.to_dict())
+    copy.hparams = section
+    for hook in (hooks.get_model, hooks.get_data):
+        if hook is not None:
+            hook(copy)
+    return set(object.__getattribute__(section, "_read"))
 
 
 def check_cv(cv: int, num_train: int) -> None:
