@@ -1,0 +1,142 @@
+"""Issue #29: config.hparams (traced, sweepable as one program), custom labels, weighted means, optax optimizers."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import REPO
+
+import jaxepochs
+from jaxepochs.core import epoch as epoch_lib
+from jaxepochs.core import task as task_lib
+from jaxepochs.data.loading import DataError
+from jaxepochs.host import hooks as hooks_lib
+from jaxepochs.host import setup
+from jaxepochs.host.config import ConfigError
+from jaxepochs.sweep import grid
+
+TWO_HEADS = REPO / "experiments" / "two_heads.py"
+MODULE = """
+import numpy as np
+import jax.numpy as jnp
+import optax
+import flax.linen as nn
+from jaxepochs import base_config
+
+
+def get_config():
+    config = base_config()
+    config.train.epochs = 1
+    config.train.batch_size = 8
+    config.mesh.data = 1
+    return config
+
+
+def get_model(config):
+    return nn.Dense(3)
+
+
+def get_data(config):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 4)).astype(np.float32)
+    y = {{"a": (x[:, 0] > 0).astype(np.int32), "b": x[:, :2]}}
+    split = {{"x": x, "y": y, "weight": np.ones(40, np.float32)}}
+    return {{"train": split, "test": split}}
+
+{extra}
+"""
+LOSS = "def loss_fn(outputs, batch):\n    return jnp.sum((outputs[:, :2] - batch['y']['b']) ** 2, -1) * batch['weight']\n"
+
+
+def _module(tmp_path, extra: str):
+    path = tmp_path / "exp.py"
+    path.write_text(MODULE.format(extra=textwrap.dedent(extra)))
+    return jaxepochs.load_config_file(path)
+
+
+def _compose(config):
+    hooks = hooks_lib.load_hooks(config)
+    dataset = setup.load_data(config, hooks, True)
+    return setup.make_pieces(config, dataset, hooks, 5, True)
+
+
+def test_hparams_are_known_keys_with_did_you_mean():
+    config = jaxepochs.load_config_file(TWO_HEADS)
+    assert jaxepochs.apply_overrides(config, {"hparams.parity_weight": "0.25"}).hparams.parity_weight == 0.25
+    with pytest.raises(ConfigError, match='Did you mean "parity_weight"'):
+        jaxepochs.apply_overrides(config, {"hparams.parity_wieght": "0.25"})
+    assert json.loads(config.to_json_best_effort())["hparams"] == {"parity_weight": 0.5, "hidden": 64}
+    assert config.task == "custom"  # its own loss_fn: no built-in label checks
+
+
+def test_a_swept_loss_weight_is_one_program_and_a_width_is_not():
+    config = jaxepochs.load_config_file(TWO_HEADS)
+    static = grid.hparams_read_by_builders(config, hooks_lib.load_hooks(config))
+    assert static == {"hidden"}  # get_model reads it: a width
+    weights = grid.make_runs(config, grid.expand(config, {"hparams.parity_weight": "0.1,0.3,1.0"}))
+    widths = grid.make_runs(config, grid.expand(config, {"hparams.hidden": "16,32"}))
+    assert len(grid.group_runs(weights, static)) == 1 and len(grid.group_runs(widths, static)) == 2
+
+
+def test_two_heads_sweep_trains_its_weights_in_one_program(tmp_path):
+    config = jaxepochs.apply_overrides(jaxepochs.load_config_file(TWO_HEADS), {"train.epochs": "1"})
+    runs = grid.expand(config, {"hparams.parity_weight": "0.1,1.0"})
+    result = jaxepochs.sweep(config, runs, tmp_path / "sweep", quiet=True)
+    assert json.loads((tmp_path / "sweep" / "sweep.json").read_text())["programs"] == 1
+    losses = [s["test_loss"] for s in result.summaries.values()]
+    assert losses[0] < losses[1]  # the heavier parity weight adds more loss: each run got its own number
+
+
+def test_dict_labels_and_extra_keys_reach_the_loss_and_wrong_forms_are_named(tmp_path):
+    pieces = _compose(_module(tmp_path, LOSS))
+    assert pieces.metric_names == ("loss",)
+    with pytest.raises(ConfigError, match=r"more axes per example: reduce over them"):
+        _compose(_module(tmp_path, "def loss_fn(outputs, batch):\n    return outputs\n"))
+    bad = MODULE.replace('"b": x[:, :2]', '"b": x[:5, :2]')
+    path = tmp_path / "bad.py"
+    path.write_text(bad.format(extra=LOSS))
+    with pytest.raises(DataError, match="disagree on the number of examples"):
+        _compose(jaxepochs.load_config_file(path))
+    with pytest.raises(ConfigError, match=r"get_optimizer in .* returned dict; return an optax.GradientTransformation"):
+        _compose(_module(tmp_path, LOSS + "def get_optimizer(config):\n    return {}\n"))
+    with pytest.raises(ConfigError, match=r"arguments swapped.*def augment\(key, batch\)"):
+        _module_hooks = _module(tmp_path, LOSS + "def augment(batch, key):\n    return batch\n")
+        hooks_lib.load_hooks(_module_hooks)
+
+
+def test_weighted_means_are_sum_wv_over_sum_w():
+    apply = lambda params, state, x, key, train: (x, state)
+    loss = lambda outputs, batch: (outputs, batch["w"])
+    metrics = lambda outputs, batch: {"m": (outputs * 2, batch["w"]), "plain": outputs}
+    task = task_lib.make_task(apply, "custom", loss, metrics)
+    batch = {"x": jnp.array([1.0, 2.0, 3.0, 4.0]), "y": jnp.zeros(4), "w": jnp.array([1.0, 3.0, 0.0, 5.0])}
+    mask = jnp.array([True, True, True, False])
+    mean, (m, _) = epoch_lib.loss_and_metrics(task, None, None, batch, None, True, mask)
+    assert float(mean) == pytest.approx(7 / 4)  # (1 + 6) / (1 + 3): the padded row's weight is masked
+    means = m.means("train")
+    assert means == pytest.approx({"train_loss": 7 / 4, "train_m": 14 / 4, "train_plain": 2.0})
+
+
+def test_class_weights_balanced_and_their_checks(make_config):
+    dataset = jaxepochs.data.loading.Dataset("d", jaxepochs.data.loading.Split(np.zeros((4, 1)), np.array([0, 0, 0, 1])),
+                                             None, None, 2)  # fmt: skip
+    np.testing.assert_allclose(setup.class_weights("balanced", dataset), [4 / 6, 2.0])
+    with pytest.raises(ConfigError, match="one weight per class"):
+        setup.class_weights((1.0,), dataset)
+    with pytest.raises(ConfigError, match="train.class_weight"):
+        make_config({"task": "regression", "train.class_weight": "(1.0, 2.0)"})
+
+
+@pytest.mark.parametrize("name", ["lion", "adafactor"])
+def test_optax_aliases_and_a_sweep_over_their_rate_stays_one_program(make_config, name):
+    config = make_config({"optimizer.name": name, "optimizer.learning_rate": "1e-3"})
+    runs = grid.make_runs(config, grid.expand(config, {"optimizer.learning_rate": "1e-3,3e-3"}))
+    assert len(grid.group_runs(runs)) == 1
+    tx, _ = setup.make_optimizer(config.optimizer, hooks_lib.Hooks(""), 10, 2)
+    params = {"w": jnp.ones((3, 2))}
+    updates, state = tx.update({"w": jnp.ones((3, 2))}, tx.init(params), params)
+    assert jnp.all(updates["w"] < 0) and float(tx.learning_rate(state)) == pytest.approx(1e-3)
