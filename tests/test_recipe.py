@@ -49,7 +49,9 @@ def get_data(config):
 
 {extra}
 """
-LOSS = "def loss_fn(outputs, batch):\n    return jnp.sum((outputs[:, :2] - batch['y']['b']) ** 2, -1) * batch['weight']\n"
+LOSS = (
+    "def loss_fn(outputs, batch):\n    return jnp.sum((outputs[:, :2] - batch['y']['b']) ** 2, -1) * batch['weight']\n"
+)
 
 
 def _module(tmp_path, extra: str):
@@ -75,7 +77,7 @@ def test_hparams_are_known_keys_with_did_you_mean():
 
 def test_a_swept_loss_weight_is_one_program_and_a_width_is_not():
     config = jaxepochs.load_config_file(TWO_HEADS)
-    static = grid.hparams_read_by_builders(config, hooks_lib.load_hooks(config))
+    static = grid.hparams_read_by_builders(config.to_dict(), hooks_lib.load_hooks(config))
     assert static == {"hidden"}  # get_model reads it: a width
     weights = grid.make_runs(config, grid.expand(config, {"hparams.parity_weight": "0.1,0.3,1.0"}))
     widths = grid.make_runs(config, grid.expand(config, {"hparams.hidden": "16,32"}))
@@ -93,7 +95,7 @@ def test_two_heads_sweep_trains_its_weights_in_one_program(tmp_path):
 
 def test_dict_labels_and_extra_keys_reach_the_loss_and_wrong_forms_are_named(tmp_path):
     pieces = _compose(_module(tmp_path, LOSS))
-    assert pieces.metric_names == ("loss",)
+    assert pieces.metric_names == ("loss", "loss/weight")  # a weighted loss
     with pytest.raises(ConfigError, match=r"more axes per example: reduce over them"):
         _compose(_module(tmp_path, "def loss_fn(outputs, batch):\n    return outputs\n"))
     bad = MODULE.replace('"b": x[:, :2]', '"b": x[:5, :2]')
@@ -122,8 +124,8 @@ def test_weighted_means_are_sum_wv_over_sum_w():
 
 
 def test_class_weights_balanced_and_their_checks(make_config):
-    dataset = jaxepochs.data.loading.Dataset("d", jaxepochs.data.loading.Split(np.zeros((4, 1)), np.array([0, 0, 0, 1])),
-                                             None, None, 2)  # fmt: skip
+    loading = jaxepochs.data.loading
+    dataset = loading.Dataset("d", loading.Split(np.zeros((4, 1)), np.array([0, 0, 0, 1])), None, None, 2)
     np.testing.assert_allclose(setup.class_weights("balanced", dataset), [4 / 6, 2.0])
     with pytest.raises(ConfigError, match="one weight per class"):
         setup.class_weights((1.0,), dataset)

@@ -208,7 +208,9 @@ def train_step(
     if accumulate > 1:
         (metrics, model_state), grads = _accumulated_grads(task, state, batch, key, mask_b, accumulate, layout)
     else:
-        loss_fn = lambda params: loss_and_metrics(task, params, state.model_state, batch, key, True, mask_b, state.hparams)
+        loss_fn = lambda params: loss_and_metrics(
+            task, params, state.model_state, batch, key, True, mask_b, state.hparams
+        )
         (_, (metrics, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

@@ -99,7 +99,9 @@ def make(spec: dict, steps_per_epoch: int, total_epochs: int, direction=None) ->
     alias optimizer.name names. ValueError naming what does not fit."""
     o = optim.optimizer_spec(spec)
     if not o["learning_rate"] > 0:
-        raise ValueError(f"config.optimizer.learning_rate = {o['learning_rate']!r}. The learning rate must be positive.")
+        raise ValueError(
+            f"config.optimizer.learning_rate = {o['learning_rate']!r}. The learning rate must be positive."
+        )
     decays = o["name"] == "adamw"
     if direction is None:
         direction, decays = alias_direction(o)

@@ -91,7 +91,12 @@ def _observed(monitor: str, val_due):
 def _evaluate(spec: RunSpec, name: str, state: epoch_lib.TrainState, splits) -> epoch_lib.Metrics:
     batch_size = spec.eval_batch_sizes[name]
     return epoch_lib.eval_epoch(
-        state.params, state.model_state, splits[name], task=spec.task, batch_size=batch_size, layout=spec.layout,
+        state.params,
+        state.model_state,
+        splits[name],
+        task=spec.task,
+        batch_size=batch_size,
+        layout=spec.layout,
         hparams=state.hparams,
     )
 

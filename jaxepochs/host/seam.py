@@ -171,8 +171,10 @@ def _per_example_pair(where: str, what: str, value, n: int) -> bool:
             continue
         shape = tuple(part.shape) if hasattr(part, "shape") else ()
         if len(shape) >= 2 and shape[0] == n:
-            fix = (f"it has {len(shape) - 1} more axes per example: reduce over them in the hook (values.mean(axis="
-                   f"{tuple(range(1, len(shape)))}), or give (values.sum(-1), weights.sum(-1)) for a mean over tokens)")
+            fix = (
+                f"it has {len(shape) - 1} more axes per example: reduce over them in the hook (values.mean(axis="
+                f"{tuple(range(1, len(shape)))}), or give (values.sum(-1), weights.sum(-1)) for a mean over tokens)"
+            )
         else:
             fix = "do not average it over the batch"
         fix += "; or give a pair (values [B], weights [B]) for a weighted mean"  # fmt: skip

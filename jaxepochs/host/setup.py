@@ -109,7 +109,8 @@ def make_pieces(config, dataset: data_lib.Dataset, hooks: hooks_lib.Hooks, steps
             'config.optimizer.schedule.monitor = "val_loss" without a validation split (data.validation_fraction '
             'is 0). Monitor "train_loss", or hold out a validation split.'
         )
-    tx, plateau = make_optimizer(config.optimizer, hooks, steps_per_epoch, config.train.epochs, config)
+    direction = None if hooks.get_optimizer is None else hooks.get_optimizer(config)
+    tx, plateau = make_optimizer(config.optimizer, hooks, steps_per_epoch, config.train.epochs, direction)
     source = seam.model_source(config, dataset.num_classes, hooks)
     keys = tuple(sorted(hparams_of(config.hparams)))
     if keys and hooks.augment is not None:  # augment(key, batch[, hparams]) as the run carries them
@@ -140,13 +141,13 @@ def make_pieces(config, dataset: data_lib.Dataset, hooks: hooks_lib.Hooks, steps
     return pieces._replace(start=jax.jit(functools.partial(_start, pieces)))
 
 
-def make_optimizer(o, hooks: hooks_lib.Hooks, steps_per_epoch: int, epochs: int, config=None):
+def make_optimizer(o, hooks: hooks_lib.Hooks, steps_per_epoch: int, epochs: int, direction=None):
     """The optimizer of the config's optimizer section `o` and reduce_on_plateau's state: the built-in one, an
-    optax alias (optimizer.name), or the module's get_optimizer(config) direction. ConfigError naming the fix."""
+    optax alias (optimizer.name), or `direction`, what the module's get_optimizer(config) returned. ConfigError
+    naming the fix."""
     spec = o.to_dict()
     try:
         if hooks.get_optimizer is not None:
-            direction = hooks.get_optimizer(config)
             if not isinstance(direction, optax.GradientTransformation):
                 raise config_lib.ConfigError(
                     f"get_optimizer in {hooks.module} returned {type(direction).__name__}; return an "
@@ -262,7 +263,9 @@ def _group_state(pieces: Pieces, spec: finetune.FinetuneSpec):
                             np.float32)] * 2)  # fmt: skip
 
 
-def _start(pieces: Pieces, params, model_state, run_key, opt_hparams, groups=None, hparams=None) -> program_lib.RunCarry:
+def _start(
+    pieces: Pieces, params, model_state, run_key, opt_hparams, groups=None, hparams=None
+) -> program_lib.RunCarry:
     opt_state = pieces.tx.with_hparams(pieces.tx.init(params), opt_hparams, groups)
     state = epoch_lib.TrainState(params, opt_state, jnp.zeros((), jnp.int32), run_key, model_state, hparams)
     carry = program_lib.start_carry(state, pieces.tracker, pieces.plateau)
@@ -280,7 +283,7 @@ def init_carries(pieces: Pieces, configs: list, opt_hparams: list[optim.OptHPara
             params, model_state = pieces.warm.apply(params, model_state)
         hparams = optim.OptHParams(*(np.float32(v) for v in hparams))
         groups = _group_state(pieces, specs.specs_of(config).finetune)
-        own = _own_hparams(pieces, config)
+        own = _own_hparams(pieces, config.hparams)
         parts.append(pieces.start(params, model_state, run_key, hparams, groups, own))
     if len(parts) == 1:
         return parts[0]
@@ -290,15 +293,15 @@ def init_carries(pieces: Pieces, configs: list, opt_hparams: list[optim.OptHPara
 def abstract_carry(pieces: Pieces, config, x_1) -> program_lib.RunCarry:
     """The shapes and dtypes of a run's carry (leading run axis 1), traced without compiling."""
     hparams = optim.OptHParams(*(np.float32(v) for v in pieces.tx.defaults))
-    own = _own_hparams(pieces, config)
+    own = _own_hparams(pieces, config.hparams)
     return jax.eval_shape(lambda x: _start(pieces, *pieces.source.trace_init(config, x), hparams, None, own), x_1)
 
 
-def _own_hparams(pieces: Pieces, config):
-    """The run's config.hparams numbers (float32 [] each) where the pieces carry them, else None."""
+def _own_hparams(pieces: Pieces, section):
+    """The run's config.hparams numbers (float32 [] each; `section`: its hparams) where the pieces carry them."""
     if not pieces.hparams_keys:
         return None
-    values = hparams_of(config.hparams)
+    values = hparams_of(section)
     return {k: np.float32(values[k]) for k in pieces.hparams_keys}
 
 

@@ -183,13 +183,13 @@ def group_runs(runs: list[Run], static_hparams=()) -> list[list[Run]]:
     return list(groups.values())
 
 
-def hparams_read_by_builders(config, hooks) -> set[str]:
+def hparams_read_by_builders(settings: dict, hooks) -> set[str]:
     """The keys of config.hparams that the module's get_model or get_data read (called once, on a copy of the
-    config that notes the keys read): a value there may change shapes, so runs that differ in it are separate
-    programs. Nothing is read where the module has neither hook or config.hparams is empty."""
+    config, `settings` as a dict, that notes the keys read): a value there may change shapes, so runs that
+    differ in it are separate programs. Nothing is read where the module has neither hook or no hparams."""
     import ml_collections
 
-    if not config.hparams or (hooks.get_model is None and hooks.get_data is None):
+    if not settings.get("hparams") or (hooks.get_model is None and hooks.get_data is None):
         return set()
 
     class Noting(ml_collections.ConfigDict):
@@ -197,9 +197,9 @@ def hparams_read_by_builders(config, hooks) -> set[str]:
             object.__getattribute__(self, "_read").add(key)
             return super().__getitem__(key)
 
-    section = Noting(config.hparams.to_dict())
+    section = Noting(settings["hparams"])
     object.__setattr__(section, "_read", set())
-    copy = ml_collections.ConfigDict(config.to_dict())
+    copy = ml_collections.ConfigDict(settings)
     copy.hparams = section
     for hook in (hooks.get_model, hooks.get_data):
         if hook is not None:

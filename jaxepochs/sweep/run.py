@@ -259,7 +259,9 @@ def sweep(
     quiet = quiet or not primary
     runs = sweep_lib.make_runs(config, grid, cv)
     fresh = restart or not _has_progress(workdir)  # only a fresh sweep reads init.from_workdir's source
-    static = sweep_lib.hparams_read_by_builders(config, hooks_lib.load_hooks(config))  # they may change shapes
+    static = sweep_lib.hparams_read_by_builders(
+        config.to_dict(), hooks_lib.load_hooks(config)
+    )  # they may change shapes
     groups = [_Group(members, cv, quiet, fresh) for members in sweep_lib.group_runs(runs, static)]  # data checked
     spec = {"config": json.loads(config.to_json_best_effort()), "grid": grid, "cv": cv, "programs": len(groups)}
     with lock.hold(workdir, "sweep workdir") if primary else contextlib.nullcontext():

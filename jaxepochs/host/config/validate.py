@@ -41,7 +41,11 @@ def _check_hparams(section) -> None:
     for key, value in section.items():
         atoms = value if isinstance(value, tuple | list) else (value,)
         if not key.isidentifier() or not all(isinstance(a, int | float | bool | str) for a in atoms):
-            fail(f"hparams.{key}", f"{value!r}", "Give numbers, True/False, text or tuples of them, named by identifiers.")
+            fail(
+                f"hparams.{key}",
+                f"{value!r}",
+                "Give numbers, True/False, text or tuples of them, named by identifiers.",
+            )
 
 
 def _validate_class_weight(t, task: str) -> None:
