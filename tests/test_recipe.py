@@ -50,7 +50,7 @@ def get_data(config):
 {extra}
 """
 LOSS = (
-    "def loss_fn(outputs, batch):\n    return jnp.sum((outputs[:, :2] - batch['y']['b']) ** 2, -1) * batch['weight']\n"
+    "def loss_fn(outputs, batch):\n    return jnp.sum((outputs[:, :2] - batch['y']['b']) ** 2, -1), batch['weight']\n"
 )
 
 
