@@ -9,6 +9,8 @@ from jaxepochs.core.early_stopping import EarlyStopping, EarlyStoppingState
 from jaxepochs.core.epoch import Metrics, TrainState, eval_epoch, train_epoch, train_step
 from jaxepochs.data.loading import DataError
 from jaxepochs.host.config import ConfigError, apply_overrides, base_config, load_config_file
+from jaxepochs.host.export import ExportError, export_model
+from jaxepochs.host.inference import InputError, SavedModel, load_model
 from jaxepochs.host.run import NonFiniteLossError, TrainResult, train_and_evaluate
 from jaxepochs.host.saved_run import load
 from jaxepochs.host.workdir import WorkdirError
@@ -27,8 +29,11 @@ __all__ = [
     "DataError",
     "EarlyStopping",
     "EarlyStoppingState",
+    "ExportError",
+    "InputError",
     "Metrics",
     "NonFiniteLossError",
+    "SavedModel",
     "SweepError",
     "TrainResult",
     "TrainState",
@@ -36,8 +41,10 @@ __all__ = [
     "apply_overrides",
     "base_config",
     "eval_epoch",
+    "export_model",
     "load",
     "load_config_file",
+    "load_model",
     "sweep",
     "train_and_evaluate",
     "train_epoch",

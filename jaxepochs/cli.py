@@ -1,7 +1,9 @@
 """`jaxepochs run --config experiments/NAME.py --workdir DIR [--config.a.b=value ...] [--quiet] [--restart]`,
 `jaxepochs sweep --config ... --workdir DIR --sweep.a.b=V1,V2 ... [--random N] [--cv K [--refit]] [--chunk C]`
 `jaxepochs reproduce NAME|all --workdir DIR [--seeds K] [--quick]` and
-`jaxepochs lr-find --config ... --workdir DIR [--min 1e-8 --max 1 --steps 100 --rates 8 --epochs 2]`."""
+`jaxepochs lr-find --config ... --workdir DIR [--min 1e-8 --max 1 --steps 100 --rates 8 --epochs 2]`,
+`jaxepochs predict WORKDIR --input x.npy --out y.npy [--epoch best] [--run r3] [--batch-size N]` and
+`jaxepochs export WORKDIR --out DIR [--epoch best] [--run r3] [--weights separate] [--format onnx]`."""
 
 from __future__ import annotations
 
@@ -100,7 +102,55 @@ def _parser() -> argparse.ArgumentParser:
     cmp = sub.add_parser("compare", help="runs and sweeps side by side: their validation curves and a table")
     cmp.add_argument("dirs", nargs="+", metavar="DIR", help="workdirs of finished runs or sweeps")
     cmp.add_argument("--out", default="compare", help="writes OUT.png and OUT.csv (default: ./compare)")
+    _model_arguments(sub)
     return parser
+
+
+def _model_arguments(sub) -> None:
+    """predict and export: a trained run's model taken out of its workdir."""
+    pred = sub.add_parser("predict", help="a trained run's outputs for the inputs of a .npy or .npz file")
+    exp = sub.add_parser("export", help="a trained run's inference function, serialised (jax.export, or ONNX)")
+    for command in (pred, exp):
+        command.add_argument(
+            "workdir", metavar="WORKDIR", help="a run's workdir, a sweep's (with --run), or SWEEPDIR/r3"
+        )
+        command.add_argument(
+            "--epoch", default=None, help='"best", "last" or an epoch with a checkpoint (default: last)'
+        )
+        command.add_argument("--run", default=None, help='a sweep\'s member ("r3", "r3_fold1") or refit ("refit/r3")')
+    pred.add_argument(
+        "--input", required=True, help="x.npy (the inputs, [N, ...]) or x.npz (one array, or one per input)"
+    )
+    pred.add_argument("--out", required=True, help="y.npy: the outputs, [N, ...] (y.npz: each output by name)")
+    pred.add_argument("--batch-size", type=int, default=None, help="examples per batch (default train.eval_batch_size)")
+    exp.add_argument("--out", required=True, help="directory for model.jax (or model.onnx) and export.json")
+    exp.add_argument("--weights", choices=("inside", "separate"), default="inside", help="separate: DIR/weights.npz")
+    exp.add_argument("--format", choices=("jax", "onnx"), default="jax", help="onnx needs pip install jaxepochs[onnx]")
+
+
+def _take_model_out(args, overrides: dict[str, str]) -> int:
+    if overrides:
+        raise UsageError(f"{args.command} reads a trained run; it takes no --config.* overrides.")
+    from jaxepochs.host import export, inference  # imports jax: after the cheap checks
+
+    model = inference.load_model(args.workdir, args.epoch, args.run)
+    if args.command == "export":
+        manifest = export.export_model(model, args.out, weights=args.weights, format=args.format)
+        print(f"Wrote {args.out}: {manifest['format']} of {model.name}, epoch {model.epoch}.")
+        return 0
+    import numpy as np
+
+    x = np.load(args.input, allow_pickle=False)
+    if isinstance(x, np.lib.npyio.NpzFile):  # an .npz: its arrays, by name
+        with x:
+            x = dict(x)
+    y = model.predict(x, args.batch_size)
+    if isinstance(y, np.ndarray):
+        np.save(args.out, y)
+    else:
+        np.savez(args.out, **export.flat_weights(y))
+    print(f"Wrote {args.out}: the outputs of {model.name}, epoch {model.epoch}, for {args.input}.")
+    return 0
 
 
 def _compare(args, overrides: dict[str, str]) -> int:
@@ -252,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
             return _lr_find(args, overrides)
         if args.command == "compare":
             return _compare(args, overrides)
+        if args.command in ("predict", "export"):
+            return _take_model_out(args, overrides)
         if args.command == "reproduce":
             if overrides:
                 raise UsageError("reproduce takes no --config.* overrides; the references fix each recipe.")

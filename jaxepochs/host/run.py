@@ -29,7 +29,7 @@ from jaxepochs.data import lock
 from jaxepochs.host import checkpoint as checkpoint_lib
 from jaxepochs.host import compose as compose_lib
 from jaxepochs.host import config as config_lib
-from jaxepochs.host import devices, driver, report, run_stream, setup, specs, streamed, writers
+from jaxepochs.host import devices, driver, report, run_stream, saved_run, setup, specs, streamed, writers
 from jaxepochs.host import hooks as hooks_lib
 from jaxepochs.host import workdir as workdir_lib
 from jaxepochs.host.batch import RunBatch
@@ -274,19 +274,8 @@ def _metrics_log(workdir: pathlib.Path, run: Setup, history: list[dict]):
 
 def write_run_json(workdir: pathlib.Path, run: Setup) -> None:
     """The shapes `load` needs to rebuild the run's state without its data."""
-    d = run.dataset
-    report.write_json(
-        workdir / "run.json",
-        {
-            "steps_per_epoch": run.pieces.steps_per_epoch,
-            "num_classes": d.num_classes,
-            "inputs": jax.tree.map(lambda a: [list(a.shape[1:]), str(a.dtype)], d.train.x),
-            "label_shape": list(np.shape(jax.tree.leaves(d.train.y)[0])[1:]),
-            "label_dtype": str(jax.tree.leaves(d.train.y)[0].dtype),
-            "labels": jax.tree.map(lambda a: [list(a.shape[1:]), str(a.dtype)], d.train.y),  # a pytree (custom)
-            "extra": jax.tree.map(lambda a: [list(a.shape[1:]), str(a.dtype)], d.train.extra),
-            "num_val_examples": data_lib.count(d.val),
-        },
+    saved_run.write_shapes(
+        workdir / "run.json", run.dataset, run.pieces.steps_per_epoch, data_lib.count(run.dataset.val)
     )
 
 

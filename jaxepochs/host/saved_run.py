@@ -1,12 +1,17 @@
-"""Reading a run from its workdir: `load(workdir, epoch)` (exported as `jaxepochs.load`), the train state of one of
-its checkpoints, its model and optimizer state rebuilt from its config.json and the shapes in its run.json. The run
-may be finished or still training (its checkpoints are read without the workdir's lock)."""
+"""Reading a run from its workdir: `load(workdir, epoch, run)` (exported as `jaxepochs.load`), the train state of
+one of its checkpoints, its model and optimizer state rebuilt from its config.json and the shapes in its run.json.
+The run may be finished or still training (its checkpoints are read without the workdir's lock), and may be a
+member of a sweep or a --cv sweep's refit (host/members.py: `run="r3"`, or the path `SWEEPDIR/r3`).
+
+    saved = open_run(workdir, epoch, run)   # -> SavedRun: the state, its config, the model's pieces, the shapes
+"""
 
 from __future__ import annotations
 
-import json
+import math
 import pathlib
 import time
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -14,35 +19,86 @@ import numpy as np
 from jaxepochs.core import epoch as epoch_lib
 from jaxepochs.data import loading as data_lib
 from jaxepochs.host import checkpoint as checkpoint_lib
-from jaxepochs.host import config as config_lib
 from jaxepochs.host import hooks as hooks_lib
-from jaxepochs.host import setup
+from jaxepochs.host import members as members_lib
+from jaxepochs.host import report, setup
 from jaxepochs.host.workdir import WorkdirError
 
 
-def _shapes_of(run: dict) -> data_lib.Dataset:
+class SavedRun(NamedTuple):
+    """One checkpoint of one run, read back with what is needed to use it."""
+
+    state: epoch_lib.TrainState  # its parameters ("best": the best epoch's) and model state, no run axis
+    config: Any  # the run's config
+    pieces: setup.Pieces  # its model (pieces.source, pieces.task: the evaluation's apply), optimizer, tracker
+    shapes: dict  # run.json's: "inputs" ([shape per example, dtype] of each input), "num_classes", ...
+    where: members_lib.Where  # where its checkpoints are and its name there
+    epoch: int  # the checkpoint's epoch
+
+
+def shapes_of(dataset: data_lib.Dataset, steps_per_epoch: int, num_val_examples: int) -> dict:
+    """run.json's contents: the shapes `load` needs to rebuild a run's state without its data."""
+    return {
+        "steps_per_epoch": steps_per_epoch,
+        "num_classes": dataset.num_classes,
+        "inputs": jax.tree.map(lambda a: [list(a.shape[1:]), str(a.dtype)], dataset.train.x),
+        "label_shape": list(np.shape(jax.tree.leaves(dataset.train.y)[0])[1:]),
+        "label_dtype": str(jax.tree.leaves(dataset.train.y)[0].dtype),
+        "labels": jax.tree.map(lambda a: [list(a.shape[1:]), str(a.dtype)], dataset.train.y),  # a pytree (custom)
+        "extra": jax.tree.map(lambda a: [list(a.shape[1:]), str(a.dtype)], dataset.train.extra),
+        "num_val_examples": num_val_examples,
+    }
+
+
+def write_shapes(path: pathlib.Path, dataset: data_lib.Dataset, steps_per_epoch: int, num_val_examples: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    report.write_json(path, shapes_of(dataset, steps_per_epoch, num_val_examples))
+
+
+def _is_spec(spec) -> bool:
+    return isinstance(spec, list) and len(spec) == 2 and isinstance(spec[1], str)
+
+
+def input_specs(shapes: dict):
+    """The model's inputs as run.json records them: a pytree of (shape of one example, dtype) pairs."""
+    inputs = shapes.get("inputs", [shapes.get("input_shape"), shapes.get("input_dtype", "float32")])
+    return jax.tree.map(lambda spec: (tuple(spec[0]), np.dtype(spec[1])), inputs, is_leaf=_is_spec)
+
+
+def _dataset_of(shapes: dict) -> data_lib.Dataset:
     """A dataset of two zero examples shaped as the run's (run.json), to rebuild its model and state from."""
-    is_leaf = lambda spec: isinstance(spec, list) and len(spec) == 2 and isinstance(spec[1], str)
-    inputs = run.get("inputs", [run.get("input_shape"), run.get("input_dtype", "float32")])
-    x = jax.tree.map(lambda spec: np.zeros([2, *spec[0]], spec[1]), inputs, is_leaf=is_leaf)
-    y = np.zeros([2, *run.get("label_shape", [])], run.get("label_dtype", "int32"))
-    if isinstance(run.get("labels"), dict):  # a custom task's pytree of labels
-        y = jax.tree.map(lambda spec: np.zeros([2, *spec[0]], spec[1]), run["labels"], is_leaf=is_leaf)
-    extra = run.get("extra")
-    extra = None if extra is None else jax.tree.map(lambda s: np.zeros([2, *s[0]], s[1]), extra, is_leaf=is_leaf)
+    x = jax.tree.map(lambda spec: np.zeros([2, *spec[0]], spec[1]), input_specs(shapes), is_leaf=lambda s:
+                     isinstance(s, tuple) and len(s) == 2 and isinstance(s[1], np.dtype))  # fmt: skip
+    y = np.zeros([2, *shapes.get("label_shape", [])], shapes.get("label_dtype", "int32"))
+    if isinstance(shapes.get("labels"), dict):  # a custom task's pytree of labels
+        y = jax.tree.map(lambda spec: np.zeros([2, *spec[0]], spec[1]), shapes["labels"], is_leaf=_is_spec)
+    extra = shapes.get("extra")
+    extra = None if extra is None else jax.tree.map(lambda s: np.zeros([2, *s[0]], s[1]), extra, is_leaf=_is_spec)
     split = data_lib.Split(x, y, extra)
     empty = data_lib.take(split, slice(0, 0))
     return data_lib.Dataset(
-        "run.json", split, empty if not run["num_val_examples"] else split, split, run["num_classes"]
+        "run.json", split, empty if not shapes["num_val_examples"] else split, split, shapes["num_classes"]
     )
 
 
-def _open_checkpoints(workdir: pathlib.Path, tries: int = 5) -> checkpoint_lib.Checkpointer:
-    """The workdir's checkpoints, read while a live run may be rotating them: orbax lists the directories, then
-    reads each one's time, and one deleted in between (max_to_keep) is a FileNotFoundError; list again."""
+def _shapes_from_data(where: members_lib.Where, hooks: hooks_lib.Hooks) -> dict:
+    """A sweep chunk's shapes where it has no run.json (written before chunks had one): read from its data."""
+    config = where.config
+    dataset = setup.load_data(config, hooks, quiet=True)
+    n_train = n_all = data_lib.count(dataset.train)
+    if where.cv:
+        n_train = data_lib.fold_indices(n_all, where.cv, 0, config.data.split_seed)[0].shape[0]
+    num_val = n_all // where.cv if where.cv else data_lib.count(dataset.val)
+    steps = config.train.steps_per_epoch or math.ceil(n_train / config.train.batch_size)
+    return shapes_of(dataset, steps, num_val)
+
+
+def _open_checkpoints(directory: pathlib.Path, tries: int = 5) -> checkpoint_lib.Checkpointer:
+    """The checkpoints in `directory`, read while a live run may be rotating them: orbax lists the directories,
+    then reads each one's time, and one deleted in between (max_to_keep) is a FileNotFoundError; list again."""
     for attempt in range(tries):
         try:
-            return checkpoint_lib.Checkpointer(workdir)
+            return checkpoint_lib.Checkpointer(directory)
         except FileNotFoundError:
             if attempt == tries - 1:
                 raise
@@ -50,28 +106,18 @@ def _open_checkpoints(workdir: pathlib.Path, tries: int = 5) -> checkpoint_lib.C
     raise AssertionError("unreachable")
 
 
-def load(workdir: str | pathlib.Path, epoch: int | str | None = None) -> epoch_lib.TrainState:
-    """The train state of a run's checkpoint: the newest (None), "best" (its best epoch's parameters) or epoch N."""
-    workdir = pathlib.Path(workdir)
-    if not (workdir / "run.json").exists():
-        raise WorkdirError(f"{workdir} holds no jaxepochs run (no run.json); pass the --workdir of a run.")
-    try:
-        config = config_lib.from_json((workdir / "config.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise WorkdirError(f"{workdir / 'config.json'} is damaged ({e}); the run there cannot be read.") from None
-    run = json.loads((workdir / "run.json").read_text())
-    dataset = _shapes_of(run)
-    hooks = hooks_lib.load_hooks(config)
-    pieces = setup.make_pieces(config, dataset, hooks, run["steps_per_epoch"], run["num_val_examples"] > 0)
-    like = setup.abstract_carry(pieces, config, setup.first_example(dataset.train))  # a run: a batch of one
-    ckpt = _open_checkpoints(workdir)
+def _restore(where: members_lib.Where, like, epoch: int | str | None):
+    """(the checkpoint's carry of every run on its axis, its epoch); WorkdirError where there is none."""
+    if not (where.directory / checkpoint_lib.CHECKPOINT_DIR).is_dir():
+        raise WorkdirError(f"{where.label} has no finished checkpoint yet: it has not finished an epoch.")
+    ckpt = _open_checkpoints(where.directory)
     try:
         saved = ckpt.epochs()
         if not saved:
-            raise WorkdirError(f"{workdir} has no checkpoints.")
-        chosen = saved[-1] if epoch in (None, "best") else int(epoch)
+            raise WorkdirError(f"{where.label} has no checkpoints: it has not finished an epoch yet.")
+        chosen = saved[-1] if epoch in (None, "best", "last") else int(epoch)
         if chosen not in saved:
-            raise WorkdirError(f"{workdir} has no checkpoint of epoch {epoch}; it has epochs {saved}.")
+            raise WorkdirError(f"{where.label} has no checkpoint of epoch {epoch}; it has epochs {saved}.")
         try:
             restored = checkpoint_lib.restore_state(ckpt, like, lambda text: None, key=chosen)
         except checkpoint_lib.CheckpointError as e:
@@ -79,6 +125,28 @@ def load(workdir: str | pathlib.Path, epoch: int | str | None = None) -> epoch_l
             raise checkpoint_lib.CheckpointError(f"{e}. Its other checkpoints: epochs {others}.") from None
     finally:
         ckpt.close()
-    carry = setup.without_run_axis(restored.carry)
+    return restored.carry, chosen
+
+
+def open_run(workdir: str | pathlib.Path, epoch: int | str | None = None, run: str | None = None) -> SavedRun:
+    """One checkpoint of a run: the newest (None or "last"), "best" (the newest checkpoint with its best epoch's
+    parameters) or epoch N; `run`: a sweep's member ("r3", "r3_fold1") or refit ("refit/r3")."""
+    where = members_lib.resolve(workdir, run)
+    config = where.config
+    hooks = hooks_lib.load_hooks(config)
+    shapes = where.shapes if where.shapes is not None else _shapes_from_data(where, hooks)
+    dataset = _dataset_of(shapes)
+    pieces = setup.make_pieces(config, dataset, hooks, shapes["steps_per_epoch"], shapes["num_val_examples"] > 0)
+    one = setup.abstract_carry(pieces, config, setup.first_example(dataset.train))  # a run: a batch of one
+    like = jax.tree.map(lambda a: jax.ShapeDtypeStruct((where.size, *a.shape[1:]), a.dtype), one)
+    carry, chosen = _restore(where, like, epoch)
+    carry = jax.tree.map(lambda a: a[where.index], carry)
     has_best = int(carry.es_state.best_epoch) > 0  # no epoch monitored yet: the last is the best known
-    return carry.state._replace(params=carry.best_params) if epoch == "best" and has_best else carry.state
+    state = carry.state._replace(params=carry.best_params) if epoch == "best" and has_best else carry.state
+    return SavedRun(state, config, pieces, shapes, where, chosen)
+
+
+def load(workdir: str | pathlib.Path, epoch: int | str | None = None, run: str | None = None) -> epoch_lib.TrainState:
+    """The train state of a run's checkpoint: the newest (None), "best" (its best epoch's parameters) or epoch N;
+    `run` names a sweep's member or refit (see `open_run`)."""
+    return open_run(workdir, epoch, run).state

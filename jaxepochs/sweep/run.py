@@ -29,7 +29,7 @@ from jaxepochs.host import batch as batch_lib
 from jaxepochs.host import checkpoint as checkpoint_lib
 from jaxepochs.host import compose as compose_lib
 from jaxepochs.host import config as config_lib
-from jaxepochs.host import devices, driver, report, setup, specs, writers
+from jaxepochs.host import devices, driver, report, saved_run, setup, specs, writers
 from jaxepochs.host import hooks as hooks_lib
 from jaxepochs.host import run as run_lib
 from jaxepochs.host import workdir as workdir_lib
@@ -117,7 +117,10 @@ def _train_chunk(group: _Group, members, size: int, workdir: pathlib.Path, progr
     """Trains `members` (padded to `size` with copies of the first, dropped after) to the end, resuming from
     the chunk's checkpoint: a RunBatch through the host loop that a run goes through (driver.train_loop)."""
     batch = RunBatch(group.comp, batch_lib.pad(members, size), real=len(members))
-    loop = group.comp.loop
+    comp, loop = group.comp, group.comp.loop
+    num_val = data_lib.count(comp.train) // comp.cv if comp.cv else data_lib.count(comp.dataset.val)
+    shapes = lambda: saved_run.write_shapes(workdir / "run.json", comp.dataset, comp.pieces.steps_per_epoch, num_val)
+    devices.on_primary(shapes)  # what `jaxepochs.load(SWEEPDIR, run=...)` rebuilds a member's state from
     key = (size, batch.sharding is not None)  # the chunks of a group share their size: one program for all
     with checkpoint_lib.opened(workdir, loop.max_to_keep, loop.checkpointing) as ckpt:
         compiled = group.programs.get(key)
