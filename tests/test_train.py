@@ -282,21 +282,22 @@ def test_unwritable_compilation_cache_dir_warns_and_runs_without(tmp_path, capsy
 
 def test_every_epoch_is_dispatched_then_logged_in_order(tmp_path, monkeypatch):
     from jaxepochs.host import run as train
+    from jaxepochs.host.batch import RunBatch
 
     events = []
-    compile_programs = train.compile_programs
+    caller = RunBatch.caller
 
-    def recording_compile_programs(*args, **kwargs):
-        programs = compile_programs(*args, **kwargs)
+    def recording_caller(self, *args, **kwargs):
+        call = caller(self, *args, **kwargs)
 
         def run_epochs(carry, first_epoch, count):
             events.append(("dispatch", first_epoch))
-            return programs.run_epochs(carry, first_epoch, count)
+            return call(carry, first_epoch, count)
 
-        return programs._replace(run_epochs=run_epochs)
+        return run_epochs
 
     write = train.report.MetricsLog.write
-    monkeypatch.setattr(train, "compile_programs", recording_compile_programs)
+    monkeypatch.setattr(RunBatch, "caller", recording_caller)
     monkeypatch.setattr(
         train.report.MetricsLog, "write", lambda log, row: (events.append(("log", row["epoch"])), write(log, row))
     )

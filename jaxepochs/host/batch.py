@@ -247,24 +247,34 @@ class RunBatch:
             out[name] = Ending({**fields, "restored_best": bool(restored[r]), **final}, state)
         return out
 
-    def evaluator(self, held_out: dict):
+    def evaluator(self, held_out: dict, programs: dict | None = None):
         """evaluate(states) -> {split: Metrics [R]}: the final evaluation of `held_out` (split -> batch on the
-        device) for the members' final states, compiled at its first use: the first epoch does not wait for it."""
+        device) for the members' final states, compiled at its first use: the first epoch does not wait for it.
+        `programs`: a cache the batches of one size share (a sweep's chunks), so it compiles once."""
         comp = self.comp
+        key = ("evaluate", len(self.members), self.sharding is not None, tuple(held_out))
+        if programs is not None and key in programs:
+            return functools.partial(self._evaluate, programs[key], held_out)
         sizes = setup.eval_sizes(comp.eval_batch_size, {k: epoch_lib.num_examples(d) for k, d in held_out.items()})
         program = program_lib.make_evaluate(dataclasses.replace(comp.spec, eval_batch_sizes=sizes))
         if self.sharding is not None:
             runs, shared = P("runs"), P()
             program = jax.shard_map(program, mesh=self.sharding.mesh, in_specs=(runs, {k: shared for k in held_out}),
                                     out_specs=runs, check_vma=False)  # fmt: skip
-        held = {k: self.place(jax.device_get(v), per_run=False) for k, v in held_out.items()}
-        held = held if comp.layout is not None or self.sharding is not None else held_out
+        jitted = jax.jit(program)
+        if programs is not None:
+            programs[key] = jitted
+        return functools.partial(self._evaluate, jitted, held_out)
 
-        def evaluate(states):
-            placed = self.place(states)
-            return devices.fetch(jax.jit(program)(placed, held))
+    def _evaluate(self, jitted, held_out: dict, states):
+        placed = self.layout_placed(held_out)
+        return devices.fetch(jitted(self.place(states), placed))
 
-        return evaluate
+    def layout_placed(self, held_out: dict) -> dict:
+        """Held-out batches where the program takes them: shared by the runs on a layout's or sharding's mesh."""
+        if self.comp.layout is None and self.sharding is None:
+            return held_out
+        return {k: self.place(jax.device_get(v), per_run=False) for k, v in held_out.items()}
 
 
 def _member(metrics: epoch_lib.Metrics, r: int) -> epoch_lib.Metrics:

@@ -71,8 +71,12 @@ class CsvLog(MetricWriter):
             self._columns += new
             self._rewrite()
             return
-        with self._path.open("a") as f:
-            f.write(self._line(row))
+        try:
+            with self._path.open("a") as f:
+                f.write(self._line(row))
+        except OSError as e:  # a full disk: name the file (the run's error says where, and what to do)
+            e.filename = e.filename or str(self._path)
+            raise
 
     def close(self) -> None:
         pass

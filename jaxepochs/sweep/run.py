@@ -146,7 +146,7 @@ def _train_chunk(group: _Group, members, size: int, workdir: pathlib.Path, progr
     if asked and outcome.last_epoch < loop.epochs and not outcome.halted:
         raise KeyboardInterrupt  # saved: the sweep's rerun resumes this chunk
     test = {"test": setup.on_device(group.comp.dataset.test)}
-    endings = batch.finish(outcome.carry, False, batch.evaluator(test))
+    endings = batch.finish(outcome.carry, False, batch.evaluator(test, group.programs))
     summaries = {name: {k: v for k, v in e.fields.items() if k != "restored_best"} for name, e in endings.items()}
     return _Chunk(batch.histories, summaries, compile_seconds)
 
