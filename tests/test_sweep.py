@@ -79,9 +79,11 @@ def test_bad_sweep_specifications(specs, random, match):
         grid_lib.expand(tiny_config(), specs, random)
 
 
-# Sweeps against the same runs trained alone, in a process with one device: there the member's arithmetic is
-# its solo run's, bit for bit. (This process has two devices, on which XLA's CPU kernels for a batch of runs sum
-# in another order than for one run: the last bits differ, and training's chaos grows them.)
+# Sweeps against the same runs trained alone, in a process with one device. A member's arithmetic is its solo
+# run's, but XLA's CPU kernels for a batch of R runs may sum in another order than for one run: bit for bit on
+# the hosts the README names, the last bits apart on others (an AMD EPYC host with jaxlib 0.9 and 0.10: the 7th
+# digit of a training loss at epoch 3, where 10535d6 failed the bit-for-bit check too), and on any host of two
+# devices. What holds everywhere, bit for bit: a member's numbers do not depend on its neighbours in the batch.
 SWEEPS_AND_SOLO_RUNS = """
 import json, sys
 import jaxepochs
@@ -105,7 +107,10 @@ def compare(base, specs, workdir, alone_runs):
 
 default = jaxepochs.apply_overrides(jaxepochs.load_config_file(sys.argv[1]), {"train.epochs": "10"})
 stopping = jaxepochs.apply_overrides(jaxepochs.base_config(), json.loads(sys.argv[3]))
+others = grid_lib.expand(default, {"optimizer.learning_rate": "0.01,0.03", "seed": "1,2"})  # r0: lr 0.01, seed 1
+neighbours = jaxepochs.sweep(default, others, sys.argv[2] + "/n", quiet=True).histories["r0"]
 print(json.dumps({
+    "neighbours": [{k: v for k, v in row.items() if k not in ("seconds", "examples_per_second")} for row in neighbours],
     "default": compare(default, {"optimizer.learning_rate": "0.001,0.01", "seed": "0,1"}, sys.argv[2] + "/d", [3]),
     "stopping": compare(stopping, {"optimizer.learning_rate": "5e-3,3e-2", "early_stopping.patience": "1,50"},
                         sys.argv[2] + "/s", [0, 1, 2, 3]),
@@ -137,13 +142,25 @@ def one_device_sweeps(tmp_path_factory):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_a_sweep_member_equals_its_solo_run_bit_for_bit_on_one_device(one_device_sweeps):
+def _same_to_round_off(swept: list[dict], alone: list[dict]) -> None:
+    """The same epochs and fields, every number equal to float32 round-off grown by 10 epochs of training."""
+    assert [list(row) for row in swept] == [list(row) for row in alone]
+    for a, b in zip(swept, alone, strict=True):
+        for key in a:
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["epoch"], key)
+
+
+def test_a_sweep_member_equals_its_solo_run_on_one_device(one_device_sweeps):
     """The case that parted in the 3rd epoch (val_loss 1.3270 against 1.3287) when the sweep and the run were two
-    programs: the default experiment, 2 learning rates x 2 seeds, against lr 0.01 seed 1 alone, for 10 epochs."""
+    programs: the default experiment, 2 learning rates x 2 seeds, against lr 0.01 seed 1 alone, for 10 epochs. The
+    member equals its solo run to round-off (bit for bit where XLA's kernels allow: see above), and equals the
+    same run among other neighbours bit for bit."""
     values, swept, alone, swept_summary, alone_summary = one_device_sweeps["default"]["r3"]
     assert values == {"optimizer.learning_rate": "0.01", "seed": "1"} and len(swept) == 10
-    assert swept == alone
-    assert swept_summary == alone_summary
+    assert swept == one_device_sweeps["neighbours"]  # bit for bit, on any host
+    _same_to_round_off(swept, alone)
+    assert swept_summary[:3] == alone_summary[:3]  # the stop and the best epoch
+    assert swept_summary[3:] == pytest.approx(alone_summary[3:], rel=1e-3)
 
 
 def test_each_run_of_a_sweep_equals_the_same_run_alone_and_stops_on_its_own(one_device_sweeps):
@@ -153,8 +170,9 @@ def test_each_run_of_a_sweep_equals_the_same_run_alone_and_stops_on_its_own(one_
     lengths = {name: len(swept) for name, (_, swept, *_) in runs.items()}
     assert lengths["r1"] == lengths["r3"] == 9 and lengths["r2"] < 9  # r2 (lr 3e-2, patience 1) stopped
     for name, (_, swept, alone, swept_summary, alone_summary) in runs.items():
-        assert swept == alone, name
-        assert swept_summary == alone_summary, name
+        _same_to_round_off(swept, alone)
+        assert swept_summary[:3] == alone_summary[:3], name  # the stop and the best epoch: decided alike
+        assert swept_summary[3:] == pytest.approx(alone_summary[3:], rel=1e-3), name
     assert runs["r2"][3][:2] == ["patience", lengths["r2"]]
 
 
