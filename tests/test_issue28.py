@@ -378,3 +378,20 @@ def test_a_full_disk_under_tensorboard_is_the_run_s_oserror_and_leaves_whole_rec
     logs.write_rows(_rows(3)[2:])  # the disk has room again: whole records follow the whole ones
     logs.close()
     assert [step for step, _ in _events(directory)["train_loss"]] == [1, 2, 3]
+
+
+def test_a_fine_tuning_sweep_resumes_once_its_source_is_gone(tmp_path):
+    import shutil
+
+    from conftest import tiny_config
+
+    import jaxepochs
+
+    source = tmp_path / "source"
+    jaxepochs.train_and_evaluate(tiny_config({"train.epochs": "1"}), source, quiet=True)
+    config = tiny_config({"init.from_workdir": str(source), "train.epochs": "1"})
+    grid = [{"seed": "0"}, {"seed": "1"}]
+    first = jaxepochs.sweep(config, grid, tmp_path / "sweep", quiet=True)
+    shutil.rmtree(source)  # only a fresh start reads it: the rerun restores the sweep's own checkpoints
+    again = jaxepochs.sweep(config, grid, tmp_path / "sweep", quiet=True)
+    assert again.histories == first.histories
