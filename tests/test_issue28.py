@@ -395,3 +395,43 @@ def test_a_fine_tuning_sweep_resumes_once_its_source_is_gone(tmp_path):
     shutil.rmtree(source)  # only a fresh start reads it: the rerun restores the sweep's own checkpoints
     again = jaxepochs.sweep(config, grid, tmp_path / "sweep", quiet=True)
     assert again.histories == first.histories
+
+
+def test_a_resumed_fine_tuning_run_keeps_what_identifies_its_source(tmp_path):
+    import hashlib
+    import shutil
+
+    from conftest import tiny_config
+
+    import jaxepochs
+
+    source = tmp_path / "source"
+    jaxepochs.train_and_evaluate(tiny_config({"train.epochs": "1"}), source, quiet=True)
+    expected = {
+        "workdir": str(source),
+        "epoch": "last",
+        "config_sha256": hashlib.sha256((source / "config.json").read_bytes()).hexdigest(),
+        "epoch_loaded": 1,
+    }
+    config = tiny_config({"init.from_workdir": str(source), "train.epochs": "1"})
+    first = jaxepochs.train_and_evaluate(config, tmp_path / "tuned", quiet=True).summary["initialised_from"]
+    assert {k: first[k] for k in expected} == expected
+    shutil.rmtree(source)  # the resumed run never reads it again, and still says where it started
+    config.train.epochs = 2
+    jaxepochs.train_and_evaluate(config, tmp_path / "tuned", quiet=True)
+    assert json.loads((tmp_path / "tuned" / "summary.json").read_text())["initialised_from"] == first
+
+
+def test_a_run_resumed_on_another_mesh_says_so_and_records_each_mesh(tmp_path, capsys):
+    from conftest import tiny_config
+
+    import jaxepochs
+
+    workdir = tmp_path / "run"
+    jaxepochs.train_and_evaluate(tiny_config({"train.epochs": "1", "mesh.data": "2"}), workdir, quiet=True)
+    capsys.readouterr()
+    jaxepochs.train_and_evaluate(tiny_config({"mesh.data": "1"}), workdir, plot=False)
+    said = "".join(capsys.readouterr())
+    assert re.search(r"Resuming on 1 device .*; the checkpoint was written on 2 .*: the last digits may differ", said)
+    meshes = json.loads((workdir / "summary.json").read_text())["meshes"]
+    assert [(m["epochs"], m["devices"], m["mesh"]["data"]) for m in meshes] == [([1, 1], 2, 2), ([2, 2], 1, 1)]

@@ -30,7 +30,7 @@ from jaxepochs.core import epoch as epoch_lib
 from jaxepochs.core import layout as layout_lib
 from jaxepochs.core import program as program_lib
 from jaxepochs.host import checkpoint as checkpoint_lib
-from jaxepochs.host import devices, finetune, report, setup
+from jaxepochs.host import devices, finetune, lineage, report, setup
 from jaxepochs.host.compose import Composition, Member
 
 
@@ -67,6 +67,13 @@ class RunBatch:
         self.non_finite: dict[str, int] = {}  # member -> the epoch whose training loss was not finite
         self.sharding = runs_sharding(len(members), comp.runs_devices) if comp.layout is None else None
         self.abstract = self._abstract_carry()
+        # Its lineage (host/lineage.py), restored with a checkpoint: the source of a warm start (read on the fresh
+        # start only), the meshes of the epochs before `started`, the first epoch this command trains.
+        warm = comp.pieces.warm
+        self.initialised_from = warm.summary() if warm is not None else None
+        self.meshes: list[dict] = []
+        self.started = 1
+        self.mesh = lineage.mesh_entry(comp.layout)
 
     # --- composing the batch's arrays -------------------------------------------------------------------------
 
@@ -176,7 +183,8 @@ class RunBatch:
         epoch = self.last_good_epoch() if epoch is None else epoch
         if ckpt is None or epoch <= 0:
             return
-        state = checkpoint_lib.CheckpointState(devices.fetch(carry), self.histories, self.non_finite, epoch)
+        state = checkpoint_lib.CheckpointState(devices.fetch(carry), self.histories, self.non_finite, epoch,
+                                               lineage=self.lineage(epoch))  # fmt: skip
         checkpoint_lib.save_state(ckpt, state)
 
     def restore(self, ckpt, say):
@@ -192,10 +200,29 @@ class RunBatch:
             )
         self.histories.update({name: list(rows) for name, rows in restored.histories.items()})
         self.non_finite.update(restored.non_finite)
+        self.take_lineage(restored.lineage, restored.epoch, say)
         padded = [m.name for m in self.members]
         halted = np.asarray(restored.carry.es_state.should_stop) & self.comp.pieces.may_stop
         halted = halted | np.array([name in self.non_finite for name in padded])
         return self.place(restored.carry._replace(halted=halted))
+
+    def lineage(self, epoch: int | None = None) -> dict:
+        """What a checkpoint after `epoch` (the last good epoch) carries besides the rows, and summary.json says."""
+        last = self.last_good_epoch() if epoch is None else epoch
+        return {"initialised_from": self.initialised_from,
+                "meshes": lineage.meshes(self.meshes, self.mesh, self.started, last)}  # fmt: skip
+
+    def take_lineage(self, restored: dict, epoch: int, say) -> None:
+        """A restored checkpoint's lineage (after `epoch` epochs); said when this batch's mesh is another."""
+        init = self.members[0].config.init
+        if restored.get("initialised_from"):
+            self.initialised_from = restored["initialised_from"]
+        elif self.initialised_from is None and init.from_workdir:  # a checkpoint written before lineages
+            self.initialised_from = {"workdir": init.from_workdir, "epoch": str(init.epoch)}
+        self.meshes, self.started = list(restored.get("meshes", [])), epoch + 1
+        message = lineage.changed(self.meshes, self.mesh)
+        if message:
+            say(message)
 
     # --- rows -------------------------------------------------------------------------------------------------
 

@@ -4,7 +4,8 @@ A checkpoint (`WORKDIR/checkpoints/<epoch>/`) holds one `CheckpointState` in two
 run, a streamed run (whose checkpoints inside an epoch are in `checkpoints_in_epoch/<step>/`) and a sweep's chunk:
 - `arrays`: the batch's carry with its run axis (`arrays_of`): {"train": TrainState, "early_stopping": ...,
   "plateau": ..., "best_params": params}, and inside an epoch the position's {"state", "sums"};
-- `meta`: JSON with the epoch, each member's rows so far, the epochs whose loss was not finite, and a CRC-32 of
+- `meta`: JSON with the epoch, each member's rows so far, the epochs whose loss was not finite, the run's lineage
+  (host/lineage.py: the run it was initialised from, the meshes it trained on), and a CRC-32 of
   each array and of the rest of the meta (`checksums`): a restore that reads other bytes than were saved is
   refused, naming the array. Checkpoints of jaxepochs 0.1 (three formats) are refused with that said.
 Resuming restores them exactly; the epoch's shuffle (`fold_in(key, epoch)`) and dropout keys
@@ -256,6 +257,7 @@ class CheckpointState(NamedTuple):
     epoch: int  # epochs the carry has finished
     step: int = 0  # steps of epoch + 1 done (a checkpoint inside a streamed epoch), else 0
     inside: Any = None  # with `step`: {"state": TrainState [R] after those steps, "sums": their metric sums [R]}
+    lineage: dict | None = None  # host/lineage.py: the run it was initialised from, the meshes it trained on
 
 
 def save_state(ckpt: Checkpointer, state: CheckpointState, key: int | None = None) -> None:
@@ -268,6 +270,7 @@ def save_state(ckpt: Checkpointer, state: CheckpointState, key: int | None = Non
         "step": state.step,
         "histories": {name: list(rows) for name, rows in state.histories.items()},  # copies: orbax writes later
         "non_finite": dict(state.non_finite),
+        "lineage": state.lineage or {},
     }
     ckpt.save(state.epoch if key is None else key, arrays, meta)
 
@@ -291,7 +294,7 @@ def restore_state(ckpt: Checkpointer, like_carry, say, like_inside=None, key: in
     halted = np.zeros(jax.tree.leaves(arrays["train"].step)[0].shape, bool)
     carry = carry_of(arrays, halted)
     return CheckpointState(carry, meta["histories"], meta["non_finite"], meta["epoch"], meta["step"],
-                           arrays.get("inside"))  # fmt: skip
+                           arrays.get("inside"), meta.get("lineage") or {})  # fmt: skip
 
 
 def _refuse_old_format(ckpt: Checkpointer, error: CheckpointError | None) -> None:

@@ -228,7 +228,8 @@ def finish(run: Setup, trained: Trained, timings: dict) -> tuple:
         "platform": jax.devices()[0].platform,
         **devices.describe(comp.layout),
         "compute_dtype": run.info.fields["compute_dtype"],
-        **({"initialised_from": comp.pieces.warm.summary()} if comp.pieces.warm is not None else {}),
+        "meshes": batch.lineage()["meshes"],  # each mesh with the epochs it trained (a resumed run's, too)
+        **({"initialised_from": batch.initialised_from} if batch.initialised_from is not None else {}),
         "accumulate_steps": run.info.fields["accumulate_steps"],
     }
     return jax.tree.map(jnp.asarray, ending.state), summary

@@ -34,6 +34,7 @@ class SavedRun(NamedTuple):
     shapes: dict  # run.json's: "inputs" ([shape per example, dtype] of each input), "num_classes", ...
     where: members_lib.Where  # where its checkpoints are and its name there
     epoch: int  # the checkpoint's epoch
+    best_epoch: int = 0  # the epoch whose parameters `state` holds with epoch="best" (0: the checkpoint's own)
 
 
 def shapes_of(dataset: data_lib.Dataset, steps_per_epoch: int, num_val_examples: int) -> dict:
@@ -143,7 +144,8 @@ def open_run(workdir: str | pathlib.Path, epoch: int | str | None = None, run: s
     carry = jax.tree.map(lambda a: a[where.index], carry)
     has_best = int(carry.es_state.best_epoch) > 0  # no epoch monitored yet: the last is the best known
     state = carry.state._replace(params=carry.best_params) if epoch == "best" and has_best else carry.state
-    return SavedRun(state, config, pieces, shapes, where, chosen)
+    best = int(carry.es_state.best_epoch) if epoch == "best" and has_best else 0
+    return SavedRun(state, config, pieces, shapes, where, chosen, best)
 
 
 def load(workdir: str | pathlib.Path, epoch: int | str | None = None, run: str | None = None) -> epoch_lib.TrainState:

@@ -215,7 +215,7 @@ def save_position(ckpt_in, batch, at: Position, steps: int) -> None:
         return
     inside = {"state": devices.fetch(at.carry.state), "sums": devices.fetch(at.sums)}
     state = checkpoint_lib.CheckpointState(devices.fetch(at.start), batch.histories, batch.non_finite, at.epoch - 1,
-                                           at.step, inside)  # fmt: skip
+                                           at.step, inside, batch.lineage(at.epoch - 1))  # fmt: skip
     checkpoint_lib.save_state(ckpt_in, state, key=(at.epoch - 1) * steps + at.step)
 
 

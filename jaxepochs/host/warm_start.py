@@ -19,6 +19,7 @@ resumed run restores its own checkpoint and never reads the source again.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import pathlib
 from typing import Any, NamedTuple
 
@@ -38,6 +39,7 @@ class WarmStart(NamedTuple):
     params: dict[str, np.ndarray]  # path -> the source's array, for every path taken
     model_state: dict[str, np.ndarray]  # (collection, path) joined as "collection:path" -> array
     reinitialised: tuple[str, ...]  # the new model's paths initialised afresh
+    identity: dict = {}  # what identifies the source: its config's sha256, the epoch whose arrays were taken
 
     def apply(self, params, model_state):
         """A freshly initialised run's (params, model_state) with the source's arrays where this takes them."""
@@ -57,6 +59,7 @@ class WarmStart(NamedTuple):
         return {
             "workdir": self.workdir,
             "epoch": self.epoch,
+            **self.identity,
             "parameters_taken": len(self.params),
             "reinitialised": list(self.reinitialised),
         }
@@ -104,9 +107,10 @@ def prepare(init, abstract_params, abstract_model_state) -> WarmStart | None:
         return None
     source = pathlib.Path(init.from_workdir).expanduser()
     try:
-        loaded = saved_run.load(source, _epoch_arg(str(init.epoch)))
+        saved = saved_run.open_run(source, _epoch_arg(str(init.epoch)))
     except ValueError as e:
         raise config_lib.ConfigError(f"config.init.from_workdir = {str(source)!r}: {e}") from None
+    loaded = saved.state
     new, old = _flat(abstract_params), {k: np.asarray(v) for k, v in _flat(loaded.params).items()}
     _check_patterns(init, new)
     taken, fresh = {}, []
@@ -118,7 +122,15 @@ def prepare(init, abstract_params, abstract_model_state) -> WarmStart | None:
         _check_fits(source, name, leaf, old, list(old))
         taken[name] = old[name].astype(leaf.dtype)
     state = _take_state(init, source, abstract_model_state, loaded.model_state, fresh)
-    return WarmStart(str(source), str(init.epoch), taken, state, tuple(fresh))
+    return WarmStart(str(source), str(init.epoch), taken, state, tuple(fresh), identity(saved))
+
+
+def identity(saved: saved_run.SavedRun) -> dict:
+    """What identifies the run a warm start read, for summary.json: the sha256 of its config.json (a sweep
+    member's config as a run's config.json would hold it) and the epoch whose parameters were taken."""
+    path = saved.where.directory / "config.json"
+    text = path.read_bytes() if path.exists() else (saved.config.to_json_best_effort(indent=2) + "\n").encode()
+    return {"config_sha256": hashlib.sha256(text).hexdigest(), "epoch_loaded": saved.best_epoch or saved.epoch}
 
 
 def _check_patterns(init, new: dict) -> None:
