@@ -435,3 +435,36 @@ def test_a_run_resumed_on_another_mesh_says_so_and_records_each_mesh(tmp_path, c
     assert re.search(r"Resuming on 1 device .*; the checkpoint was written on 2 .*: the last digits may differ", said)
     meshes = json.loads((workdir / "summary.json").read_text())["meshes"]
     assert [(m["epochs"], m["devices"], m["mesh"]["data"]) for m in meshes] == [([1, 1], 2, 2), ([2, 2], 1, 1)]
+
+
+def test_a_streamed_run_resumed_device_resident_says_its_position_inside_the_epoch_is_dropped(
+    tmp_path, monkeypatch, capsys
+):
+    from conftest import tiny_config
+
+    import jaxepochs
+    from jaxepochs.data import loading
+    from jaxepochs.data import rows as rows_lib
+
+    stream = {"data.stream": "True", "train.steps_per_call": "4", "train.epochs": "1"}
+    real, reads = rows_lib.Rows.__getitem__, [0]
+
+    def failing(self, idx):
+        reads[0] += 1
+        if reads[0] == 10:  # inside epoch 1: the position there is saved
+            raise OSError(5, "Input/output error", "x.npy")
+        return real(self, idx)
+
+    monkeypatch.setattr(rows_lib.Rows, "__getitem__", failing)
+    with pytest.raises(loading.DataError):
+        jaxepochs.train_and_evaluate(tiny_config(stream), tmp_path / "w", quiet=True)
+    monkeypatch.undo()
+    capsys.readouterr()
+    result = jaxepochs.train_and_evaluate(tiny_config({"train.epochs": "1"}), tmp_path / "w", plot=False)
+    said = "".join(capsys.readouterr())
+    dropped = (
+        r"holds a streamed run's position inside epoch 1 \(step \d+ of 57\); with data.stream = False epochs start "
+        r"whole, so the run resumes from its initialisation and epoch 1 trains again"
+    )
+    assert re.search(dropped, said), said
+    assert not result.summary["streamed"] and len(result.history) == 1

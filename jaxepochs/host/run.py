@@ -358,6 +358,7 @@ def _train_in(run: Setup, workdir: pathlib.Path, resuming: bool, progress, stop,
         call, carry, timings["compile"] = run.batch.prepare(ckpt if resuming else None, progress)
         if resuming:
             _say_resumed(run.batch, ckpt, progress)
+            _say_position_dropped(run.batch, workdir, progress)
         return train(run, call, carry, workdir, ckpt, progress, stop)
 
 
@@ -365,6 +366,22 @@ def _say_resumed(batch: RunBatch, ckpt, progress) -> None:
     done = batch.last_good_epoch()
     if done:
         progress.message(f"Resuming {ckpt.directory.parent} from the checkpoint of epoch {done}.")
+
+
+def _say_position_dropped(batch: RunBatch, workdir: pathlib.Path, progress) -> None:
+    """A streamed run's position inside an epoch, resumed with device-resident data (whose epochs start whole):
+    said, as the epoch that trains again from its start."""
+    steps, done = batch.comp.pieces.steps_per_epoch, batch.last_good_epoch()
+    later = [key for key in workdir_lib.in_epoch_steps(workdir) if key > done * steps]
+    if not later:
+        return
+    epoch, step = max(later) // steps + 1, max(later) % steps
+    since = f"from the checkpoint of epoch {done}" if done else "from its initialisation"
+    progress.message(
+        f"{workdir} holds a streamed run's position inside epoch {epoch} (step {step} of {steps}); with "
+        f"data.stream = False epochs start whole, so the run resumes {since} and epoch {epoch} trains again from "
+        "its start (the same run: only time is lost). Run with data.stream = True to resume at that step."
+    )
 
 
 def _say_interrupted(trained: Trained, history: list[dict], workdir: pathlib.Path, checkpointing: bool, progress):

@@ -128,11 +128,17 @@ def checkpointed_epochs(workdir: pathlib.Path) -> list[int]:
     return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
 
 
+def in_epoch_steps(workdir: pathlib.Path) -> list[int]:
+    """The keys of a streamed run's finished checkpoints inside an epoch (the optimizer steps done before them)."""
+    directory = workdir / checkpoint_lib.IN_EPOCH_DIR
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
+
+
 def _has_finished_epoch(workdir: pathlib.Path) -> bool:
-    """Whether an earlier command in `workdir` left something to keep: a checkpointed epoch, or a finished run's
-    summary (with checkpoints off). Epochs logged but not checkpointed would be trained again anyway."""
-    in_epoch = workdir / checkpoint_lib.IN_EPOCH_DIR  # a streamed run's position inside its first epoch
-    finished = in_epoch.is_dir() and any(p.name.isdigit() for p in in_epoch.iterdir())
+    """Whether an earlier command in `workdir` left something to keep: a checkpointed epoch, a streamed run's
+    position inside its first epoch, or a finished run's summary (with checkpoints off). Epochs logged but not
+    checkpointed would be trained again anyway."""
+    finished = bool(in_epoch_steps(workdir))
     return bool(checkpointed_epochs(workdir)) or finished or (workdir / "summary.json").exists()
 
 
