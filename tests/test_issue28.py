@@ -12,7 +12,7 @@ import pytest
 from conftest import EXPERIMENT, _events
 from test_hooks import _module
 
-from jaxepochs.host import report, writers
+from jaxepochs.host import report, tensorboard, writers
 from jaxepochs.host.specs import specs_of
 from jaxepochs.studies import compare
 
@@ -59,7 +59,7 @@ def test_a_kill_while_tensorboard_is_rebuilt_leaves_the_old_event_file(tmp_path,
     writers.TensorBoardLog(directory, _rows(3)).close()
     (old,) = directory.iterdir()
     before = old.read_bytes()
-    _kill_after(monkeypatch, writers, "scalars", 2)
+    _kill_after(monkeypatch, tensorboard, "scalars", 2)  # the event file's module (writers re-exports it)
     with pytest.raises(Killed):
         writers.TensorBoardLog(directory, _rows(2))
     assert [p.name for p in directory.iterdir() if not p.name.endswith(".tmp")] == [old.name]
@@ -468,3 +468,32 @@ def test_a_streamed_run_resumed_device_resident_says_its_position_inside_the_epo
     )
     assert re.search(dropped, said), said
     assert not result.summary["streamed"] and len(result.history) == 1
+
+
+def test_tensorboard_through_a_symlink_keeps_what_it_points_to_and_a_dangling_workdir_link_is_named(tmp_path):
+    import os
+
+    from conftest import tiny_config
+
+    import jaxepochs
+    from jaxepochs.host import workdir as workdir_lib
+
+    target, run = tmp_path / "elsewhere", tmp_path / "run"
+    (target / "notes").mkdir(parents=True)
+    (target / "notes" / "keep.txt").write_text("mine\n")
+    (target / "keep.txt").write_text("mine\n")
+    run.mkdir()
+    os.symlink(target, run / "tensorboard")
+    writers.TensorBoardLog(run / "tensorboard", _rows(2)).close()
+    writers.TensorBoardLog(run / "tensorboard", _rows(3)).close()  # a resume rebuilds its own file only
+    assert sorted(p.name for p in target.iterdir() if not p.name.startswith("events.")) == ["keep.txt", "notes"]
+    assert [step for step, _ in _events(run / "tensorboard")["train_loss"]] == [1, 2, 3]
+    workdir_lib._discard(run)  # --restart: the link and what it holds are kept, its event files go
+    assert (run / "tensorboard").is_symlink() and (target / "notes" / "keep.txt").exists()
+    assert sorted(p.name for p in target.iterdir()) == ["keep.txt", "notes"]
+    os.symlink(tmp_path / "gone", tmp_path / "board")  # a dangling link: its target is made
+    writers.TensorBoardLog(tmp_path / "board", _rows(1)).close()
+    assert len(list((tmp_path / "gone").iterdir())) == 1
+    os.symlink(tmp_path / "missing", tmp_path / "link")
+    with pytest.raises(workdir_lib.WorkdirError, match=r"--workdir .*/link is a symbolic link to .*/missing, which"):
+        jaxepochs.train_and_evaluate(tiny_config(), tmp_path / "link", quiet=True)

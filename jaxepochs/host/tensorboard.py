@@ -38,16 +38,18 @@ class TensorBoardLog(report.MetricWriter):
     def __init__(self, directory: pathlib.Path, rows: list[dict]):
         # Rows past the resumed checkpoint are trained again: the event file is rebuilt from `rows` in a temporary
         # file beside it and renamed over it (under its old name), so a kill while it is written leaves the old one.
-        directory.mkdir(parents=True, exist_ok=True)
-        old = sorted(directory.glob("events.out.tfevents.*.jaxepochs"))
+        # A symbolic link (to another disk) or a mount point is written through: its target is made where missing,
+        # and nothing there but this writer's own event files is ever removed.
+        directory.resolve().mkdir(parents=True, exist_ok=True)
+        old = sorted(p for p in directory.glob("events.out.tfevents.*.jaxepochs") if p.is_file())
         name = old[-1].name if old else f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.jaxepochs"
         self._path = directory / name
         data = _tf_record(_event(field=_bytes_field(3, b"brain.Event:2")))  # file_version
         data += b"".join(_tf_record(_row_event(row)) for row in rows)
         report.replace_file(self._path, data)
-        for stale in directory.iterdir():  # an earlier writer's other files (a sweep member's directories)
+        for stale in _event_files(directory):  # an earlier writer's (TensorBoard would show both)
             if stale.name != name:
-                shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
+                stale.unlink(missing_ok=True)
         self._fd = os.open(self._path, os.O_WRONLY)
         self._size = os.lseek(self._fd, 0, os.SEEK_END)
 
@@ -85,6 +87,22 @@ class TensorBoardLog(report.MetricWriter):
     def close(self) -> None:
         with contextlib.suppress(OSError):
             os.close(self._fd)
+
+
+def _event_files(directory: pathlib.Path) -> list[pathlib.Path]:
+    """The TensorBoard event files in `directory` (and their temporary files): the only files a writer removes."""
+    return [p for p in directory.glob("events.out.tfevents.*") if p.is_file() and not p.is_symlink()]
+
+
+def discard(directory: pathlib.Path) -> None:
+    """Removes a run's or a sweep's TensorBoard directory (--restart): a symbolic link or a mount point is kept,
+    with what it holds besides the event files written there (its own directories' too)."""
+    if not (directory.is_symlink() or os.path.ismount(directory)):
+        shutil.rmtree(directory, ignore_errors=True)
+        return
+    for sub in (directory, *(p for p in directory.iterdir() if p.is_dir() and not p.is_symlink())):
+        for path in _event_files(sub):
+            path.unlink(missing_ok=True)
 
 
 def _tf_record(data: bytes) -> bytes:

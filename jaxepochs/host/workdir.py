@@ -13,6 +13,7 @@ import ml_collections
 from jaxepochs.host import checkpoint as checkpoint_lib
 from jaxepochs.host import config as config_lib
 from jaxepochs.host import report as report_lib
+from jaxepochs.host import tensorboard
 
 RUN_FILES = ("metrics.jsonl", "metrics.csv", "summary.json", "curves.png", "run.json", "mlflow.json")
 RESUMABLE_KEYS = (  # may change when resuming
@@ -108,6 +109,11 @@ def as_workdir(workdir) -> pathlib.Path:
             f"workdir is {workdir!r} ({type(workdir).__name__}); pass the run's directory as a str or pathlib.Path."
         )
     path = pathlib.Path(workdir).expanduser()
+    if path.is_symlink() and not path.exists():
+        raise WorkdirError(
+            f"--workdir {path} is a symbolic link to {os.readlink(path)}, which does not exist (a dangling link). "
+            "Create that directory, point the link at one, or give another --workdir."
+        )
     if path.exists() and not path.is_dir():
         raise WorkdirError(f"--workdir {path} is a file, not a directory. Give a directory (it is created if missing).")
     existing = next(p for p in (path, *path.parents) if p.exists())
@@ -145,7 +151,7 @@ def _has_finished_epoch(workdir: pathlib.Path) -> bool:
 def _discard(workdir: pathlib.Path) -> None:
     shutil.rmtree(workdir / checkpoint_lib.CHECKPOINT_DIR, ignore_errors=True)
     shutil.rmtree(workdir / checkpoint_lib.IN_EPOCH_DIR, ignore_errors=True)
-    shutil.rmtree(workdir / "tensorboard", ignore_errors=True)
+    tensorboard.discard(workdir / "tensorboard")  # a link or a mount point kept, with what it holds besides
     shutil.rmtree(workdir / "profile", ignore_errors=True)
     for name in (*RUN_FILES, "config.json"):
         (workdir / name).unlink(missing_ok=True)

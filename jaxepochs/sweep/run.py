@@ -29,7 +29,7 @@ from jaxepochs.host import batch as batch_lib
 from jaxepochs.host import checkpoint as checkpoint_lib
 from jaxepochs.host import compose as compose_lib
 from jaxepochs.host import config as config_lib
-from jaxepochs.host import devices, driver, report, saved_run, setup, specs, writers
+from jaxepochs.host import devices, driver, report, saved_run, setup, specs, tensorboard, writers
 from jaxepochs.host import hooks as hooks_lib
 from jaxepochs.host import run as run_lib
 from jaxepochs.host import workdir as workdir_lib
@@ -185,7 +185,7 @@ def _discard(workdir: pathlib.Path) -> None:
         (workdir / name).unlink(missing_ok=True)
     shutil.rmtree(workdir / "chunks", ignore_errors=True)
     shutil.rmtree(workdir / "refit", ignore_errors=True)
-    shutil.rmtree(workdir / "tensorboard", ignore_errors=True)
+    tensorboard.discard(workdir / "tensorboard")  # a link or a mount point kept, with what it holds besides
     shutil.rmtree(workdir / "members", ignore_errors=True)  # each member's MLflow run record
 
 
