@@ -438,7 +438,7 @@ def test_load_best_without_early_stopping_is_the_lowest_val_loss_epoch(run_cli_u
 
     dataset = data_lib.load_dataset(config, quiet=True)
     model = models.make_model(config.model, dataset.num_classes)
-    x_val, y_val = dataset.val
+    x_val, y_val = dataset.val.x, dataset.val.y
     task = task_lib.make_task(task_lib.linen_apply(model))
     size = min(config.train.eval_batch_size, x_val.shape[0])
     evaluate = jax.jit(
