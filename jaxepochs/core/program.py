@@ -163,6 +163,11 @@ def conclude_epoch(spec: RunSpec, carry: RunCarry, state, train_m, val_m, test_m
     return out, (train_m, val_m, test_m, learning_rate)
 
 
+def due_for_test(spec: RunSpec, epoch, last_epoch):
+    """Whether epoch `epoch` evaluates the logged test split: every `spec.test_every` epochs and the last."""
+    return (epoch % spec.test_every == 0) | (epoch == last_epoch)
+
+
 def validation_due(spec: RunSpec, epoch, last_epoch):
     """Whether epoch `epoch` evaluates the validation split: every `spec.validate_every` epochs and the last."""
     return (epoch % spec.validate_every == 0) | (epoch == last_epoch)
@@ -206,10 +211,10 @@ def make_run_epochs(spec: RunSpec, axis_name: str | None = None):
         def body(loop):
             i, carry, rows, _ = loop
             epoch = first_epoch + i
-            test_due = (epoch % spec.test_every == 0) | (epoch == last_epoch)
+            due_test = due_for_test(spec, epoch, last_epoch)
             trained = ~carry.halted
             val_due = validation_due(spec, epoch, last_epoch)
-            carry, (train_m, val_m, test_m, lr) = one(carry, splits, es_hparams, epoch, test_due, val_due)
+            carry, (train_m, val_m, test_m, lr) = one(carry, splits, es_hparams, epoch, due_test, val_due)
             put = lambda buffer, value: buffer.at[:, i].set(value)
             rows = EpochRows(
                 jax.tree.map(put, rows.train, train_m),

@@ -291,7 +291,7 @@ def _no_rows(loop: Loop, start):
 
 def _conclude(loop: Loop, start, carry, sums, epoch: int):
     val_due = bool(program_lib.validation_due(loop.spec, epoch, loop.last_epoch))
-    test_due = (epoch % loop.spec.test_every == 0) or epoch == loop.last_epoch
+    test_due = bool(program_lib.due_for_test(loop.spec, epoch, loop.last_epoch))
     val = test = loop.zero
     if "test" in loop.held_out and test_due:
         test = evaluate(loop.programs, loop.spec, carry.state, loop.held_out["test"])
