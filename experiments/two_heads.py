@@ -5,7 +5,8 @@ dict of labels and the parity head's loss weight in `config.hparams` (an experim
     jaxepochs sweep --config experiments/two_heads.py --workdir runs/two_heads_sweep \
         --sweep.hparams.parity_weight=0.1,0.3,1.0
 
-Expected: test_class_accuracy about 0.95 and test_parity_accuracy about 0.95 after 20 epochs (a few seconds);
+Expected (measured on 2 CPU cores, seed 0): test_class_accuracy 0.912 and test_parity_accuracy 0.940 after 20
+epochs (5 s with a warm compilation cache);
 the sweep trains its three weights as ONE program (sweep.json: "programs": 1), as a learning-rate sweep does.
 """
 
