@@ -21,7 +21,6 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -294,10 +293,10 @@ class RunBatch:
         return functools.partial(self._evaluate, jitted, held_out)
 
     def _evaluate(self, jitted, held_out: dict, states):
-        placed = self.layout_placed(held_out)
+        placed = self._shared(held_out)
         return devices.fetch(jitted(self.place(states), placed))
 
-    def layout_placed(self, held_out: dict) -> dict:
+    def _shared(self, held_out: dict) -> dict:
         """Held-out batches where the program takes them: shared by the runs on a layout's or sharding's mesh."""
         if self.comp.layout is None and self.sharding is None:
             return held_out
@@ -311,7 +310,3 @@ def _member(metrics: epoch_lib.Metrics, r: int) -> epoch_lib.Metrics:
 def pad(members: list[Member], size: int) -> list[Member]:
     """`members` padded to `size` with copies of the first (dropped from every report)."""
     return members + [members[0]] * (size - len(members))
-
-
-def jnp_tree(tree):
-    return jax.tree.map(jnp.asarray, tree)

@@ -245,7 +245,6 @@ class StreamedEpochs:
         self.loop, self.position, self.latest = loop, position, position.start
         self.checkpoints, self.save_inside, self.stop = checkpoints, save_inside, stop
         self.fields: dict[int, dict] = {}  # epoch -> its row's input_wait_seconds (and rate, resumed inside it)
-        self.interrupted_inside = False
         self.source = _TrainChunks(loop.train, order, position.epoch, position.step, loop.last_epoch, loop.per_chunk)
         self.reader = read(self.source, self._name, putter(loop.spec))
 
@@ -270,7 +269,6 @@ class StreamedEpochs:
                 self.save_inside(Position(start, carry, sums, epoch, step))
                 self.checkpoints.done(step=(epoch - 1) * loop.steps + step)
                 if self.stop():
-                    self.interrupted_inside = True
                     return start, _no_rows(loop, start)
         carry, rows = _conclude(loop, start, carry, sums, epoch)
         seconds = time.perf_counter() - began
