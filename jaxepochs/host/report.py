@@ -44,6 +44,22 @@ def replace_file(path: pathlib.Path, data: bytes) -> None:
     _fsync_directory(path.parent)
 
 
+def append_whole(fd: int, data: bytes, size: int, path: pathlib.Path) -> None:
+    """Appends `data` to the file open at `fd` (`size` bytes long before it) whole: a write the disk does not take
+    (ENOSPC) is cut back to `size`, so the file never ends in part of a row or record, and the OSError is raised
+    naming `path`."""
+    try:
+        written = 0
+        while written < len(data):  # os.write may take part of it
+            written += os.write(fd, data[written:])
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, size)
+            os.lseek(fd, size, os.SEEK_SET)
+        e.filename = e.filename or str(path)
+        raise
+
+
 def _fsync_directory(directory: pathlib.Path) -> None:
     """The rename itself on the disk (where the file system lets a directory be opened)."""
     with contextlib.suppress(OSError):
@@ -109,15 +125,7 @@ class MetricsLog(MetricWriter):
 
     def write(self, row: dict) -> None:
         line = _jsonl_line(row)
-        try:
-            written = 0
-            while written < len(line):  # os.write may take part of it
-                written += os.write(self._fd, line[written:])
-        except OSError as e:
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, self._size)
-            e.filename = e.filename or str(self._path)
-            raise
+        append_whole(self._fd, line, self._size, self._path)
         self._size += len(line)
 
     def close(self) -> None:

@@ -58,16 +58,7 @@ class TensorBoardLog(report.MetricWriter):
         whole record, so the event file never ends in half of one, and the OSError is raised naming the file: the
         run saves its epochs and stops, as at metrics.jsonl's."""
         record = _tf_record(data)
-        try:
-            written = 0
-            while written < len(record):  # os.write may take part of it
-                written += os.write(self._fd, record[written:])
-        except OSError as e:
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, self._size)
-                os.lseek(self._fd, self._size, os.SEEK_SET)
-            e.filename = e.filename or str(self._path)
-            raise
+        report.append_whole(self._fd, record, self._size, self._path)
         self._size += len(record)
 
     def write_rows(self, rows: list[dict]) -> None:
