@@ -246,9 +246,9 @@ class RunBatch:
     # --- the end ----------------------------------------------------------------------------------------------
 
     def final_states(self, carry):
-        """The members' final TrainStates (host arrays, run axis): the best epoch's parameters where the rule is
-        restore-best and an epoch was monitored (start_from_epoch may leave none), else the last good epoch's."""
-        carry = devices.fetch(carry)
+        """The members' final TrainStates (from the carry fetched to the host, run axis): the best epoch's
+        parameters where the rule is restore-best and an epoch was monitored (start_from_epoch may leave none),
+        else the last good epoch's."""
         state = carry.state
         restored = self.restored_best(carry.es_state)
         pick = lambda best, last: np.where(restored.reshape(-1, *[1] * (np.ndim(best) - 1)), best, last)
