@@ -178,8 +178,11 @@ def make_runs(base, grid: list[dict[str, str]], cv: int = 0) -> list[Run]:
 def group_runs(runs: list[Run], static_hparams=()) -> list[list[Run]]:
     """Runs grouped by program (same shapes and static settings), in order of first appearance."""
     groups: dict[str, list[Run]] = {}
+    keys: dict[int, str] = {}  # by config: a configuration's K folds share one (K may be large before it is checked)
     for run in runs:
-        groups.setdefault(program_key(config_lib.flatten(run.config), static_hparams), []).append(run)
+        if id(run.config) not in keys:
+            keys[id(run.config)] = program_key(config_lib.flatten(run.config), static_hparams)
+        groups.setdefault(keys[id(run.config)], []).append(run)
     return list(groups.values())
 
 
