@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: run test lint bench clean
+.PHONY: run test test-all lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,7 +17,11 @@ run: $(STAMP)
 	$(BIN)/jaxepochs run --config experiments/mnist1d_mlp.py --workdir runs/mnist1d_mlp --restart
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2  # two workers on 2 cores (most tests wait on XLA compiles): 25 min on an AMD EPYC 2-core machine
+	$(BIN)/python -m pytest -q -n 2 --dist worksteal -m "not reproduction"  # two workers on 2 cores (most tests wait on XLA compiles)
+
+# The suite and the end-to-end reproductions of published figures (double descent, grokking, transfer: --quick).
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 --dist worksteal
 
 lint: $(STAMP)
 	$(BIN)/ruff check jaxepochs experiments tests benchmarks

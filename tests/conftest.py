@@ -29,11 +29,21 @@ EXPERIMENT = REPO / "experiments" / "mnist1d_mlp.py"
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
+def _shared_directory(tmp_path_factory, name: str) -> pathlib.Path:
+    """A directory of this test run that its xdist workers share (their base directories' parent, which is this
+    run's own), so that what one worker prepares or compiles the other finds; without xdist, the session's."""
+    base = tmp_path_factory.getbasetemp()
+    directory = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
+    directory.mkdir(exist_ok=True)
+    return directory
+
+
 @pytest.fixture(scope="session", autouse=True)
 def tfds_data_dir(tmp_path_factory) -> pathlib.Path:
-    """Points $TFDS_DATA_DIR at a fresh session directory: the built-in datasets are prepared there, once per
-    session, and the user's ~/tensorflow_datasets is never read or written."""
-    directory = tmp_path_factory.mktemp("tensorflow_datasets")
+    """Points $TFDS_DATA_DIR at a fresh directory of this test run: the built-in datasets are prepared there, once
+    (the workers take turns: preparing holds a lock), and the user's ~/tensorflow_datasets is never read or
+    written."""
+    directory = _shared_directory(tmp_path_factory, "tensorflow_datasets")
     previous = os.environ.get("TFDS_DATA_DIR")
     os.environ["TFDS_DATA_DIR"] = str(directory)
     yield directory
@@ -45,12 +55,13 @@ def tfds_data_dir(tmp_path_factory) -> pathlib.Path:
 
 @pytest.fixture(scope="session", autouse=True)
 def jax_compilation_cache(tmp_path_factory) -> pathlib.Path:
-    """A persistent compilation cache in a session directory, set before anything compiles: the many runs
-    here that build the same programs (same model and shapes, other seeds or epochs) compile them once.
-    Cache hits still record the backend-compile event, so compilation counts are unchanged by it."""
+    """A persistent compilation cache in a directory of this test run (shared by its workers), set before
+    anything compiles: the many runs here that build the same programs (same model and shapes, other seeds or
+    epochs) compile them once. Cache hits still record the backend-compile event, so compilation counts are
+    unchanged by it."""
     import jax
 
-    directory = tmp_path_factory.mktemp("jax_compilation_cache")
+    directory = _shared_directory(tmp_path_factory, "jax_compilation_cache")
     saved = {
         name: getattr(jax.config, name)
         for name in (

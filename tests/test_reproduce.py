@@ -199,6 +199,7 @@ def test_grokking_finds_the_delay_and_replays_early_stopping():
     assert [r["passed"] for r in rows] == [False]
 
 
+@pytest.mark.reproduction
 def test_reproduce_double_descent_quick_end_to_end(tmp_path):
     assert cli.main(["reproduce", "double-descent", "--quick", "--quiet", "--workdir", str(tmp_path)]) == 0
     report = (tmp_path / "report.md").read_text()
@@ -206,6 +207,7 @@ def test_reproduce_double_descent_quick_end_to_end(tmp_path):
     assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")
 
 
+@pytest.mark.reproduction
 def test_reproduce_grokking_quick_end_to_end(tmp_path):
     assert cli.main(["reproduce", "grokking", "--quick", "--quiet", "--workdir", str(tmp_path)]) == 0
     report = (tmp_path / "report.md").read_text()

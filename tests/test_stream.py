@@ -84,7 +84,7 @@ def _command(workdir, extra: dict, quiet: bool = True) -> list[str]:
     overrides = {
         "model.hidden_sizes": "(256,256,256)",
         "train.batch_size": "32",
-        "train.epochs": "3",
+        "train.epochs": "2",  # the kills land in epoch 1; epoch 2 shows the resumed run goes on as the whole one
         **STREAM,
         "train.steps_per_call": "4",
         "checkpoint.every_steps": "12",
@@ -113,7 +113,7 @@ def test_sigkill_inside_an_epoch_resumes_bit_for_bit(tmp_path, jax_compilation_c
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert "Resuming at step" in rerun.stderr
     rows = lambda w: _untimed(json.loads(line) for line in (w / "metrics.jsonl").read_text().splitlines())
-    assert rows(killed) == rows(whole) and len(rows(whole)) == 3
+    assert rows(killed) == rows(whole) and len(rows(whole)) == 2
     for a, b in zip(jax.tree.leaves(jaxepochs.load(whole)), jax.tree.leaves(jaxepochs.load(killed)), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # Ctrl-C inside an epoch: the position is saved there, exit 130, and the rerun ends where `whole` ended.
@@ -125,7 +125,7 @@ def test_sigkill_inside_an_epoch_resumes_bit_for_bit(tmp_path, jax_compilation_c
         time.sleep(0.01)
     child.send_signal(signal.SIGINT)
     assert child.wait(timeout=120) == 130
-    assert len(rows(stopped)) < 3
+    assert len(rows(stopped)) < 2
     subprocess.run(_command(stopped, {}), cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
     assert rows(stopped) == rows(whole)
 

@@ -239,8 +239,10 @@ def test_non_finite_loss_stops_and_keeps_outputs(tmp_path):
     assert math.isfinite(summary["test_loss"])
 
 
-def test_compilation_cache_makes_a_second_run_compile_faster(tmp_path):
-    """A fresh process with train.compilation_cache_dir writes the cache; the next one loads its programs."""
+def test_compilation_cache_is_written_by_a_run_and_read_by_the_next(tmp_path):
+    """A fresh process with train.compilation_cache_dir writes its programs to the cache; the next process with
+    the same programs finds every one there and adds none (by the cache's entries: no timing, which a busy
+    machine makes noise of; the time saved is `make bench`'s to show)."""
     import os
     import subprocess
     import sys
@@ -250,17 +252,16 @@ def test_compilation_cache_makes_a_second_run_compile_faster(tmp_path):
     cache = tmp_path / "xla"
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
 
-    def compile_seconds(name: str) -> float:
+    def entries_after(name: str, seed: str) -> set[str]:
         command = [sys.executable, "-m", "jaxepochs.cli", "run", "--config", str(EXPERIMENT)]
-        command += ["--workdir", str(tmp_path / name), "--quiet", "--config.train.epochs=1"]
-        command += [f"--config.train.compilation_cache_dir={cache}"]
+        command += ["--workdir", str(tmp_path / name), "--quiet", "--config.train.epochs=1", f"--config.seed={seed}"]
+        command += ["--config.model.hidden_sizes=(16,)", f"--config.train.compilation_cache_dir={cache}"]
         subprocess.run(command, check=True, env=env, timeout=600)
-        return _summary(tmp_path / name)["compile_seconds"]
+        return {p.name for p in cache.iterdir()}
 
-    first = compile_seconds("first")
-    assert any(cache.iterdir())
-    second = compile_seconds("second")
-    assert second < 0.7 * first
+    first = entries_after("first", "0")
+    assert len(first) >= 2  # the run program and the model's init at least
+    assert entries_after("second", "1") == first  # another seed, the same programs: all read from the cache
 
 
 def test_unwritable_compilation_cache_dir_warns_and_runs_without(tmp_path, capsys):

@@ -87,6 +87,7 @@ def test_the_numbers_are_computed_from_the_curves():
     assert [r["passed"] for r in transfer.judge(reference, numbers)] == [True, True, True]
 
 
+@pytest.mark.reproduction
 def test_reproduce_transfer_quick_writes_every_arm(tmp_path):
     code = cli.main(["reproduce", "transfer", "--quick", "--quiet", "--workdir", str(tmp_path)])
     report = (tmp_path / "report.md").read_text()

@@ -134,15 +134,34 @@ def _as_arrays_of(examples: list, x_key: str, y_key: str) -> tuple[np.ndarray, n
     return x, y
 
 
+# Decoded splits of this process, newest last: {(files with their sizes and times, x_key, y_key): (x, y)}. A run
+# after the first (in a notebook, a study, a test session) skips TFDS's example-by-example decoding; a file that
+# changes (prepared again, damaged) is another key. Read-only arrays, and only small splits are kept.
+_DECODED: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+_DECODED_KEEP, _DECODED_MAX_BYTES = 4, 64 << 20
+
+
 def _read_split(builder, split: str, x_key: str, y_key: str) -> Split:
     source, files = _source(builder, split)
+    try:
+        key = (tuple((f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files), x_key, y_key)
+    except OSError:  # not local files: read as they are
+        key = None
+    if key in _DECODED:
+        return Split(*_DECODED[key])
     try:
         examples = source.__getitems__(list(range(len(source))))
     except Exception as e:  # array_record and TFDS raise RuntimeError, OSError, ValueError... for damaged files
         raise _damaged(builder, split, files, e) from None
     if not examples:
         raise DataError(f'Split "{split}" of {builder.name} is empty; choose a split that holds examples.')
-    return Split(*_as_arrays_of(examples, x_key, y_key))
+    x, y = _as_arrays_of(examples, x_key, y_key)
+    if key is not None and x.nbytes + y.nbytes <= _DECODED_MAX_BYTES:
+        x.flags.writeable = y.flags.writeable = False
+        _DECODED[key] = (x, y)
+        while len(_DECODED) > _DECODED_KEEP:
+            del _DECODED[next(iter(_DECODED))]
+    return Split(x, y)
 
 
 def _rows_split(builder, split: str, x_key: str, y_key: str, quiet: bool) -> Split:

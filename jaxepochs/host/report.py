@@ -350,14 +350,12 @@ def curve_marks(summary: dict) -> list[tuple[int, str, dict]]:
 def plot_curves(history: list[dict], path: pathlib.Path, title: str, summary: dict | None = None) -> list[str]:
     """Every logged metric against epochs, a panel each: train and validation (test where logged), with the
     best and stopping epochs of `summary` marked. Returns the marks' labels."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global figure state, nothing to close
 
     names = [k.split("_", 1)[1] for k in metric_keys(history[0] if history else {}, ("train",))] or ["loss"]
     marks = curve_marks(summary or {})
-    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
+    fig = Figure(figsize=(5 * len(names), 4))
+    axes = fig.subplots(1, len(names), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
         for split, label in (("train", "train"), ("val", "validation"), ("test", "test")):
             # Only the epochs that evaluated the split (train.validate_every, train.test_every): marked when sparse.
@@ -373,7 +371,7 @@ def plot_curves(history: list[dict], path: pathlib.Path, title: str, summary: di
         if ax.lines:
             ax.legend(fontsize="small")
     fig.suptitle(title)
-    fig.tight_layout()
+    # Fixed margins rather than tight_layout, which draws the figure once more only to measure it (0.2 s a run).
+    fig.subplots_adjust(left=0.8 / fig.get_figwidth(), right=0.98, bottom=0.13, top=0.88, wspace=0.3)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return [label for _, label, _ in marks]
