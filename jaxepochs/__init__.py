@@ -5,16 +5,35 @@ stopping), `models`, `data`, `host` (config, workdir, checkpoints, the host loop
 and `cli`.
 """
 
-from jaxepochs.core.early_stopping import EarlyStopping, EarlyStoppingState
-from jaxepochs.core.epoch import Metrics, TrainState, eval_epoch, train_epoch, train_step
-from jaxepochs.data.loading import DataError
-from jaxepochs.host.config import ConfigError, apply_overrides, base_config, load_config_file
-from jaxepochs.host.export import ExportError, export_model
-from jaxepochs.host.inference import InputError, SavedModel, load_model
-from jaxepochs.host.run import NonFiniteLossError, TrainResult, train_and_evaluate
-from jaxepochs.host.saved_run import load
-from jaxepochs.host.workdir import WorkdirError
-from jaxepochs.sweep.grid import SweepError
+import importlib
+
+# The public names and the modules that hold them, imported on first use (PEP 562): `import jaxepochs` and the
+# `jaxepochs` command start without JAX, so the command can check its arguments, and take a Ctrl-C, at once.
+_HOMES = {
+    "jaxepochs.core.early_stopping": ("EarlyStopping", "EarlyStoppingState"),
+    "jaxepochs.core.epoch": ("Metrics", "TrainState", "eval_epoch", "train_epoch", "train_step"),
+    "jaxepochs.data.loading": ("DataError",),
+    "jaxepochs.host.config": ("ConfigError", "apply_overrides", "base_config", "load_config_file"),
+    "jaxepochs.host.export": ("ExportError", "export_model"),
+    "jaxepochs.host.inference": ("InputError", "SavedModel", "load_model"),
+    "jaxepochs.host.run": ("NonFiniteLossError", "TrainResult", "train_and_evaluate"),
+    "jaxepochs.host.saved_run": ("load",),
+    "jaxepochs.host.workdir": ("WorkdirError",),
+    "jaxepochs.sweep.grid": ("SweepError",),
+}
+_HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
+
+
+def __getattr__(name: str):
+    if name not in _HOME_OF:
+        raise AttributeError(f"module 'jaxepochs' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_HOME_OF[name]), name)
+    globals()[name] = value  # looked up once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_HOME_OF})
 
 
 def sweep(config, grid, workdir, **kwargs):

@@ -13,7 +13,7 @@ import os
 import pathlib
 import sys
 
-from jaxepochs.host import config as config_lib
+from jaxepochs.host import ctrl_c  # imports nothing heavy: the command listens for Ctrl-C before JAX loads
 
 
 class UsageError(ValueError):
@@ -55,6 +55,8 @@ def _load_config(path: str, overrides: dict[str, str]):
             f"--config {path} is not a Python file: the config is an experiment module, a .py file that defines "
             "get_config() (e.g. experiments/mnist1d_mlp.py)."
         )
+    from jaxepochs.host import config as config_lib  # imports jax: after Ctrl-C is listened for
+
     return config_lib.apply_overrides(config_lib.load_config_file(path), overrides)
 
 
@@ -352,6 +354,7 @@ def entry() -> None:
     """The `jaxepochs` command: main(), and after a Ctrl-C an exit that skips the interpreter's shutdown. Its
     work is saved by then, or a second Ctrl-C aborted it: then the checkpoint library's writer threads, still
     running, would meet a closing interpreter and print tracebacks for a save that was meant to be dropped."""
+    ctrl_c.listen()  # before the imports below: a Ctrl-C during them is noted and acted on, not lost
     from jaxepochs.host import driver
 
     driver.EXIT_ON_SECOND_CTRL_C = True

@@ -498,3 +498,61 @@ def test_tensorboard_through_a_symlink_keeps_what_it_points_to_and_a_dangling_wo
     os.symlink(tmp_path / "missing", tmp_path / "link")
     with pytest.raises(workdir_lib.WorkdirError, match=r"--workdir .*/link is a symbolic link to .*/missing, which"):
         jaxepochs.train_and_evaluate(tiny_config(), tmp_path / "link", quiet=True)
+
+
+# --- 12. Ctrl-C in the first seconds -------------------------------------------------------------------------------
+
+
+def test_a_ctrl_c_during_the_imports_stops_the_command_before_it_writes_anything(tmp_path, jax_compilation_cache):
+    """SIGINT a second after start lands in the imports of JAX or in reading the data: it was swallowed by JAX's
+    gc callback (the run then trained to the end, exit 0) or a raw traceback through an import. Now: noted from
+    the command's first line, exit 130 before the workdir is touched, one line and no traceback."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    workdir = tmp_path / "w"
+    command = [sys.executable, "-m", "jaxepochs.cli", "run", "--config", str(EXPERIMENT), "--workdir", str(workdir)]
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(jax_compilation_cache)}
+    child = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)  # the command listens from its first line (~0.1 s); its imports alone take seconds
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=300)
+    assert child.returncode == 130, err[-2000:]
+    assert "Ctrl-C: stopping before the run starts" in err and "nothing was written" in err
+    assert "Traceback" not in err and "Exception ignored" not in err
+    assert not workdir.exists()
+
+
+def test_a_ctrl_c_while_the_program_compiles_writes_no_outputs_of_an_untrained_run(tmp_path, monkeypatch):
+    """SIGINT while the first compile runs: the run waited for it, then evaluated the untrained model and wrote
+    summary.json and curves.png as if it had trained. Now: KeyboardInterrupt after the compile, no rows, no
+    summary, and the next run of the command starts afresh and trains."""
+    import os
+    import signal
+
+    from conftest import tiny_config
+
+    import jaxepochs
+    from jaxepochs.host import batch as batch_lib
+
+    real = batch_lib.RunBatch.prepare
+
+    def prepare_then_ctrl_c(self, *args, **kwargs):
+        prepared = real(self, *args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)  # as if pressed while it compiled: the run's handler notes it
+        return prepared
+
+    monkeypatch.setattr(batch_lib.RunBatch, "prepare", prepare_then_ctrl_c)
+    config = tiny_config({"train.epochs": "1"})
+    with pytest.raises(KeyboardInterrupt):
+        jaxepochs.train_and_evaluate(config, tmp_path / "w", quiet=True)
+    assert not (tmp_path / "w" / "summary.json").exists() and not (tmp_path / "w" / "curves.png").exists()
+    assert not (tmp_path / "w" / "metrics.jsonl").exists() or not (tmp_path / "w" / "metrics.jsonl").read_text()
+    monkeypatch.setattr(batch_lib.RunBatch, "prepare", real)
+    result = jaxepochs.train_and_evaluate(config, tmp_path / "w", quiet=True)
+    assert [row["epoch"] for row in result.history] == [1]

@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 
 import jax
 
-from jaxepochs.host import devices
+from jaxepochs.host import ctrl_c, devices
 from jaxepochs.host.cadence import Pace, Periodic
 
 
@@ -225,7 +225,7 @@ def stop_on_ctrl_c(say: Callable[[str], None]):
     """Ctrl-C asks the run to stop after the call in flight, then save its checkpoint and write its outputs; a
     second Ctrl-C aborts. Yields a function that says whether a stop was asked. Held from the moment a run
     touches its workdir until its outputs are written, so one Ctrl-C at any moment ends with both."""
-    requested: list[bool] = []
+    requested: list[bool] = [True] if ctrl_c.pressed() else []  # pressed while the run was compiling, say
 
     def on_sigint(signum, frame):
         if requested and EXIT_ON_SECOND_CTRL_C:

@@ -29,7 +29,7 @@ from jaxepochs.data import lock
 from jaxepochs.host import checkpoint as checkpoint_lib
 from jaxepochs.host import compose as compose_lib
 from jaxepochs.host import config as config_lib
-from jaxepochs.host import devices, driver, report, run_stream, saved_run, setup, specs, streamed, writers
+from jaxepochs.host import ctrl_c, devices, driver, report, run_stream, saved_run, setup, specs, streamed, writers
 from jaxepochs.host import hooks as hooks_lib
 from jaxepochs.host import workdir as workdir_lib
 from jaxepochs.host.batch import RunBatch
@@ -305,6 +305,7 @@ def train_and_evaluate(
     use_compilation_cache(config.train.compilation_cache_dir)
     fresh = restart or not workdir_lib.checkpointed_epochs(workdir)
     run = set_up(config, quiet or not primary, fresh)
+    ctrl_c.stop_if_pressed("the run")  # a Ctrl-C of the command's first seconds: nothing written yet
     with lock.hold(workdir, "workdir") if primary else contextlib.nullcontext():
         progress = report.Progress(config.train.epochs, quiet or not primary)
         with driver.stop_on_ctrl_c(progress.message) as stop:
@@ -356,10 +357,19 @@ def _train_in(run: Setup, workdir: pathlib.Path, resuming: bool, progress, stop,
             return run_stream.train_streamed(run, workdir, ckpt if resuming else None, ckpt, progress, stop,
                                              timings, train)  # fmt: skip
         call, carry, timings["compile"] = run.batch.prepare(ckpt if resuming else None, progress)
+        _stop_if_nothing_trained(run.batch, stop, progress)
         if resuming:
             _say_resumed(run.batch, ckpt, progress)
             _say_position_dropped(run.batch, workdir, progress)
         return train(run, call, carry, workdir, ckpt, progress, stop)
+
+
+def _stop_if_nothing_trained(batch: RunBatch, stop, progress) -> None:
+    """A Ctrl-C while the program compiled, before any epoch: KeyboardInterrupt, with no outputs (they would
+    describe an untrained model as a finished run); the next run of the command starts afresh."""
+    if stop() and not batch.last_good_epoch():
+        progress.message("Stopped before the first epoch: nothing trained; run the command again to start.")
+        raise KeyboardInterrupt
 
 
 def _say_resumed(batch: RunBatch, ckpt, progress) -> None:

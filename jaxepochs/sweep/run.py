@@ -29,7 +29,7 @@ from jaxepochs.host import batch as batch_lib
 from jaxepochs.host import checkpoint as checkpoint_lib
 from jaxepochs.host import compose as compose_lib
 from jaxepochs.host import config as config_lib
-from jaxepochs.host import devices, driver, report, saved_run, setup, specs, tensorboard, writers
+from jaxepochs.host import ctrl_c, devices, driver, report, saved_run, setup, specs, tensorboard, writers
 from jaxepochs.host import hooks as hooks_lib
 from jaxepochs.host import run as run_lib
 from jaxepochs.host import workdir as workdir_lib
@@ -267,6 +267,7 @@ def sweep(
     )  # they may change shapes
     groups = [_Group(members, cv, quiet, fresh) for members in sweep_lib.group_runs(runs, static)]  # data checked
     spec = {"config": json.loads(config.to_json_best_effort()), "grid": grid, "cv": cv, "programs": len(groups)}
+    ctrl_c.stop_if_pressed("the sweep")  # a Ctrl-C of the command's first seconds: nothing written yet
     with lock.hold(workdir, "sweep workdir") if primary else contextlib.nullcontext():
         progress = _Progress(max(r.config.train.epochs for r in runs), quiet)
         with driver.stop_on_ctrl_c(progress.message) as stop:
