@@ -385,3 +385,26 @@ def _untimed(histories: dict) -> dict:
     return {
         run: [{k: v for k, v in row.items() if "seconds" not in k} for row in rows] for run, rows in histories.items()
     }
+
+
+def test_load_reads_the_checkpoint_before_a_newest_one_that_is_not_all_there(tmp_path):
+    """A live run's newest checkpoint may be half written, or removed by max_to_keep after load listed it (seen:
+    `load` of a training run's workdir raised "checkpoints/34 ... does not exist"). load() of the newest reads the
+    one before, with a warning; asked for that epoch by number, it is an error naming the others."""
+    import shutil
+
+    config = tiny_config({"train.epochs": "2", "checkpoint.every_epochs": "1"})
+    ref = jaxepochs.train_and_evaluate(config, tmp_path / "w", quiet=True, plot=False)
+    first_epoch = jaxepochs.load(tmp_path / "w", 1)
+    shutil.rmtree(tmp_path / "w" / "checkpoints" / "2" / "arrays")
+    with pytest.warns(
+        UserWarning, match=r"checkpoints/2 is (unreadable|corrupt or truncated) .*reading the checkpoint before it"
+    ):
+        state = jaxepochs.load(tmp_path / "w")
+    assert int(state.step) == ref.summary["steps_per_epoch"]
+    for got, want in zip(jax_leaves(state), jax_leaves(first_epoch), strict=True):
+        assert np.array_equal(got, want)
+    with pytest.raises(
+        CheckpointError, match=r"checkpoints/2 is (unreadable|corrupt).*Its other checkpoints: epochs \[1\]"
+    ):
+        jaxepochs.load(tmp_path / "w", 2)

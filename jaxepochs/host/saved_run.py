@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import pathlib
 import time
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -116,17 +117,25 @@ def _restore(where: members_lib.Where, like, epoch: int | str | None):
         saved = ckpt.epochs()
         if not saved:
             raise WorkdirError(f"{where.label} has no checkpoints: it has not finished an epoch yet.")
-        chosen = saved[-1] if epoch in (None, "best", "last") else int(epoch)
-        if chosen not in saved:
+        newest = epoch in (None, "best", "last")
+        if not newest and int(epoch) not in saved:
             raise WorkdirError(f"{where.label} has no checkpoint of epoch {epoch}; it has epochs {saved}.")
-        try:
-            restored = checkpoint_lib.restore_state(ckpt, like, lambda text: None, key=chosen)
-        except checkpoint_lib.CheckpointError as e:
-            others = [e for e in saved if e != chosen]
-            raise checkpoint_lib.CheckpointError(f"{e}. Its other checkpoints: epochs {others}.") from None
+        # The newest first; in a live run it may be one still being written, or removed by max_to_keep after it
+        # was listed: then the one before (a checkpoint that is there and does not restore is an error).
+        for chosen in reversed(saved) if newest else [int(epoch)]:
+            try:
+                return checkpoint_lib.restore_state(ckpt, like, lambda text: None, key=chosen).carry, chosen
+            except checkpoint_lib.CheckpointError as e:
+                if (
+                    newest and isinstance(e.__cause__, FileNotFoundError | KeyError) and chosen != saved[0]
+                ):  # an item missing
+                    warnings.warn(f"{e}; reading the checkpoint before it.", stacklevel=3)
+                    continue
+                others = [e for e in saved if e != chosen]
+                raise checkpoint_lib.CheckpointError(f"{e}. Its other checkpoints: epochs {others}.") from None
     finally:
         ckpt.close()
-    return restored.carry, chosen
+    raise AssertionError("unreachable")
 
 
 def open_run(workdir: str | pathlib.Path, epoch: int | str | None = None, run: str | None = None) -> SavedRun:
