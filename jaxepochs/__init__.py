@@ -7,6 +7,10 @@ and `cli`.
 
 import importlib
 
+# The subpackage first (its __init__ imports nothing): importing it later would set `jaxepochs.sweep` to it and
+# hide the function `sweep` below; imported now, `jaxepochs.sweep.grid` and the rest land on the subpackage.
+import jaxepochs.sweep  # noqa: F401  (the function below takes its name in this namespace)
+
 # The public names and the modules that hold them, imported on first use (PEP 562): `import jaxepochs` and the
 # `jaxepochs` command start without JAX, so the command can check its arguments, and take a Ctrl-C, at once.
 _HOMES = {

@@ -288,7 +288,7 @@ def test_sweep_command_cross_validates_refits_and_writes_its_outputs(tmp_path, c
     argv = [
         "sweep",
         "--config",
-        str(cli.config_lib.pathlib.Path(__file__).parents[1] / "experiments" / "mnist1d_mlp.py"),
+        str(EXPERIMENT),
         "--workdir",
         str(tmp_path),
         "--config.train.epochs=3",
