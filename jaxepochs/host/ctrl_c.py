@@ -36,3 +36,11 @@ def stop_if_pressed(what: str) -> None:
     if _pressed:
         print(f"jaxepochs: stopped before {what} started; nothing was written.", file=sys.stderr)
         raise KeyboardInterrupt
+
+
+def stop_if_nothing_trained(epochs_done: int, stop, say) -> None:
+    """A Ctrl-C while the program compiled, before any epoch: KeyboardInterrupt, with no outputs (they would
+    describe an untrained model as a finished run); the next run of the command starts afresh."""
+    if stop() and not epochs_done:
+        say("Stopped before the first epoch: nothing trained; run the command again to start.")
+        raise KeyboardInterrupt

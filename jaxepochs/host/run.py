@@ -357,19 +357,11 @@ def _train_in(run: Setup, workdir: pathlib.Path, resuming: bool, progress, stop,
             return run_stream.train_streamed(run, workdir, ckpt if resuming else None, ckpt, progress, stop,
                                              timings, train)  # fmt: skip
         call, carry, timings["compile"] = run.batch.prepare(ckpt if resuming else None, progress)
-        _stop_if_nothing_trained(run.batch, stop, progress)
+        ctrl_c.stop_if_nothing_trained(run.batch.last_good_epoch(), stop, progress.message)
         if resuming:
             _say_resumed(run.batch, ckpt, progress)
             _say_position_dropped(run.batch, workdir, progress)
         return train(run, call, carry, workdir, ckpt, progress, stop)
-
-
-def _stop_if_nothing_trained(batch: RunBatch, stop, progress) -> None:
-    """A Ctrl-C while the program compiled, before any epoch: KeyboardInterrupt, with no outputs (they would
-    describe an untrained model as a finished run); the next run of the command starts afresh."""
-    if stop() and not batch.last_good_epoch():
-        progress.message("Stopped before the first epoch: nothing trained; run the command again to start.")
-        raise KeyboardInterrupt
 
 
 def _say_resumed(batch: RunBatch, ckpt, progress) -> None:
