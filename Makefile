@@ -17,7 +17,7 @@ run: $(STAMP)
 	$(BIN)/jaxepochs run --config experiments/mnist1d_mlp.py --workdir runs/mnist1d_mlp --restart
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist worksteal -m "not reproduction"  # two workers on 2 cores (most tests wait on XLA compiles)
+	$(BIN)/python -m pytest -q -n 2 --dist worksteal -m "not reproduction" --durations=10  # two workers on 2 cores (most tests wait on XLA compiles)
 
 # The suite and the end-to-end reproductions of published figures (double descent, grokking, transfer: --quick).
 test-all: $(STAMP)

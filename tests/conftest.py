@@ -13,6 +13,10 @@ os.environ["XLA_FLAGS"] = " ".join(
     flag for flag in (os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=2") if flag
 )
 os.environ["JAX_PLATFORMS"] = "cpu"
+# XLA's backend optimisations cost about 40% of the suite's CPU time (the suite is mostly compiles of small
+# programs) and buy nothing at test sizes; JAX's own test suite runs with this flag. Every comparison a test makes is
+# between runs under the same flag, and set as an environment variable it reaches the CLI subprocesses too.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import pathlib  # noqa: E402
 
