@@ -70,6 +70,7 @@ def test_an_nnx_model_trains_loads_and_sweeps_as_its_runs(tmp_path):
     assert UNTIMED(swept.histories["r1"]) != UNTIMED(result.history)  # another seed: other parameters
 
 
+@pytest.mark.optimized  # convolutions: XLA's unoptimised ones take longer to run than the optimised to compile
 def test_batchnorm_dropout_and_augmentation_resume_exactly(tmp_path):
     """digits_cnn: BatchNorm's statistics in the state, Dropout and the random shift keyed from the step; 3 epochs
     at once equal 1 then 2 more after a resume, bit for bit."""

@@ -37,6 +37,7 @@ def _close(a_rows, b_rows, rel=1e-5):
             assert a[k] == pytest.approx(b[k], rel=rel, abs=1e-7), (k, a, b)
 
 
+@pytest.mark.optimized
 def test_a_streamed_run_trains_on_the_device_resident_runs_batches(tmp_path):
     """Same config, data on the device or streamed from the host's disk (chosen by the budget here): the same
     metrics epoch by epoch and the same test metrics, to float tolerance (only the order of the sums differs)."""
