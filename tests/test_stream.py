@@ -88,7 +88,7 @@ def _command(workdir, extra: dict, quiet: bool = True) -> list[str]:
         "train.epochs": "2",  # the kills land in epoch 1; epoch 2 shows the resumed run goes on as the whole one
         **STREAM,
         "train.steps_per_call": "4",
-        "checkpoint.every_steps": "12",
+        "checkpoint.every_steps": "36",  # each save costs: three in an epoch of 113 steps
         **extra,
     }
     command = [sys.executable, "-m", "jaxepochs.cli", "run", "--config", "experiments/mnist1d_mlp.py"]
@@ -103,7 +103,7 @@ def test_sigkill_inside_an_epoch_resumes_bit_for_bit(tmp_path, jax_compilation_c
     child = subprocess.Popen(_command(killed, {}), cwd=REPO, env=env, stderr=subprocess.DEVNULL)
     inside = killed / "checkpoints_in_epoch"
     deadline = time.monotonic() + 240
-    while not (inside.is_dir() and any(p.name.isdigit() and int(p.name) >= 24 for p in inside.iterdir())):
+    while not (inside.is_dir() and any(p.name.isdigit() and int(p.name) >= 36 for p in inside.iterdir())):
         assert child.poll() is None and time.monotonic() < deadline, "no checkpoint inside an epoch"
         time.sleep(0.01)
     child.kill()
