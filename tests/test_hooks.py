@@ -75,7 +75,8 @@ def test_batchnorm_dropout_and_augmentation_resume_exactly(tmp_path):
     """digits_cnn: BatchNorm's statistics in the state, Dropout and the random shift keyed from the step; 2 epochs
     at once equal 1 then 1 more after a resume, bit for bit."""
     base = jaxepochs.load_config_file(EXPERIMENTS / "digits_cnn.py")
-    short = {"train.batch_size": "128", "checkpoint.every_epochs": "1"}
+    # One device: the mesh has tests of its own, and partitioning a CNN over two devices doubles its compile.
+    short = {"train.batch_size": "128", "checkpoint.every_epochs": "1", "mesh.data": "1"}
     whole = jaxepochs.train_and_evaluate(
         jaxepochs.apply_overrides(base, {**short, "train.epochs": "2"}), tmp_path / "whole", quiet=True
     )
