@@ -8,7 +8,7 @@ augmentation: a model, data and augmentation of the experiment module's own.
 and updates its running ones in training and uses those in evaluation, and Dropout drops only in training (its
 key is folded from the step, so a resumed run repeats an uninterrupted one). `augment(key, batch)` shifts each
 image by up to one pixel, inside the training scan on the device. Expect test accuracy about 0.98-0.99 after 30
-epochs (0.986 measured, seed 0), in about 20 s on 2 CPU cores.
+epochs (0.986 measured, seed 0, without biases before BatchNorm), in about a minute on 2 CPU cores.
 """
 
 import flax.linen as nn
@@ -31,7 +31,9 @@ class DigitsCNN(nn.Module):
     @nn.compact
     def __call__(self, x_bhwc, train: bool):
         for features in (16, 32):
-            x_bhwc = nn.Conv(features, (3, 3))(x_bhwc)
+            # No bias before BatchNorm: it subtracts the batch mean, so a bias's gradient is 0 but for round-off,
+            # which Adam's normalised step turns into steps of the full learning rate (the Flax ResNet's rule too).
+            x_bhwc = nn.Conv(features, (3, 3), use_bias=False)(x_bhwc)
             x_bhwc = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x_bhwc)
             x_bhwc = nn.relu(x_bhwc)
         x_bf = nn.Dropout(0.25, deterministic=not train)(x_bhwc.reshape(x_bhwc.shape[0], -1))

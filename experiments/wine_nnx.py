@@ -24,7 +24,7 @@ def get_config():
 
 class WineNet(nnx.Module):
     def __init__(self, rngs: nnx.Rngs):
-        self.hidden = nnx.Linear(13, 32, rngs=rngs)
+        self.hidden = nnx.Linear(13, 32, use_bias=False, rngs=rngs)  # BatchNorm follows (digits_cnn.py says why)
         self.norm = nnx.BatchNorm(32, rngs=rngs)
         self.dropout = nnx.Dropout(0.2, rngs=rngs)
         self.out = nnx.Linear(32, 3, rngs=rngs)
