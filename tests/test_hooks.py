@@ -159,6 +159,34 @@ def test_a_misnamed_hook_is_said(tmp_path):
     assert sum("get_modle" in str(w.message) for w in caught) == 1  # said once, not per epoch
 
 
+AXIS_NAME_MODEL = """
+import flax.linen as nn
+
+class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = nn.BatchNorm(use_running_average=not train, axis_name="batch")(nn.Dense(8, use_bias=False)(x))
+        return nn.Dense(2)(x)
+
+def get_model(config):
+    return Net()
+"""
+
+NOISE_MODEL = """
+import flax.linen as nn
+import jax
+
+class Noisy(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool):
+        if train:  # a stream of the model's own, as a VAE's sampling or noise injection asks
+            x = x + 0.1 * jax.random.normal(self.make_rng("noise"), x.shape)
+        return nn.Dense(2)(x)
+
+def get_model(config):
+    return Noisy()
+"""
+
 BAD_HOOKS = [
     (
         "",
@@ -187,6 +215,14 @@ BAD_HOOKS = [
         ConfigError,
         r"task \"regression\" cannot take the model's outputs \(2, 2\) and labels \(2, 3\)",
     ),
+    (  # the Flax imagenet ResNet's BatchNorm: the named axis exists only under pmap (issue 29)
+        "",
+        "",
+        AXIS_NAME_MODEL,
+        ConfigError,
+        r"get_model in .*exp\.py cannot take inputs of shape \(2, 5\) \(training\): Found an unbound axis name: "
+        r"batch\. Drop the `axis_name`",
+    ),
 ]
 
 
@@ -196,6 +232,19 @@ def test_bad_hooks_and_data_name_the_hook_and_the_fix(tmp_path, config, data, ex
     with pytest.raises(error, match=match):
         jaxepochs.train_and_evaluate(jaxepochs.load_config_file(path), tmp_path / "run", quiet=True)
     assert not (tmp_path / "run").exists()  # nothing written, nothing compiled
+
+
+def test_a_linen_model_s_own_random_stream_is_keyed_from_the_step(tmp_path):
+    """`self.make_rng("noise")` draws a key (issue 29: a traceback before), a new one each step (the loss differs
+    from the same model's without noise), and the run repeats itself bit for bit."""
+    noisy = jaxepochs.load_config_file(_module(tmp_path, extra=NOISE_MODEL, name="noisy.py"))
+    runs = [jaxepochs.train_and_evaluate(noisy, tmp_path / name, quiet=True) for name in ("a", "b")]
+    assert UNTIMED(runs[0].history) == UNTIMED(runs[1].history)
+    quiet = NOISE_MODEL.replace("if train:", "if False:")
+    plain = jaxepochs.load_config_file(_module(tmp_path, extra=quiet, name="plain.py"))
+    plain_run = jaxepochs.train_and_evaluate(plain, tmp_path / "plain", quiet=True)
+    assert runs[0].history[0]["train_loss"] != plain_run.history[0]["train_loss"]
+    assert runs[0].summary["test_loss"] != plain_run.summary["test_loss"]  # trained on other inputs
 
 
 def test_get_data_of_the_wrong_shape_names_the_fix(tmp_path):

@@ -232,15 +232,20 @@ def takes_train(module) -> bool:
         return False
 
 
+OTHER_STREAMS = 1  # fold_in(step key, 1): the streams of a linen module's own (see linen_apply)
+
+
 def linen_apply(module) -> Callable:
     """The Task's apply of a flax linen module: its mutable collections are the model state (updated in
-    training only), `key` is the "dropout" stream, and `train` is passed where __call__ takes it."""
+    training only), `key` is the "dropout" stream, and `train` is passed where __call__ takes it. Any other
+    stream the module asks for (`self.make_rng("noise")`) draws from a "params" stream folded from `key`:
+    linen falls back to "params" for a stream it is not given, so each is keyed from the step as dropout is."""
     with_train = takes_train(module)
 
     def apply(params, model_state, x_b, key, train: bool):
         kwargs = {"train": train} if with_train else {}
         if key is not None:
-            kwargs["rngs"] = {"dropout": key}
+            kwargs["rngs"] = {"dropout": key, "params": jax.random.fold_in(key, OTHER_STREAMS)}
         variables = {"params": params, **(model_state or {})}
         if train and model_state:
             outputs, updated = module.apply(variables, x_b, mutable=list(model_state), **kwargs)

@@ -131,6 +131,17 @@ def _brief(error: Exception, limit: int = 400) -> str:
     return text if len(text) <= limit else text[:limit] + " ..."
 
 
+def _with_fix(error: Exception) -> str:
+    """A model error's message, with the fix where a port meets a known one (JAX's own fix does not apply)."""
+    if "unbound axis name" in str(error):
+        return (
+            f"{str(error).split('. ')[0]}. Drop the `axis_name` (BatchNorm's, or any collective's): the trainer "
+            "compiles one program over the whole batch, spread over the devices by XLA, so a mean over the batch is "
+            "already the whole batch's and no named axis exists to reduce over."
+        )
+    return _brief(error)
+
+
 def _shape(tree) -> str:
     shapes = [tuple(a.shape) for a in jax.tree.leaves(tree)]
     return str(shapes[0]) if len(shapes) == 1 else str(shapes)
@@ -147,12 +158,17 @@ def check(task_name: str, trace_init, source: ModelSource, task: task_lib.Task, 
     batch = as_batch(take(train_split, slice(0, 2)), np.asarray)
     n = jax.tree.leaves(batch["y"])[0].shape[0]
     extra = () if hparams is None else (hparams,)
+    mode = "initialising"
     try:
         params, model_state, _ = jax.eval_shape(trace_init, batch["x"])
+        mode = "evaluating"
         outputs, _ = jax.eval_shape(lambda p, s, x: task.apply(p, s, x, None, False), params, model_state, batch["x"])
+        mode = "training"  # BatchNorm's batch statistics, dropout, random streams: what evaluation does not trace
+        key = jax.random.PRNGKey(0)
+        jax.eval_shape(lambda p, s, x, k: task.apply(p, s, x, k, True), params, model_state, batch["x"], key)
     except Exception as e:  # a model, loss or metric that cannot trace raises anything (ZeroDivisionError...)
         raise config_lib.ConfigError(
-            f"{source.what} cannot take inputs of shape {_shape(batch['x'])}: {_brief(e)}"
+            f"{source.what} cannot take inputs of shape {_shape(batch['x'])} ({mode}): {_with_fix(e)}"
         ) from e
     loss_name = f"loss_fn in {hooks.module}" if hooks.loss_fn else f'task "{task_name}"'
     try:
