@@ -247,6 +247,47 @@ def test_a_linen_model_s_own_random_stream_is_keyed_from_the_step(tmp_path):
     assert runs[0].summary["test_loss"] != plain_run.summary["test_loss"]  # trained on other inputs
 
 
+FLAX_MNIST_STYLE = """
+import jax
+from flax import nnx
+
+class Net(nnx.Module):  # as the Flax mnist NNX example writes its CNN: __call__ takes the rngs
+    def __init__(self, rngs):
+        self.hidden = nnx.Linear(5, 8, use_bias=False, rngs=rngs)
+        self.norm = nnx.BatchNorm(8, rngs=rngs)
+        self.dropout = nnx.Dropout(0.5, rngs=rngs)
+        self.out = nnx.Linear(8, 2, rngs=rngs)
+        self.rngs = rngs
+
+    def __call__(self, x, rngs: nnx.Rngs):  # required, as the issue met it
+        h = self.dropout(nnx.relu(self.norm(self.hidden(x))), rngs=rngs)
+        return self.out(h) + 0.1 * jax.random.normal(self.rngs.noise(), (2,))  # a stream of its own
+
+def get_model(config):
+    return Net(nnx.Rngs(config.seed, noise=config.seed + 1))
+"""
+
+
+def test_an_nnx_model_that_takes_rngs_gets_the_step_s_keys_for_every_stream(tmp_path):
+    """The Flax mnist example's `__call__(self, x, rngs)` (issue 29: refused before) gets the step's keys, and a
+    stream of the module's own (`nnx.Rngs(seed, noise=...)`) draws a new key each step, not its first again."""
+    from jaxepochs.host import hooks, seam
+
+    config = jaxepochs.load_config_file(_module(tmp_path, extra=FLAX_MNIST_STYLE, name="flax_mnist_style.py"))
+    runs = [jaxepochs.train_and_evaluate(config, tmp_path / name, quiet=True) for name in ("a", "b")]
+    assert UNTIMED(runs[0].history) == UNTIMED(runs[1].history)  # keyed from the step: it repeats itself
+    no_dropout = FLAX_MNIST_STYLE.replace("nnx.Dropout(0.5", "nnx.Dropout(0.0")  # the noise stream alone
+    config = jaxepochs.load_config_file(_module(tmp_path, extra=no_dropout, name="noise_only.py"))
+    source = seam.model_source(config, 2, hooks.load_hooks(config))
+    params, model_state, _ = source.init(config, np.zeros((1, 5), np.float32))
+    x = np.ones((4, 5), np.float32)
+    out = lambda key, train: np.asarray(source.apply(params, model_state, x, key, train)[0])
+    step_1, step_2 = jax.random.PRNGKey(1), jax.random.PRNGKey(2)
+    assert not np.allclose(out(step_1, True), out(step_2, True))  # the own stream follows the step's key
+    np.testing.assert_array_equal(out(step_1, True), out(step_1, True))
+    np.testing.assert_array_equal(out(None, False), out(None, False))  # evaluation: a fixed key
+
+
 def test_get_data_of_the_wrong_shape_names_the_fix(tmp_path):
     path = _module(tmp_path, extra="def get_data(config):\n    return {'train': ([1.0], [0])}\n")
     with pytest.raises(DataError, match=r'get_data in .* returned \[\'train\'\]; return \{"train": batch, "test"'):

@@ -224,12 +224,17 @@ def in_compute_dtype(apply: Callable, dtype) -> Callable:
     return apply_in_dtype
 
 
-def takes_train(module) -> bool:
-    """Whether a flax module's __call__ takes `train` (the trainer then passes True in training, False else)."""
+def takes(module, name: str) -> bool:
+    """Whether a flax module's __call__ takes an argument `name` ("train", "rngs")."""
     try:
-        return "train" in inspect.signature(module.__call__).parameters
+        return name in inspect.signature(module.__call__).parameters
     except (TypeError, ValueError):
         return False
+
+
+def takes_train(module) -> bool:
+    """Whether a flax module's __call__ takes `train` (the trainer then passes True in training, False else)."""
+    return takes(module, "train")
 
 
 OTHER_STREAMS = 1  # fold_in(step key, 1): the streams of a linen module's own (see linen_apply)

@@ -10,6 +10,7 @@ the experiment's get_model(config), eagerly, as NNX modules are, and split into 
 from __future__ import annotations
 
 import functools
+import zlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -75,15 +76,23 @@ def _nnx_source(module, get_model: Callable, what: str) -> ModelSource:
     from flax import nnx
 
     graphdef, _, rng_state, _ = nnx.split(module, nnx.Param, nnx.RngState, ...)
-    with_train = task_lib.takes_train(module)
+    with_train, with_rngs = task_lib.takes_train(module), task_lib.takes(module, "rngs")
     fresh = lambda tree: jax.tree.map(lambda a: a, tree)  # new Variables, made in the trace that uses them
+    # The module's own streams (nnx.Rngs(0, noise=1)): each reseeded from the step's key too, else it would
+    # repeat its first key every step (the random state starts afresh each step, from the module's).
+    own = sorted({x.tag for _, x in nnx.iter_graph(module) if isinstance(x, nnx.RngStream)} - {"default", "dropout"})
 
     def apply(params, model_state, x_b, key, train: bool):
         model = nnx.merge(graphdef, fresh(params), fresh(rng_state), fresh(model_state))
         model.train() if train else model.eval()
         if key is not None:
-            nnx.reseed(model, default=key, dropout=key)
-        outputs = model(x_b, train=train) if with_train else model(x_b)
+            streams = {tag: jax.random.fold_in(key, zlib.crc32(tag.encode())) for tag in own}
+            nnx.reseed(model, default=key, dropout=key, **streams)
+        kwargs = {"train": train} if with_train else {}
+        if with_rngs:  # the Flax mnist example's __call__(x, rngs): the step's keys (evaluation: a fixed one)
+            step_key = key if key is not None else jax.random.PRNGKey(0)
+            kwargs["rngs"] = nnx.Rngs(default=step_key, dropout=step_key)
+        outputs = model(x_b, **kwargs)
         if not train:
             return outputs, model_state
         return outputs, nnx.split(model, nnx.Param, nnx.RngState, ...)[3]
