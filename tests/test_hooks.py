@@ -172,6 +172,18 @@ def get_model(config):
     return Net()
 """
 
+CALL_WITH = """
+import flax.linen as nn
+
+class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, {args}):
+        return nn.Dense(2)(x)
+
+def get_model(config):
+    return Net()
+"""
+
 NOISE_MODEL = """
 import flax.linen as nn
 import jax
@@ -214,6 +226,20 @@ BAD_HOOKS = [
         "import flax.linen as nn\n\ndef get_model(config):\n    return nn.Dense(2)\n",
         ConfigError,
         r"task \"regression\" cannot take the model's outputs \(2, 2\) and labels \(2, 3\)",
+    ),
+    (  # Keras's name for the flag: with its default, dropout would never drop (issue 29)
+        "",
+        "",
+        CALL_WITH.format(args="training: bool = False"),
+        ConfigError,
+        r"Net\.__call__ takes `training`, which the trainer does not pass\. Name the training flag `train`",
+    ),
+    (
+        "",
+        "",
+        CALL_WITH.format(args="mask"),
+        ConfigError,
+        r"Net\.__call__ requires `mask`, which the trainer does not pass: it calls model\(x\)",
     ),
     (  # the Flax imagenet ResNet's BatchNorm: the named axis exists only under pmap (issue 29)
         "",

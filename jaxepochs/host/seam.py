@@ -10,6 +10,7 @@ the experiment's get_model(config), eagerly, as NNX modules are, and split into 
 from __future__ import annotations
 
 import functools
+import inspect
 import zlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -113,6 +114,7 @@ def model_source(config, num_outputs: int, hooks: Hooks) -> ModelSource:
     else:
         what = f"get_model in {hooks.module}"
         module = hooks.get_model(config)
+        _check_call(module, what)
         if _is_nnx(module):
             return _nnx_source(module, hooks.get_model, what)
         import flax.linen as nn
@@ -125,6 +127,38 @@ def model_source(config, num_outputs: int, hooks: Hooks) -> ModelSource:
     init = lambda config, x_1: program(jnp.asarray(config.seed, jnp.uint32), jax.tree.map(jnp.asarray, x_1))
     trace_init = lambda config, x_1: _linen_init(module, jnp.asarray(config.seed, jnp.uint32), x_1)
     return ModelSource("linen", module, task_lib.linen_apply(module), init, trace_init, what)
+
+
+# What other code calls the training flag: the trainer passes `train` alone, so under these names it never changes.
+TRAIN_ALIASES = ("training", "is_training", "deterministic", "use_running_average", "train_mode")
+
+
+def _check_call(module, what: str) -> None:
+    """A ConfigError for a __call__ argument the trainer would never pass: a training flag under another name
+    (left at its default, dropout and BatchNorm would stay in one mode), or any other one without a default."""
+    try:
+        parameters = list(inspect.signature(module.__call__).parameters.values())[1:]  # after the inputs
+    except (TypeError, ValueError):
+        return
+    for p in parameters:
+        if p.name in ("train", "rngs") or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if p.name in TRAIN_ALIASES:
+            raise config_lib.ConfigError(
+                f"{what}: {type(module).__name__}.__call__ takes `{p.name}`, which the trainer does not pass. Name "
+                f"the training flag `train` (True in training, False in evaluation): the trainer passes that one"
+                + (
+                    " (for `deterministic`/`use_running_average`, use `not train`)."
+                    if p.name in TRAIN_ALIASES[2:4]
+                    else "."
+                )  # fmt: skip
+            )
+        if p.default is p.empty:
+            raise config_lib.ConfigError(
+                f"{what}: {type(module).__name__}.__call__ requires `{p.name}`, which the trainer does not pass: it "
+                "calls model(x), with `train` and `rngs` where __call__ names them. Give it a default, or take it "
+                "from the config in get_model."
+            )
 
 
 def make_task(task: str, source: ModelSource, hooks: Hooks, hparams: bool = False, class_weight=None) -> task_lib.Task:
