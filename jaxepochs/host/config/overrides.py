@@ -4,6 +4,7 @@ a config.json read back."""
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 
 import ml_collections
@@ -54,9 +55,22 @@ def _parse_value(text: str, current):
     raise ConfigError(f'cannot read "{text}" as {kind or "a " + type(current).__name__}')
 
 
+_ABSENT = object()
+
+
+def _schema_default(schema: ml_collections.ConfigDict, parts: list[str]):
+    """The built-in default of a dotted key, or _ABSENT where the schema has no such key (the module's own)."""
+    node = schema
+    for part in parts:
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            return _ABSENT
+        node = node[part]
+    return node
+
+
 def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, str]) -> ml_collections.ConfigDict:
     """Applies {"train.epochs": "5", ...} as the CLI's `--config.train.epochs=5`, then validates."""
-    config = validate(config)
+    config, schema = validate(config), base_config()
     for dotted, text in overrides.items():
         parent, node, parts = None, config, dotted.split(".")
         for i, part in enumerate(parts):
@@ -70,8 +84,12 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, str]
             parent, node = node, node[part]
         if isinstance(node, ml_collections.ConfigDict):
             raise ConfigError(f"--config.{dotted} names a section; override one of its fields instead.")
+        # A field whose schema allows None (train.class_weight) parses as one that holds None, whatever the
+        # experiment set it to: "None" is None there, and "(1.0, 5.0)" a tuple where "balanced" was.
+        any_type = _schema_default(schema, parts) is None
         try:
-            parent[parts[-1]] = _parse_value(text, node)
+            with parent.ignore_type() if any_type else contextlib.nullcontext():
+                parent[parts[-1]] = _parse_value(text, None if any_type else node)
         except ConfigError as e:
             raise ConfigError(f"--config.{dotted}={text}: {e} (the field's current value is {node!r}).") from None
     return validate(config)
