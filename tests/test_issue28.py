@@ -556,3 +556,28 @@ def test_a_ctrl_c_while_the_program_compiles_writes_no_outputs_of_an_untrained_r
     monkeypatch.setattr(batch_lib.RunBatch, "prepare", real)
     result = jaxepochs.train_and_evaluate(config, tmp_path / "w", quiet=True)
     assert [row["epoch"] for row in result.history] == [1]
+
+
+def test_a_container_s_memory_limit_bounds_the_free_memory_on_cpu(tmp_path):
+    """Open question of issue 28: in a 2 GiB container MemAvailable still says the host's memory, so a sweep's
+    automatic chunk was sized for the host and the kernel killed it. The cgroup's limit minus its usage now bounds
+    the figure (v2, then v1); no limit ("max", v1's 2^63) leaves the host's."""
+    from jaxepochs.host import devices
+
+    host, _ = devices.free_bytes(str(tmp_path / "none"))
+    (tmp_path / "v2").mkdir()
+    (tmp_path / "v2" / "memory.max").write_text(f"{512 << 20}\n")
+    (tmp_path / "v2" / "memory.current").write_text(f"{256 << 20}\n")
+    assert devices.free_bytes(str(tmp_path / "v2")) == (256 << 20, "memory left under the container's limit (cgroup)")
+    (tmp_path / "v2" / "memory.max").write_text("max\n")
+    assert (
+        devices.free_bytes(str(tmp_path / "v2"))[0] == host
+        or abs(devices.free_bytes(str(tmp_path / "v2"))[0] - host) < 256 << 20
+    )
+    v1 = tmp_path / "v1" / "memory"
+    v1.mkdir(parents=True)
+    (v1 / "memory.limit_in_bytes").write_text(f"{(1 << 63) - 4096}\n")
+    (v1 / "memory.usage_in_bytes").write_text("1000\n")
+    assert "host memory" in devices.free_bytes(str(tmp_path / "v1"))[1]
+    (v1 / "memory.limit_in_bytes").write_text(f"{300 << 20}\n")
+    assert devices.free_bytes(str(tmp_path / "v1"))[0] == (300 << 20) - 1000

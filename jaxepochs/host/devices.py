@@ -288,3 +288,42 @@ def describe(layout: layout_lib.Layout | None) -> dict[str, Any]:
 
 def warn(text: str) -> None:
     print(f"jaxepochs: {text}", file=sys.stderr)
+
+
+# The memory a container may use: cgroup v2's files, then v1's (where the process's cgroup is mounted, as in a
+# container). A limit above the host's memory (v1's "unlimited" is 2^63 rounded down to pages) is no limit.
+CGROUP_FILES = (("memory.max", "memory.current"), ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes"))
+
+
+def free_bytes(root: str = "/sys/fs/cgroup") -> tuple[int, str]:
+    """Free memory of the first device and what it is: the accelerator's; on CPU the host's available memory,
+    or what the container's memory limit (its cgroup) leaves, where that is less. A sweep's automatic chunk and
+    the streamed-data budget read it: in a 2 GiB container, MemAvailable still says the host's memory."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0)), f"free memory of {jax.local_devices()[0]}"
+    try:
+        with open("/proc/meminfo") as f:
+            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        available = 4 << 30
+    left = _cgroup_left(root)
+    if left is not None and left < available:
+        return left, "memory left under the container's limit (cgroup)"
+    return available, "available host memory (the CPU device's)"
+
+
+def _cgroup_left(root: str) -> int | None:
+    """The limit minus the usage of the process's memory cgroup, or None where there is no limit to read."""
+    for limit_file, usage_file in CGROUP_FILES:
+        try:
+            with open(f"{root}/{limit_file}") as f:
+                limit = f.read().strip()
+            with open(f"{root}/{usage_file}") as f:
+                usage = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit == "max" or not limit.isdigit() or int(limit) >= 1 << 60:
+            return None
+        return max(int(limit) - usage, 0)
+    return None

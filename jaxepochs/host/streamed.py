@@ -42,23 +42,10 @@ from jaxepochs.host.reading import (  # noqa: F401  (streamed.BatchOrder: the na
 )
 
 
-def device_free_bytes() -> tuple[int, str]:
-    """Free memory of the first device, and what it is: the accelerator's, or on CPU the host's available."""
-    stats = jax.local_devices()[0].memory_stats() or {}
-    if "bytes_limit" in stats:
-        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0)), f"free memory of {jax.local_devices()[0]}"
-    try:
-        with open("/proc/meminfo") as f:
-            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration):
-        available = 4 << 30
-    return available, "available host memory (the CPU device's)"
-
-
 def budget(d) -> tuple[int, str]:
     """The bytes the data may take on the device (by the config's `data` section `d`), and a phrase saying where
     the figure comes from."""
-    total, what = (d.device_memory_bytes, "data.device_memory_bytes") if d.device_memory_bytes else device_free_bytes()
+    total, what = (d.device_memory_bytes, "data.device_memory_bytes") if d.device_memory_bytes else devices.free_bytes()
     return int(
         d.device_memory_fraction * total
     ), f"data.device_memory_fraction = {d.device_memory_fraction} of {what} ({total / 1e6:.1f} MB)"

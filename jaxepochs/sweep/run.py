@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import pathlib
 import shutil
 import time
@@ -47,20 +46,13 @@ class SweepResult(NamedTuple):
     summaries: dict[str, dict]  # run name -> summary.json's stopping fields and final test metrics, as a run's
 
 
-def _free_bytes() -> int:
-    stats = jax.local_devices()[0].memory_stats() or {}
-    if "bytes_limit" in stats:
-        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
-    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))  # host memory (CPU)
-
-
 def default_chunk(num_runs: int, params, batch_size: int, widest: int, data_bytes: int = 0) -> int:
     """Runs per program from free memory: per run, the parameters about five times (params, two optimizer
     moments, best params, gradients), the activations of a batch and `data_bytes` (the training split that each
     run's epoch permutes whole: its own copy), with half the free memory to spare."""
     param_bytes = sum(int(np.prod(p.shape)) * 4 for p in jax.tree.leaves(params))
     per_run = 5 * param_bytes + 3 * 4 * batch_size * max(widest, 1) + data_bytes
-    return int(max(1, min(num_runs, _free_bytes() // 2 // max(per_run, 1))))
+    return int(max(1, min(num_runs, devices.free_bytes()[0] // 2 // max(per_run, 1))))
 
 
 def _widest(params) -> int:
