@@ -176,3 +176,21 @@ def test_an_own_optax_chain_sweeps_its_rate_as_one_program(tmp_path):
     assert json.loads((tmp_path / "sweep" / "sweep.json").read_text())["programs"] == 1
     accuracies = [s["test_accuracy"] for s in result.summaries.values()]
     assert min(accuracies) > 0.5 and accuracies[0] != accuracies[1]
+
+
+def test_an_own_module_is_named_by_its_data_hook_and_model_class(tmp_path, monkeypatch, capsys):
+    """Issue 29 item 6: summary.json, curves.png's title and `compare` name two_heads.get_data and TwoHeads, not
+    the unused defaults (curves.png was titled "two_heads.get_data mlp")."""
+    from jaxepochs import cli
+    from jaxepochs.host import report
+
+    titles = []
+    real = report.plot_curves
+    monkeypatch.setattr(report, "plot_curves", lambda history, path, title, *a: titles.append(title) or real(
+        history, path, title, *a))  # fmt: skip
+    config = jaxepochs.apply_overrides(jaxepochs.load_config_file(TWO_HEADS), {"train.epochs": "1"})
+    summary = jaxepochs.train_and_evaluate(config, tmp_path / "run", quiet=True).summary
+    assert (summary["dataset"], summary["model"]) == ("two_heads.get_data", "TwoHeads")
+    assert titles == ["two_heads.get_data TwoHeads"]
+    assert cli.main(["compare", str(tmp_path / "run"), "--out", str(tmp_path / "cmp")]) == 0
+    assert "| run | two_heads.get_data | TwoHeads |" in capsys.readouterr().out

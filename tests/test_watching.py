@@ -175,10 +175,11 @@ def test_compare_overlays_runs_and_a_sweep_s_members_and_tabulates_them(tmp_path
     dirs = [str(tmp_path / name) for name in ("stopped", "plain", "sweep")]
     assert cli.main(["compare", *dirs, "--out", str(tmp_path / "out" / "cmp")]) == 0
     out = capsys.readouterr().out
-    assert "| name | best_epoch | metric | best_value | stopped_epoch |" in out and "cmp.png" in out
+    assert "| name | dataset | model | best_epoch | metric | best_value | stopped_epoch |" in out and "cmp.png" in out
     with (tmp_path / "out" / "cmp.csv").open() as f:
         rows = {row["name"]: row for row in csv.DictReader(f)}
     assert list(rows) == ["stopped", "plain", "sweep/r0", "sweep/r1"]
+    assert (rows["plain"]["dataset"], rows["plain"]["model"]) == ("mnist1d", "mlp")
     for name, summary in (("stopped", stopped.summary), ("plain", plain.summary)):
         assert int(rows[name]["best_epoch"]) == summary["best_epoch"]
         assert int(rows[name]["stopped_epoch"]) == summary["stopped_epoch"]

@@ -133,7 +133,7 @@ def set_up(config: ml_collections.ConfigDict, quiet: bool, fresh: bool = True) -
     # train.steps_per_epoch whole batches of a stream read round and round.
     examples = t.steps_per_epoch * t.batch_size if t.steps_per_epoch else data_lib.count(comp.train)
     logging = specs.specs_of(config).logging
-    info = RunInfo(f"{dataset.name} {config.model.name}", fields, chance, watch, examples, logging)
+    info = RunInfo(f"{dataset.name} {model}", fields, chance, watch, examples, logging)
     return Setup(batch, info)
 
 

@@ -15,7 +15,9 @@ import math
 import pathlib
 from typing import NamedTuple
 
-COLUMNS = ("name", "best_epoch", "metric", "best_value", "stopped_epoch", "stop_reason", "epochs_run")
+COLUMNS = (
+    "name", "dataset", "model", "best_epoch", "metric", "best_value", "stopped_epoch", "stop_reason", "epochs_run"
+)  # fmt: skip
 
 
 class CompareError(ValueError):
@@ -56,6 +58,8 @@ def _run(directory: pathlib.Path, name: str) -> Curve:
             "run's checkpoint, or leave this workdir out."
         )
     fields = {
+        "dataset": summary.get("dataset"),  # an own module's get_data and model class, as summary.json names them
+        "model": summary.get("model"),
         "best_epoch": summary.get("best_epoch"),
         "metric": summary.get("best_epoch_metric", "val_loss"),
         "best_value": summary.get("best_value"),
