@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import runpy
 import textwrap
 
 import jax.numpy as jnp
@@ -194,3 +195,21 @@ def test_an_own_module_is_named_by_its_data_hook_and_model_class(tmp_path, monke
     assert titles == ["two_heads.get_data TwoHeads"]
     assert cli.main(["compare", str(tmp_path / "run"), "--out", str(tmp_path / "cmp")]) == 0
     assert "| run | two_heads.get_data | TwoHeads |" in capsys.readouterr().out
+
+
+def test_a_causal_lm_s_token_normalised_loss_is_the_summed_token_loss_over_the_token_count(tmp_path):
+    """experiments/tiny_lm.py, reduced to 2 epochs: per-token labels [N, T] and a mask in the batch train as the
+    task `custom`, it learns (below the tokens' frequencies' 2.55 nats), and the reported test_loss is the test
+    split's summed token loss over its token count, recomputed here from the model's own predictions."""
+    import optax
+
+    path = REPO / "experiments" / "tiny_lm.py"
+    small = {"train.epochs": "2", "hparams.d_model": "32", "hparams.layers": "1"}  # one narrow layer: a quick compile
+    config = jaxepochs.apply_overrides(jaxepochs.load_config_file(path), small)
+    summary = jaxepochs.train_and_evaluate(config, tmp_path / "lm", quiet=True).summary
+    assert json.loads((tmp_path / "lm" / "config.json").read_text())["task"] == "custom"
+    assert summary["test_loss"] < 2.5
+    test = runpy.run_path(str(path))["get_data"](config)["test"]
+    logits = jaxepochs.load_model(tmp_path / "lm").predict(test["x"], batch_size=100)
+    nll = np.asarray(optax.softmax_cross_entropy_with_integer_labels(logits, test["y"]))
+    assert summary["test_loss"] == pytest.approx((nll * test["mask"]).sum() / test["mask"].sum(), rel=1e-4)

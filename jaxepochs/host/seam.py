@@ -243,7 +243,9 @@ def _per_example_pair(where: str, what: str, value, n: int) -> bool:
         if len(shape) >= 2 and shape[0] == n:
             fix = (
                 f"it has {len(shape) - 1} more axes per example: reduce over them in the hook (values.mean(axis="
-                f"{tuple(range(1, len(shape)))}), or give (values.sum(-1), weights.sum(-1)) for a mean over tokens)"
+                f"{tuple(range(1, len(shape)))}), or, for the mean over all tokens, give each example's mean over "
+                "its tokens weighted by their count: ((v * mask).sum(-1) / jnp.maximum(mask.sum(-1), 1), "
+                "mask.sum(-1)))"
             )
         else:
             fix = "do not average it over the batch"
