@@ -314,6 +314,24 @@ def test_an_nnx_model_that_takes_rngs_gets_the_step_s_keys_for_every_stream(tmp_
     np.testing.assert_array_equal(out(None, False), out(None, False))  # evaluation: a fixed key
 
 
+def test_a_built_in_model_key_that_get_model_reads_is_not_called_unused(tmp_path):
+    """Issue 29: config.model.d_model read by the module's own get_model was reported as unused; a key it does
+    not read (model.hidden_sizes here) still is."""
+    reads = """
+import flax.linen as nn
+
+def get_model(config):
+    return nn.Dense(2 if config.model.d_model == 32 else 3)
+"""
+    from jaxepochs.host import hooks
+
+    config = jaxepochs.load_config_file(_module(tmp_path, config="config.model.d_model = 32", extra=reads))
+    with pytest.warns(UserWarning, match="get_model gives the model") as caught:
+        hooks.load_hooks(config)
+    said = " ".join(str(w.message) for w in caught)
+    assert "config.model.hidden_sizes is not used" in said and "d_model" not in said
+
+
 def test_get_data_of_the_wrong_shape_names_the_fix(tmp_path):
     path = _module(tmp_path, extra="def get_data(config):\n    return {'train': ([1.0], [0])}\n")
     with pytest.raises(DataError, match=r'get_data in .* returned \[\'train\'\]; return \{"train": batch, "test"'):

@@ -99,11 +99,31 @@ def _say_unused(path: str, module) -> None:
             )
 
 
-def _say_unused_config(path: str, hooks: Hooks, sections: dict) -> None:
+def keys_read(config: ml_collections.ConfigDict, section: str, builders) -> set[str]:
+    """The keys of `config.<section>` that the `builders` (the module's get_model, get_data) read, each called once
+    on a copy of the config whose section notes the keys read."""
+
+    class Noting(ml_collections.ConfigDict):
+        def __getitem__(self, key):
+            object.__getattribute__(self, "_read").add(key)
+            return super().__getitem__(key)
+
+    noting = Noting(config[section].to_dict())
+    object.__setattr__(noting, "_read", set())
+    copy = ml_collections.ConfigDict(config.to_dict())
+    copy[section] = noting
+    for build in builders:
+        if build is not None:
+            build(copy)
+    return set(object.__getattribute__(noting, "_read"))
+
+
+def _say_unused_config(path: str, hooks: Hooks, config: ml_collections.ConfigDict) -> None:
     """get_model and get_data replace config.model and config.data: settings there that differ from the
     defaults would be ignored, so they are said. Those that apply to get_data's arrays too are not: the validation
     split's, the label noise (classification), and whether (data.stream) and by which budget
-    (data.device_memory_*) they are streamed. `sections`: the config's model and data sections, by name."""
+    (data.device_memory_*) they are streamed. A model setting that get_model reads itself (config.model.d_model)
+    is used: where a warning would be given, get_model is called once more, on a copy, to note what it reads."""
     defaults = config_lib.base_config()
     for hook, section, kept in (
         ("get_model", "model", ()),
@@ -112,9 +132,13 @@ def _say_unused_config(path: str, hooks: Hooks, sections: dict) -> None:
     ):  # fmt: skip
         if getattr(hooks, hook) is None:
             continue
-        ours = config_lib.flatten(json.loads(sections[section].to_json_best_effort()))
+        ours = config_lib.flatten(json.loads(config[section].to_json_best_effort()))
         theirs = config_lib.flatten(json.loads(defaults[section].to_json_best_effort()))
-        changed = [f"{section}.{k}" for k in ours if ours[k] != theirs.get(k) and k.split(".")[0] not in kept]
+        changed = [k for k in ours if ours[k] != theirs.get(k) and k.split(".")[0] not in kept]
+        if changed and hook == "get_model":  # get_data is not called twice: it may read a dataset
+            read = keys_read(config, "model", [hooks.get_model])
+            changed = [k for k in changed if k.split(".")[0] not in read]
+        changed = [f"{section}.{k}" for k in changed]
         if changed:
             warnings.warn(
                 f"{path}: {hook} gives the {section}, so config.{', config.'.join(changed)} is not used. Read it in "
@@ -149,5 +173,5 @@ def load_hooks(config: ml_collections.ConfigDict) -> Hooks:
         _check_signature(path, name, function)
     _say_unused(path, module)
     hooks = Hooks(path, **found)
-    _say_unused_config(path, hooks, {"model": config.model, "data": config.data})
+    _say_unused_config(path, hooks, config)
     return hooks

@@ -192,22 +192,11 @@ def hparams_read_by_builders(settings: dict, hooks) -> set[str]:
     differ in it are separate programs. Nothing is read where the module has neither hook or no hparams."""
     import ml_collections
 
+    from jaxepochs.host import hooks as hooks_lib
+
     if not settings.get("hparams") or (hooks.get_model is None and hooks.get_data is None):
         return set()
-
-    class Noting(ml_collections.ConfigDict):
-        def __getitem__(self, key):
-            object.__getattribute__(self, "_read").add(key)
-            return super().__getitem__(key)
-
-    section = Noting(settings["hparams"])
-    object.__setattr__(section, "_read", set())
-    copy = ml_collections.ConfigDict(settings)
-    copy.hparams = section
-    for hook in (hooks.get_model, hooks.get_data):
-        if hook is not None:
-            hook(copy)
-    return set(object.__getattribute__(section, "_read"))
+    return hooks_lib.keys_read(ml_collections.ConfigDict(settings), "hparams", [hooks.get_model, hooks.get_data])
 
 
 def check_cv(cv: int, num_train: int) -> None:
