@@ -129,6 +129,10 @@ def jax_compilation_cache(tmp_path_factory) -> pathlib.Path:
     }
     jax.config.update("jax_compilation_cache_dir", str(directory))
     os.environ["JAX_COMPILATION_CACHE_DIR"] = str(directory)  # CLI subprocesses too: never the user's cache
+    # ...and every program in it: a subprocess left at JAX's default (1 s) recompiled its ~20 small programs
+    # (1.2 s of CPU in each of the suite's CLI processes).
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     yield directory
