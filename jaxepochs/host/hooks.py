@@ -99,18 +99,18 @@ def _say_unused(path: str, module) -> None:
             )
 
 
-def keys_read(config: ml_collections.ConfigDict, section: str, builders) -> set[str]:
-    """The keys of `config.<section>` that the `builders` (the module's get_model, get_data) read, each called once
-    on a copy of the config whose section notes the keys read."""
+def keys_read(settings: dict, section: str, builders) -> set[str]:
+    """The keys of the config's `section` that the `builders` (the module's get_model, get_data) read, each called
+    once on a copy of the config (`settings`, as a dict) whose section notes the keys read."""
 
     class Noting(ml_collections.ConfigDict):
         def __getitem__(self, key):
             object.__getattribute__(self, "_read").add(key)
             return super().__getitem__(key)
 
-    noting = Noting(config[section].to_dict())
+    noting = Noting(settings[section])
     object.__setattr__(noting, "_read", set())
-    copy = ml_collections.ConfigDict(config.to_dict())
+    copy = ml_collections.ConfigDict(settings)
     copy[section] = noting
     for build in builders:
         if build is not None:
@@ -118,12 +118,13 @@ def keys_read(config: ml_collections.ConfigDict, section: str, builders) -> set[
     return set(object.__getattribute__(noting, "_read"))
 
 
-def _say_unused_config(path: str, hooks: Hooks, config: ml_collections.ConfigDict) -> None:
+def _say_unused_config(path: str, hooks: Hooks, sections: dict, model_keys_read: Callable[[], set]) -> None:
     """get_model and get_data replace config.model and config.data: settings there that differ from the
     defaults would be ignored, so they are said. Those that apply to get_data's arrays too are not: the validation
     split's, the label noise (classification), and whether (data.stream) and by which budget
-    (data.device_memory_*) they are streamed. A model setting that get_model reads itself (config.model.d_model)
-    is used: where a warning would be given, get_model is called once more, on a copy, to note what it reads."""
+    (data.device_memory_*) they are streamed. `sections`: the config's model and data sections, by name. A model
+    setting that get_model reads itself (config.model.d_model) is used: where a warning would be given,
+    `model_keys_read()` calls get_model once more, on a copy, to note what it reads."""
     defaults = config_lib.base_config()
     for hook, section, kept in (
         ("get_model", "model", ()),
@@ -132,11 +133,11 @@ def _say_unused_config(path: str, hooks: Hooks, config: ml_collections.ConfigDic
     ):  # fmt: skip
         if getattr(hooks, hook) is None:
             continue
-        ours = config_lib.flatten(json.loads(config[section].to_json_best_effort()))
+        ours = config_lib.flatten(json.loads(sections[section].to_json_best_effort()))
         theirs = config_lib.flatten(json.loads(defaults[section].to_json_best_effort()))
         changed = [k for k in ours if ours[k] != theirs.get(k) and k.split(".")[0] not in kept]
         if changed and hook == "get_model":  # get_data is not called twice: it may read a dataset
-            read = keys_read(config, "model", [hooks.get_model])
+            read = model_keys_read()
             changed = [k for k in changed if k.split(".")[0] not in read]
         changed = [f"{section}.{k}" for k in changed]
         if changed:
@@ -173,5 +174,6 @@ def load_hooks(config: ml_collections.ConfigDict) -> Hooks:
         _check_signature(path, name, function)
     _say_unused(path, module)
     hooks = Hooks(path, **found)
-    _say_unused_config(path, hooks, config)
+    model_keys_read = lambda: keys_read(config.to_dict(), "model", [hooks.get_model])
+    _say_unused_config(path, hooks, {"model": config.model, "data": config.data}, model_keys_read)
     return hooks

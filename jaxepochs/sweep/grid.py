@@ -190,13 +190,11 @@ def hparams_read_by_builders(settings: dict, hooks) -> set[str]:
     """The keys of config.hparams that the module's get_model or get_data read (called once, on a copy of the
     config, `settings` as a dict, that notes the keys read): a value there may change shapes, so runs that
     differ in it are separate programs. Nothing is read where the module has neither hook or no hparams."""
-    import ml_collections
-
     from jaxepochs.host import hooks as hooks_lib
 
     if not settings.get("hparams") or (hooks.get_model is None and hooks.get_data is None):
         return set()
-    return hooks_lib.keys_read(ml_collections.ConfigDict(settings), "hparams", [hooks.get_model, hooks.get_data])
+    return hooks_lib.keys_read(settings, "hparams", [hooks.get_model, hooks.get_data])
 
 
 def check_cv(cv: int, num_train: int) -> None:
