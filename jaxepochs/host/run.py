@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import pathlib
 import sys
 import time
@@ -66,7 +67,8 @@ class RunInfo:
 def use_compilation_cache(directory: str) -> None:
     """Turns on JAX's persistent compilation cache in `directory`, unless it is "" or a cache is already set (by
     the user, the environment or an earlier run in this process). Programs that took 0.2 s or more to compile
-    are kept; XLA keys them by program and backend, so a stale entry is never used."""
+    are kept, unless JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS says otherwise (the user's setting wins); XLA
+    keys them by program and backend, so a stale entry is never used."""
     if not directory or jax.config.jax_compilation_cache_dir:
         return
     path = pathlib.Path(directory).expanduser()
@@ -80,7 +82,8 @@ def use_compilation_cache(directory: str) -> None:
         )
         return
     jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 
 class Setup(NamedTuple):
