@@ -171,10 +171,12 @@ def compile_counter():
 def tiny_config(overrides: dict[str, str] | None = None):
     """mnist1d with a small MLP, 2 epochs and batch 64 (3600 / 64 is not whole), on one of the two devices
     (mesh.data 1: the tests of other things skip the partitioned program's cost; tests/test_devices.py runs
-    the default mesh), plus `overrides` as on the command line, e.g. {"train.epochs": "3"}."""
+    the default mesh), without curves.png (0.3-0.7 s of matplotlib a run; the tests of curves.png turn it on),
+    plus `overrides` as on the command line, e.g. {"train.epochs": "3"}."""
     from jaxepochs.host.config import apply_overrides, base_config
 
     defaults = {"model.hidden_sizes": "(16,)", "train.epochs": "2", "train.batch_size": "64", "mesh.data": "1"}
+    defaults["logging.curves"] = "False"
     return apply_overrides(base_config(), {**defaults, **(overrides or {})})
 
 

@@ -143,7 +143,12 @@ def test_a_sweep_mesh_larger_than_the_devices_is_refused(tmp_path):
 
 # Two processes on this machine, one CPU device each, joined over loopback.
 
-SMALL = {"model.hidden_sizes": "(16,)", "train.batch_size": "64", "checkpoint.every_epochs": "1"}
+SMALL = {
+    "model.hidden_sizes": "(16,)",
+    "train.batch_size": "64",
+    "checkpoint.every_epochs": "1",
+    "logging.curves": "False",
+}
 
 
 def _free_port() -> int:

@@ -28,7 +28,7 @@ from jaxepochs.host import report
 from jaxepochs.host.checkpoint import CheckpointError
 
 WAIT = 120.0  # generous: a loaded 2-core machine starts jax slowly
-SMALL = {"model.hidden_sizes": "(16,)", "model.residual": "False", "train.batch_size": "64"}
+SMALL = {"model.hidden_sizes": "(16,)", "model.residual": "False", "train.batch_size": "64", "logging.curves": "False"}
 
 
 def _command(workdir, overrides: dict, quiet: bool = True) -> list[str]:
@@ -165,8 +165,8 @@ def test_one_ctrl_c_just_after_the_last_epoch_still_ends_with_the_checkpoint_and
     interrupted = 0
     for delay in (0.0, 0.02, 0.1, 0.3):
         workdir, err_path = tmp_path / f"d{delay}", tmp_path / f"d{delay}.err"
-        child = _start(workdir, {"train.epochs": str(epochs), "train.epochs_per_call": "1"}, err_path,
-                       jax_compilation_cache, quiet=False)  # fmt: skip
+        overrides = {"train.epochs": str(epochs), "train.epochs_per_call": "1", "logging.curves": "True"}
+        child = _start(workdir, overrides, err_path, jax_compilation_cache, quiet=False)
         try:
             _wait_for(lambda err_path=err_path: f"epoch {epochs} " in err_path.read_text(), child, "last row")
             time.sleep(delay)

@@ -548,7 +548,7 @@ def test_a_ctrl_c_while_the_program_compiles_writes_no_outputs_of_an_untrained_r
         return prepared
 
     monkeypatch.setattr(batch_lib.RunBatch, "prepare", prepare_then_ctrl_c)
-    config = tiny_config({"train.epochs": "1"})
+    config = tiny_config({"train.epochs": "1", "logging.curves": "True"})
     with pytest.raises(KeyboardInterrupt):
         jaxepochs.train_and_evaluate(config, tmp_path / "w", quiet=True)
     assert not (tmp_path / "w" / "summary.json").exists() and not (tmp_path / "w" / "curves.png").exists()

@@ -34,6 +34,7 @@ SUBPROCESS_WAIT = 120.0  # generous: a loaded 2-core machine starts jax slowly
 CLI_EPOCHS = 100  # at ~0.15 s an epoch when checkpointing every epoch: still running when the test stops it
 # With these overrides the experiment file gives tiny_config's config (base_config with the same values).
 CLI_OVERRIDES = {
+    "logging.curves": "False",
     "model.hidden_sizes": "(16,)",
     "model.residual": "False",
     "train.batch_size": "64",

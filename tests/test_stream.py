@@ -89,6 +89,7 @@ def _command(workdir, extra: dict, quiet: bool = True) -> list[str]:
         **STREAM,
         "train.steps_per_call": "4",
         "checkpoint.every_steps": "36",  # each save costs: three in an epoch of 113 steps
+        "logging.curves": "False",
         **extra,
     }
     command = [sys.executable, "-m", "jaxepochs.cli", "run", "--config", "experiments/mnist1d_mlp.py"]

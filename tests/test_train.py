@@ -56,7 +56,7 @@ def _losses(history: list[dict]) -> list[tuple]:
 def base_run(tmp_path_factory):
     """mnist1d, MLP 40-16-10, batch 64 (57 steps, the last one padded), seed 0, three epochs."""
     workdir = tmp_path_factory.mktemp("base_run")
-    config = tiny_config({"train.epochs": str(EPOCHS)})
+    config = tiny_config({"train.epochs": str(EPOCHS), "logging.curves": "True"})
     return config, workdir, jaxepochs.train_and_evaluate(config, workdir, quiet=True)
 
 
@@ -127,7 +127,9 @@ def test_later_epochs_compile_nothing(tmp_path, compile_counter):
 
 
 def test_zero_epochs_evaluates_only(tmp_path):
-    result = jaxepochs.train_and_evaluate(tiny_config({"train.epochs": "0"}), tmp_path, quiet=True)
+    result = jaxepochs.train_and_evaluate(
+        tiny_config({"train.epochs": "0", "logging.curves": "True"}), tmp_path, quiet=True
+    )
     assert result.history == []
     assert (tmp_path / "metrics.jsonl").read_text() == ""
     summary = _summary(tmp_path)

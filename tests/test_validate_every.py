@@ -123,7 +123,7 @@ def test_rows_of_epochs_without_validation_have_no_val_fields(tmp_path):
     common = {"train.epochs": "7", "train.epochs_per_call": "2"}
     every = jaxepochs.train_and_evaluate(tiny_config(common), tmp_path / "every", quiet=True)
     sparse = jaxepochs.train_and_evaluate(
-        tiny_config({**common, "train.validate_every": "3"}), tmp_path / "sparse", quiet=True
+        tiny_config({**common, "train.validate_every": "3", "logging.curves": "True"}), tmp_path / "sparse", quiet=True
     )
     rows = _rows(tmp_path / "sparse")
     assert _untimed(rows) == _untimed(sparse.history)

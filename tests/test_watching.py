@@ -37,7 +37,7 @@ def test_a_compile_of_more_than_a_second_is_announced_with_its_seconds_and_a_qui
 def test_curves_mark_the_best_and_the_stopping_epoch(tmp_path):
     # A rate that overfits fast on 16 hidden units: validation loss turns up, patience 1 stops the run.
     overrides = {"train.epochs": "30", "early_stopping.enabled": "True", "early_stopping.patience": "1",
-                 "optimizer.learning_rate": "0.05"}  # fmt: skip
+                 "optimizer.learning_rate": "0.05", "logging.curves": "True"}  # fmt: skip
     result = jaxepochs.train_and_evaluate(tiny_config(overrides), tmp_path, quiet=True)
     best, stopped = result.summary["best_epoch"], result.summary["stopped_epoch"]
     assert 0 < best < stopped < 30
@@ -59,9 +59,10 @@ def test_tensorboard_and_metrics_csv_hold_what_metrics_jsonl_holds(tmp_path):
     # Throughput: the epoch's training examples over its seconds; no peak memory on CPU (its backend has none).
     assert all(row["examples_per_second"] * row["seconds"] == pytest.approx(3600) for row in rows)
     assert "peak_memory_bytes" not in rows[0]
-    off = {**overrides, "logging.csv": "False", "logging.tensorboard": "False"}
+    off = {**overrides, "logging.csv": "False", "logging.tensorboard": "False", "logging.curves": "False"}
     jaxepochs.train_and_evaluate(tiny_config(off), tmp_path / "off", quiet=True)
     assert not (tmp_path / "off" / "metrics.csv").exists() and not (tmp_path / "off" / "tensorboard").exists()
+    assert not (tmp_path / "off" / "curves.png").exists() and (tmp_path / "off" / "summary.json").exists()
 
 
 def test_a_sweep_writes_a_tensorboard_directory_per_run_with_its_hyperparameters(tmp_path):
@@ -96,7 +97,8 @@ def test_mlflow_logs_params_epochs_and_outputs_and_a_resumed_run_goes_on_in_the_
     from mlflow.tracking import MlflowClient
 
     uri = (tmp_path / "mlruns").as_uri()
-    overrides = {"logging.mlflow": "True", "logging.mlflow_tracking_uri": uri, "checkpoint.every_epochs": "1"}
+    overrides = {"logging.mlflow": "True", "logging.mlflow_tracking_uri": uri, "checkpoint.every_epochs": "1",
+                 "logging.curves": "True"}  # fmt: skip
     jaxepochs.train_and_evaluate(tiny_config(overrides), tmp_path / "run", quiet=True)
     run_id = json.loads((tmp_path / "run" / "mlflow.json").read_text())["run_id"]
     longer = jaxepochs.train_and_evaluate(tiny_config({**overrides, "train.epochs": "3"}), tmp_path / "run", quiet=True)

@@ -340,7 +340,7 @@ def _write_outputs(run: Setup, trained: Trained, summary: dict, workdir, progres
     history, primary = run.batch.histories["r0"], devices.is_primary()
     if primary:
         report.write_json(workdir / "summary.json", summary)
-    if plot and primary:
+    if plot and primary and run.info.logging.curves:
         report.plot_curves(history, workdir / "curves.png", run.info.title, summary)
     _report_end(summary, workdir, progress)
     if primary:

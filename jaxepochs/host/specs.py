@@ -24,7 +24,7 @@ def specs_of(config) -> HostSpecs:
     loop = LoopSpec(t.epochs, t.epochs_per_call, t.host_interval_seconds, bool(k.enabled), k.max_to_keep,
                     k.every_epochs, k.every_seconds, k.every_steps, tuple(t.profile_epochs))  # fmt: skip
     logging = LogSpec(bool(g.csv), bool(g.tensorboard), bool(g.mlflow), g.mlflow_tracking_uri, g.mlflow_experiment,
-                      tuple(config_lib.flatten(config).items()))  # fmt: skip
+                      tuple(config_lib.flatten(config).items()), bool(g.curves))  # fmt: skip
     tuning = FinetuneSpec(tuple(f.groups), tuple(f.freeze), tuple(f.unfreeze_epochs), tuple(f.rate_scales),
                           float(config.optimizer.layer_decay), int(t.epochs))  # fmt: skip
     return HostSpecs(loop, logging, tuning)

@@ -116,6 +116,7 @@ class LogSpec:
     mlflow_tracking_uri: str
     mlflow_experiment: str
     params: tuple = ()  # the flattened config's (key, value) pairs
+    curves: bool = True  # curves.png at the end of a run
 
 
 def tracking_uri(setting: str) -> str:

@@ -151,9 +151,11 @@ def finetune_config() -> ml_collections.ConfigDict:
 
 def logging_config() -> ml_collections.ConfigDict:
     """Where a run's rows go besides metrics.jsonl (host/writers.py): metrics.csv, TensorBoard event files under
-    WORKDIR/tensorboard/, and an MLflow run (mlflow installed: pip install 'jaxepochs[mlflow]')."""
+    WORKDIR/tensorboard/, and an MLflow run (mlflow installed: pip install 'jaxepochs[mlflow]'); and whether the
+    run ends by drawing curves.png (0.3-0.7 s of matplotlib a run: off where TensorBoard or MLflow shows them)."""
     c = ml_collections.ConfigDict()
     c.csv = True
+    c.curves = True
     c.tensorboard = True
     c.mlflow = False
     c.mlflow_tracking_uri = ""  # "": $MLFLOW_TRACKING_URI, else ./mlruns
