@@ -140,7 +140,7 @@ def test_class_weights_balanced_and_their_checks(make_config):
     assert jaxepochs.apply_overrides(balanced, {"train.class_weight": "(1.0, 5.0)"}).train.class_weight == (1.0, 5.0)
 
 
-@pytest.mark.parametrize("name", ["lion", "adafactor"])
+@pytest.mark.parametrize("name", ["lion", "adafactor", "schedule_free_adamw"])
 def test_optax_aliases_and_a_sweep_over_their_rate_stays_one_program(make_config, name):
     config = make_config({"optimizer.name": name, "optimizer.learning_rate": "1e-3"})
     runs = grid.make_runs(config, grid.expand(config, {"optimizer.learning_rate": "1e-3,3e-3"}))
@@ -247,3 +247,49 @@ def test_the_resnet_with_the_example_s_axis_name_is_refused_with_the_fix_and_no_
     with pytest.raises(ConfigError, match=r"Drop the `axis_name`"):
         jaxepochs.train_and_evaluate(config, tmp_path / "w", quiet=True)
     assert not (tmp_path / "w").exists()
+
+
+def test_schedule_free_adamw_trains_at_the_trainer_s_rate_and_is_evaluated_at_its_average(tmp_path, make_config):
+    """optimizer.name = "schedule_free_adamw" (issue 29 item 4): optax.contrib's updates at the trainer's rate
+    (to float32 round-off: the betas are traced per run), and everything evaluated at its average x, not at the
+    gradient point y it trains: validation, the final test metrics, the returned state and `jaxepochs.load`."""
+    import optax
+
+    from jaxepochs.core import optax_optim, optim
+    from jaxepochs.data import loading
+
+    spec = {**optim.OPTIMIZER_DEFAULTS, "name": "schedule_free_adamw", "learning_rate": 0.05,
+            "weight_decay": 0.01, "schedule": dict(optim.SCHEDULE_DEFAULTS)}  # fmt: skip
+    tx, ref = optax_optim.make(spec, 10, 3), optax.contrib.schedule_free_adamw(0.05, weight_decay=0.01)
+    params = ours = {"w": jnp.arange(3.0), "b": jnp.ones(2)}
+    state, ref_state = tx.init(params), ref.init(params)
+    for step in range(5):
+        grads = lambda p, step=step: jax.tree.map(lambda a: jnp.sin(a * (step + 1)), p)
+        updates, state = tx.update(grads(ours), state, ours)
+        ours = optax.apply_updates(ours, updates)
+        ref_updates, ref_state = ref.update(grads(params), ref_state, params)
+        params = optax.apply_updates(params, ref_updates)
+    close = lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    jax.tree.map(close, ours, params)
+    jax.tree.map(close, tx.eval_params(state, ours), optax.contrib.schedule_free_eval_params(ref_state, params))
+
+    config = make_config({"optimizer.name": "schedule_free_adamw", "train.epochs": "3"})
+    result = jaxepochs.train_and_evaluate(config, tmp_path / "run", quiet=True)
+    loaded = jaxepochs.load(tmp_path / "run")
+    for x, returned in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(result.state.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(returned))
+    b1 = float(loaded.opt_state.hparams.b1)
+    trained_y = jax.tree.map(lambda x, z: b1 * x + (1 - b1) * z, loaded.params, loaded.opt_state.inner.z)
+    test = loading.load_dataset(config, quiet=True).test
+    model = jaxepochs.load_model(tmp_path / "run")
+    loss = lambda logits: float(optax.softmax_cross_entropy_with_integer_labels(logits, test.y).mean())
+    at_x = loss(model.predict(test.x))
+    assert result.summary["test_loss"] == pytest.approx(at_x, rel=1e-5)
+    at_y = loss(model.inference_fn({"params": trained_y, "model_state": loaded.model_state}, test.x))
+    assert abs(at_y - at_x) > 1e-3  # y, the point it trains at, is another model: not the one reported
+    streamed = jaxepochs.train_and_evaluate(
+        make_config({"optimizer.name": "schedule_free_adamw", "train.epochs": "3", "data.stream": "True"}),
+        tmp_path / "streamed",
+        quiet=True,
+    )
+    assert streamed.summary["test_loss"] == pytest.approx(result.summary["test_loss"], rel=1e-4)

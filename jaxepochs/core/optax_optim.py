@@ -34,6 +34,10 @@ ALIASES = {
 }
 
 
+SCHEDULE_FREE = "schedule_free_adamw"  # optax.contrib's, at the trainer's rate: ScheduleFreeOptimizer
+NAMES = (*ALIASES, SCHEDULE_FREE)  # the optimizer.name values made here
+
+
 class OptaxState(NamedTuple):
     count: jax.Array  # int32 [] updates taken
     shape: jax.Array  # float32 [] the schedule's shape at the last update's step (before any: at step 0)
@@ -87,6 +91,30 @@ class _Scale(NamedTuple):
     scale: jax.Array
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class ScheduleFreeOptimizer(OptaxOptimizer):
+    """optax.contrib.schedule_free_adamw (Defazio et al. 2024) at the trainer's rate: each step builds it at
+    that step's learning_rate * shape * scale (a traced number: the schedule's warmup, the plateau's factor and a
+    sweep's per-run rate and betas all reach it) and takes its update whole, since the rate enters its averaging
+    weights and cannot be applied afterwards. The parameters trained are its gradient point y; evaluation,
+    the best epoch and `jaxepochs.load` see its average x (`eval_params`: optax's schedule_free_eval_params, with
+    the run's b1). Its weight decay (optimizer.weight_decay) is optax's, multiplied by the rate."""
+
+    def update(self, grads, state: OptaxState, params=None):  # init: OptaxOptimizer's, of `inner` at rate 1
+        if self.clip_norm > 0:
+            grads, _ = optax.clip_by_global_norm(self.clip_norm).update(grads, optax.EmptyState())
+        h = state.hparams
+        shape = jnp.asarray(self.shape(state.count), jnp.float32)
+        rate = h.learning_rate * shape * h.scale
+        tx = optax.contrib.schedule_free_adamw(rate, b1=h.b1, b2=h.b2, weight_decay=h.weight_decay)
+        updates, inner = tx.update(grads, state.inner, params)
+        return updates, OptaxState(state.count + 1, shape, h, inner)
+
+    def eval_params(self, state: OptaxState, params):
+        b1 = state.hparams.b1
+        return jax.tree.map(lambda y, z: (y - (1.0 - b1) * z) / b1, params, state.inner.z)
+
+
 def alias_direction(o: dict) -> tuple[optax.GradientTransformation, bool]:
     """The direction of optimizer.name's optax alias (its updates at rate 1, negated) and whether the trainer
     decays the weights for it."""
@@ -102,8 +130,14 @@ def make(spec: dict, steps_per_epoch: int, total_epochs: int, direction=None) ->
         raise ValueError(
             f"config.optimizer.learning_rate = {o['learning_rate']!r}. The learning rate must be positive."
         )
+    shape = optim.make_schedule(o["schedule"], 1.0, steps_per_epoch, total_epochs)
+    defaults = tuple(optim.hparams_of(o))
+    if direction is None and o["name"] == SCHEDULE_FREE:
+        if not 0 < o["b1"] < 1:
+            raise ValueError(f"config.optimizer.b1 = {o['b1']!r}. Schedule-free AdamW needs 0 < b1 < 1.")
+        inner = optax.contrib.schedule_free_adamw(1.0, b1=o["b1"], b2=o["b2"])
+        return ScheduleFreeOptimizer(inner, shape, defaults, float(o["clip_norm"]))
     decays = o["name"] == "adamw"
     if direction is None:
         direction, decays = alias_direction(o)
-    shape = optim.make_schedule(o["schedule"], 1.0, steps_per_epoch, total_epochs)
-    return OptaxOptimizer(direction, shape, tuple(optim.hparams_of(o)), float(o["clip_norm"]), decays)
+    return OptaxOptimizer(direction, shape, defaults, float(o["clip_norm"]), decays)

@@ -144,6 +144,10 @@ class TrainerOptimizer(Protocol):
     An optimizer whose direction is another optax transformation implements it by owning the rest: a state of
     (count, the schedule's shape, OptHParams, the inner transformation's state); `update` scales the inner
     updates by -learning_rate * shape * scale (adding weight_decay * params first where it decays).
+
+    Optional: eval_params(state, params) -> params, the parameters to evaluate where they are not the trained
+    ones (schedule-free's average x beside its gradient point y: core/optax_optim.py). Validation, test, the
+    best epoch's parameters, the final metrics and `jaxepochs.load` then see them (`evaluation_state`).
     """
 
     defaults: tuple[float, ...]
@@ -294,6 +298,21 @@ def make_optimizer(spec: Mapping[str, Any], steps_per_epoch: int, total_epochs: 
         raise ValueError(f"config.optimizer.clip_norm = {clip_norm!r}. Use 0 (off) or a positive global norm.")
     shape = make_schedule(o["schedule"], 1.0, steps_per_epoch, total_epochs)
     return Optimizer(o["name"], shape, tuple(hparams_of(o)), clip_norm, momentum=float(o["momentum"]) != 0.0)
+
+
+def evaluation_state(tx, state):
+    """`state` (a TrainState) as evaluation sees it: its parameters replaced by the optimizer's `eval_params`
+    where it has them (TrainerOptimizer), else `state` itself (the same object: nothing is traced for it)."""
+    eval_params = getattr(tx, "eval_params", None)
+    return state if eval_params is None else state._replace(params=eval_params(state.opt_state, state.params))
+
+
+def evaluation_states(tx, states):
+    """evaluation_state of runs' states (a leading run axis), as the host computes it for the final states and
+    `jaxepochs.load`: one function, so the two agree to the bit."""
+    if getattr(tx, "eval_params", None) is None:
+        return states
+    return jax.vmap(functools.partial(evaluation_state, tx))(states)
 
 
 def learning_rate_of(opt_state: OptState, plateau_state: PlateauState | None = None) -> jax.Array:

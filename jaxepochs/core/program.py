@@ -35,7 +35,7 @@ class RunCarry(NamedTuple):
     state: epoch_lib.TrainState
     es_state: EarlyStoppingState
     plateau: optim.PlateauState | None  # reduce_on_plateau's state; None for other schedules
-    best_params: Any  # the parameters of es_state.best_epoch
+    best_params: Any  # the parameters of es_state.best_epoch, as evaluated (optim.evaluation_state)
     halted: jax.Array  # bool [] a non-finite loss or early stopping ended the run: later epochs change nothing
 
 
@@ -117,11 +117,12 @@ def _one_epoch(spec: RunSpec, carry: RunCarry, splits, es_hparams, epoch, test_d
     )
     zero = epoch_lib.Metrics.zeros(spec.metric_names)
     val_m = test_m = zero
+    evaluated = optim.evaluation_state(spec.tx, state)
     # test_due and val_due are the same for every run: real branches under vmap.
     if "val" in spec.eval_batch_sizes:
-        val_m = jax.lax.cond(val_due, lambda s: _evaluate(spec, "val", s, splits), lambda s: zero, state)
+        val_m = jax.lax.cond(val_due, lambda s: _evaluate(spec, "val", s, splits), lambda s: zero, evaluated)
     if "test" in spec.eval_batch_sizes:
-        test_m = jax.lax.cond(test_due, lambda s: _evaluate(spec, "test", s, splits), lambda s: zero, state)
+        test_m = jax.lax.cond(test_due, lambda s: _evaluate(spec, "test", s, splits), lambda s: zero, evaluated)
     return conclude_epoch(spec, carry, state, train_m, val_m, test_m, es_hparams, epoch, val_due)
 
 
@@ -157,7 +158,11 @@ def conclude_epoch(spec: RunSpec, carry: RunCarry, state, train_m, val_m, test_m
         jax.tree.map(select, carry.state, state),
         jax.tree.map(select, carry.es_state, es_state),
         jax.tree.map(select, carry.plateau, plateau),
-        jax.tree.map(lambda old, nxt: jnp.where(improved, nxt, old), carry.best_params, state.params),
+        jax.tree.map(
+            lambda old, nxt: jnp.where(improved, nxt, old),
+            carry.best_params,
+            optim.evaluation_state(spec.tx, state).params,  # the parameters that were evaluated
+        ),
         discard | (es_state.should_stop if spec.may_stop else False),
     )
     return out, (train_m, val_m, test_m, learning_rate)

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxepochs.core import epoch as epoch_lib
+from jaxepochs.core import optim
 from jaxepochs.core import program as program_lib
 
 
@@ -50,10 +51,14 @@ def make_train_chunk(spec: program_lib.RunSpec):
     return jax.vmap(one, in_axes=(0, 0, None, None))
 
 
-def make_eval_chunk(spec: program_lib.RunSpec):
-    """eval_chunk(state_R, sums_R, batches_CxB, mask_CxB) -> sums_R: evaluation-mode metric sums of C batches."""
+def make_eval_chunk(spec: program_lib.RunSpec, trained: bool = True):
+    """eval_chunk(state_R, sums_R, batches_CxB, mask_CxB) -> sums_R: evaluation-mode metric sums of C batches.
+    `trained`: the states are training's, evaluated at the optimizer's evaluation parameters (the epoch's
+    validation and test); False: they are already (the final states, best epoch's parameters restored)."""
 
     def one(state: epoch_lib.TrainState, sums: epoch_lib.Metrics, batches, mask):
+        state = optim.evaluation_state(spec.tx, state) if trained else state
+
         def body(totals, inputs):
             batch, mask_b = inputs
             _, (metrics, _) = epoch_lib.loss_and_metrics(

@@ -27,6 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxepochs.core import epoch as epoch_lib
 from jaxepochs.core import layout as layout_lib
+from jaxepochs.core import optim
 from jaxepochs.core import program as program_lib
 from jaxepochs.host import checkpoint as checkpoint_lib
 from jaxepochs.host import devices, finetune, lineage, report, setup
@@ -248,8 +249,10 @@ class RunBatch:
     def final_states(self, carry):
         """The members' final TrainStates (from the carry fetched to the host, run axis): the best epoch's
         parameters where the rule is restore-best and an epoch was monitored (start_from_epoch may leave none),
-        else the last good epoch's."""
+        else the last good epoch's (as evaluated: the optimizer's evaluation parameters, where it has them)."""
         state = carry.state
+        if hasattr(self.comp.spec.tx, "eval_params"):
+            state = devices.fetch(optim.evaluation_states(self.comp.spec.tx, state))
         restored = self.restored_best(carry.es_state)
         pick = lambda best, last: np.where(restored.reshape(-1, *[1] * (np.ndim(best) - 1)), best, last)
         return state._replace(params=jax.tree.map(pick, carry.best_params, state.params)), restored

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from jaxepochs.core import epoch as epoch_lib
+from jaxepochs.core import optim
 from jaxepochs.data import loading as data_lib
 from jaxepochs.host import checkpoint as checkpoint_lib
 from jaxepochs.host import hooks as hooks_lib
@@ -150,6 +151,8 @@ def open_run(workdir: str | pathlib.Path, epoch: int | str | None = None, run: s
     one = setup.abstract_carry(pieces, config, setup.first_example(dataset.train))  # a run: a batch of one
     like = jax.tree.map(lambda a: jax.ShapeDtypeStruct((where.size, *a.shape[1:]), a.dtype), one)
     carry, chosen = _restore(where, like, epoch)
+    # The parameters as evaluated: the best epoch's, else the optimizer's evaluation parameters (schedule-free's).
+    carry = carry._replace(state=optim.evaluation_states(pieces.tx, carry.state))
     carry = jax.tree.map(lambda a: a[where.index], carry)
     has_best = int(carry.es_state.best_epoch) > 0  # no epoch monitored yet: the last is the best known
     state = carry.state._replace(params=carry.best_params) if epoch == "best" and has_best else carry.state

@@ -155,7 +155,7 @@ def make_optimizer(o, hooks: hooks_lib.Hooks, steps_per_epoch: int, epochs: int,
                     "optax.clip_by_global_norm(1.0), optax.scale_by_lion()): the trainer applies the learning rate."
                 )
             tx = optax_optim.make(spec, steps_per_epoch, epochs, direction)
-        elif o.name in optax_optim.ALIASES:
+        elif o.name in optax_optim.NAMES:
             tx = optax_optim.make(spec, steps_per_epoch, epochs)
         else:
             tx = optim.make_optimizer(spec, steps_per_epoch, epochs)

@@ -103,15 +103,19 @@ class Programs(NamedTuple):
     eval_chunk: Any
     conclude: Any
     validate_and_conclude: Any  # with the validation split kept on the device: its evaluation and conclude
+    final_eval_chunk: Any  # eval_chunk of states already as evaluated; eval_chunk itself for most optimizers
 
 
 def make_programs(spec: program_lib.RunSpec) -> Programs:
     """The streamed epoch's programs, jitted (each compiles at its first chunk shape)."""
+    eval_chunk = jax.jit(stream_lib.make_eval_chunk(spec))
+    final = jax.jit(stream_lib.make_eval_chunk(spec, trained=False)) if hasattr(spec.tx, "eval_params") else None
     return Programs(
         jax.jit(stream_lib.make_train_chunk(spec)),
-        jax.jit(stream_lib.make_eval_chunk(spec)),
+        eval_chunk,
         jax.jit(stream_lib.make_conclude(spec)),
         jax.jit(stream_lib.make_validate_and_conclude(spec)),
+        final or eval_chunk,
     )
 
 
@@ -149,11 +153,12 @@ def held_out_for_training(budget_bytes: int, spec, held_out: dict, chunk_example
     return out
 
 
-def evaluate(programs: Programs, spec, state_r, held: HeldOut) -> Any:
-    """A held-out split's metric sums for the runs' states."""
+def evaluate(programs: Programs, spec, state_r, held: HeldOut, final: bool = False) -> Any:
+    """A held-out split's metric sums for the runs' states (training's; `final`: the final states)."""
     sums = stream_lib.zero_sums(spec, jax.tree.leaves(state_r.step)[0].shape[0])
+    chunk_program = programs.final_eval_chunk if final else programs.eval_chunk
     for chunk in held.chunks():
-        sums = programs.eval_chunk(state_r, sums, {"x": chunk["x"], "y": chunk["y"]}, chunk["mask"])
+        sums = chunk_program(state_r, sums, {"x": chunk["x"], "y": chunk["y"]}, chunk["mask"])
     return sums
 
 
@@ -164,7 +169,7 @@ def final_sums(programs: Programs, spec, states_r, held_out: dict, batch_size: i
         sizes = {**spec.eval_batch_sizes, name: min(batch_size, data_lib.count(split))}
         held = HeldOut(split, name, sizes[name], chunk_examples, keep=False, put=putter(spec))
         out[name] = jax.device_get(evaluate(programs, dataclasses.replace(spec, eval_batch_sizes=sizes), states_r,
-                                            held))  # fmt: skip
+                                            held, final=True))  # fmt: skip
     return out
 
 

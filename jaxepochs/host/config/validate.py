@@ -14,7 +14,7 @@ from jaxepochs.host.config.schema import base_config, flatten, mnist1d_args
 from jaxepochs.models import CONVS, INITS, MODELS
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
-OPTIMIZERS = (*optim.OPTIMIZERS, *optax_optim.ALIASES)
+OPTIMIZERS = (*optim.OPTIMIZERS, *optax_optim.NAMES)
 
 
 def _check_keys(section: ml_collections.ConfigDict, schema: ml_collections.ConfigDict, prefix: str) -> None:
