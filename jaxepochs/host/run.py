@@ -66,9 +66,8 @@ class RunInfo:
 
 def use_compilation_cache(directory: str) -> None:
     """Turns on JAX's persistent compilation cache in `directory`, unless it is "" or a cache is already set (by
-    the user, the environment or an earlier run in this process). Programs that took 0.2 s or more to compile
-    are kept, unless JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS says otherwise (the user's setting wins); XLA
-    keys them by program and backend, so a stale entry is never used."""
+    the user, the environment or an earlier run in this process). Programs that took 0.2 s (or the user's
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS) to compile are kept; XLA keys them by program and backend."""
     if not directory or jax.config.jax_compilation_cache_dir:
         return
     path = pathlib.Path(directory).expanduser()
