@@ -36,6 +36,7 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/peers.py
 	$(BIN)/python benchmarks/sweep_speed.py --runs 1,8,32,128
 	$(BIN)/python benchmarks/stream_speed.py speed --epochs 15 --rounds 4
+	$(BIN)/python benchmarks/optax_hook.py
 
 clean:
 	rm -rf $(VENV) runs
