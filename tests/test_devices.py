@@ -184,19 +184,19 @@ def _untimed(rows: list[dict]) -> list[dict]:
 
 
 def test_two_processes_train_as_one_run_and_resume_after_sigkill(tmp_path):
-    overrides = {"train.epochs": "4", "train.epochs_per_call": "1"}
+    overrides = {"train.epochs": "3", "train.epochs_per_call": "1"}
     whole = tmp_path / "whole"
     assert _wait(_launch(whole, overrides, _free_port(), tmp_path)) == [0, 0], (tmp_path / "p0.log").read_text()
     summary = json.loads((whole / "summary.json").read_text())
     assert (summary["processes"], summary["devices"], summary["mesh"]) == (2, 2, {"runs": 1, "data": 2})
-    alone = tiny_config({"train.epochs": "4", "mesh.data": "2"})  # one process, its two devices
+    alone = tiny_config({"train.epochs": "3", "mesh.data": "2"})  # one process, its two devices
     alone = jaxepochs.train_and_evaluate(alone, tmp_path / "alone", quiet=True)
     np.testing.assert_allclose(_metrics(_rows(whole)), _metrics(alone.history), rtol=1e-3)
 
     killed = tmp_path / "killed"
     children = _launch(killed, overrides, _free_port(), tmp_path)
     deadline = time.monotonic() + WAIT
-    while not ((killed / "metrics.jsonl").exists() and len(_rows(killed)) >= 2):
+    while not ((killed / "metrics.jsonl").exists() and len(_rows(killed)) >= 1):
         assert time.monotonic() < deadline and children[0].poll() is None, (tmp_path / "p0.log").read_text()
         time.sleep(0.01)
     children[1].send_signal(signal.SIGKILL)
