@@ -216,22 +216,37 @@ def test_a_causal_lm_s_token_normalised_loss_is_the_summed_token_loss_over_the_t
     assert summary["test_loss"] == pytest.approx((nll * test["mask"]).sum() / test["mask"].sum(), rel=1e-4)
 
 
+ON_A_SUBSET = """
+from {name} import *  # noqa: F403  (get_config, the model and get_model as shipped)
+from {name} import get_data as all_of_digits
+
+
+def get_data(config):
+    part = lambda split, n: {{k: v[:n] for k, v in split.items()}}
+    splits = all_of_digits(config)
+    return {{"train": part(splits["train"], 640), "test": part(splits["test"], 160)}}
+"""
+
+
 @pytest.mark.parametrize(
     "name, reduced",
     [  # the NNX CNN's 32- and 64-channel convolutions run slowly unoptimised: XLA's defaults for it
-        pytest.param("flax_mnist_nnx", {"train.epochs": "1", "train.batch_size": "32"}, marks=pytest.mark.optimized),
-        ("flax_resnet_digits", {"train.epochs": "2"}),
+        pytest.param("flax_mnist_nnx", {"train.epochs": "2", "train.batch_size": "32"}, marks=pytest.mark.optimized),
+        ("flax_resnet_digits", {"train.epochs": "2", "train.batch_size": "32"}),
     ],
 )
 def test_the_flax_examples_models_train_as_their_authors_wrote_them(tmp_path, name, reduced):
     """Issue 29 item 5: the Flax mnist example's NNX CNN (`__call__(self, x, rngs)`, BatchNorm, Dropout) and the
-    imagenet example's linen ResNet, as shipped experiments on digits, reduced to a few epochs: they learn, and
-    their BatchNorm statistics are the trainer's state, moved by training (the docstrings' figures are for the
-    full runs)."""
-    path = REPO / "experiments" / f"{name}.py"
-    config = jaxepochs.apply_overrides(jaxepochs.load_config_file(path), reduced)
+    imagenet example's linen ResNet, as shipped experiments, on 640 of digits' training images for 2 epochs
+    (XLA:CPU runs a convolution's kernel gradient inside the epoch's loop some 10x slower than outside one): they
+    learn, and their BatchNorm statistics are the trainer's state, moved by training (the docstrings' figures are
+    for the full runs)."""
+    for module in (name, "digits_cnn"):
+        (tmp_path / f"{module}.py").write_text((REPO / "experiments" / f"{module}.py").read_text())
+    (tmp_path / "subset.py").write_text(ON_A_SUBSET.format(name=name))
+    config = jaxepochs.apply_overrides(jaxepochs.load_config_file(tmp_path / "subset.py"), reduced)
     result = jaxepochs.train_and_evaluate(config, tmp_path / name, quiet=True)
-    assert result.summary["test_accuracy"] > 0.7  # 0.88 and 0.91 measured; chance is 0.1
+    assert result.summary["test_accuracy"] > 0.5  # chance is 0.1
     means = [leaf for p, leaf in jax.tree_util.tree_leaves_with_path(result.state.model_state) if "mean" in str(p)]
     assert means and all(float(np.abs(np.asarray(m)).max()) > 0 for m in means)  # running means, updated
 
