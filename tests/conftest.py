@@ -11,8 +11,18 @@ import fcntl
 import json
 import os
 
+# XLA:CPU's newer fusion emitters take twice the compile time of its classic ones (a 3-epoch tiny run: 3.8-4.8 s
+# of backend compiles against 1.8-2.1 s, measured alternately), and the suite is mostly compiles of small programs.
+# Every process of the suite compiles with the classic ones (its subprocesses inherit the flag: `one_device_env`),
+# except the tests marked `xla_defaults`, which run in a pytest process of their own without it (see
+# `pytest_pyfunc_call`). XLA_FLAGS is read once per process, so it cannot change around a test.
+XLA_DEFAULTS = os.environ.get("JAXEPOCHS_TEST_XLA_DEFAULTS") == "1"  # this process runs `xla_defaults` tests
+FAST_COMPILE_FLAGS = "" if XLA_DEFAULTS else "--xla_cpu_use_fusion_emitters=false"
+_OURS = ("--xla_cpu_use_fusion_emitters=false", "--xla_force_host_platform_device_count=2")  # (xdist's workers
+# inherit the flags their controller's conftest set)
+USER_XLA_FLAGS = " ".join(flag for flag in os.environ.get("XLA_FLAGS", "").split() if flag not in _OURS)
 os.environ["XLA_FLAGS"] = " ".join(
-    flag for flag in (os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=2") if flag
+    flag for flag in (USER_XLA_FLAGS, FAST_COMPILE_FLAGS, "--xla_force_host_platform_device_count=2") if flag
 )
 os.environ["JAX_PLATFORMS"] = "cpu"
 # XLA's backend optimisations cost about 40% of the suite's CPU time (the suite is mostly compiles of small
@@ -21,6 +31,8 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import pathlib  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -35,11 +47,22 @@ EXPERIMENT = REPO / "experiments" / "mnist1d_mlp.py"
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
-def _shared_directory(tmp_path_factory, name: str) -> pathlib.Path:
-    """A directory of this test run that its xdist workers share (their base directories' parent, which is this
-    run's own), so that what one worker prepares or compiles the other finds; without xdist, the session's."""
+def _shared_base(tmp_path_factory) -> pathlib.Path:
+    """The directory of this test run that its xdist workers (and its `xla_defaults` children) share: the workers'
+    base directories' parent, which is this run's own; without xdist, the session's."""
+    if os.environ.get("JAXEPOCHS_TEST_SHARED_DIR"):  # an `xla_defaults` child: its parent run's
+        return pathlib.Path(os.environ["JAXEPOCHS_TEST_SHARED_DIR"])
     base = tmp_path_factory.getbasetemp()
-    directory = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+_SHARED_BASE: list[pathlib.Path] = []  # _shared_base, noted by the session's first fixture
+
+
+def _shared_directory(tmp_path_factory, name: str) -> pathlib.Path:
+    """A directory of this test run that its processes share, so that what one prepares or compiles (the
+    datasets, XLA's programs) the others find."""
+    directory = _shared_base(tmp_path_factory) / name
     directory.mkdir(exist_ok=True)
     return directory
 
@@ -55,6 +78,11 @@ def computed_once(tmp_path_factory, name: str, compute):
         if not result.exists():
             result.write_text(json.dumps(compute(directory)))
     return json.loads(result.read_text())
+
+
+def one_device_env() -> dict[str, str]:
+    """This process's environment for a child process that sees one CPU device (conftest's compile flags kept)."""
+    return {**os.environ, "XLA_FLAGS": " ".join(flag for flag in (USER_XLA_FLAGS, FAST_COMPILE_FLAGS) if flag)}
 
 
 OPTIMIZED_ENV = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "0"}  # a subprocess's environment for XLA's defaults
@@ -85,6 +113,24 @@ def optimized():
             os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = previous_env
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem):
+    """Runs a test marked `xla_defaults` in a pytest process of its own compiled with XLA:CPU's default emitters
+    (unless this process is one): the tests of bit-equality between programs of other shapes (K epochs per call
+    against one, vmapped seeds against sequential runs), which XLA promises for its defaults. The child shares
+    this run's datasets and compilation cache (XLA keys programs by their flags too)."""
+    if pyfuncitem.get_closest_marker("xla_defaults") is None or XLA_DEFAULTS:
+        return None
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    env.update(JAXEPOCHS_TEST_XLA_DEFAULTS="1", XLA_FLAGS=USER_XLA_FLAGS)
+    env["JAXEPOCHS_TEST_SHARED_DIR"] = str(_SHARED_BASE[0])
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", pyfuncitem.nodeid]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    if done.returncode != 0 or "1 passed" not in done.stdout:
+        pytest.fail(f"{pyfuncitem.nodeid} under XLA's default emitters:\n{done.stdout[-6000:]}{done.stderr[-3000:]}")
+    return True
+
+
 @pytest.fixture(autouse=True)
 def _optimized_when_marked(request):
     """Runs the tests marked `optimized` inside `optimized()`."""
@@ -100,6 +146,7 @@ def tfds_data_dir(tmp_path_factory) -> pathlib.Path:
     """Points $TFDS_DATA_DIR at a fresh directory of this test run: the built-in datasets are prepared there, once
     (the workers take turns: preparing holds a lock), and the user's ~/tensorflow_datasets is never read or
     written."""
+    _SHARED_BASE.append(_shared_base(tmp_path_factory))
     directory = _shared_directory(tmp_path_factory, "tensorflow_datasets")
     previous = os.environ.get("TFDS_DATA_DIR")
     os.environ["TFDS_DATA_DIR"] = str(directory)

@@ -5,7 +5,6 @@ jax.distributed over loopback (gloo's CPU collectives), with their faults."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -15,7 +14,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, TIMED, tiny_config
+from conftest import REPO, TIMED, one_device_env, tiny_config
 
 import jaxepochs
 from jaxepochs.core import layout as layout_lib
@@ -158,7 +157,7 @@ def _free_port() -> int:
 
 
 def _launch(workdir, overrides: dict, port: int, logs, extra=(), per_process=None, command_name="run"):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device per process
+    env = one_device_env()  # one CPU device per process
     children = []
     for process in range(2):
         command = [sys.executable, "-m", "jaxepochs.cli", command_name, "--config", "experiments/mnist1d_mlp.py"]
@@ -239,7 +238,7 @@ def test_a_workdir_that_process_0_refuses_stops_every_process(tmp_path):
 
 
 def test_an_unreachable_coordinator_is_an_error_in_bounded_time(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = one_device_env()
     command = [sys.executable, "-m", "jaxepochs.cli", "run", "--config", "experiments/mnist1d_mlp.py", "--workdir"]
     command += [str(tmp_path / "run"), "--coordinator_address", f"127.0.0.1:{_free_port()}", "--num_processes", "2"]
     command += ["--distributed_timeout", "3"]
@@ -263,7 +262,7 @@ def test_distributed_options_that_do_not_go_together_are_usage_errors(tmp_path, 
     assert "--coordinator_address, --num_processes and --process_id go together" in capsys.readouterr().err
     assert cli.main([*base, "--coordinator_address", "h:1", "--num_processes", "2", "--process_id", "2"]) == 2
     assert "--process_id 2 is not in 0..1" in capsys.readouterr().err
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = one_device_env()
     done = subprocess.run([sys.executable, "-m", "jaxepochs.cli", *base, "--distributed"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=WAIT)  # fmt: skip
     assert done.returncode == 2 and "JAX found no cluster to join" in done.stderr

@@ -56,6 +56,7 @@ def _same(a, b):
         np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.xla_defaults  # bit-equality of programs of other shapes: XLA keeps it for its defaults
 @pytest.mark.parametrize("per_call", ["3", "0"], ids=["three", "automatic"])
 def test_many_epochs_per_call_equal_one_epoch_per_call(tmp_path, monkeypatch, per_call):
     common = {"train.epochs": "7", "train.log_test": "True", "train.test_every": "3"}
@@ -74,6 +75,7 @@ def test_many_epochs_per_call_equal_one_epoch_per_call(tmp_path, monkeypatch, pe
     _same(one.state, many.state)
 
 
+@pytest.mark.xla_defaults  # bit-equality of programs of other shapes: XLA keeps it for its defaults
 def test_fused_early_stopping_stops_at_the_same_epoch_and_restores_best(tmp_path):
     stop = {
         "train.epochs": "30",
@@ -131,6 +133,7 @@ def test_bad_fused_settings(key, value, match):
         tiny_config({key: value})
 
 
+@pytest.mark.xla_defaults  # bit-equality of programs of other shapes: XLA keeps it for its defaults
 def test_reduce_on_plateau_decides_inside_the_program_at_any_pace(tmp_path):
     """The plateau's update is part of the run program: calls of 4 epochs give the rows of calls of 1."""
     plateau = {
