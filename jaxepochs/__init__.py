@@ -17,6 +17,7 @@ _HOMES = {
     "jaxepochs.core.early_stopping": ("EarlyStopping", "EarlyStoppingState"),
     "jaxepochs.core.epoch": ("Metrics", "TrainState", "eval_epoch", "train_epoch", "train_step"),
     "jaxepochs.data.loading": ("DataError",),
+    "jaxepochs.host.callbacks": ("CallbackError",),
     "jaxepochs.host.config": ("ConfigError", "apply_overrides", "base_config", "load_config_file"),
     "jaxepochs.host.export": ("ExportError", "export_model"),
     "jaxepochs.host.inference": ("InputError", "SavedModel", "load_model"),
@@ -48,6 +49,7 @@ def sweep(config, grid, workdir, **kwargs):
 
 
 __all__ = [
+    "CallbackError",
     "ConfigError",
     "DataError",
     "EarlyStopping",

@@ -48,8 +48,9 @@ import jax.numpy as jnp
 
 MODES = ("auto", "min", "max")
 RULES = ("patience", "gl", "pq", "up")
-STOP_REASONS = ("none", "patience", "gl", "pq", "up", "divergence")  # index = EarlyStoppingState.stop_reason
-NO_STOP, PATIENCE, GL, PQ, UP, DIVERGENCE = range(len(STOP_REASONS))
+# index = EarlyStoppingState.stop_reason; "callback": the host wrote a user callback's stop (host/callbacks.py)
+STOP_REASONS = ("none", "patience", "gl", "pq", "up", "divergence", "callback")
+NO_STOP, PATIENCE, GL, PQ, UP, DIVERGENCE, CALLBACK = range(len(STOP_REASONS))
 TRAINER_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
 DEFAULT_ALPHA = {"gl": 5.0, "pq": 0.5}  # GL_5 and PQ_0.5, within the ranges Prechelt (1998) evaluates
 

@@ -29,6 +29,7 @@ from jaxepochs.core import epoch as epoch_lib
 from jaxepochs.core import layout as layout_lib
 from jaxepochs.core import optim
 from jaxepochs.core import program as program_lib
+from jaxepochs.core.early_stopping import CALLBACK
 from jaxepochs.host import checkpoint as checkpoint_lib
 from jaxepochs.host import devices, finetune, lineage, report, setup
 from jaxepochs.host.compose import Composition, Member
@@ -202,7 +203,8 @@ class RunBatch:
         self.non_finite.update(restored.non_finite)
         self.take_lineage(restored.lineage, restored.epoch, say)
         padded = [m.name for m in self.members]
-        halted = np.asarray(restored.carry.es_state.should_stop) & self.comp.pieces.may_stop
+        es = restored.carry.es_state  # a callback's stop halts the run with early stopping off too
+        halted = np.asarray(es.should_stop) & (self.comp.pieces.may_stop | (np.asarray(es.stop_reason) == CALLBACK))
         halted = halted | np.array([name in self.non_finite for name in padded])
         return self.place(restored.carry._replace(halted=halted))
 

@@ -78,16 +78,17 @@ def drive(
     *,
     pace: Pace,
     checkpoints: Periodic,
-    consume: Callable[[Any, int, float], bool],
+    consume: Callable[[Any, int, float, Any], bool],
     save: Callable[[Any, int], None],
     interrupted: Callable[[], bool],
     overlap: bool = True,
 ) -> Outcome:
     """Runs epochs first_epoch..last_epoch by calls of `call(carry, first, count) -> (carry, rows)`.
 
-    `consume(rows, first_epoch, seconds_per_epoch)` takes each call's rows (fetched to the host) and says whether
-    every run has halted; `save(carry, epoch)` runs when `checkpoints` is due after a call (not after the last:
-    the caller saves the outcome). Stops after the call in flight when `interrupted()`. `overlap`: dispatch the
+    `consume(rows, first_epoch, seconds_per_epoch, carry)` takes each call's rows (fetched to the host) and the
+    carry after them (on the device), and says whether every run has halted; `save(carry, epoch)` runs when
+    `checkpoints` is due after a call (not after the last: the caller saves the outcome). Stops after the call
+    in flight when `interrupted()`. `overlap`: dispatch the
     next call before reading the last. Not on CPU: XLA's CPU client runs some calls in the dispatching thread
     and some in its own, so a call dispatched ahead could finish before the last one's rows were read and their
     seconds would mix; and the host's work takes the same cores anyway.
@@ -121,7 +122,7 @@ def drive(
         last_done = pending.first_epoch + ran - 1
         failed: OSError | None = None
         try:
-            halted = consume(rows, pending.first_epoch, seconds / max(ran, 1))
+            halted = consume(rows, pending.first_epoch, seconds / max(ran, 1), pending.carry)
         except OSError as error:  # a full disk, say: the caller saves this call's carry before anything closes
             failed = error
         if devices.agree((int(failed is not None),))[0]:  # past one process: only process 0 writes the rows

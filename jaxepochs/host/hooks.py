@@ -8,6 +8,8 @@
     augment(key, batch)          -> a batch, inside each training step on the device
     get_optimizer(config)        -> an optax.GradientTransformation: the update's direction (the trainer applies
                                     its learning rate, schedule and plateau scale to it)
+    on_epoch_end(row)            -> True to stop the run; on the host with each epoch's row (host/callbacks.py),
+                                    or on_epoch_end(row, run) for run.params()
 
 loss_fn, metrics_fn and augment may take a third argument, `hparams`: config.hparams' numbers as traced scalars
 (hparams.weight or hparams["weight"]), so a sweep over them is one program. loss_fn and each metric may give
@@ -40,8 +42,10 @@ HOOKS = {
     "get_data": ("config",),
     "augment": ("key", "batch"),
     "get_optimizer": ("config",),
+    "on_epoch_end": ("row",),
 }
-TAKES_HPARAMS = ("loss_fn", "metrics_fn", "augment")  # these may take a third argument, config.hparams' numbers
+# These may take one more argument: config.hparams' numbers (the device's hooks), or the run (on_epoch_end's).
+TAKES_ONE_MORE = ("loss_fn", "metrics_fn", "augment", "on_epoch_end")
 
 
 class Hooks(NamedTuple):
@@ -52,6 +56,7 @@ class Hooks(NamedTuple):
     get_data: Callable | None = None
     augment: Callable | None = None
     get_optimizer: Callable | None = None
+    on_epoch_end: Callable | None = None
 
 
 def _check_signature(path: str, name: str, function) -> None:
@@ -67,7 +72,7 @@ def _check_signature(path: str, name: str, function) -> None:
     ]
     positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     variadic = any(p.kind == p.VAR_POSITIONAL for p in parameters)
-    most = len(expected) + (name in TAKES_HPARAMS)
+    most = len(expected) + (name in TAKES_ONE_MORE)
     names = [p.name for p in positional]
     if name == "augment" and names[:2] == ["batch", "key"]:
         raise config_lib.ConfigError(

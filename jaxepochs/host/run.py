@@ -17,6 +17,7 @@ import os
 import pathlib
 import sys
 import time
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -27,6 +28,7 @@ import numpy as np
 from jaxepochs.core import epoch as epoch_lib
 from jaxepochs.data import loading as data_lib
 from jaxepochs.data import lock
+from jaxepochs.host import callbacks as callbacks_lib
 from jaxepochs.host import checkpoint as checkpoint_lib
 from jaxepochs.host import compose as compose_lib
 from jaxepochs.host import config as config_lib
@@ -86,10 +88,11 @@ def use_compilation_cache(directory: str) -> None:
 
 
 class Setup(NamedTuple):
-    """A run, composed: its batch of one and what its outputs say."""
+    """A run, composed: its batch of one, what its outputs say, and the user's callbacks."""
 
     batch: RunBatch
     info: RunInfo
+    callbacks: callbacks_lib.Callbacks | None = None
 
     @property
     def dataset(self) -> data_lib.Dataset:
@@ -154,8 +157,9 @@ class Observer:
         history = run.batch.histories["r0"]
         self.warned = report.diverged_epoch(history, run.info.chance_loss) is not None  # a resumed run said so
 
-    def consume(self, rows, first_epoch: int, seconds: float) -> bool:
-        """The driver's consume: the call's rows taken, written and shown; whether the run halted."""
+    def consume(self, rows, first_epoch: int, seconds: float, carry) -> bool:
+        """The driver's consume: the call's rows taken, written, shown and given to the callbacks; whether the
+        run halted."""
         batch, info = self.run.batch, self.run.info
         extra = self.fields_of(first_epoch) if self.fields_of is not None else {}
         fraction = extra.pop("steps_fraction", 1.0)  # a streamed epoch resumed inside it: its later steps only
@@ -173,6 +177,8 @@ class Observer:
         if diverged and not self.warned:
             self.warned = True
             self.progress.message(report.divergence_warning(history, diverged, info.chance_loss))
+        if self.run.callbacks:
+            self.run.callbacks.after_call(new, carry)
         return bool(np.all(rows.halted))
 
 
@@ -185,11 +191,13 @@ def train(run: Setup, call, carry, workdir: pathlib.Path, ckpt, progress, stop, 
     log = _metrics_log(workdir, run, history)  # rows past the resumed checkpoint are recomputed
     progress.skip(len(history))
     observer = Observer(run, log, progress, streaming.pop("fields_of", None))
+    callbacks = run.callbacks or callbacks_lib.Callbacks((), None, workdir)  # none: nothing is called or marked
     try:
         outcome = driver.train_loop(
             batch.comp.loop, call, carry, batch.first_epoch(),
             limit=streaming.pop("limit", batch.comp.spec.epochs_per_call), consume=observer.consume,
-            save=lambda carry, epoch: batch.save(ckpt, carry, epoch), interrupted=stop,
+            save=lambda carry, epoch: batch.save(ckpt, callbacks.mark_stopped(carry), epoch),
+            interrupted=(lambda: stop() or callbacks.stop_requested) if callbacks else stop,
             checkpointing=ckpt is not None, final_epoch=lambda outcome: batch.last_good_epoch(),
             profile_dir=workdir / "profile", **streaming,
         )  # fmt: skip
@@ -197,7 +205,8 @@ def train(run: Setup, call, carry, workdir: pathlib.Path, ckpt, progress, stop, 
         log.close()
         progress.close()
     ended = len(history) < batch.comp.loop.epochs and not (batch.non_finite or outcome.halted)
-    return Trained(outcome.carry, stop() and ended, outcome.host_seconds)
+    failed = callbacks.error is not None  # stopped like a Ctrl-C: resumable
+    return Trained(callbacks.mark_stopped(outcome.carry), (stop() or failed) and ended, outcome.host_seconds)
 
 
 def finish(run: Setup, trained: Trained, timings: dict) -> tuple:
@@ -289,24 +298,30 @@ def train_and_evaluate(
     quiet: bool = False,
     restart: bool = False,
     plot: bool = True,
+    callbacks: Sequence[Callable] = (),
 ) -> TrainResult:
     """Trains `config` for `train.epochs` epochs in `workdir`, resuming a run already there.
 
     Writes config.json, run.json, metrics.jsonl, summary.json, curves.png (unless `plot` is False: a sweep
     draws its own) and checkpoints/. Holds the workdir's lock throughout (a second process is refused), and from
     the moment it touches the workdir a Ctrl-C stops the run at the next call's end, saves it, writes its
-    outputs, then raises KeyboardInterrupt.
+    outputs, then raises KeyboardInterrupt. `callbacks`: functions called with each epoch's row (after the
+    experiment module's on_epoch_end), which may stop the run (host/callbacks.py).
     """
     timings = {"start": time.perf_counter()}
     workdir = workdir_lib.as_workdir(workdir)
     primary = devices.is_primary()  # process 0 writes the outputs and the checkpoints' arrays
     devices.on_primary(lambda: lock.check_free(workdir, "workdir"))
     devices.on_primary(lambda: workdir_lib.check_kind(workdir, "run"))  # a sweep's, lr-find's, a study's: refused
+    callbacks_lib.check(callbacks)
     config = config_lib.validate(config)
     devices.check_same_config(config.to_json_best_effort())
     use_compilation_cache(config.train.compilation_cache_dir)
     fresh = restart or not workdir_lib.checkpointed_epochs(workdir)
     run = set_up(config, quiet or not primary, fresh)
+    hook = run.pieces.hooks.on_epoch_end
+    run = run._replace(callbacks=callbacks_lib.Callbacks([*([hook] if hook else []), *callbacks],
+                                                         run.batch.comp.spec.tx, workdir))  # fmt: skip
     ctrl_c.stop_if_pressed("the run")  # a Ctrl-C of the command's first seconds: nothing written yet
     with lock.hold(workdir, "workdir") if primary else contextlib.nullcontext():
         progress = report.Progress(config.train.epochs, quiet or not primary)
@@ -318,6 +333,7 @@ def train_and_evaluate(
             trained = _train_in(run, workdir, resuming, progress, stop, timings)
             state, summary = finish(run, trained, timings)
             _write_outputs(run, trained, summary, workdir, progress, stop, plot)
+    run.callbacks.raise_if_failed(workdir)
     history = run.batch.histories["r0"]
     if run.batch.non_finite:
         raise NonFiniteLossError(
@@ -362,7 +378,7 @@ def _train_in(run: Setup, workdir: pathlib.Path, resuming: bool, progress, stop,
         ctrl_c.stop_if_nothing_trained(run.batch.last_good_epoch(), stop, progress.message)
         if resuming:
             _say_resumed(run.batch, ckpt, progress)
-            _say_position_dropped(run.batch, workdir, progress)
+            run_stream.say_position_dropped(run.batch, workdir, progress)
         return train(run, call, carry, workdir, ckpt, progress, stop)
 
 
@@ -370,22 +386,6 @@ def _say_resumed(batch: RunBatch, ckpt, progress) -> None:
     done = batch.last_good_epoch()
     if done:
         progress.message(f"Resuming {ckpt.directory.parent} from the checkpoint of epoch {done}.")
-
-
-def _say_position_dropped(batch: RunBatch, workdir: pathlib.Path, progress) -> None:
-    """A streamed run's position inside an epoch, resumed with device-resident data (whose epochs start whole):
-    said, as the epoch that trains again from its start."""
-    steps, done = batch.comp.pieces.steps_per_epoch, batch.last_good_epoch()
-    later = [key for key in workdir_lib.in_epoch_steps(workdir) if key > done * steps]
-    if not later:
-        return
-    epoch, step = max(later) // steps + 1, max(later) % steps
-    since = f"from the checkpoint of epoch {done}" if done else "from its initialisation"
-    progress.message(
-        f"{workdir} holds a streamed run's position inside epoch {epoch} (step {step} of {steps}); with "
-        f"data.stream = False epochs start whole, so the run resumes {since} and epoch {epoch} trains again from "
-        "its start (the same run: only time is lost). Run with data.stream = True to resume at that step."
-    )
 
 
 def _say_interrupted(trained: Trained, history: list[dict], workdir: pathlib.Path, checkpointing: bool, progress):

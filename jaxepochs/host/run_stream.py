@@ -6,6 +6,7 @@ ends and inside epochs, and the one checkpoint format (a checkpoint inside an ep
 from __future__ import annotations
 
 import contextlib
+import pathlib
 
 import jax
 import numpy as np
@@ -14,6 +15,7 @@ from jaxepochs.core import stream as stream_lib
 from jaxepochs.data import loading as data_lib
 from jaxepochs.host import checkpoint as checkpoint_lib
 from jaxepochs.host import driver, setup, streamed
+from jaxepochs.host import workdir as workdir_lib
 
 
 def train_streamed(run, workdir, ckpt_resume, ckpt, progress, stop, timings: dict, train):
@@ -78,3 +80,19 @@ def final_metrics(batch, states_r, held_out: dict) -> dict:
     programs = streamed.make_programs(comp.spec)
     examples = comp.chunk_steps * comp.spec.batch_size
     return streamed.final_sums(programs, comp.spec, states_r, held_out, comp.eval_batch_size, examples)
+
+
+def say_position_dropped(batch, workdir: pathlib.Path, progress) -> None:
+    """A streamed run's position inside an epoch, resumed with device-resident data (whose epochs start whole):
+    said, as the epoch that trains again from its start."""
+    steps, done = batch.comp.pieces.steps_per_epoch, batch.last_good_epoch()
+    later = [key for key in workdir_lib.in_epoch_steps(workdir) if key > done * steps]
+    if not later:
+        return
+    epoch, step = max(later) // steps + 1, max(later) % steps
+    since = f"from the checkpoint of epoch {done}" if done else "from its initialisation"
+    progress.message(
+        f"{workdir} holds a streamed run's position inside epoch {epoch} (step {step} of {steps}); with "
+        f"data.stream = False epochs start whole, so the run resumes {since} and epoch {epoch} trains again from "
+        "its start (the same run: only time is lost). Run with data.stream = True to resume at that step."
+    )

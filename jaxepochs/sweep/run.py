@@ -15,6 +15,7 @@ import math
 import pathlib
 import shutil
 import time
+import warnings
 from typing import NamedTuple
 
 import jax
@@ -122,7 +123,7 @@ def _train_chunk(group: _Group, members, size: int, workdir: pathlib.Path, progr
         else:
             call, carry, compile_seconds = batch.prepare(ckpt, progress, compiled=compiled)
 
-        def consume(rows, first: int, seconds: float) -> bool:
+        def consume(rows, first: int, seconds: float, carry=None) -> bool:
             new = batch.take_rows(rows, first, {"seconds": seconds})
             active = int(np.sum(~np.asarray(rows.halted)[: len(members)]))
             progress.advance(first + int(rows.ran) - 1, active, len(members), new, group.comp.pieces.tracker.monitor)
@@ -254,9 +255,14 @@ def sweep(
     quiet = quiet or not primary
     runs = sweep_lib.make_runs(config, grid, cv)
     fresh = restart or not _has_progress(workdir)  # only a fresh sweep reads init.from_workdir's source
-    static = sweep_lib.hparams_read_by_builders(
-        config.to_dict(), hooks_lib.load_hooks(config)
-    )  # they may change shapes
+    hooks = hooks_lib.load_hooks(config)
+    static = sweep_lib.hparams_read_by_builders(config.to_dict(), hooks)  # they may change shapes
+    if hooks.on_epoch_end is not None:
+        warnings.warn(
+            f"{hooks.module}: on_epoch_end is called by single runs (`jaxepochs run`, train_and_evaluate), not by "
+            "a sweep's members: this sweep does not call it. Run a member alone to have it called.",
+            stacklevel=2,
+        )
     groups = [_Group(members, cv, quiet, fresh) for members in sweep_lib.group_runs(runs, static)]  # data checked
     spec = {"config": json.loads(config.to_json_best_effort()), "grid": grid, "cv": cv, "programs": len(groups)}
     ctrl_c.stop_if_pressed("the sweep")  # a Ctrl-C of the command's first seconds: nothing written yet
