@@ -12,6 +12,7 @@ import errno
 import os
 import pathlib
 import sys
+import traceback
 
 from jaxepochs.host import ctrl_c  # imports nothing heavy: the command listens for Ctrl-C before JAX loads
 
@@ -332,6 +333,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except RuntimeError as e:  # an experiment module's on_epoch_end raised: its traceback, then what to do
+        if type(e).__name__ != "CallbackError":
+            raise
+        traceback.print_exception(e.__cause__, file=sys.stderr)
+        print(f"jaxepochs: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

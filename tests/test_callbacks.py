@@ -137,3 +137,16 @@ def test_an_on_epoch_end_of_the_wrong_shape_is_named_before_anything_compiles(tm
     with pytest.raises(jaxepochs.ConfigError, match=r"on_epoch_end\(row, run, extra\) cannot be called"):
         jaxepochs.train_and_evaluate(config, tmp_path / "run", quiet=True)
     assert not (tmp_path / "run").exists()
+
+
+def test_the_command_shows_the_hook_s_traceback_and_what_to_do_with_exit_1(tmp_path, capsys):
+    from jaxepochs import cli
+
+    module = tmp_path / "exp.py"
+    module.write_text(MODULE.format(stop=2).replace('return row["epoch"] == 2', 'return row["val_los"]'))
+    overrides = ["--config.train.epochs=2", "--config.model.hidden_sizes=(16,)", "--config.logging.curves=False"]
+    code = cli.main(["run", "--config", str(module), "--workdir", str(tmp_path / "run"), "--quiet", *overrides])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" in err and "KeyError: 'val_los'" in err
+    assert "jaxepochs: error: The callback on_epoch_end raised at epoch 1" in err
+    assert (tmp_path / "run" / "summary.json").exists()
