@@ -259,6 +259,11 @@ class RunBatch:
         pick = lambda best, last: np.where(restored.reshape(-1, *[1] * (np.ndim(best) - 1)), best, last)
         return state._replace(params=jax.tree.map(pick, carry.best_params, state.params)), restored
 
+    def keep_best(self) -> checkpoint_lib.KeepBest:
+        """checkpoint.keep_best's ranking: the monitor early stopping tracks, in its direction."""
+        tracker = self.comp.pieces.tracker
+        return checkpoint_lib.KeepBest(self.comp.loop.keep_best, tracker.monitor, tracker.direction == "max")
+
     def restored_best(self, es_state) -> np.ndarray:
         return np.asarray(es_state.best_epoch) > 0 if self.comp.restore_best else np.zeros(len(self.members), bool)
 

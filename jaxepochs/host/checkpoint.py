@@ -97,18 +97,48 @@ def _first_mismatch(saved_metadata, expected) -> str | None:
     return None
 
 
+class KeepBest(NamedTuple):
+    """checkpoint.keep_best: the checkpoints of a run's `k` best epochs by `monitor` (read from its rows), kept
+    beside the latest max_to_keep (orbax's preservation policies: any of LatestN and BestN keeps one)."""
+
+    k: int
+    monitor: str
+    higher_is_better: bool
+
+    def policy(self, max_to_keep: int):
+        sign = 1.0 if self.higher_is_better else -1.0  # BestN keeps the n highest
+        best = ocp.checkpoint_managers.BestN(
+            get_metric_fn=lambda metrics: sign * metrics["value"], n=self.k, keep_checkpoints_without_metrics=False
+        )
+        return ocp.checkpoint_managers.AnyPreservationPolicy([ocp.checkpoint_managers.LatestN(n=max_to_keep), best])
+
+    def metrics(self, epoch: int, meta: dict) -> dict | None:
+        """The monitor's value at `epoch` in the run's rows (None for an epoch without it: not ranked)."""
+        rows = next(iter(meta["histories"].values()), [])
+        value = next((row.get(self.monitor) for row in rows if row.get("epoch") == epoch), None)
+        return {"value": float(value)} if value is not None and np.isfinite(value) else None
+
+
 class Checkpointer:
     """Saves at epoch boundaries (asynchronously) and restores the newest good checkpoint."""
 
     def __init__(
-        self, workdir: pathlib.Path, max_to_keep: int = 3, asynchronous: bool = True, name: str = CHECKPOINT_DIR
+        self,
+        workdir: pathlib.Path,
+        max_to_keep: int = 3,
+        asynchronous: bool = True,
+        name: str = CHECKPOINT_DIR,
+        keep_best: KeepBest | None = None,
     ):
         """`name`: the directory under `workdir` (IN_EPOCH_DIR for a streamed run's checkpoints inside an epoch,
-        numbered by optimizer step)."""
+        numbered by optimizer step). `keep_best`: a run's best epochs' checkpoints too (none when its k is 0)."""
         self.directory = (pathlib.Path(workdir) / name).absolute()
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, enable_async_checkpointing=asynchronous, create=True
-        )
+        self.keep_best = keep_best if keep_best is not None and keep_best.k > 0 and name == CHECKPOINT_DIR else None
+        keeping = {"max_to_keep": max_to_keep}
+        if self.keep_best:  # best_fn set too: orbax then writes each step's metrics, so a resumed run ranks them
+            policy = self.keep_best.policy(max_to_keep)
+            keeping = {"preservation_policy": policy, "best_fn": lambda metrics: metrics["value"]}
+        options = ocp.CheckpointManagerOptions(enable_async_checkpointing=asynchronous, create=True, **keeping)
         handlers = {"arrays": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
         self._saving: int | None = None  # the epoch of the last save started
@@ -124,8 +154,9 @@ class Checkpointer:
         meta = {**meta, "checksums": checksums(arrays, meta)}
         self._check_room(epoch, arrays, meta)
         args = ocp.args.Composite(arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta))
+        ranked = {"metrics": self.keep_best.metrics(epoch, meta)} if self.keep_best else {}
         with self._as_os_error(epoch):
-            self._manager.save(epoch, args=args)
+            self._manager.save(epoch, args=args, **ranked)
         self._saving = epoch
 
     def _check_room(self, epoch: int, arrays: dict, meta: dict) -> None:
@@ -214,10 +245,16 @@ class Checkpointer:
 
 
 @contextlib.contextmanager
-def opened(workdir: pathlib.Path, max_to_keep: int, enabled: bool = True, name: str = CHECKPOINT_DIR):
+def opened(
+    workdir: pathlib.Path,
+    max_to_keep: int,
+    enabled: bool = True,
+    keep_best: KeepBest | None = None,
+    name: str = CHECKPOINT_DIR,
+):
     """A Checkpointer for the block (None when not `enabled`), closed after it, its writes finished. When the
     block raises, a failure to close (a full disk) is not allowed to hide the block's own error."""
-    ckpt = Checkpointer(workdir, max_to_keep, name=name) if enabled else None
+    ckpt = Checkpointer(workdir, max_to_keep, name=name, keep_best=keep_best) if enabled else None
     try:
         yield ckpt
     except BaseException:

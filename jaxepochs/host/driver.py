@@ -40,6 +40,7 @@ class LoopSpec:
     every_seconds: float
     every_steps: int  # a streamed run's checkpoints inside an epoch
     profile_epochs: tuple[int, ...] = ()
+    keep_best: int = 0  # a run's checkpoints of its k best epochs by the monitor, kept beside the latest
 
 
 class Outcome(NamedTuple):

@@ -370,7 +370,7 @@ def _train_in(run: Setup, workdir: pathlib.Path, resuming: bool, progress, stop,
     """Compiles, restores or initialises, and trains. The checkpoints are written before it returns (or
     raises)."""
     loop = run.batch.comp.loop
-    with checkpoint_lib.opened(workdir, loop.max_to_keep, loop.checkpointing) as ckpt:
+    with checkpoint_lib.opened(workdir, loop.max_to_keep, loop.checkpointing, run.batch.keep_best()) as ckpt:
         if run.dataset.streamed:
             return run_stream.train_streamed(run, workdir, ckpt if resuming else None, ckpt, progress, stop,
                                              timings, train)  # fmt: skip

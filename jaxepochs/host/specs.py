@@ -22,7 +22,8 @@ def specs_of(config) -> HostSpecs:
     """The host's typed pieces of a validated config."""
     t, k, g, f = config.train, config.checkpoint, config.logging, config.finetune
     loop = LoopSpec(t.epochs, t.epochs_per_call, t.host_interval_seconds, bool(k.enabled), k.max_to_keep,
-                    k.every_epochs, k.every_seconds, k.every_steps, tuple(t.profile_epochs))  # fmt: skip
+                    k.every_epochs, k.every_seconds, k.every_steps, tuple(t.profile_epochs),
+                    int(k.keep_best))  # fmt: skip
     logging = LogSpec(bool(g.csv), bool(g.tensorboard), bool(g.mlflow), g.mlflow_tracking_uri, g.mlflow_experiment,
                       tuple(config_lib.flatten(config).items()), bool(g.curves))  # fmt: skip
     tuning = FinetuneSpec(tuple(f.groups), tuple(f.freeze), tuple(f.unfreeze_epochs), tuple(f.rate_scales),

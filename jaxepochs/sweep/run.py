@@ -246,6 +246,12 @@ def sweep(
     devices.on_primary(lambda: workdir_lib.check_kind(workdir, "sweep"))  # a run's, lr-find's, a study's: refused
     _check_arguments(cv, refit, chunk)
     config = config_lib.validate(config)
+    if config.checkpoint.keep_best:
+        raise sweep_lib.SweepError(
+            f"checkpoint.keep_best = {config.checkpoint.keep_best} keeps a run's best epochs' checkpoints; a sweep's "
+            "checkpoint holds a chunk of runs, and each member's best epoch's parameters are kept already "
+            "(jaxepochs.load(SWEEPDIR, 'best', run=...)). Set checkpoint.keep_best = 0 for a sweep."
+        )
     if cv:  # no validation split: the folds are
         config = config_lib.apply_overrides(config, {"data.validation_fraction": "0.0"})
     if config.logging.mlflow:

@@ -139,6 +139,7 @@ def checkpoint_config() -> ml_collections.ConfigDict:
     k.every_seconds = 30.0
     k.every_steps = 0  # streamed epochs: also every this many steps inside an epoch (0: by time there)
     k.max_to_keep = 3
+    k.keep_best = 0  # also keep the checkpoints of the k best epochs by early_stopping.monitor (a run's)
     return k
 
 

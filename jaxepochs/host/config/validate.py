@@ -282,10 +282,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise ConfigError(str(e)) from None
     stopping.check_strips(config.early_stopping, config.train.validate_every)
     k = config.checkpoint
-    if k.every_epochs < 0 or k.every_seconds < 0 or k.max_to_keep < 1:
+    if k.every_epochs < 0 or k.every_seconds < 0 or k.max_to_keep < 1 or k.keep_best < 0:
         fail(
             "checkpoint",
-            f"every_epochs={k.every_epochs}, every_seconds={k.every_seconds}, max_to_keep={k.max_to_keep}",
-            "Use every_epochs >= 0, every_seconds >= 0 and max_to_keep >= 1.",
+            f"every_epochs={k.every_epochs}, every_seconds={k.every_seconds}, max_to_keep={k.max_to_keep}, "
+            f"keep_best={k.keep_best}",
+            "Use every_epochs >= 0, every_seconds >= 0, max_to_keep >= 1 and keep_best >= 0.",
         )
     return config
