@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import TIMED, assert_writers_hold_the_rows, read_jsonl, tiny_config
+from conftest import TIMED, _events, assert_writers_hold_the_rows, read_jsonl, tiny_config
 
 import jaxepochs
 from jaxepochs.host import report
@@ -51,8 +51,12 @@ def test_curves_mark_the_best_and_the_stopping_epoch(tmp_path):
 def test_tensorboard_and_metrics_csv_hold_what_metrics_jsonl_holds(tmp_path):
     overrides = {"train.epochs": "4", "train.validate_every": "2", "train.log_test": "True", "train.test_every": "3",
                  "finetune.unfreeze_epochs": "(2, 1)"}  # fmt: skip
-    jaxepochs.train_and_evaluate(tiny_config(overrides), tmp_path, quiet=True)
+    result = jaxepochs.train_and_evaluate(tiny_config(overrides), tmp_path, quiet=True)
     assert_writers_hold_the_rows(tmp_path)
+    # The final metrics (summary.json's) as final_<name> at the last epoch, as a sweep's members have them.
+    events = _events(tmp_path / "tensorboard")
+    for name in ("test_loss", "test_accuracy", "val_loss"):
+        assert events[f"final_{name}"] == [(4, np.float32(result.summary[name]))]
     rows = read_jsonl(tmp_path / "metrics.jsonl")
     assert "val_loss" not in rows[0] and "val_loss" in rows[1] and "test_loss" in rows[2]
     assert [row["learning_rate/Dense_0"] for row in rows[:2]] == [0.0, rows[1]["learning_rate"]]  # from epoch 2

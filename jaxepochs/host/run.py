@@ -360,7 +360,7 @@ def _write_outputs(run: Setup, trained: Trained, summary: dict, workdir, progres
     _report_end(summary, workdir, progress)
     if primary:
         status = "KILLED" if stop() else "FAILED" if run.batch.non_finite else "FINISHED"
-        writers.finish_mlflow(workdir, run.info.logging, status)
+        writers.finish_run(workdir, run.info.logging, history, summary, status)
     if stop():
         _say_interrupted(trained, history, workdir, run.batch.comp.loop.checkpointing, progress)
         raise KeyboardInterrupt

@@ -256,6 +256,20 @@ def _warn(name: str, error: Exception) -> None:
     print(f"warning: {name} is not logging: {error}. metrics.jsonl and the run go on.", file=sys.stderr)
 
 
+def finish_run(workdir: pathlib.Path, spec: LogSpec, history: list[dict], summary: dict, status: str) -> None:
+    """A run's end in its trackers: summary.json's final validation and test metrics in TensorBoard as
+    `final_<name>` at the last epoch (as a sweep's members have theirs), and MLflow's end (`finish_mlflow`)."""
+    if spec.tensorboard:
+        finals = {f"final_{k}": v for k, v in summary.items() if k.startswith(("val_", "test_"))}
+        try:
+            board = TensorBoardLog(workdir / "tensorboard", history)  # the rows, then the final metrics once
+            board.write({"epoch": summary["epochs_completed"], **finals})
+            board.close()
+        except OSError as error:  # the run's own outputs are written; the tracker's are extra
+            _warn("tensorboard", error)
+    finish_mlflow(workdir, spec, status)
+
+
 def finish_mlflow(workdir: pathlib.Path, spec: LogSpec, status: str) -> None:
     """The workdir's MLflow run gets the outputs as artifacts and its end status (after summary.json)."""
     if not spec.mlflow:
