@@ -184,14 +184,14 @@ def test_compare_overlays_runs_and_a_sweep_s_members_and_tabulates_them(tmp_path
     assert "| name | dataset | model | best_epoch | metric | best_value | stopped_epoch |" in out and "cmp.png" in out
     with (tmp_path / "out" / "cmp.csv").open() as f:
         rows = {row["name"]: row for row in csv.DictReader(f)}
-    assert list(rows) == ["stopped", "plain", "sweep/r0", "sweep/r1"]
+    assert list(rows) == ["stopped", "plain", "sweep seed=0", "sweep seed=1"]  # members by their swept values
     assert (rows["plain"]["dataset"], rows["plain"]["model"]) == ("mnist1d", "mlp")
     for name, summary in (("stopped", stopped.summary), ("plain", plain.summary)):
         assert int(rows[name]["best_epoch"]) == summary["best_epoch"]
         assert int(rows[name]["stopped_epoch"]) == summary["stopped_epoch"]
         assert float(rows[name]["test_accuracy"]) == summary["test_accuracy"]
     member = next(r for r in swept.results if r["run"] == "r1")
-    assert float(rows["sweep/r1"]["best_value"]) == pytest.approx(member["best_val_loss"])
+    assert float(rows["sweep seed=1"]["best_value"]) == pytest.approx(member["best_val_loss"])
     assert int(rows["stopped"]["stopped_epoch"]) > 0 and (tmp_path / "out" / "cmp.png").read_bytes()[:4] == b"\x89PNG"
     assert cli.main(["compare", str(tmp_path / "out")]) == 2
     assert "holds no finished run" in capsys.readouterr().err

@@ -90,7 +90,7 @@ def _sweep(directory: pathlib.Path, name: str) -> list[Curve]:
             f"{', '.join(missing[:5])} are in one only): the sweep's outputs are incomplete. Run the same "
             "`jaxepochs sweep` again to rewrite them, or leave this workdir out."
         )
-    curves = []
+    curves, labels = [], _member_labels(directory, name, results)
     for run, history in histories.items():
         result = results[run]
         metric = next((k.removeprefix("best_") for k in result if k.startswith("best_") and k != "best_epoch"), "")
@@ -104,8 +104,29 @@ def _sweep(directory: pathlib.Path, name: str) -> list[Curve]:
             **{k.removeprefix("final_"): float(v) for k, v in result.items() if k.startswith("final_test_")},
             "train_seconds": sum(row.get("seconds", 0.0) for row in history),
         }
-        curves.append(Curve(f"{name}/{run}", history, fields))
+        curves.append(Curve(labels[run], history, fields))
     return curves
+
+
+def _member_labels(directory: pathlib.Path, name: str, results: dict[str, dict]) -> dict[str, str]:
+    """Each member's label: the sweep's name and the member's swept values ("sweep learning_rate=0.01 seed=1"),
+    each key by its last part where that is unique; "sweep/r3" where the values do not tell members apart (a CV
+    sweep's folds) or sweep.json is gone."""
+    try:
+        keys = list(dict.fromkeys(k for values in json.loads((directory / "sweep.json").read_text())["grid"]
+                                  for k in values))  # fmt: skip
+    except (OSError, ValueError, KeyError, TypeError):
+        keys = []
+    short = {k: k.rsplit(".", 1)[-1] for k in keys}
+    if len(set(short.values())) < len(short):
+        short = {k: k for k in keys}
+    labels = {
+        run: f"{name} " + " ".join(f"{short[k]}={result.get(k, '')}" for k in keys) if keys else f"{name}/{run}"
+        for run, result in results.items()
+    }
+    if len(set(labels.values())) < len(labels):
+        return {run: f"{name}/{run}" for run in results}
+    return labels
 
 
 def read(directories: list[str | pathlib.Path]) -> list[Curve]:
