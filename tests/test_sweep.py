@@ -353,3 +353,26 @@ def test_a_plateau_floor_keeps_learning_rates_apart():
         base = tiny_config({**plateau, "optimizer.schedule.min_learning_rate": floor})
         runs = grid_lib.make_runs(base, grid_lib.expand(base, {"optimizer.learning_rate": "1e-3,1e-2"}))
         assert len(grid_lib.group_runs(runs)) == groups, floor
+
+
+def test_sweep_png_puts_a_learning_rate_on_a_log_axis_and_seeds_in_categories():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from jaxepochs.sweep.report import swept_axis
+
+    fig, (rate, seed, name, many) = plt.subplots(1, 4)
+    rates = ["0.003", "0.001", "0.01", "0.003"]
+    assert swept_axis(rate, "optimizer.learning_rate", rates) == [0.003, 0.001, 0.01, 0.003]
+    assert rate.get_xscale() == "log"  # a decade spanned
+    assert [t.get_text() for t in rate.get_xticklabels()] == ["0.001", "0.003", "0.01"]  # the swept values, short
+    assert swept_axis(seed, "seed", [2, 0, 1, 0]) == [2, 0, 1, 0]  # positions of the categories 0, 1, 2
+    assert [t.get_text() for t in seed.get_xticklabels()] == ["0", "1", "2"] and seed.get_xscale() == "linear"
+    assert swept_axis(name, "optimizer.name", ["sgd", "adam", "sgd"]) == [1, 0, 1]
+    assert [t.get_text() for t in name.get_xticklabels()] == ["adam", "sgd"]
+    values = [str(0.5 + i / 10) for i in range(12)]  # 12 values within a factor of 3: matplotlib's linear ticks
+    assert swept_axis(many, "optimizer.b1", values) == [float(v) for v in values] and many.get_xscale() == "linear"
+    assert len(many.get_xticks()) < 12
+    plt.close(fig)

@@ -175,19 +175,42 @@ def plot(path: pathlib.Path, runs, histories: dict, results_rows: list[dict], gr
     ax.set_xlabel("epoch")
     ax.grid(alpha=0.3)
     for ax, key in zip(axes[0][1:], swept, strict=True):
-        xs, ys = [], []
-        for row in results_rows:
-            try:
-                xs.append(float(row[key]))
-            except (TypeError, ValueError):
-                xs.append(str(row[key]))
-            ys.append(row[monitor_key])
-        ax.scatter(xs, ys, s=18)
-        numeric = all(isinstance(x, float) for x in xs)
-        if numeric and min(xs) > 0 and max(xs) / min(xs) > 20:
-            ax.set_xscale("log")
+        ax.scatter(swept_axis(ax, key, [row[key] for row in results_rows]), [row[monitor_key] for row in results_rows],
+                   s=18)  # fmt: skip
         ax.set_xlabel(key)
         ax.set_ylabel(f"best {monitor}")
         ax.grid(alpha=0.3)
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+MOST_TICKS = 8  # more swept values than this: matplotlib's own ticks (each value's would overrun the next)
+
+
+def swept_axis(ax, key: str, values: list) -> list:
+    """Sets `ax`'s x axis for a swept key and returns the points' x positions: seeds and values that are not
+    numbers as categories (in order, one tick each); numbers spanning a decade or more (a learning rate) on a
+    log axis; the swept numbers as the ticks, written short ("0.001"), where there are few."""
+    numbers = []
+    for value in values:
+        try:
+            numbers.append(float(value))
+        except (TypeError, ValueError):
+            break
+    label = lambda v: f"{v:g}" if isinstance(v, float) else str(v)
+    if len(numbers) < len(values) or key.rsplit(".", 1)[-1] == "seed":
+        if len(numbers) == len(values):  # seeds: in their numeric order
+            shown, categories = [label(v) for v in numbers], [label(v) for v in sorted(set(numbers))]
+        else:
+            shown = [str(v) for v in values]
+            categories = sorted(set(shown))
+        ax.set_xticks(range(len(categories)), categories)
+        ax.set_xlim(-0.5, len(categories) - 0.5)
+        return [categories.index(v) for v in shown]
+    if min(numbers) > 0 and max(numbers) / min(numbers) >= 10:
+        ax.set_xscale("log")
+    distinct = sorted(set(numbers))
+    if len(distinct) <= MOST_TICKS:
+        ax.minorticks_off()
+        ax.set_xticks(distinct, [label(v) for v in distinct])
+    return numbers
