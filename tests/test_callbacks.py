@@ -150,3 +150,13 @@ def test_the_command_shows_the_hook_s_traceback_and_what_to_do_with_exit_1(tmp_p
     assert code == 1 and "Traceback" in err and "KeyError: 'val_los'" in err
     assert "jaxepochs: error: The callback on_epoch_end raised at epoch 1" in err
     assert (tmp_path / "run" / "summary.json").exists()
+
+
+def test_a_streamed_run_calls_its_callbacks_and_stops_where_they_say(tmp_path):
+    config = tiny_config({"train.epochs": "4", "data.stream": "True", "train.epochs_per_call": "1"})
+    seen = []
+    stop_at_2 = lambda row, run: seen.append((row["epoch"], run.epoch)) or row["epoch"] == 2
+    result = jaxepochs.train_and_evaluate(config, tmp_path, quiet=True, callbacks=[stop_at_2])
+    assert result.summary["streamed"] and seen == [(1, 1), (2, 2)]
+    assert (result.summary["stop_reason"], result.summary["stopped_epoch"], len(result.history)) == ("callback", 2, 2)
+    assert jaxepochs.train_and_evaluate(config, tmp_path, quiet=True).summary["stop_reason"] == "callback"
