@@ -89,7 +89,7 @@ def test_the_next_call_overlaps_the_host_only_where_calls_are_asynchronous(ready
         events.append(("dispatch", first))
         return carry, types.SimpleNamespace(ran=_Ran(count, ready))
 
-    def consume(rows, first, seconds):
+    def consume(rows, first, seconds, carry):
         events.append(("read", first))
         return False
 
