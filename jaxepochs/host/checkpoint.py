@@ -133,7 +133,7 @@ class Checkpointer:
         """`name`: the directory under `workdir` (IN_EPOCH_DIR for a streamed run's checkpoints inside an epoch,
         numbered by optimizer step). `keep_best`: a run's best epochs' checkpoints too (none when its k is 0)."""
         self.directory = (pathlib.Path(workdir) / name).absolute()
-        self.keep_best = keep_best if keep_best is not None and keep_best.k > 0 and name == CHECKPOINT_DIR else None
+        self.keep_best = keep_best if keep_best is not None and keep_best.k > 0 else None
         keeping = {"max_to_keep": max_to_keep}
         if self.keep_best:  # best_fn set too: orbax then writes each step's metrics, so a resumed run ranks them
             policy = self.keep_best.policy(max_to_keep)

@@ -89,10 +89,10 @@ def drive(
     `consume(rows, first_epoch, seconds_per_epoch, carry)` takes each call's rows (fetched to the host) and the
     carry after them (on the device), and says whether every run has halted; `save(carry, epoch)` runs when
     `checkpoints` is due after a call (not after the last: the caller saves the outcome). Stops after the call
-    in flight when `interrupted()`. `overlap`: dispatch the
-    next call before reading the last. Not on CPU: XLA's CPU client runs some calls in the dispatching thread
-    and some in its own, so a call dispatched ahead could finish before the last one's rows were read and their
-    seconds would mix; and the host's work takes the same cores anyway.
+    in flight when `interrupted()`. `overlap`: dispatch the next call before reading the last. Not on CPU: XLA's
+    CPU client runs some calls in the dispatching thread and some in its own, so a call dispatched ahead could
+    finish before the last one's rows were read and their seconds would mix; and the host's work takes the same
+    cores anyway.
     """
     # Past one process, every decision the host makes from its clock or a signal is process 0's (`agree`), so
     # every process calls the same programs and saves the same checkpoints.

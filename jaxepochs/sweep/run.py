@@ -123,7 +123,7 @@ def _train_chunk(group: _Group, members, size: int, workdir: pathlib.Path, progr
         else:
             call, carry, compile_seconds = batch.prepare(ckpt, progress, compiled=compiled)
 
-        def consume(rows, first: int, seconds: float, carry=None) -> bool:
+        def consume(rows, first: int, seconds: float, _carry) -> bool:  # the carry: a run's callbacks' (host/run.py)
             new = batch.take_rows(rows, first, {"seconds": seconds})
             active = int(np.sum(~np.asarray(rows.halted)[: len(members)]))
             progress.advance(first + int(rows.ran) - 1, active, len(members), new, group.comp.pieces.tracker.monitor)
