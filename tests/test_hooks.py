@@ -78,20 +78,20 @@ from digits_cnn import get_data as all_of_digits
 def get_data(config):
     fifth = lambda split, n: {k: v[:n] for k, v in split.items()}
     splits = all_of_digits(config)
-    return {"train": fifth(splits["train"], 320), "test": fifth(splits["test"], 80)}
+    return {"train": fifth(splits["train"], 80), "test": fifth(splits["test"], 40)}
 """
 
 
-@pytest.mark.optimized  # convolutions: XLA's unoptimised ones take longer to run than the optimised to compile
 def test_batchnorm_dropout_and_augmentation_resume_exactly(tmp_path):
     """digits_cnn: BatchNorm's statistics in the state, Dropout and the random shift keyed from the step; 2 epochs
     at once equal 1 then 1 more after a resume, bit for bit. On a fifth of its data: XLA:CPU runs a convolution's
-    kernel gradient inside the epoch's loop some 10x slower than outside one, and the test is about the state."""
+    kernel gradient inside the epoch's loop some 10x slower than outside one, and the test is about the state. On 80
+    examples in batches of 32 (the last one partial), unoptimised: 20 s against 41 s optimised on 320."""
     (tmp_path / "digits_cnn.py").write_text((EXPERIMENTS / "digits_cnn.py").read_text())
     (tmp_path / "fifth.py").write_text(DIGITS_FIFTH)
     base = jaxepochs.load_config_file(tmp_path / "fifth.py")
     # One device: the mesh has tests of its own, and partitioning a CNN over two devices doubles its compile.
-    short = {"train.batch_size": "128", "checkpoint.every_epochs": "1", "mesh.data": "1"}
+    short = {"train.batch_size": "32", "checkpoint.every_epochs": "1", "mesh.data": "1"}
     whole = jaxepochs.train_and_evaluate(
         jaxepochs.apply_overrides(base, {**short, "train.epochs": "2"}), tmp_path / "whole", quiet=True
     )

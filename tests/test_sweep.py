@@ -14,7 +14,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import EXPERIMENT, OPTIMIZED_ENV, TIMED, computed_once, tiny_config
+from conftest import EXPERIMENT, OPTIMIZED_ENV, TIMED, computed_once, one_device_env, tiny_config
 
 import jaxepochs
 from jaxepochs import cli
@@ -127,8 +127,7 @@ def _sweeps_and_solo_runs_on_one_device(workdir):
     # A compilation cache of its own: XLA's CPU code for a program differs with the process's device count, and
     # the session's cache holds programs compiled with two. (The script must not import conftest: it sets two.)
     env = {
-        **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+        **one_device_env(),
         "JAX_COMPILATION_CACHE_DIR": str(workdir / "xla"),
         **OPTIMIZED_ENV,  # the README's tolerance holds for XLA's defaults (conftest.optimized says why)
     }
