@@ -64,6 +64,20 @@ class Metrics(NamedTuple):
         return out
 
 
+# logging.norms: each training step's global L2 norms, as weighted sums of weight 1 a step, so that an epoch's
+# figure (train_grad_norm, ...) is their mean over its steps, whatever the batch's real rows.
+NORMS = ("grad_norm", "update_norm", "param_norm")
+NORM_SUMS = tuple(name + suffix for name in NORMS for suffix in ("", WEIGHT))
+
+
+def norm_sums(grads, updates, params) -> dict:
+    """A step's NORM_SUMS: the global L2 norms of its gradient, its update (the learning rate applied) and the
+    parameters it leaves, each with weight 1."""
+    norms = (optax.global_norm(grads), optax.global_norm(updates), optax.global_norm(params))
+    sums = {name: norm.astype(jnp.float32) for name, norm in zip(NORMS, norms, strict=True)}
+    return {**sums, **{name + WEIGHT: jnp.ones((), jnp.float32) for name in NORMS}}
+
+
 def weighted_mean(total, weight):
     """total / weight, 0 where the weight is 0 (a batch of padding, or of examples weighted 0)."""
     return jnp.where(weight > 0, total / jnp.where(weight > 0, weight, 1.0), 0.0)
@@ -191,14 +205,24 @@ def _step_key(state: TrainState, stream: int) -> jax.Array:
 
 
 def train_step(
-    state: TrainState, batch, *, task: Task, tx, augment=None, mask_b=None, accumulate: int = 1, layout=None
+    state: TrainState,
+    batch,
+    *,
+    task: Task,
+    tx,
+    augment=None,
+    mask_b=None,
+    accumulate: int = 1,
+    layout=None,
+    norms: bool = False,
 ) -> tuple[TrainState, Metrics]:
     """One optimizer step on a batch of real rows, or of padded ones marked by `mask_b`. Pure. `augment(key,
     batch) -> batch` changes the batch first (random crops, flips, noise). `accumulate` = k > 1 takes the
     gradient as the sum over k micro-batches of B / k rows (rows i, i + k, ...: each device's share of a batch
     split over the data axis holds its share of every micro-batch), each divided by the batch's real rows: the
     gradient of the whole batch's mean loss, in the memory of one micro-batch. `layout` (core/layout.py) keeps
-    the batch split over the data axis and the state where it lives."""
+    the batch split over the data axis and the state where it lives. `norms` adds the step's NORM_SUMS to its
+    metrics."""
     if augment is not None:
         extra = () if state.hparams is None else (state.hparams,)
         batch = augment(_step_key(state, AUGMENT_STREAM), batch, *extra)
@@ -214,6 +238,8 @@ def train_step(
         (_, (metrics, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    if norms:
+        metrics = Metrics({**metrics.sums, **norm_sums(grads, updates, params)}, metrics.count)
     new_state = TrainState(params, opt_state, state.step + 1, state.key, model_state, state.hparams)
     return (new_state if layout is None else layout.state(new_state)), metrics
 
@@ -295,12 +321,13 @@ def train_epoch(
     augment=None,
     accumulate: int = 1,
     layout=None,
+    norms: bool = False,
 ):
     """Shuffles with fold_in(key, epoch) (unless `shuffle` is False: batches in order, as some published recipes
     train) and scans over all ceil(N / B) batches of `data_n` (a batch of N examples): the N // B whole batches
     unmasked, then the partial last batch, if any, padded to B rows and masked. `permute_whole` (default: for
     splits up to PERMUTE_WHOLE_BYTES and batches of 2 or more) gathers the epoch's order once instead of per
-    batch; the batches and the results are the same. `accumulate` and `layout`: as `train_step`'s."""
+    batch; the batches and the results are the same. `accumulate`, `layout` and `norms`: as `train_step`'s."""
     shuffle_key = jax.random.fold_in(state.key, SHUFFLE_STREAM)
     n = num_examples(data_n)
     idx_sb, mask_sb = batch_indices(shuffle_key, epoch, n, batch_size, shuffle)
@@ -310,7 +337,9 @@ def train_epoch(
     inputs, batch_of = _whole_batches(data_n, idx_sb[:whole], permute_whole, in_order=not shuffle)
     if layout is not None and (permute_whole or not shuffle):  # the batches [S, B, ...]: rows over "data"
         inputs = layout.rows(inputs, axis=1)
-    step = functools.partial(train_step, task=task, tx=tx, augment=augment, accumulate=accumulate, layout=layout)
+    step = functools.partial(
+        train_step, task=task, tx=tx, augment=augment, accumulate=accumulate, layout=layout, norms=norms
+    )
 
     def body(carry, step_input):
         state, sums = carry

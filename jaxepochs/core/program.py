@@ -76,6 +76,12 @@ class RunSpec:
     augment: Callable | None = None  # (key, batch) -> batch, in each training step
     accumulate_steps: int = 1  # micro-batches per optimizer step (epoch.train_step)
     layout: Any = None  # core/layout.Layout: the batch over the mesh's data axis, the runs over its runs axis
+    norms: bool = False  # logging.norms: each step's gradient, update and parameter norms in the training sums
+
+    @property
+    def train_metric_names(self) -> tuple[str, ...]:
+        """The structure of the training split's sums: `metric_names`, and the norms' where they are logged."""
+        return self.metric_names + (epoch_lib.NORM_SUMS if self.norms else ())
 
 
 def _metric(by_split: dict[str, epoch_lib.Metrics], monitor: str) -> jax.Array:
@@ -114,6 +120,7 @@ def _one_epoch(spec: RunSpec, carry: RunCarry, splits, es_hparams, epoch, test_d
         augment=spec.augment,
         accumulate=spec.accumulate_steps,
         layout=spec.layout,
+        norms=spec.norms,
     )
     zero = epoch_lib.Metrics.zeros(spec.metric_names)
     val_m = test_m = zero
@@ -205,8 +212,10 @@ def make_run_epochs(spec: RunSpec, axis_name: str | None = None):
         )
         runs = carry.halted.shape[0]
         zeros = lambda dtype=jnp.float32: jnp.zeros((runs, k), dtype)
-        metrics0 = epoch_lib.Metrics({name: zeros() for name in spec.metric_names}, zeros())
-        rows0 = EpochRows(metrics0, metrics0, metrics0, zeros(), zeros(bool), jnp.zeros((), jnp.int32), carry.halted)
+        metrics0 = lambda names: epoch_lib.Metrics({name: zeros() for name in names}, zeros())
+        held_out0 = metrics0(spec.metric_names)
+        train0 = metrics0(spec.train_metric_names)
+        rows0 = EpochRows(train0, held_out0, held_out0, zeros(), zeros(bool), jnp.zeros((), jnp.int32), carry.halted)
         count = jnp.minimum(num_epochs, k)
 
         def cond(loop):

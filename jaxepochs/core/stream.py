@@ -36,6 +36,7 @@ def make_train_chunk(spec: program_lib.RunSpec):
         augment=spec.augment,
         accumulate=spec.accumulate_steps,
         layout=spec.layout,
+        norms=spec.norms,
     )
 
     def one(carry: program_lib.RunCarry, sums: epoch_lib.Metrics, batches, mask):
@@ -105,7 +106,7 @@ def make_validate_and_conclude(spec: program_lib.RunSpec):
     eval_chunk, conclude = make_eval_chunk(spec), make_conclude(spec)
 
     def validate_and_conclude(start, carry, train_m, val_chunks, test_m, es_hparams, epoch, val_due):
-        zero = zero_sums(spec, carry.halted.shape[0])
+        zero = zero_sums(spec, carry.halted.shape[0])  # the validation split's
 
         def validate(state):
             sums = zero
@@ -119,7 +120,7 @@ def make_validate_and_conclude(spec: program_lib.RunSpec):
     return validate_and_conclude
 
 
-def zero_sums(spec: program_lib.RunSpec, runs: int) -> epoch_lib.Metrics:
-    """Metric sums of no examples, for `runs` runs."""
-    zero = epoch_lib.Metrics.zeros(spec.metric_names)
+def zero_sums(spec: program_lib.RunSpec, runs: int, train: bool = False) -> epoch_lib.Metrics:
+    """Metric sums of no examples, for `runs` runs: a held-out split's, or (`train`) the training split's."""
+    zero = epoch_lib.Metrics.zeros(spec.train_metric_names if train else spec.metric_names)
     return jax.tree.map(lambda a: jnp.zeros((runs, *a.shape), a.dtype), zero)

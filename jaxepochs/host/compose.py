@@ -119,7 +119,9 @@ def compose(config, dataset: data_lib.Dataset, hooks, *, cv: int = 0, sweep: boo
     every_epoch = _every_epoch_sizes(config.train, dataset, cv)
     axes = {"train": 0, "val": 0} if cv else {}
     monitor = config.optimizer.schedule.monitor
-    spec = setup.run_spec(config.train, pieces, every_epoch, axes, layout=layout, plateau_monitor=monitor)
+    spec = setup.run_spec(
+        config.train, pieces, every_epoch, axes, layout=layout, plateau_monitor=monitor, norms=config.logging.norms
+    )
     e = config.early_stopping
     return Composition(
         dataset, pieces, spec, specs.specs_of(config).loop, layout, runs_devices, config.train.eval_batch_size,

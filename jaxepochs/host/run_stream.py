@@ -34,7 +34,7 @@ def train_streamed(run, workdir, ckpt_resume, ckpt, progress, stop, timings: dic
         if position is None:
             if batch.last_good_epoch():
                 progress.message(f"Resuming {workdir} from the checkpoint of epoch {batch.last_good_epoch()}.")
-            zero = jax.tree.map(np.asarray, stream_lib.zero_sums(comp.spec, 1))
+            zero = jax.tree.map(np.asarray, stream_lib.zero_sums(comp.spec, 1, train=True))
             position = streamed.Position(carry, carry, zero, batch.first_epoch(), 0)
         epochs = _epochs(run, position, ckpt_in, ckpt is not None, stop)
         try:
@@ -58,7 +58,7 @@ def _epochs(run, position: streamed.Position, ckpt_in, checkpointing: bool, stop
     steps, spec = comp.pieces.steps_per_epoch, comp.spec
     examples = comp.chunk_steps * spec.batch_size
     held = streamed.held_out_for_training(comp.stream_budget, spec, _held_out(comp), examples)
-    zero = stream_lib.zero_sums(spec, 1)
+    zero = stream_lib.zero_sums(spec, 1, train=True)
     loop = streamed.Loop(streamed.make_programs(spec), spec, batch.es_hparams(), comp.train, held, steps,
                          comp.chunk_steps, zero, comp.loop.epochs)  # fmt: skip
     key = setup.without_run_axis(position.start).state.key

@@ -187,12 +187,18 @@ def class_weights(spec, dataset: data_lib.Dataset):
 
 
 def run_spec(
-    t, pieces: Pieces, eval_sizes: dict[str, int], data_axes: dict | None = None, layout=None, plateau_monitor=None
+    t,
+    pieces: Pieces,
+    eval_sizes: dict[str, int],
+    data_axes: dict | None = None,
+    layout=None,
+    plateau_monitor=None,
+    norms: bool = False,
 ) -> program_lib.RunSpec:
     """The run program's spec from the config's train section `t`: `eval_sizes` names the held-out splits
     evaluated when due (val every train.validate_every epochs, test every train.test_every with train.log_test;
     both after the last) and their batch sizes; `layout` (core/layout.py) where the program spans a mesh;
-    `plateau_monitor`, reduce_on_plateau's metric where the schedule is used."""
+    `plateau_monitor`, reduce_on_plateau's metric where the schedule is used; `norms`: logging.norms."""
     return program_lib.RunSpec(
         task=pieces.task,
         tx=pieces.tx,
@@ -210,6 +216,7 @@ def run_spec(
         augment=pieces.hooks.augment,
         accumulate_steps=t.accumulate_steps,
         layout=layout,
+        norms=norms,
     )
 
 

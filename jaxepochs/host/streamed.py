@@ -197,7 +197,7 @@ def restore_position(ckpt_in, batch, after_epoch: int, steps: int, say) -> Posit
 
 
 def _abstract_sums(batch):
-    zero = stream_lib.zero_sums(batch.comp.spec, len(batch.members))
+    zero = stream_lib.zero_sums(batch.comp.spec, len(batch.members), train=True)
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), zero)
 
 
@@ -221,7 +221,7 @@ class Loop(NamedTuple):
     held_out: dict  # {name: HeldOut} evaluated during training: "val", and "test" with train.log_test
     steps: int  # steps per epoch
     per_chunk: int  # training batches per chunk (chunk_steps)
-    zero: epoch_lib.Metrics  # metric sums of no examples (run axis 1): an epoch's start, a split not evaluated
+    zero: epoch_lib.Metrics  # training's metric sums of no examples (run axis 1): an epoch's start
     last_epoch: int
 
 
@@ -273,16 +273,21 @@ class StreamedEpochs:
 
 def _no_rows(loop: Loop, start):
     """A call's rows when it ended inside an epoch: no epoch ran."""
-    metrics = jax.tree.map(lambda a: a[:, None], loop.zero)
+    train, held_out = (jax.tree.map(lambda a: a[:, None], zero) for zero in (loop.zero, _held_out_zero(loop)))
     column = jnp.zeros((loop.zero.count.shape[0], 1))
-    return program_lib.EpochRows(metrics, metrics, metrics, column, column.astype(bool), jnp.zeros((), jnp.int32),
+    return program_lib.EpochRows(train, held_out, held_out, column, column.astype(bool), jnp.zeros((), jnp.int32),
                                  start.halted)  # fmt: skip
+
+
+def _held_out_zero(loop: Loop) -> epoch_lib.Metrics:
+    """A held-out split's metric sums of no examples (a split not evaluated this epoch)."""
+    return stream_lib.zero_sums(loop.spec, loop.zero.count.shape[0])
 
 
 def _conclude(loop: Loop, start, carry, sums, epoch: int):
     val_due = bool(program_lib.validation_due(loop.spec, epoch, loop.last_epoch))
     test_due = bool(program_lib.due_for_test(loop.spec, epoch, loop.last_epoch))
-    val = test = loop.zero
+    val = test = _held_out_zero(loop)
     if "test" in loop.held_out and test_due:
         test = evaluate(loop.programs, loop.spec, carry.state, loop.held_out["test"])
     when = (loop.es_hparams, np.asarray(epoch, np.int32), np.asarray(val_due))

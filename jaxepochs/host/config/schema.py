@@ -153,7 +153,9 @@ def finetune_config() -> ml_collections.ConfigDict:
 def logging_config() -> ml_collections.ConfigDict:
     """Where a run's rows go besides metrics.jsonl (host/writers.py): metrics.csv, TensorBoard event files under
     WORKDIR/tensorboard/, and an MLflow run (mlflow installed: pip install 'jaxepochs[mlflow]'); and whether the
-    run ends by drawing curves.png (0.3-0.7 s of matplotlib a run: off where TensorBoard or MLflow shows them)."""
+    run ends by drawing curves.png (0.3-0.7 s of matplotlib a run: off where TensorBoard or MLflow shows them);
+    `norms`: each epoch's mean over its steps of the global L2 norms of the gradient, the update and the
+    parameters, as train_grad_norm, train_update_norm and train_param_norm (three reductions a step)."""
     c = ml_collections.ConfigDict()
     c.csv = True
     c.curves = True
@@ -161,6 +163,7 @@ def logging_config() -> ml_collections.ConfigDict:
     c.mlflow = False
     c.mlflow_tracking_uri = ""  # "": $MLFLOW_TRACKING_URI, else ./mlruns
     c.mlflow_experiment = "jaxepochs"
+    c.norms = False
     return c
 
 
