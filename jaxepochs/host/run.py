@@ -111,8 +111,7 @@ def set_up(config: ml_collections.ConfigDict, quiet: bool, fresh: bool = True) -
     """The data, model, task, optimizer, early stopping and the run program's spec: every error a config or an
     experiment module's hook can cause is raised here, before anything compiles. `fresh`: the run may start
     afresh (no checkpoint to resume), so init.from_workdir's source is read and checked now."""
-    if config.logging.mlflow:
-        writers.import_mlflow()  # not installed: said now, with the pip command
+    writers.check_trackers(config.logging)  # mlflow or wandb on, not installed: said now, with the pip command
     hooks = hooks_lib.load_hooks(config)
     dataset = setup.load_data(config, hooks, quiet)
     if dataset.streamed and config.train.profile_epochs:

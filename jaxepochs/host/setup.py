@@ -16,6 +16,7 @@ import numpy as np
 import optax
 
 from jaxepochs.core import early_stopping as early_stopping_lib
+from jaxepochs.core import ema as ema_lib
 from jaxepochs.core import epoch as epoch_lib
 from jaxepochs.core import layout as layout_lib
 from jaxepochs.core import optax_optim, optim
@@ -136,6 +137,8 @@ def make_pieces(config, dataset: data_lib.Dataset, hooks: hooks_lib.Hooks, steps
             )
         params = jax.eval_shape(lambda x: source.trace_init(config, x), first_example(dataset.train))[0]
         tx = finetune.configure(tx, tuning, params, steps_per_epoch)
+    if config.train.ema_decay:
+        tx = ema_lib.EmaOptimizer(tx, float(config.train.ema_decay), config.train.eval_weights != "trained")
     tracker, may_stop = make_tracker(config.early_stopping, has_validation, names)
     pieces = Pieces(source, task, names, hooks, tx, tracker, may_stop, plateau, steps_per_epoch, None, None, keys)
     return pieces._replace(start=jax.jit(functools.partial(_start, pieces)))

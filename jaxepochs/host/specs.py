@@ -25,7 +25,8 @@ def specs_of(config) -> HostSpecs:
                     k.every_epochs, k.every_seconds, k.every_steps, tuple(t.profile_epochs),
                     int(k.keep_best))  # fmt: skip
     logging = LogSpec(bool(g.csv), bool(g.tensorboard), bool(g.mlflow), g.mlflow_tracking_uri, g.mlflow_experiment,
-                      tuple(config_lib.flatten(config).items()), bool(g.curves))  # fmt: skip
+                      tuple(config_lib.flatten(config).items()), bool(g.curves), bool(g.wandb), g.wandb_project,
+                      g.wandb_dir, g.wandb_mode)  # fmt: skip
     tuning = FinetuneSpec(tuple(f.groups), tuple(f.freeze), tuple(f.unfreeze_epochs), tuple(f.rate_scales),
                           float(config.optimizer.layer_decay), int(t.epochs))  # fmt: skip
     return HostSpecs(loop, logging, tuning)

@@ -15,7 +15,7 @@ from jaxepochs.host import config as config_lib
 from jaxepochs.host import report as report_lib
 from jaxepochs.host import tensorboard
 
-RUN_FILES = ("metrics.jsonl", "metrics.csv", "summary.json", "curves.png", "run.json", "mlflow.json")
+RUN_FILES = ("metrics.jsonl", "metrics.csv", "summary.json", "curves.png", "run.json", "mlflow.json", "wandb.json")
 RESUMABLE_KEYS = (  # may change when resuming
     "train.epochs",
     "train.epochs_per_call",

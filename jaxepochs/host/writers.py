@@ -1,13 +1,15 @@
-"""Where a run's rows go besides metrics.jsonl: metrics.csv, TensorBoard and (optionally) MLflow.
+"""Where a run's rows go besides metrics.jsonl: metrics.csv, TensorBoard and (optionally) MLflow and W&B.
 
     logging.csv = True           # WORKDIR/metrics.csv: Keras's CSVLogger columns (epoch, then the metrics)
     logging.tensorboard = True   # WORKDIR/tensorboard/: event files, one scalar per metric (step = epoch)
     logging.mlflow = False       # a run in an MLflow store: the config as params, every epoch, the outputs
+    logging.wandb = False        # a Weights & Biases run (offline unless told): the config, every epoch, the summary
 
 Every writer starts from the rows a resumed run restored from its checkpoint (the rows past it are trained
-again, bit for bit): metrics.csv and the event files are rewritten from them, and MLflow skips the epochs its
-run already holds, so a run killed at any moment and resumed has each epoch once in each of them. A sweep writes
-one TensorBoard directory (and MLflow run) per member, with its swept values in TensorBoard's hparams plugin.
+again, bit for bit): metrics.csv and the event files are rewritten from them, and MLflow and W&B skip the epochs
+their run already holds, so a run killed at any moment and resumed has each epoch once in each of them. A sweep
+writes one TensorBoard directory (and MLflow and W&B run) per member, with its swept values in TensorBoard's hparams
+plugin. W&B's writer is host/wandb_writer.py.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import time
 from jaxepochs.host import config as config_lib
 from jaxepochs.host import report
 from jaxepochs.host.tensorboard import NOT_SCALARS, TensorBoardLog, scalars  # noqa: F401  (writers' names)
+from jaxepochs.host.wandb_writer import WandbLog, finish_wandb, import_wandb
 
 MLFLOW_RECORD = "mlflow.json"  # the workdir's MLflow run: a resumed run logs into the same one
 
@@ -102,6 +105,15 @@ def import_mlflow():
     return mlflow
 
 
+def check_trackers(logging) -> None:
+    """The trackers config.logging turns on are installed: else a ConfigError with the pip command, before
+    anything is written or compiled."""
+    if logging.mlflow:
+        import_mlflow()
+    if logging.wandb:
+        import_wandb()
+
+
 MLFLOW_NAMED_URIS = ("databricks", "databricks-uc", "uc")  # MLflow's tracking URIs with no scheme that are not paths
 
 
@@ -117,6 +129,10 @@ class LogSpec:
     mlflow_experiment: str
     params: tuple = ()  # the flattened config's (key, value) pairs
     curves: bool = True  # curves.png at the end of a run
+    wandb: bool = False
+    wandb_project: str = "jaxepochs"
+    wandb_dir: str = ""  # "": $WANDB_DIR, else the workdir (wandb's files in WORKDIR/wandb/)
+    wandb_mode: str = ""  # "": $WANDB_MODE, else "offline"
 
 
 def tracking_uri(setting: str) -> str:
@@ -227,7 +243,8 @@ class Logs(MetricWriter):
                 self._drop(name, error)
 
     def _drop(self, name: str, error: Exception) -> None:
-        del self._others[name]
+        with contextlib.suppress(Exception):  # closed as it can be: W&B's run then waits for finish_run's end
+            self._others.pop(name).close()
         _warn(name, error)
 
     def close(self) -> None:
@@ -249,6 +266,11 @@ def open_logs(primary, workdir: pathlib.Path, spec: LogSpec, rows: list[dict]) -
             others["mlflow"] = MlflowLog(workdir, spec, rows)
         except Exception as error:  # noqa: BLE001 - an unreachable tracking server does not stop the run
             _warn("mlflow", error)
+    if spec.wandb:
+        try:
+            others["wandb"] = WandbLog(workdir, spec, rows)
+        except Exception as error:  # noqa: BLE001 - W&B online without a login, say, does not stop the run
+            _warn("wandb", error)
     return Logs(primary, others)
 
 
@@ -258,7 +280,8 @@ def _warn(name: str, error: Exception) -> None:
 
 def finish_run(workdir: pathlib.Path, spec: LogSpec, history: list[dict], summary: dict, status: str) -> None:
     """A run's end in its trackers: summary.json's final validation and test metrics in TensorBoard as
-    `final_<name>` at the last epoch (as a sweep's members have theirs), and MLflow's end (`finish_mlflow`)."""
+    `final_<name>` at the last epoch (as a sweep's members have theirs), MLflow's end (`finish_mlflow`), and W&B's:
+    summary.json in the run's summary (`finish_wandb`)."""
     if spec.tensorboard:
         finals = {f"final_{k}": v for k, v in summary.items() if k.startswith(("val_", "test_"))}
         try:
@@ -268,6 +291,11 @@ def finish_run(workdir: pathlib.Path, spec: LogSpec, history: list[dict], summar
         except OSError as error:  # the run's own outputs are written; the tracker's are extra
             _warn("tensorboard", error)
     finish_mlflow(workdir, spec, status)
+    if spec.wandb:
+        try:
+            finish_wandb(workdir, spec, history, summary, status)
+        except Exception as error:  # noqa: BLE001 - the run's own outputs are written; the tracker's are extra
+            _warn("wandb", error)
 
 
 def finish_mlflow(workdir: pathlib.Path, spec: LogSpec, status: str) -> None:
@@ -284,9 +312,9 @@ def finish_mlflow(workdir: pathlib.Path, spec: LogSpec, status: str) -> None:
 def sweep_outputs(workdir: pathlib.Path, csv: bool, logs: dict[str, LogSpec], runs, histories: dict,
                   results_rows: list[dict]) -> None:  # fmt: skip
     """A sweep's rows in WORKDIR/metrics.csv (with the sweep's logging.csv, `csv`; a `run` column first), and its
-    members in TensorBoard (a directory each, with its swept values as hparams) and MLflow (a run each), as each
-    member's logging (`logs`, by run name) says; written once the sweep has finished (sweep.jsonl holds the same
-    rows)."""
+    members in TensorBoard (a directory each, with its swept values as hparams), MLflow and W&B (a run each, W&B's
+    with the best and final metrics in its summary), as each member's logging (`logs`, by run name) says; written
+    once the sweep has finished (sweep.jsonl holds the same rows)."""
     if csv:
         rows = [{"run": run.name, **row} for run in runs for row in histories[run.name] if logs[run.name].csv]
         CsvLog(workdir / "metrics.csv", rows, first=("run", "epoch"))
@@ -298,11 +326,22 @@ def sweep_outputs(workdir: pathlib.Path, csv: bool, logs: dict[str, LogSpec], ru
             board = TensorBoardLog(workdir / "tensorboard" / run.name, histories[run.name])
             board.hparams(values, final)
             board.close()
-        if logs[run.name].mlflow:
-            member = workdir / "members" / run.name
-            member.mkdir(parents=True, exist_ok=True)
-            try:
-                log = MlflowLog(member, logs[run.name], histories[run.name], name=f"{workdir.name}/{run.name}")
-                log.finish([], "FINISHED")
-            except Exception as error:  # noqa: BLE001 - the sweep's own outputs are written
-                _warn(f"mlflow ({run.name})", error)
+        if logs[run.name].mlflow or logs[run.name].wandb:
+            _member_runs(workdir, run.name, logs[run.name], histories[run.name], final)
+
+
+def _member_runs(workdir: pathlib.Path, name: str, spec: LogSpec, history: list[dict], final: dict) -> None:
+    """A sweep member's MLflow and W&B runs (each recorded in WORKDIR/members/<name>/), named `<sweep>/<name>`:
+    its epochs, and in W&B's summary its best and final metrics."""
+    member = workdir / "members" / name
+    member.mkdir(parents=True, exist_ok=True)
+    if spec.mlflow:
+        try:
+            MlflowLog(member, spec, history, name=f"{workdir.name}/{name}").finish([], "FINISHED")
+        except Exception as error:  # noqa: BLE001 - the sweep's own outputs are written
+            _warn(f"mlflow ({name})", error)
+    if spec.wandb:
+        try:
+            WandbLog(member, spec, history, f"{workdir.name}/{name}", home=workdir).finish(final, "FINISHED")
+        except Exception as error:  # noqa: BLE001 - the sweep's own outputs are written
+            _warn(f"wandb ({name})", error)

@@ -254,8 +254,7 @@ def sweep(
         )
     if cv:  # no validation split: the folds are
         config = config_lib.apply_overrides(config, {"data.validation_fraction": "0.0"})
-    if config.logging.mlflow:
-        writers.import_mlflow()  # not installed: said now, with the pip command
+    writers.check_trackers(config.logging)  # mlflow or wandb on, not installed: said now, with the pip command
     devices.check_same_config(config.to_json_best_effort())
     run_lib.use_compilation_cache(config.train.compilation_cache_dir)
     quiet = quiet or not primary

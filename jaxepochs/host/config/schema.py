@@ -128,6 +128,11 @@ def train_config() -> ml_collections.ConfigDict:
     # Classification's built-in loss weighted per class in training, as Keras's class_weight: None (off), one
     # weight per class (a tuple), or "balanced" (N / (classes * the class's count) over the training split).
     t.class_weight = None
+    # An exponential moving average of the parameters, updated after every step (core/ema.py): 0 keeps none;
+    # 0.999 remembers about 1,000 steps. eval_weights: what validation, test, the best epoch, `load` and the
+    # exports see: "ema" (the average), "trained" (the trained parameters), "" (the average where one is kept).
+    t.ema_decay = 0.0
+    t.eval_weights = ""
     return t
 
 
@@ -163,6 +168,11 @@ def logging_config() -> ml_collections.ConfigDict:
     c.mlflow = False
     c.mlflow_tracking_uri = ""  # "": $MLFLOW_TRACKING_URI, else ./mlruns
     c.mlflow_experiment = "jaxepochs"
+    # A Weights & Biases run (wandb installed: pip install 'jaxepochs[wandb]'; host/wandb_writer.py).
+    c.wandb = False
+    c.wandb_project = "jaxepochs"
+    c.wandb_dir = ""  # wandb.init's dir, its files in DIR/wandb/: "" = $WANDB_DIR, else the workdir
+    c.wandb_mode = ""  # "offline" or "online" (needs `wandb login` or $WANDB_API_KEY): "" = $WANDB_MODE, else offline
     c.norms = False
     return c
 

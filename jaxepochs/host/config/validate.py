@@ -146,6 +146,24 @@ def _validate_train(t: ml_collections.ConfigDict) -> None:
         fail("train.profile_epochs", f"{tuple(t.profile_epochs)}", f"Name epochs of the run, 1 to {t.epochs}.")
 
 
+EVAL_WEIGHTS = ("", "ema", "trained")
+
+
+def _validate_ema(t: ml_collections.ConfigDict, optimizer_name: str) -> None:
+    """train.ema_decay and train.eval_weights (core/ema.py)."""
+    decay = t.ema_decay
+    if not isinstance(decay, int | float) or isinstance(decay, bool) or not 0 <= decay < 1:
+        fail("train.ema_decay", f"{decay!r}", "Use 0 (no average) or a decay in (0, 1), e.g. 0.999.")
+    if t.eval_weights not in EVAL_WEIGHTS:
+        fail("train.eval_weights", f"{t.eval_weights!r}{suggest(t.eval_weights, EVAL_WEIGHTS[1:])}",
+             'Use "ema" (the average), "trained", or "" (the average if one is kept).')  # fmt: skip
+    if t.eval_weights == "ema" and not decay:
+        fail("train.eval_weights", '"ema" with train.ema_decay = 0', "Set train.ema_decay, e.g. 0.999, to keep one.")
+    if decay and optimizer_name == "schedule_free_adamw":
+        fail("train.ema_decay", f"{decay} with optimizer schedule_free_adamw",
+             "Schedule-free AdamW evaluates an average of its own; drop train.ema_decay.")  # fmt: skip
+
+
 def _validate_finetune(f: ml_collections.ConfigDict, decay: float) -> None:
     """The finetune section `f`, and optimizer.layer_decay (`decay`) beside it."""
     if not 0 < decay <= 1:
@@ -181,6 +199,16 @@ def _validate_init(init: ml_collections.ConfigDict) -> None:
             '"", while init.include/exclude/reinit/epoch select what a run takes from it',
             "Set init.from_workdir to the workdir of the run to start from, or leave init at its defaults.",
         )
+
+
+WANDB_MODES = ("offline", "online")  # and "": $WANDB_MODE, else offline (host/wandb_writer.py)
+
+
+def _validate_logging(g: ml_collections.ConfigDict) -> None:
+    if g.wandb_mode not in ("", *WANDB_MODES):
+        fail("logging.wandb_mode", f'"{g.wandb_mode}"{suggest(g.wandb_mode, WANDB_MODES)}',
+             f'Use {one_of(WANDB_MODES)} (online needs `wandb login` or $WANDB_API_KEY), or "" ($WANDB_MODE, else '
+             '"offline").')  # fmt: skip
 
 
 def _validate_mesh(m: ml_collections.ConfigDict) -> None:
@@ -256,6 +284,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check_types(config, schema, "")
     _validate_seeds(flatten(config))
     _validate_train(config.train)
+    _validate_ema(config.train, config.optimizer.name)
     _validate_class_weight(config.train, config.task)
     _validate_model(config.model)
     if config.task not in TASKS:
@@ -272,6 +301,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _validate_data(config.data)
     _validate_mesh(config.mesh)
     _validate_init(config.init)
+    _validate_logging(config.logging)
     _validate_finetune(config.finetune, config.optimizer.layer_decay)
     try:
         optim.validate_schedule(o.schedule.to_dict(), config.train.epochs)
