@@ -132,12 +132,13 @@ class EarlyStoppingHParams(NamedTuple):
 
 
 def infer_mode(monitor: str) -> str:
-    """Keras 3's "auto": "min" or "max" from the metric's name, with any "val_"/"train_" prefix dropped."""
-    name = monitor.removeprefix("val_").removeprefix("train_")
-    if name in MAX_METRICS:
-        return "max"
-    if name in MIN_METRICS:
-        return "min"
+    """Keras 3's "auto": "min" or "max" from the metric's name, with any "val_"/"train_" prefix dropped (or a
+    further evaluation set's name: "shifted_loss")."""
+    for name in (monitor.removeprefix("val_").removeprefix("train_"), monitor.partition("_")[2]):
+        if name in MAX_METRICS:
+            return "max"
+        if name in MIN_METRICS:
+            return "min"
     raise ValueError(
         f'Cannot infer whether monitor "{monitor}" should be minimized or maximized; pass mode="min" or '
         f'mode="max". Valid modes: {", ".join(MODES)}.'

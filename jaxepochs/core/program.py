@@ -54,6 +54,7 @@ class EpochRows(NamedTuple):
     trained: jax.Array  # bool [R, K] the run had not halted before this epoch: the row is real
     ran: jax.Array  # int32 [] epochs the call ran
     halted: jax.Array  # bool [R] each run's halted flag after the call
+    evals: dict = {}  # the further evaluation sets' metrics by name (count 0 on epochs a set was not evaluated)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -64,7 +65,7 @@ class RunSpec:
     tx: optim.TrainerOptimizer  # optim.Optimizer, or another optimizer that does what the trainer asks of one
     metric_names: tuple[str, ...]  # "loss" and the task's metrics: the structure of every split's sums
     batch_size: int
-    eval_batch_sizes: dict[str, int]  # "val" and/or "test" -> batch size; a split not named is not evaluated
+    eval_batch_sizes: dict[str, int]  # "val", "test", eval_every's sets -> batch size; one not named: not evaluated
     tracker: EarlyStopping  # early stopping's rule; with may_stop False it only tracks the best epoch
     may_stop: bool
     epochs_per_call: int  # K: the most epochs one call runs (the size of EpochRows' epoch axis)
@@ -77,6 +78,7 @@ class RunSpec:
     accumulate_steps: int = 1  # micro-batches per optimizer step (epoch.train_step)
     layout: Any = None  # core/layout.Layout: the batch over the mesh's data axis, the runs over its runs axis
     norms: bool = False  # logging.norms: each step's gradient, update and parameter norms in the training sums
+    eval_every: dict[str, int] = dataclasses.field(default_factory=dict)  # further evaluation sets: their cadence
 
     @property
     def train_metric_names(self) -> tuple[str, ...]:
@@ -89,9 +91,16 @@ def _metric(by_split: dict[str, epoch_lib.Metrics], monitor: str) -> jax.Array:
     return by_split[split].mean(name)
 
 
-def _observed(monitor: str, val_due):
-    """Whether an epoch measured `monitor`: a validation metric where validation was due, any other every epoch."""
-    return val_due if monitor.startswith("val_") else True
+def _observed(monitor: str, val_due, evals_due: dict):
+    """Whether an epoch measured `monitor`: a validation metric where validation was due, an evaluation set's
+    where that set was, a training metric every epoch."""
+    split = monitor.split("_", 1)[0]
+    return val_due if split == "val" else evals_due.get(split, True)
+
+
+def due_every(every: int, epoch, last_epoch):
+    """Whether a split evaluated every `every` epochs (and after the last) is due at `epoch`."""
+    return (epoch % every == 0) | (epoch == last_epoch)
 
 
 def _evaluate(spec: RunSpec, name: str, state: epoch_lib.TrainState, splits) -> epoch_lib.Metrics:
@@ -107,8 +116,8 @@ def _evaluate(spec: RunSpec, name: str, state: epoch_lib.TrainState, splits) -> 
     )
 
 
-def _one_epoch(spec: RunSpec, carry: RunCarry, splits, es_hparams, epoch, test_due, val_due):
-    """One epoch of one run: (carry, (train, val, test, learning rate)). Vmapped over the runs."""
+def _one_epoch(spec: RunSpec, carry: RunCarry, splits, es_hparams, epoch, test_due, val_due, evals_due):
+    """One epoch of one run: (carry, (train, val, test, learning rate, evals)). Vmapped over the runs."""
     state, train_m = epoch_lib.train_epoch(
         carry.state,
         splits["train"],
@@ -130,22 +139,29 @@ def _one_epoch(spec: RunSpec, carry: RunCarry, splits, es_hparams, epoch, test_d
         val_m = jax.lax.cond(val_due, lambda s: _evaluate(spec, "val", s, splits), lambda s: zero, evaluated)
     if "test" in spec.eval_batch_sizes:
         test_m = jax.lax.cond(test_due, lambda s: _evaluate(spec, "test", s, splits), lambda s: zero, evaluated)
-    return conclude_epoch(spec, carry, state, train_m, val_m, test_m, es_hparams, epoch, val_due)
+    evals = {
+        name: jax.lax.cond(evals_due[name], lambda s, n=name: _evaluate(spec, n, s, splits), lambda s: zero, evaluated)
+        for name in spec.eval_every
+    }
+    return conclude_epoch(spec, carry, state, train_m, val_m, test_m, es_hparams, epoch, val_due, evals, evals_due)
 
 
-def conclude_epoch(spec: RunSpec, carry: RunCarry, state, train_m, val_m, test_m, es_hparams, epoch, val_due):
-    """Everything an epoch decides once it has trained (`state`, `train_m`) and evaluated (`val_m`, `test_m`;
-    `val_due` says whether the validation split was evaluated): early stopping, reduce-on-plateau, the best
-    parameters and the non-finite guard. One run; the device-resident epoch and the streamed one (whose epoch
-    trains in chunks that the host feeds) both end here. Returns (carry, (train, val, test, learning rate))."""
-    by_split = {"train": train_m, "val": val_m}
+def conclude_epoch(
+    spec: RunSpec, carry: RunCarry, state, train_m, val_m, test_m, es_hparams, epoch, val_due, evals, evals_due
+):
+    """Everything an epoch decides once it has trained (`state`, `train_m`) and evaluated (`val_m`, `test_m`,
+    the further sets' `evals`; `val_due` and `evals_due` say which were evaluated): early stopping,
+    reduce-on-plateau, the best parameters and the non-finite guard. One run; the device-resident epoch and the
+    streamed one (whose epoch trains in chunks that the host feeds) both end here. Returns (carry, (train, val,
+    test, learning rate, evals))."""
+    by_split = {"train": train_m, "val": val_m, **evals}
     # Early stopping sees every epoch (its patience counts epochs); its monitor is observed where it was measured.
     es_state = spec.tracker.update(
         carry.es_state,
         _metric(by_split, spec.tracker.monitor),
         train_m.mean("loss"),
         es_hparams,
-        observed=_observed(spec.tracker.monitor, val_due),
+        observed=_observed(spec.tracker.monitor, val_due, evals_due),
     )
     learning_rate = spec.tx.learning_rate(state.opt_state).astype(jnp.float32)
     plateau = carry.plateau
@@ -153,7 +169,7 @@ def conclude_epoch(spec: RunSpec, carry: RunCarry, state, train_m, val_m, test_m
         # reduce_on_plateau is fed only the epochs its monitor was measured: with validation every n epochs its
         # patience and cooldown count validations (as optax's count the values fed to it), not epochs.
         fed = optim.plateau_update(plateau, _metric(by_split, spec.plateau_monitor))
-        observed = _observed(spec.plateau_monitor, val_due)
+        observed = _observed(spec.plateau_monitor, val_due, evals_due)
         plateau = jax.tree.map(lambda new, old: jnp.where(observed, new, old), fed, plateau)
         state = state._replace(opt_state=spec.tx.with_plateau_scale(state.opt_state, plateau.scale))
     finite = jnp.isfinite(train_m.sums["loss"])
@@ -172,17 +188,22 @@ def conclude_epoch(spec: RunSpec, carry: RunCarry, state, train_m, val_m, test_m
         ),
         discard | (es_state.should_stop if spec.may_stop else False),
     )
-    return out, (train_m, val_m, test_m, learning_rate)
+    return out, (train_m, val_m, test_m, learning_rate, evals)
 
 
 def due_for_test(spec: RunSpec, epoch, last_epoch):
     """Whether epoch `epoch` evaluates the logged test split: every `spec.test_every` epochs and the last."""
-    return (epoch % spec.test_every == 0) | (epoch == last_epoch)
+    return due_every(spec.test_every, epoch, last_epoch)
 
 
 def validation_due(spec: RunSpec, epoch, last_epoch):
     """Whether epoch `epoch` evaluates the validation split: every `spec.validate_every` epochs and the last."""
-    return (epoch % spec.validate_every == 0) | (epoch == last_epoch)
+    return due_every(spec.validate_every, epoch, last_epoch)
+
+
+def evals_due_at(spec: RunSpec, epoch, last_epoch) -> dict:
+    """Whether epoch `epoch` evaluates each further evaluation set (`spec.eval_every`)."""
+    return {name: due_every(every, epoch, last_epoch) for name, every in spec.eval_every.items()}
 
 
 def make_run_epochs(spec: RunSpec, axis_name: str | None = None):
@@ -206,16 +227,18 @@ def make_run_epochs(spec: RunSpec, axis_name: str | None = None):
     ):
         axes = {name: spec.data_axes.get(name) for name in splits}
         one = jax.vmap(
-            lambda c, s, h, e, t, v: _one_epoch(spec, c, s, h, e, t, v),
-            in_axes=(0, axes, 0, None, None, None),
+            lambda c, s, h, e, t, v, d: _one_epoch(spec, c, s, h, e, t, v, d),
+            in_axes=(0, axes, 0, None, None, None, None),
             spmd_axis_name=_runs_axis(spec),
         )
         runs = carry.halted.shape[0]
         zeros = lambda dtype=jnp.float32: jnp.zeros((runs, k), dtype)
         metrics0 = lambda names: epoch_lib.Metrics({name: zeros() for name in names}, zeros())
         held_out0 = metrics0(spec.metric_names)
-        train0 = metrics0(spec.train_metric_names)
-        rows0 = EpochRows(train0, held_out0, held_out0, zeros(), zeros(bool), jnp.zeros((), jnp.int32), carry.halted)
+        train0, evals0 = metrics0(spec.train_metric_names), {name: held_out0 for name in spec.eval_every}
+        rows0 = EpochRows(
+            train0, held_out0, held_out0, zeros(), zeros(bool), jnp.zeros((), jnp.int32), carry.halted, evals0
+        )
         count = jnp.minimum(num_epochs, k)
 
         def cond(loop):
@@ -228,7 +251,9 @@ def make_run_epochs(spec: RunSpec, axis_name: str | None = None):
             due_test = due_for_test(spec, epoch, last_epoch)
             trained = ~carry.halted
             val_due = validation_due(spec, epoch, last_epoch)
-            carry, (train_m, val_m, test_m, lr) = one(carry, splits, es_hparams, epoch, due_test, val_due)
+            due_evals = evals_due_at(spec, epoch, last_epoch)
+            carry, (train_m, val_m, test_m, lr, evals) = one(carry, splits, es_hparams, epoch, due_test, val_due,
+                                                             due_evals)  # fmt: skip
             put = lambda buffer, value: buffer.at[:, i].set(value)
             rows = EpochRows(
                 jax.tree.map(put, rows.train, train_m),
@@ -238,6 +263,7 @@ def make_run_epochs(spec: RunSpec, axis_name: str | None = None):
                 put(rows.trained, trained),
                 i + 1,
                 carry.halted,
+                jax.tree.map(put, rows.evals, evals),
             )
             return i + 1, carry, rows, all_halted(carry.halted)
 

@@ -5,7 +5,8 @@ epoch's order a chunk at a time, and these programs consume them:
 
     train_chunk(carry_R, sums_R, batches_CxB, mask_CxB) -> (carry_R, sums_R)    C optimizer steps
     eval_chunk(state_R, sums_R, batches_CxB, mask_CxB) -> sums_R                C evaluation batches
-    conclude(carry_at_start_R, carry_R, train_R, val_R, test_R, es_hparams_R, epoch, val_due) -> (carry_R, rows)
+    conclude(carry_at_start_R, carry_R, train_R, val_R, test_R, es_hparams_R, epoch, val_due, evals_R, evals_due)
+        -> (carry_R, rows)
 
 `conclude` is `program.conclude_epoch`, the same code that ends a device-resident epoch: early stopping,
 reduce-on-plateau, the best parameters and the non-finite guard are written once. Every step takes its batch's
@@ -73,16 +74,19 @@ def make_eval_chunk(spec: program_lib.RunSpec, trained: bool = True):
 
 
 def make_conclude(spec: program_lib.RunSpec):
-    """conclude(carry_at_start_R, carry_R, train_R, val_R, test_R, es_hparams_R, epoch, val_due) -> (carry_R,
-    EpochRows with K = 1): the end of a streamed epoch, by the device-resident epoch's own code."""
+    """conclude(carry_at_start_R, carry_R, train_R, val_R, test_R, es_hparams_R, epoch, val_due, evals_R,
+    evals_due) -> (carry_R, EpochRows with K = 1): the end of a streamed epoch, by the device-resident epoch's own
+    code (`evals_R`: the further evaluation sets' sums, `evals_due` which of them were evaluated)."""
 
-    def one(start, carry, train_m, val_m, test_m, es_hparams, epoch, val_due):
-        return program_lib.conclude_epoch(spec, start, carry.state, train_m, val_m, test_m, es_hparams, epoch, val_due)
+    def one(start, carry, train_m, val_m, test_m, es_hparams, epoch, val_due, evals, evals_due):
+        return program_lib.conclude_epoch(
+            spec, start, carry.state, train_m, val_m, test_m, es_hparams, epoch, val_due, evals, evals_due
+        )
 
-    def conclude(start, carry, train_m, val_m, test_m, es_hparams, epoch, val_due):
+    def conclude(start, carry, train_m, val_m, test_m, es_hparams, epoch, val_due, evals, evals_due):
         trained = ~start.halted
-        out, (train_m, val_m, test_m, lr) = jax.vmap(one, in_axes=(0, 0, 0, 0, 0, 0, None, None))(
-            start, carry, train_m, val_m, test_m, es_hparams, epoch, val_due
+        out, (train_m, val_m, test_m, lr, evals) = jax.vmap(one, in_axes=(0, 0, 0, 0, 0, 0, None, None, 0, None))(
+            start, carry, train_m, val_m, test_m, es_hparams, epoch, val_due, evals, evals_due
         )
         column = lambda a: a[:, None]
         rows = program_lib.EpochRows(
@@ -93,6 +97,7 @@ def make_conclude(spec: program_lib.RunSpec):
             column(trained),
             jnp.ones((), jnp.int32),
             out.halted,
+            jax.tree.map(column, evals),
         )
         return out, rows
 
@@ -100,12 +105,12 @@ def make_conclude(spec: program_lib.RunSpec):
 
 
 def make_validate_and_conclude(spec: program_lib.RunSpec):
-    """validate_and_conclude(carry_at_start_R, carry_R, train_R, val_chunks, test_R, es_hparams_R, epoch, val_due)
-    -> (carry_R, rows): the validation split's chunks (kept on the device) evaluated when due, then `conclude`,
-    in one call: a streamed epoch of small data ends in one program, not two."""
+    """validate_and_conclude(carry_at_start_R, carry_R, train_R, val_chunks, test_R, es_hparams_R, epoch, val_due,
+    evals_R, evals_due) -> (carry_R, rows): the validation split's chunks (kept on the device) evaluated when due,
+    then `conclude`, in one call: a streamed epoch of small data ends in one program, not two."""
     eval_chunk, conclude = make_eval_chunk(spec), make_conclude(spec)
 
-    def validate_and_conclude(start, carry, train_m, val_chunks, test_m, es_hparams, epoch, val_due):
+    def validate_and_conclude(start, carry, train_m, val_chunks, test_m, es_hparams, epoch, val_due, *evals):
         zero = zero_sums(spec, carry.halted.shape[0])  # the validation split's
 
         def validate(state):
@@ -115,7 +120,7 @@ def make_validate_and_conclude(spec: program_lib.RunSpec):
             return sums
 
         val_m = jax.lax.cond(val_due, validate, lambda state: zero, carry.state)
-        return conclude(start, carry, train_m, val_m, test_m, es_hparams, epoch, val_due)
+        return conclude(start, carry, train_m, val_m, test_m, es_hparams, epoch, val_due, *evals)
 
     return validate_and_conclude
 

@@ -16,7 +16,16 @@ import numpy as np
 from jaxepochs.data import lock
 from jaxepochs.data import rows as rows_lib
 from jaxepochs.data.checks import check_like_train, check_numeric, check_split  # noqa: F401  (loading's names)
-from jaxepochs.data.splits import DataError, Dataset, Split, as_batch, count, fold_indices, take  # noqa: F401
+from jaxepochs.data.splits import (  # noqa: F401
+    DataError,
+    Dataset,
+    Split,
+    as_batch,
+    check_eval_name,
+    count,
+    fold_indices,
+    take,
+)
 
 
 def data_dir(config: ml_collections.ConfigDict) -> pathlib.Path:
@@ -244,16 +253,16 @@ def from_arrays(config: ml_collections.ConfigDict, splits, where: str, name: str
     """A dataset of in-memory splits (an experiment module's get_data): {"train": batch, "test": batch} and
     optionally "validation", each {"x": array or pytree, "y": array}; `where` names their source in errors,
     `name` the dataset in the outputs."""
-    if (
-        not isinstance(splits, dict)
-        or not {"train", "test"} <= set(splits)
-        or set(splits) - {"train", "test", "validation"}
-    ):
+    if not isinstance(splits, dict) or not {"train", "test"} <= set(splits):
         keys = sorted(splits) if isinstance(splits, dict) else type(splits).__name__
         raise DataError(
-            f'{where} returned {keys}; return {{"train": batch, "test": batch}} and optionally "validation", '
-            'each batch a dict {"x": inputs, "y": labels} of arrays with one leading example axis.'
+            f'{where} returned {keys}; return {{"train": batch, "test": batch}}, optionally "validation" and more '
+            'evaluation sets by name ("shifted": batch), each batch a dict {"x": inputs, "y": labels} of arrays '
+            "with one leading example axis."
         )
+    eval_names = sorted(set(splits) - {"train", "test", "validation"})
+    for eval_name in eval_names:
+        check_eval_name(eval_name, where)
     parts = {}
     custom = config.task == "custom"
     for split_name, batch in splits.items():  # not `name`: that is the dataset's, in every message and output
@@ -274,12 +283,14 @@ def from_arrays(config: ml_collections.ConfigDict, splits, where: str, name: str
     check_like_train(parts, where)
     full_train, test, val = parts["train"], parts["test"], parts.get("validation")
     present = [split for split in (full_train, test, val) if split is not None]
-    for split, label in ((full_train, "train"), (test, "test"), (val, "validation")):
-        if split is not None and count(split) == 0:
+    for label, split in parts.items():
+        if count(split) == 0:
             raise DataError(f'{where}: split "{label}" is empty; every split needs examples.')
     num_classes = num_outputs(config.task, present, config.model.num_classes)
     dataset = _finish(config, where, full_train, test, val, num_classes)
-    return dataset._replace(name=name or where)
+    for eval_name in eval_names:
+        check_split(parts[eval_name], num_classes, f'{where} evaluation set "{eval_name}"', config.task)
+    return dataset._replace(name=name or where, evals={n: parts[n] for n in eval_names})
 
 
 def _as_arrays(x):
@@ -300,7 +311,10 @@ def as_streamed(dataset: Dataset) -> Dataset:
     import jax
 
     rows = lambda split: Split(jax.tree.map(rows_lib.Rows, split.x), split.y)
-    return dataset._replace(train=rows(dataset.train), val=rows(dataset.val), test=rows(dataset.test), streamed=True)
+    evals = {name: rows(split) for name, split in dataset.evals.items()}
+    return dataset._replace(
+        train=rows(dataset.train), val=rows(dataset.val), test=rows(dataset.test), evals=evals, streamed=True
+    )
 
 
 def estimated_bytes(config: ml_collections.ConfigDict, quiet: bool = False) -> int:
@@ -335,13 +349,32 @@ def load_dataset(config: ml_collections.ConfigDict, quiet: bool = False, streame
                 f"Dataset {d.name} has no {what} feature {key!r}; its features are {features}. Set data.input_key "
                 "and data.label_key."
             )
-    if streamed:
-        full_train = _rows_split(builder, d.train_split, x_key, y_key, quiet)
-        test = _rows_split(builder, d.test_split, x_key, y_key, quiet)
-    else:
-        full_train = _read_split(builder, d.train_split, x_key, y_key)
-        test = _read_split(builder, d.test_split, x_key, y_key)
+    read = (lambda split: _rows_split(builder, split, x_key, y_key, quiet)) if streamed else (
+        lambda split: _read_split(builder, split, x_key, y_key))  # fmt: skip
+    full_train, test = read(d.train_split), read(d.test_split)
+    evals = {name: read(source) for name, source in eval_splits(d.eval_splits, d.name, builder.info.splits)}
     label_feature = builder.info.features[y_key]
     classes = getattr(label_feature, "num_classes", None) if config.task == "classification" else None
     num_classes = config.model.num_classes or classes or num_outputs(config.task, [full_train, test])
-    return _finish(config, d.name, full_train, test, None, num_classes)._replace(streamed=streamed)
+    for name, split in evals.items():
+        check_split(split, num_classes, f'{d.name} evaluation set "{name}"', config.task)
+    return _finish(config, d.name, full_train, test, None, num_classes)._replace(streamed=streamed, evals=evals)
+
+
+def eval_splits(entries, dataset: str, available) -> list[tuple[str, str]]:
+    """data.eval_splits' (name, TFDS split) pairs: "name=split" or "split" (then named as it is); DataError naming
+    the fix for a bad name or a split the dataset lacks."""
+    pairs = []
+    for entry in entries:
+        name, eq, source = str(entry).partition("=")
+        name, source = name.strip(), (source if eq else name).strip()
+        check_eval_name(name, f"data.eval_splits entry {entry!r}")
+        if source not in available:
+            raise DataError(
+                f"data.eval_splits entry {entry!r}: dataset {dataset} has no split {source!r}; its splits are "
+                f"{sorted(available)} (whole splits: TFDS's slices are not read here)."
+            )
+        pairs.append((name, source))
+    if len({name for name, _ in pairs}) < len(pairs):
+        raise DataError(f"data.eval_splits {tuple(entries)} names an evaluation set twice; give each its own name.")
+    return pairs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import NamedTuple
 
 import numpy as np
@@ -45,6 +46,22 @@ class Dataset(NamedTuple):
     test: Split
     num_classes: int  # classification: the classes; regression and binary: the outputs per example
     streamed: bool = False  # the splits' inputs are Rows, read a chunk at a time (data/rows.py)
+    evals: dict = {}  # more evaluation sets by name (get_data's other splits, data.eval_splits): never mutated
+
+
+# An evaluation set's name prefixes its rows' fields (<name>_loss): a word of its own, apart from the built-in
+# splits' and the rows' other fields.
+EVAL_NAME = re.compile(r"^[a-z][a-z0-9]*$")
+RESERVED_NAMES = ("train", "val", "test", "validation", "final", "learning", "examples", "input", "peak", "steps")
+
+
+def check_eval_name(name: str, where: str) -> None:
+    """DataError unless `name` can name an evaluation set (its rows' prefix)."""
+    if not EVAL_NAME.match(name) or name in RESERVED_NAMES:
+        raise DataError(
+            f'{where}: the evaluation set "{name}" needs a name of lowercase letters and digits (no "_": it '
+            f'prefixes the rows\' fields, <name>_loss), other than {", ".join(RESERVED_NAMES)}; e.g. "shifted".'
+        )
 
 
 class DataError(ValueError):

@@ -135,7 +135,9 @@ class RunBatch:
         if self.sharding is not None:
             runs, shared = P("runs"), P()
             data = {name: runs if comp.spec.data_axes.get(name) == 0 else shared for name in splits}
-            rows = program_lib.EpochRows(runs, runs, runs, runs, runs, shared, runs)
+            rows = program_lib.EpochRows(
+                runs, runs, runs, runs, runs, shared, runs, {k: runs for k in comp.spec.eval_every}
+            )
             program = jax.shard_map(program, mesh=self.sharding.mesh, in_specs=(runs, data, runs, shared, shared,
                                     shared), out_specs=(runs, rows), check_vma=False)  # fmt: skip
             abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self.sharding), abstract)

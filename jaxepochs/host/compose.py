@@ -24,6 +24,7 @@ from jaxepochs.core import layout as layout_lib
 from jaxepochs.core import optim
 from jaxepochs.core import program as program_lib
 from jaxepochs.data import loading as data_lib
+from jaxepochs.host import config as config_lib
 from jaxepochs.host import devices, driver, finetune, setup, specs, warm_start
 
 
@@ -78,6 +79,8 @@ class Composition:
                 splits["val"] = put(d.val)
         if "test" in self.spec.eval_batch_sizes:
             splits["test"] = put(d.test)
+        for name in self.spec.eval_every:  # shared by the runs, folds or not
+            splits[name] = put(d.evals[name])
         return splits
 
 
@@ -88,7 +91,7 @@ def _batch(split: data_lib.Split, array) -> dict:
 def member(config, name: str, fold: int, pieces: setup.Pieces, has_val: bool) -> Member:
     """A run's own numbers from its config (checked: fine-tuning values that do not fit raise ConfigError)."""
     names = pieces.tx.group_names
-    tracker = setup.make_tracker(config.early_stopping, has_val, pieces.metric_names)[0]
+    tracker = setup.make_tracker(config.early_stopping, has_val, pieces.metric_names, pieces.eval_names)[0]
     groups = finetune.group_values(specs.specs_of(config).finetune, names) if names else None
     return Member(name, config, fold, optim.hparams_of(config.optimizer.to_dict()), tracker, groups)
 
@@ -119,9 +122,8 @@ def compose(config, dataset: data_lib.Dataset, hooks, *, cv: int = 0, sweep: boo
     every_epoch = _every_epoch_sizes(config.train, dataset, cv)
     axes = {"train": 0, "val": 0} if cv else {}
     monitor = config.optimizer.schedule.monitor
-    spec = setup.run_spec(
-        config.train, pieces, every_epoch, axes, layout=layout, plateau_monitor=monitor, norms=config.logging.norms
-    )
+    spec = setup.run_spec(config.train, pieces, every_epoch, axes, layout=layout, plateau_monitor=monitor,
+                          norms=config.logging.norms, eval_every=eval_cadence(config.train, dataset))  # fmt: skip
     e = config.early_stopping
     return Composition(
         dataset, pieces, spec, specs.specs_of(config).loop, layout, runs_devices, config.train.eval_batch_size,
@@ -131,9 +133,25 @@ def compose(config, dataset: data_lib.Dataset, hooks, *, cv: int = 0, sweep: boo
 
 def _every_epoch_sizes(t, dataset: data_lib.Dataset, cv: int) -> dict[str, int]:
     """The held-out splits the run program evaluates when due, and their batch sizes: validation (a CV run's
-    fold), and the test split with train.log_test (`t`: the config's train section)."""
+    fold), the test split with train.log_test (`t`: the config's train section), and the further evaluation sets."""
     n_val = data_lib.count(dataset.train) // cv if cv else data_lib.count(dataset.val)
     sizes = setup.eval_sizes(t.eval_batch_size, {"val": n_val})
     if t.log_test:
         sizes.update(setup.eval_sizes(t.eval_batch_size, {"test": data_lib.count(dataset.test)}))
+    sizes.update(setup.eval_sizes(t.eval_batch_size, {k: data_lib.count(s) for k, s in dataset.evals.items()}))
     return sizes
+
+
+def eval_cadence(t, dataset: data_lib.Dataset) -> dict[str, int]:
+    """Every further evaluation set's cadence in epochs: train.validate_every, or its train.eval_every entry
+    ("name=N"; `t`: the config's train section); ConfigError for an entry naming no set."""
+    every = {name: t.validate_every for name in dataset.evals}
+    for entry in t.eval_every:
+        name, _, n = str(entry).partition("=")
+        if name.strip() not in every:
+            raise config_lib.ConfigError(
+                f"config.train.eval_every entry {entry!r} names no evaluation set; the sets are "
+                f"{sorted(every) or 'none'} (get_data's further splits, data.eval_splits)."
+            )
+        every[name.strip()] = int(n)
+    return every

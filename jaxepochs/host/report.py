@@ -184,11 +184,12 @@ def peak_memory() -> dict:
     return {"peak_memory_bytes": int(stats["peak_bytes_in_use"])} if "peak_bytes_in_use" in stats else {}
 
 
-def metrics_row(epoch: int, steps: int, train, val, test, lr) -> dict:
+def metrics_row(epoch: int, steps: int, train, val, test, lr, evals=None) -> dict:
     """One metrics.jsonl row from an epoch's metric sums (val/test None, or count 0, when not evaluated: no split,
-    or not due that epoch); a split not evaluated has no fields in the row."""
+    or not due that epoch; `evals`: the further evaluation sets' by name); a split not evaluated has no fields in
+    the row."""
     row = {"epoch": epoch, "steps": steps, **train.means("train")}
-    for totals, prefix in ((val, "val"), (test, "test")):
+    for totals, prefix in ((val, "val"), (test, "test"), *(((m, name) for name, m in (evals or {}).items()))):
         if totals is not None and float(totals.count) > 0:
             row.update(totals.means(prefix))
     row["learning_rate"] = float(lr)
@@ -211,6 +212,7 @@ def run_rows(rows, first_epoch: int, steps_per_epoch: int, run: int = 0) -> tupl
             pick(rows.val),
             pick(rows.test),
             rows.learning_rate[run, i],
+            pick(rows.evals),
         )
         if not math.isfinite(row["train_loss"]):
             return out, epoch

@@ -248,8 +248,7 @@ def finish(run: Setup, trained: Trained, timings: dict) -> tuple:
 def _final_evaluation(run: Setup):
     """evaluate(states) -> {split: Metrics [R]} of every non-empty held-out split: streamed, or on the device."""
     comp = run.batch.comp
-    held_out = {name: getattr(comp.dataset, name) for name in ("val", "test") if data_lib.count(getattr(comp.dataset,
-                name))}  # fmt: skip
+    held_out = run_stream.held_out(comp)
     if comp.dataset.streamed:
         return lambda states: run_stream.final_metrics(run.batch, states, held_out)
     on_device = {name: setup.on_device(split) for name, split in held_out.items()}

@@ -57,7 +57,7 @@ def _epochs(run, position: streamed.Position, ckpt_in, checkpointing: bool, stop
     batch, comp = run.batch, run.batch.comp
     steps, spec = comp.pieces.steps_per_epoch, comp.spec
     examples = comp.chunk_steps * spec.batch_size
-    held = streamed.held_out_for_training(comp.stream_budget, spec, _held_out(comp), examples)
+    held = streamed.held_out_for_training(comp.stream_budget, spec, held_out(comp), examples)
     zero = stream_lib.zero_sums(spec, 1, train=True)
     loop = streamed.Loop(streamed.make_programs(spec), spec, batch.es_hparams(), comp.train, held, steps,
                          comp.chunk_steps, zero, comp.loop.epochs)  # fmt: skip
@@ -69,9 +69,10 @@ def _epochs(run, position: streamed.Position, ckpt_in, checkpointing: bool, stop
     return streamed.StreamedEpochs(loop, order, position, cadence, save_inside, stop)
 
 
-def _held_out(comp) -> dict:
-    return {name: getattr(comp.dataset, name) for name in ("val", "test") if data_lib.count(getattr(comp.dataset,
-            name))}  # fmt: skip
+def held_out(comp) -> dict:
+    """The held-out splits by name: validation and test where they have examples, and the further evaluation sets."""
+    splits = {name: getattr(comp.dataset, name) for name in ("val", "test")}
+    return {**{name: split for name, split in splits.items() if data_lib.count(split)}, **comp.dataset.evals}
 
 
 def final_metrics(batch, states_r, held_out: dict) -> dict:

@@ -47,6 +47,7 @@ class Pieces(NamedTuple):
     start: object  # jitted (params, model state, run key, OptHParams) -> the run's carry with a run axis of 1
     warm: object = None  # host/warm_start.WarmStart: the arrays a fresh run takes from init.from_workdir
     hparams_keys: tuple[str, ...] = ()  # config.hparams' numbers, carried per run (TrainState.hparams)
+    eval_names: tuple[str, ...] = ()  # the further evaluation sets (Dataset.evals)
 
 
 def load_data(config: ml_collections.ConfigDict, hooks: hooks_lib.Hooks, quiet: bool) -> data_lib.Dataset:
@@ -91,11 +92,11 @@ def check_shapes(model, batch_size: int, dataset: data_lib.Dataset, n_train: int
         )
 
 
-def make_tracker(e, has_validation: bool, metric_names=("loss", "accuracy")):
+def make_tracker(e, has_validation: bool, metric_names=("loss", "accuracy"), evals=()):
     """The early-stopping rule of the config's early_stopping section `e`, and whether it may stop the run
     (disabled, it only tracks the best epoch)."""
     if e.enabled:
-        return config_lib.make_early_stopping(e, has_validation, metric_names), True
+        return config_lib.make_early_stopping(e, has_validation, metric_names, evals), True
     # Never stops (a stopped state freezes, and the best epoch must keep being tracked).
     monitor = "val_loss" if has_validation else "train_loss"
     return early_stopping_lib.EarlyStopping(monitor=monitor, patience=2**30, stop_on_nonfinite=False), False
@@ -139,8 +140,10 @@ def make_pieces(config, dataset: data_lib.Dataset, hooks: hooks_lib.Hooks, steps
         tx = finetune.configure(tx, tuning, params, steps_per_epoch)
     if config.train.ema_decay:
         tx = ema_lib.EmaOptimizer(tx, float(config.train.ema_decay), config.train.eval_weights != "trained")
-    tracker, may_stop = make_tracker(config.early_stopping, has_validation, names)
-    pieces = Pieces(source, task, names, hooks, tx, tracker, may_stop, plateau, steps_per_epoch, None, None, keys)
+    evals = tuple(dataset.evals)
+    tracker, may_stop = make_tracker(config.early_stopping, has_validation, names, evals)
+    pieces = Pieces(source, task, names, hooks, tx, tracker, may_stop, plateau, steps_per_epoch, None, None, keys,
+                    evals)  # fmt: skip
     return pieces._replace(start=jax.jit(functools.partial(_start, pieces)))
 
 
@@ -197,11 +200,13 @@ def run_spec(
     layout=None,
     plateau_monitor=None,
     norms: bool = False,
+    eval_every: dict[str, int] | None = None,
 ) -> program_lib.RunSpec:
     """The run program's spec from the config's train section `t`: `eval_sizes` names the held-out splits
     evaluated when due (val every train.validate_every epochs, test every train.test_every with train.log_test;
     both after the last) and their batch sizes; `layout` (core/layout.py) where the program spans a mesh;
-    `plateau_monitor`, reduce_on_plateau's metric where the schedule is used; `norms`: logging.norms."""
+    `plateau_monitor`, reduce_on_plateau's metric where the schedule is used; `norms`: logging.norms;
+    `eval_every`: the further evaluation sets' cadence (their batch sizes are in `eval_sizes`)."""
     return program_lib.RunSpec(
         task=pieces.task,
         tx=pieces.tx,
@@ -220,6 +225,7 @@ def run_spec(
         accumulate_steps=t.accumulate_steps,
         layout=layout,
         norms=norms,
+        eval_every=eval_every or {},
     )
 
 

@@ -276,7 +276,7 @@ def _no_rows(loop: Loop, start):
     train, held_out = (jax.tree.map(lambda a: a[:, None], zero) for zero in (loop.zero, _held_out_zero(loop)))
     column = jnp.zeros((loop.zero.count.shape[0], 1))
     return program_lib.EpochRows(train, held_out, held_out, column, column.astype(bool), jnp.zeros((), jnp.int32),
-                                 start.halted)  # fmt: skip
+                                 start.halted, {name: held_out for name in loop.spec.eval_every})  # fmt: skip
 
 
 def _held_out_zero(loop: Loop) -> epoch_lib.Metrics:
@@ -287,13 +287,17 @@ def _held_out_zero(loop: Loop) -> epoch_lib.Metrics:
 def _conclude(loop: Loop, start, carry, sums, epoch: int):
     val_due = bool(program_lib.validation_due(loop.spec, epoch, loop.last_epoch))
     test_due = bool(program_lib.due_for_test(loop.spec, epoch, loop.last_epoch))
-    val = test = _held_out_zero(loop)
+    val = test = zero = _held_out_zero(loop)
     if "test" in loop.held_out and test_due:
         test = evaluate(loop.programs, loop.spec, carry.state, loop.held_out["test"])
+    due = {name: bool(d) for name, d in program_lib.evals_due_at(loop.spec, epoch, loop.last_epoch).items()}
+    evals = {name: evaluate(loop.programs, loop.spec, carry.state, loop.held_out[name]) if due[name] else zero
+             for name in loop.spec.eval_every}  # fmt: skip
+    more = (evals, {name: np.asarray(d) for name, d in due.items()})
     when = (loop.es_hparams, np.asarray(epoch, np.int32), np.asarray(val_due))
     held = loop.held_out.get("val")
     if held is not None and held.keep:  # its chunks on the device: evaluated inside the concluding program
-        return loop.programs.validate_and_conclude(start, carry, sums, held.chunks(), test, *when)
+        return loop.programs.validate_and_conclude(start, carry, sums, held.chunks(), test, *when, *more)
     if held is not None and val_due:
         val = evaluate(loop.programs, loop.spec, carry.state, held)
-    return loop.programs.conclude(start, carry, sums, val, test, *when)
+    return loop.programs.conclude(start, carry, sums, val, test, *when, *more)

@@ -138,7 +138,8 @@ def _train_chunk(group: _Group, members, size: int, workdir: pathlib.Path, progr
     asked = bool(devices.agree((int(stop()),))[0])  # process 0's Ctrl-C stops every process
     if asked and outcome.last_epoch < loop.epochs and not outcome.halted:
         raise KeyboardInterrupt  # saved: the sweep's rerun resumes this chunk
-    test = {"test": setup.on_device(group.comp.dataset.test)}
+    dataset = group.comp.dataset
+    test = {name: setup.on_device(split) for name, split in {"test": dataset.test, **dataset.evals}.items()}
     endings = batch.finish(outcome.carry, False, batch.evaluator(test, group.programs))
     summaries = {name: {k: v for k, v in e.fields.items() if k != "restored_best"} for name, e in endings.items()}
     return _Chunk(batch.histories, summaries, compile_seconds)

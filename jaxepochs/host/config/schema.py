@@ -56,6 +56,9 @@ def data_config() -> ml_collections.ConfigDict:
     d.split_seed = 0  # seeds the validation split; independent of `seed` so runs share one split
     d.train_split = "train"  # TFDS split names, for tfds:<name> datasets
     d.test_split = "test"
+    # More evaluation sets, each evaluated when validation is (train.eval_every may say otherwise), as
+    # <name>_<metric> rows: TFDS splits as "name=split" or "split" ("shifted=test_shifted", "corrupted").
+    d.eval_splits = ()
     d.input_key = ""  # tfds:<name>: the feature that is the input; "" = the first of its supervised keys
     d.label_key = ""  # tfds:<name>: the feature that is the label; "" = the second of its supervised keys
     d.label_noise = 0.0  # fraction of training labels redrawn uniformly over the classes (seeded by split_seed)
@@ -105,6 +108,7 @@ def train_config() -> ml_collections.ConfigDict:
     t.log_test = False  # also evaluate the test split every epoch (test_loss, test_accuracy in metrics.jsonl)
     t.test_every = 1  # with log_test: evaluate the test split every this many epochs (and after the last)
     t.validate_every = 1  # evaluate the validation split every this many epochs (and after the last)
+    t.eval_every = ()  # further evaluation sets' own cadence, "name=N" each (others: validate_every's)
     # Epochs per compiled call: 0 chooses them so the host meets the run about every host_interval_seconds (and
     # never past a due checkpoint or the last epoch); N > 0 runs N epochs per call. The rows are the same.
     t.epochs_per_call = 0

@@ -15,11 +15,12 @@ from jaxepochs.host.config.errors import ConfigError, fail
 
 
 def make_early_stopping(
-    es_config: ml_collections.ConfigDict, has_validation: bool = True, metric_names=("loss", "accuracy")
+    es_config: ml_collections.ConfigDict, has_validation: bool = True, metric_names=("loss", "accuracy"), evals=()
 ):
     """The EarlyStopping of an `early_stopping` section; ConfigError naming the key and the valid choices. The
-    monitor is one of the logged metrics: train_<name> or (with a validation split) val_<name>."""
-    splits = ("train", "val") if has_validation else ("train",)
+    monitor is one of the logged metrics: train_<name>, (with a validation split) val_<name>, or <set>_<name> of a
+    further evaluation set (`evals`, their names)."""
+    splits = (*(("train", "val") if has_validation else ("train",)), *evals)
     available = tuple(f"{split}_{name}" for split in splits for name in metric_names)
     fields = {key: value for key, value in es_config.items() if key != "enabled"}
     try:
@@ -39,6 +40,8 @@ def known_names(task: str, module: str, monitor: str, has_validation: bool):
     """The metrics' names early stopping can be checked against without importing the experiment module: the
     task's; with a module (whose metrics_fn may log others), "loss" alone where the monitor is a loss every run
     logs (the section's other rules do not depend on the names), else None (checked once the module is loaded)."""
+    if monitor.split("_", 1)[0] not in ("train", "val"):
+        return None  # a further evaluation set's (get_data's or data.eval_splits'): checked once the data is read
     if not module:
         return METRIC_NAMES[task]
     logged = ("train_loss", "val_loss") if has_validation else ("train_loss",)

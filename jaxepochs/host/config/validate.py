@@ -122,6 +122,10 @@ def _validate_train(t: ml_collections.ConfigDict) -> None:
             fail(f"train.{key}", f"{value!r} is not a whole number >= {least}", f"Use {least} or more steps.")
     if not isinstance(t.validate_every, int) or t.validate_every < 1:
         fail("train.validate_every", f"{t.validate_every!r} is not a positive integer", "Use 1 or more.")
+    for entry in t.eval_every:
+        name, eq, n = str(entry).partition("=")
+        if not (eq and name.strip() and n.strip().isdigit() and int(n) >= 1):
+            fail("train.eval_every", f"entry {entry!r}", 'Give "name=N" per evaluation set, N >= 1: ("shifted=5",).')
     if not isinstance(t.epochs_per_call, int) or t.epochs_per_call < 0:
         fail(
             "train.epochs_per_call",
