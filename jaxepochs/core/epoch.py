@@ -15,6 +15,18 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxepochs.core.metrics import (  # noqa: F401  (epoch's names, as before)
+    MAX,
+    NORM_SUMS,
+    NORMS,
+    WEIGHT,
+    Metrics,
+    combine_sums,
+    layer_norm_names,
+    layer_norm_sums,
+    norm_sums,
+    weighted_mean,
+)
 from jaxepochs.core.task import Task
 
 SHUFFLE_STREAM, DROPOUT_STREAM, AUGMENT_STREAM = 0, 1, 2  # fold_in tags: independent streams from one run key
@@ -27,60 +39,6 @@ class TrainState(NamedTuple):
     key: jax.Array  # PRNG key of the run; epochs and steps fold into it, it never advances
     model_state: Any = None  # what the model changes as it trains (BatchNorm's statistics); None or {} if nothing
     hparams: Any = None  # config.hparams' numbers (float32 [] each) passed to the loss, metrics and augment; or None
-
-
-WEIGHT = "/weight"  # sums[name + WEIGHT]: the weight sum of a weighted metric (a loss or metric giving (v, w))
-
-
-class Metrics(NamedTuple):
-    """Sums over the examples seen; divided once, on the host, at the end of the epoch. A weighted metric (one
-    whose function returned (values, weights)) has its weighted sum under its name and its weight sum under
-    name + WEIGHT: its mean is the one divided by the other."""
-
-    sums: dict  # name -> float32 [] the sum of the per-example values over the real examples; "loss" always
-    count: jax.Array  # float32 [] real (unmasked) examples
-
-    @staticmethod
-    def zeros(names) -> Metrics:
-        """`names`: the metrics' names, "loss" among them."""
-        return Metrics({name: jnp.zeros((), jnp.float32) for name in names}, jnp.zeros((), jnp.float32))
-
-    def __add__(self, other: Metrics) -> Metrics:  # type: ignore[override]
-        return Metrics(jax.tree.map(jnp.add, self.sums, other.sums), self.count + other.count)
-
-    def mean(self, name: str):
-        """A metric's mean over the examples (a traced value inside a program)."""
-        if name + WEIGHT in self.sums:
-            return weighted_mean(self.sums[name], self.sums[name + WEIGHT])
-        return self.sums[name] / jnp.maximum(self.count, 1.0)
-
-    def means(self, prefix: str) -> dict[str, float]:
-        count = max(float(self.count), 1.0)
-        names = ["loss", *sorted(name for name in self.sums if name != "loss" and WEIGHT not in name)]
-        out = {}
-        for name in names:
-            weight = float(self.sums[name + WEIGHT]) if name + WEIGHT in self.sums else None
-            out[f"{prefix}_{name}"] = float(self.sums[name]) / (count if weight is None else (weight or 1.0))
-        return out
-
-
-# logging.norms: each training step's global L2 norms, as weighted sums of weight 1 a step, so that an epoch's
-# figure (train_grad_norm, ...) is their mean over its steps, whatever the batch's real rows.
-NORMS = ("grad_norm", "update_norm", "param_norm")
-NORM_SUMS = tuple(name + suffix for name in NORMS for suffix in ("", WEIGHT))
-
-
-def norm_sums(grads, updates, params) -> dict:
-    """A step's NORM_SUMS: the global L2 norms of its gradient, its update (the learning rate applied) and the
-    parameters it leaves, each with weight 1."""
-    norms = (optax.global_norm(grads), optax.global_norm(updates), optax.global_norm(params))
-    sums = {name: norm.astype(jnp.float32) for name, norm in zip(NORMS, norms, strict=True)}
-    return {**sums, **{name + WEIGHT: jnp.ones((), jnp.float32) for name in NORMS}}
-
-
-def weighted_mean(total, weight):
-    """total / weight, 0 where the weight is 0 (a batch of padding, or of examples weighted 0)."""
-    return jnp.where(weight > 0, total / jnp.where(weight > 0, weight, 1.0), 0.0)
 
 
 ApplyFn = Callable[[Any, jax.Array], jax.Array]  # (params, x_b...) -> logits_bc
@@ -215,6 +173,7 @@ def train_step(
     accumulate: int = 1,
     layout=None,
     norms: bool = False,
+    layers: tuple[str, ...] = (),
 ) -> tuple[TrainState, Metrics]:
     """One optimizer step on a batch of real rows, or of padded ones marked by `mask_b`. Pure. `augment(key,
     batch) -> batch` changes the batch first (random crops, flips, noise). `accumulate` = k > 1 takes the
@@ -222,7 +181,7 @@ def train_step(
     split over the data axis holds its share of every micro-batch), each divided by the batch's real rows: the
     gradient of the whole batch's mean loss, in the memory of one micro-batch. `layout` (core/layout.py) keeps
     the batch split over the data axis and the state where it lives. `norms` adds the step's NORM_SUMS to its
-    metrics."""
+    metrics, `layers` (top-level parameter groups) their layer_norm_sums."""
     if augment is not None:
         extra = () if state.hparams is None else (state.hparams,)
         batch = augment(_step_key(state, AUGMENT_STREAM), batch, *extra)
@@ -239,7 +198,9 @@ def train_step(
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     if norms:
-        metrics = Metrics({**metrics.sums, **norm_sums(grads, updates, params)}, metrics.count)
+        metrics = Metrics({**metrics.sums, **norm_sums(grads, updates, state.params, params)}, metrics.count)
+    if layers:
+        metrics = Metrics({**metrics.sums, **layer_norm_sums(grads, params, layers)}, metrics.count)
     new_state = TrainState(params, opt_state, state.step + 1, state.key, model_state, state.hparams)
     return (new_state if layout is None else layout.state(new_state)), metrics
 
@@ -322,12 +283,13 @@ def train_epoch(
     accumulate: int = 1,
     layout=None,
     norms: bool = False,
+    layers: tuple[str, ...] = (),
 ):
     """Shuffles with fold_in(key, epoch) (unless `shuffle` is False: batches in order, as some published recipes
     train) and scans over all ceil(N / B) batches of `data_n` (a batch of N examples): the N // B whole batches
     unmasked, then the partial last batch, if any, padded to B rows and masked. `permute_whole` (default: for
     splits up to PERMUTE_WHOLE_BYTES and batches of 2 or more) gathers the epoch's order once instead of per
-    batch; the batches and the results are the same. `accumulate`, `layout` and `norms`: as `train_step`'s."""
+    batch; the batches and the results are the same. `accumulate`, `layout`, `norms`, `layers`: as `train_step`'s."""
     shuffle_key = jax.random.fold_in(state.key, SHUFFLE_STREAM)
     n = num_examples(data_n)
     idx_sb, mask_sb = batch_indices(shuffle_key, epoch, n, batch_size, shuffle)
@@ -338,13 +300,13 @@ def train_epoch(
     if layout is not None and (permute_whole or not shuffle):  # the batches [S, B, ...]: rows over "data"
         inputs = layout.rows(inputs, axis=1)
     step = functools.partial(
-        train_step, task=task, tx=tx, augment=augment, accumulate=accumulate, layout=layout, norms=norms
+        train_step, task=task, tx=tx, augment=augment, accumulate=accumulate, layout=layout, norms=norms, layers=layers
     )
 
     def body(carry, step_input):
         state, sums = carry
         state, metrics = step(state, batch_of(step_input))
-        return (state, jax.tree.map(jnp.add, sums, metrics.sums)), None
+        return (state, combine_sums(sums, metrics.sums)), None
 
     zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: step(state, batch_of(_first(inputs)))[1].sums))
     (state, sums), _ = jax.lax.scan(body, (state, zeros), inputs, unroll=SCAN_UNROLL)

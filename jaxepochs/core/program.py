@@ -78,12 +78,13 @@ class RunSpec:
     accumulate_steps: int = 1  # micro-batches per optimizer step (epoch.train_step)
     layout: Any = None  # core/layout.Layout: the batch over the mesh's data axis, the runs over its runs axis
     norms: bool = False  # logging.norms: each step's gradient, update and parameter norms in the training sums
+    layers: tuple[str, ...] = ()  # logging.layer_norms: the top-level parameter groups whose norms are summed too
     eval_every: dict[str, int] = dataclasses.field(default_factory=dict)  # further evaluation sets: their cadence
 
     @property
     def train_metric_names(self) -> tuple[str, ...]:
         """The structure of the training split's sums: `metric_names`, and the norms' where they are logged."""
-        return self.metric_names + (epoch_lib.NORM_SUMS if self.norms else ())
+        return self.metric_names + (epoch_lib.NORM_SUMS if self.norms else ()) + epoch_lib.layer_norm_names(self.layers)
 
 
 def _metric(by_split: dict[str, epoch_lib.Metrics], monitor: str) -> jax.Array:
@@ -130,6 +131,7 @@ def _one_epoch(spec: RunSpec, carry: RunCarry, splits, es_hparams, epoch, test_d
         accumulate=spec.accumulate_steps,
         layout=spec.layout,
         norms=spec.norms,
+        layers=spec.layers,
     )
     zero = epoch_lib.Metrics.zeros(spec.metric_names)
     val_m = test_m = zero

@@ -38,6 +38,7 @@ def make_train_chunk(spec: program_lib.RunSpec):
         accumulate=spec.accumulate_steps,
         layout=spec.layout,
         norms=spec.norms,
+        layers=spec.layers,
     )
 
     def one(carry: program_lib.RunCarry, sums: epoch_lib.Metrics, batches, mask):

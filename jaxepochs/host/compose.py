@@ -122,8 +122,11 @@ def compose(config, dataset: data_lib.Dataset, hooks, *, cv: int = 0, sweep: boo
     every_epoch = _every_epoch_sizes(config.train, dataset, cv)
     axes = {"train": 0, "val": 0} if cv else {}
     monitor = config.optimizer.schedule.monitor
+    trace_params = lambda x: pieces.source.trace_init(config, x)[0]
+    layers = _layers(trace_params, dataset) if config.logging.layer_norms else ()
     spec = setup.run_spec(config.train, pieces, every_epoch, axes, layout=layout, plateau_monitor=monitor,
-                          norms=config.logging.norms, eval_every=eval_cadence(config.train, dataset))  # fmt: skip
+                          norms=config.logging.norms, eval_every=eval_cadence(config.train, dataset),
+                          layers=layers)  # fmt: skip
     e = config.early_stopping
     return Composition(
         dataset, pieces, spec, specs.specs_of(config).loop, layout, runs_devices, config.train.eval_batch_size,
@@ -140,6 +143,18 @@ def _every_epoch_sizes(t, dataset: data_lib.Dataset, cv: int) -> dict[str, int]:
         sizes.update(setup.eval_sizes(t.eval_batch_size, {"test": data_lib.count(dataset.test)}))
     sizes.update(setup.eval_sizes(t.eval_batch_size, {k: data_lib.count(s) for k, s in dataset.evals.items()}))
     return sizes
+
+
+def _layers(trace_params, dataset: data_lib.Dataset) -> tuple[str, ...]:
+    """The model's top-level parameter groups (`trace_params(x)`, traced: nothing compiled), for
+    logging.layer_norms."""
+    params = jax.eval_shape(trace_params, setup.first_example(dataset.train))
+    if not isinstance(params, dict) or not all(isinstance(name, str) for name in params):
+        raise config_lib.ConfigError(
+            f"logging.layer_norms: the model's parameters are a {type(params).__name__} without named top-level "
+            "groups; it needs a dict of them (a linen module's, an NNX module's state). Set it False."
+        )
+    return tuple(params)
 
 
 def eval_cadence(t, dataset: data_lib.Dataset) -> dict[str, int]:

@@ -15,11 +15,10 @@ import ml_collections
 import numpy as np
 import optax
 
+from jaxepochs.core import averages, optax_optim, optim
 from jaxepochs.core import early_stopping as early_stopping_lib
-from jaxepochs.core import ema as ema_lib
 from jaxepochs.core import epoch as epoch_lib
 from jaxepochs.core import layout as layout_lib
-from jaxepochs.core import optax_optim, optim
 from jaxepochs.core import program as program_lib
 from jaxepochs.core import task as task_lib
 from jaxepochs.data import loading as data_lib
@@ -138,13 +137,31 @@ def make_pieces(config, dataset: data_lib.Dataset, hooks: hooks_lib.Hooks, steps
             )
         params = jax.eval_shape(lambda x: source.trace_init(config, x), first_example(dataset.train))[0]
         tx = finetune.configure(tx, tuning, params, steps_per_epoch)
-    if config.train.ema_decay:
-        tx = ema_lib.EmaOptimizer(tx, float(config.train.ema_decay), config.train.eval_weights != "trained")
+    model_state = lambda: jax.eval_shape(lambda x: source.trace_init(config, x), first_example(dataset.train))[1]
+    tx = average_of(config.train, tx, steps_per_epoch, model_state)
     evals = tuple(dataset.evals)
     tracker, may_stop = make_tracker(config.early_stopping, has_validation, names, evals)
     pieces = Pieces(source, task, names, hooks, tx, tracker, may_stop, plateau, steps_per_epoch, None, None, keys,
                     evals)  # fmt: skip
     return pieces._replace(start=jax.jit(functools.partial(_start, pieces)))
+
+
+def average_of(t, tx, steps_per_epoch: int, model_state):
+    """`tx` keeping the average of the parameters that train.ema_decay or train.swa_start_epoch asks for (`t`: the
+    config's train section), else `tx`. ConfigError for SWA on a model with state (`model_state()`: its shapes),
+    whose BatchNorm statistics would need recomputing for the averaged weights, which is not built."""
+    evaluate = t.eval_weights != "trained"
+    if t.ema_decay:
+        return averages.EmaOptimizer(tx, evaluate, decay=float(t.ema_decay))
+    if not t.swa_start_epoch:
+        return tx
+    if jax.tree.leaves(model_state()):
+        raise config_lib.ConfigError(
+            "train.swa_start_epoch with a model that keeps state (BatchNorm's statistics): the averaged weights "
+            "would need their statistics recomputed, which jaxepochs does not do yet. Use train.ema_decay, or a "
+            "model without BatchNorm."
+        )
+    return averages.SwaOptimizer(tx, evaluate, start_epoch=int(t.swa_start_epoch), steps_per_epoch=steps_per_epoch)
 
 
 def make_optimizer(o, hooks: hooks_lib.Hooks, steps_per_epoch: int, epochs: int, direction=None):
@@ -201,12 +218,14 @@ def run_spec(
     plateau_monitor=None,
     norms: bool = False,
     eval_every: dict[str, int] | None = None,
+    layers: tuple[str, ...] = (),
 ) -> program_lib.RunSpec:
     """The run program's spec from the config's train section `t`: `eval_sizes` names the held-out splits
     evaluated when due (val every train.validate_every epochs, test every train.test_every with train.log_test;
     both after the last) and their batch sizes; `layout` (core/layout.py) where the program spans a mesh;
     `plateau_monitor`, reduce_on_plateau's metric where the schedule is used; `norms`: logging.norms;
-    `eval_every`: the further evaluation sets' cadence (their batch sizes are in `eval_sizes`)."""
+    `eval_every`: the further evaluation sets' cadence (their batch sizes are in `eval_sizes`); `layers`: the
+    parameter groups whose norms logging.layer_norms sums."""
     return program_lib.RunSpec(
         task=pieces.task,
         tx=pieces.tx,
@@ -226,6 +245,7 @@ def run_spec(
         layout=layout,
         norms=norms,
         eval_every=eval_every or {},
+        layers=layers,
     )
 
 
@@ -300,7 +320,9 @@ def init_carries(pieces: Pieces, configs: list, opt_hparams: list[optim.OptHPara
         hparams = optim.OptHParams(*(np.float32(v) for v in hparams))
         groups = _group_state(pieces, specs.specs_of(config).finetune)
         own = _own_hparams(pieces, config.hparams)
-        parts.append(pieces.start(params, model_state, run_key, hparams, groups, own))
+        carry = pieces.start(params, model_state, run_key, hparams, groups, own)
+        opt_state = averages.with_decay(pieces.tx, carry.state.opt_state, config.train.ema_decay)
+        parts.append(carry._replace(state=carry.state._replace(opt_state=opt_state)))
     if len(parts) == 1:
         return parts[0]
     return jax.tree.map(lambda *leaves: np.concatenate(leaves), *jax.device_get(parts))

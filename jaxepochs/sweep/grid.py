@@ -32,6 +32,7 @@ TRACED = (
     "optimizer.momentum",
     "optimizer.b1",
     "optimizer.b2",
+    "train.ema_decay",  # (0 is not traced: no average kept, a program of its own)
     "early_stopping.min_delta",
     "early_stopping.patience",
     "early_stopping.baseline",
@@ -159,7 +160,8 @@ def program_key(flat: dict, static_hparams=()) -> str:
     static = sorted((k, repr(v)) for k, v in flat.items() if k not in traced)
     tuning = ("finetune.freeze", "finetune.unfreeze_epochs", "finetune.rate_scales")
     tuned = ("fine-tuning's groups", any(flat[k] for k in tuning) or flat["optimizer.layer_decay"] != 1.0)
-    return repr([*static, ("optimizer.momentum is 0", flat["optimizer.momentum"] == 0), tuned])
+    zeros = [("optimizer.momentum is 0", flat["optimizer.momentum"] == 0), ("no average", flat["train.ema_decay"] == 0)]
+    return repr([*static, *zeros, tuned])
 
 
 def make_runs(base, grid: list[dict[str, str]], cv: int = 0) -> list[Run]:

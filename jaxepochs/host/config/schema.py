@@ -132,10 +132,12 @@ def train_config() -> ml_collections.ConfigDict:
     # Classification's built-in loss weighted per class in training, as Keras's class_weight: None (off), one
     # weight per class (a tuple), or "balanced" (N / (classes * the class's count) over the training split).
     t.class_weight = None
-    # An exponential moving average of the parameters, updated after every step (core/ema.py): 0 keeps none;
-    # 0.999 remembers about 1,000 steps. eval_weights: what validation, test, the best epoch, `load` and the
-    # exports see: "ema" (the average), "trained" (the trained parameters), "" (the average where one is kept).
+    # Averages of the parameters (core/averages.py): an exponential moving average updated after every step (0:
+    # none; 0.999 remembers about 1,000 steps), or SWA's equal-weight average of the parameters at the end of each
+    # epoch from swa_start_epoch on (0: none). eval_weights: what validation, test, the best epoch, `load` and the
+    # exports see: "ema" or "swa" (the average), "trained" (the trained parameters), "" (the average if one is kept).
     t.ema_decay = 0.0
+    t.swa_start_epoch = 0
     t.eval_weights = ""
     return t
 
@@ -178,6 +180,7 @@ def logging_config() -> ml_collections.ConfigDict:
     c.wandb_dir = ""  # wandb.init's dir, its files in DIR/wandb/: "" = $WANDB_DIR, else the workdir
     c.wandb_mode = ""  # "offline" or "online" (needs `wandb login` or $WANDB_API_KEY): "" = $WANDB_MODE, else offline
     c.norms = False
+    c.layer_norms = False  # the gradient's and the parameters' norms per top-level group (train_grad_norm_Dense_0)
     return c
 
 

@@ -150,22 +150,28 @@ def _validate_train(t: ml_collections.ConfigDict) -> None:
         fail("train.profile_epochs", f"{tuple(t.profile_epochs)}", f"Name epochs of the run, 1 to {t.epochs}.")
 
 
-EVAL_WEIGHTS = ("", "ema", "trained")
+EVAL_WEIGHTS = ("", "ema", "swa", "trained")
 
 
-def _validate_ema(t: ml_collections.ConfigDict, optimizer_name: str) -> None:
-    """train.ema_decay and train.eval_weights (core/ema.py)."""
-    decay = t.ema_decay
+def _validate_averages(t: ml_collections.ConfigDict, optimizer_name: str) -> None:
+    """train.ema_decay, train.swa_start_epoch and train.eval_weights (core/averages.py)."""
+    decay, start = t.ema_decay, t.swa_start_epoch
     if not isinstance(decay, int | float) or isinstance(decay, bool) or not 0 <= decay < 1:
         fail("train.ema_decay", f"{decay!r}", "Use 0 (no average) or a decay in (0, 1), e.g. 0.999.")
+    if not isinstance(start, int) or isinstance(start, bool) or start < 0:
+        fail("train.swa_start_epoch", f"{start!r}", "Use 0 (no average) or the first epoch to average, 1 or more.")
+    if decay and start:
+        fail("train.swa_start_epoch", f"{start} with train.ema_decay = {decay}", "Keep one average: set one to 0.")
     if t.eval_weights not in EVAL_WEIGHTS:
         fail("train.eval_weights", f"{t.eval_weights!r}{suggest(t.eval_weights, EVAL_WEIGHTS[1:])}",
-             'Use "ema" (the average), "trained", or "" (the average if one is kept).')  # fmt: skip
-    if t.eval_weights == "ema" and not decay:
-        fail("train.eval_weights", '"ema" with train.ema_decay = 0', "Set train.ema_decay, e.g. 0.999, to keep one.")
-    if decay and optimizer_name == "schedule_free_adamw":
-        fail("train.ema_decay", f"{decay} with optimizer schedule_free_adamw",
-             "Schedule-free AdamW evaluates an average of its own; drop train.ema_decay.")  # fmt: skip
+             'Use "ema" or "swa" (the average), "trained", or "" (the average if one is kept).')  # fmt: skip
+    for name, key, value in (("ema", "train.ema_decay", decay), ("swa", "train.swa_start_epoch", start)):
+        if t.eval_weights == name and not value:
+            fail("train.eval_weights", f'"{name}" with {key} = 0', f"Set {key} to keep the average.")
+    if (decay or start) and optimizer_name == "schedule_free_adamw":
+        key = "train.ema_decay" if decay else "train.swa_start_epoch"
+        fail(key, f"{decay or start} with optimizer schedule_free_adamw",
+             f"Schedule-free AdamW evaluates an average of its own; drop {key}.")  # fmt: skip
 
 
 def _validate_finetune(f: ml_collections.ConfigDict, decay: float) -> None:
@@ -288,7 +294,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check_types(config, schema, "")
     _validate_seeds(flatten(config))
     _validate_train(config.train)
-    _validate_ema(config.train, config.optimizer.name)
+    _validate_averages(config.train, config.optimizer.name)
     _validate_class_weight(config.train, config.task)
     _validate_model(config.model)
     if config.task not in TASKS:
