@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 from conftest import REPO, TIMED, tiny_config
+from test_hooks import DIGITS_FIFTH
 
 import jaxepochs
 from jaxepochs.host.config import ConfigError, validate
@@ -38,18 +39,27 @@ def test_the_averages_are_the_decayed_and_the_equal_means_and_are_what_is_evalua
     p3 = plain.state.params
     weighted = lambda *ws: jax.tree.map(lambda *ps: sum(w * p for w, p in zip(ws, ps, strict=True)), p0, p1, p2, p3)
     ema, swa = weighted(0.125, 0.125, 0.25, 0.5), weighted(0, 0, 0.5, 0.5)  # decay 0.5; epochs 2 and 3 averaged
+    runs = {}
     for key, value, average, field in (("ema_decay", "0.5", ema, "ema"), ("swa_start_epoch", "2", swa, "swa")):
         # Kept but not evaluated: training and evaluation are the plain run's, exactly.
         kept = run(f"kept_{field}", {f"train.{key}": value, "train.eval_weights": "trained"})
         assert untimed(kept.history) == untimed(plain.history)
         _close(getattr(kept.state.opt_state, field), average)
-        evaluated = run(field, {f"train.{key}": value})
+        evaluated = runs[field] = run(field, {f"train.{key}": value})
         assert [r["train_loss"] for r in evaluated.history] == [r["train_loss"] for r in plain.history]
         assert evaluated.history[-1]["val_loss"] != plain.history[-1]["val_loss"]
         _close(jaxepochs.load(tmp_path / field).params, average)  # what load, predict and export take
         _close(jaxepochs.load(tmp_path / field, epoch="best").params, average)  # epoch 3 was the best
     # Before its first epoch, SWA's evaluation sees the trained parameters.
     assert evaluated.history[0]["val_loss"] == plain.history[0]["val_loss"]
+    # "both": the average's rows, and validation at the trained parameters beside them.
+    both = run("both", {"train.ema_decay": "0.5", "train.eval_weights": "both"})
+    for row, plain_row in zip(both.history, plain.history, strict=True):
+        assert row["val_trained_loss"] == pytest.approx(plain_row["val_loss"], rel=1e-6)
+        assert row["val_trained_accuracy"] == pytest.approx(plain_row["val_accuracy"], rel=1e-6)
+    assert untimed(runs["ema"].history) == [
+        {k: v for k, v in r.items() if "trained" not in k} for r in untimed(both.history)
+    ]
 
 
 def test_the_average_resumes_bit_for_bit_and_sweeps_per_run(tmp_path):
@@ -82,6 +92,7 @@ def test_the_average_resumes_bit_for_bit_and_sweeps_per_run(tmp_path):
         ({"train.ema_decay": "0.99", "train.swa_start_epoch": "3"}, r"Keep one average"),
         ({"train.eval_weights": "swa"}, r'"swa" with train\.swa_start_epoch = 0'),
         ({"train.swa_start_epoch": "-1"}, r"train\.swa_start_epoch.*the first epoch to average"),
+        ({"train.eval_weights": "both"}, r'"both" without an average'),
     ],
 )
 def test_bad_average_settings_name_the_key_and_the_fix(overrides, match):
@@ -89,9 +100,26 @@ def test_bad_average_settings_name_the_key_and_the_fix(overrides, match):
         validate(tiny_config(overrides))
 
 
-def test_swa_on_a_model_with_batchnorm_statistics_is_refused_before_anything_is_written(tmp_path):
-    config = jaxepochs.load_config_file(EXPERIMENTS / "digits_cnn.py")
-    config = jaxepochs.apply_overrides(config, {"train.swa_start_epoch": "2", "train.epochs": "2"})
-    with pytest.raises(ConfigError, match=r"swa_start_epoch with a model that keeps state.*train\.ema_decay"):
-        jaxepochs.train_and_evaluate(config, tmp_path / "run", quiet=True)
-    assert not (tmp_path / "run").exists()
+def test_swa_recomputes_batchnorm_statistics_for_its_average(tmp_path):
+    """digits_cnn (BatchNorm) on 80 examples: from SWA's first epoch its statistics are recomputed for the average
+    (a forward pass over the training split), saved with it, and what `load` gives with the averaged weights;
+    streamed data, which that pass would need to read again, is refused before anything is written."""
+    (tmp_path / "digits_cnn.py").write_text((EXPERIMENTS / "digits_cnn.py").read_text())
+    (tmp_path / "fifth.py").write_text(DIGITS_FIFTH)
+    config = jaxepochs.apply_overrides(
+        jaxepochs.load_config_file(tmp_path / "fifth.py"),
+        {"train.swa_start_epoch": "2", "train.epochs": "3", "train.batch_size": "32", "mesh.data": "1"},
+    )
+    result = jaxepochs.train_and_evaluate(config, tmp_path / "run", quiet=True)
+    swa = result.state.opt_state
+    assert int(swa.taken) == 2
+    loaded = jaxepochs.load(tmp_path / "run")
+    _close(loaded.params, swa.swa, rtol=0)
+    _close(loaded.model_state, swa.stats, rtol=0)  # the average's statistics, not training's
+    plain = jaxepochs.apply_overrides(config, {"train.eval_weights": "trained"})  # the same training, its statistics
+    trained = jaxepochs.train_and_evaluate(plain, tmp_path / "trained", quiet=True).state.model_state
+    assert not np.allclose(np.asarray(jax.tree.leaves(swa.stats)[0]), np.asarray(jax.tree.leaves(trained)[0]))
+    streamed = jaxepochs.apply_overrides(config, {"data.stream": "True"})
+    with pytest.raises(ConfigError, match=r"swa_start_epoch with a model that keeps state.*on streamed data"):
+        jaxepochs.train_and_evaluate(streamed, tmp_path / "streamed", quiet=True)
+    assert not (tmp_path / "streamed").exists()

@@ -8,12 +8,18 @@
     tx.eval_params(state, params)                   # the average: what validation, test, the best epoch see
 
     tx = SwaOptimizer(inner, start_epoch=10, steps_per_epoch=57)   # the equal-weight average of epochs 10, 11, ...
+    stats = recompute_stats(task, tx.eval_params(state, params), model_state, train_n, batch_size, key)
+    state = state._replace(stats=stats)             # a model with BatchNorm: its statistics for the average
 
 EMA: after each step the average moves towards the parameters the step left, ema <- decay * ema + (1 - decay) *
 params, starting from the initial parameters (as Keras's `use_ema`, Flax's and timm's model EMA do: no bias
 correction is needed when the average starts at the parameters). SWA (Izmailov et al. 2018, Lightning's
 `StochasticWeightAveraging`): at the end of each epoch from `start_epoch` on, the parameters join an
 equal-weight average (swa <- swa + (params - swa) / n); before the first, evaluation sees the trained parameters.
+A model with state (BatchNorm's statistics) gets them recomputed for the average after each epoch that changed
+it, as Lightning's `update_bn` does at the end: a forward pass over the training split in training mode, from
+the trained statistics (flax's BatchNorm keeps its momentum, so they are its moving average over that pass, not
+torch's cumulative one).
 
 Keeping an average in the optimizer's state puts it in the run's carry: checkpoints save it, a resumed run goes
 on with it bit for bit, a sweep keeps one per run, and the run program, the best epoch's parameters,
@@ -32,6 +38,8 @@ import optax
 
 from jaxepochs.core import optim
 
+STATS_STREAM = 3  # fold_in tag of the recomputing pass's keys (epoch.py's streams are 0-2)
+
 
 class EmaState(NamedTuple):
     inner: Any  # the wrapped optimizer's state
@@ -44,6 +52,7 @@ class SwaState(NamedTuple):
     swa: Any  # the equal-weight average of the parameters at the epochs' ends taken so far, shaped as the params
     taken: jax.Array  # int32 [] epochs averaged (0: none yet; evaluation sees the trained parameters)
     count: jax.Array  # int32 [] optimizer steps taken (an epoch ends every steps_per_epoch)
+    stats: Any = None  # the model state (BatchNorm's statistics) recomputed for `swa` (recompute_stats); or None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -107,10 +116,14 @@ class SwaOptimizer(_Averaging):
     start_epoch: int = 1  # the first epoch whose end joins the average
     steps_per_epoch: int = 1
     evaluate_average: bool = True
+    stats_like: Any = None  # the model state's shapes (jax.ShapeDtypeStruct) where it has one: stats are kept
 
     def init(self, params) -> SwaState:
         zero = jnp.zeros((), jnp.int32)
-        return SwaState(self.inner.init(params), jax.tree.map(jnp.asarray, params), zero, zero)
+        stats = (
+            None if self.stats_like is None else jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self.stats_like)
+        )
+        return SwaState(self.inner.init(params), jax.tree.map(jnp.asarray, params), zero, zero, stats)
 
     def update(self, grads, state: SwaState, params=None):
         updates, inner = self.inner.update(grads, state.inner, params)
@@ -120,13 +133,54 @@ class SwaOptimizer(_Averaging):
         taken = state.taken + take.astype(jnp.int32)
         weight = 1.0 / jnp.maximum(taken, 1).astype(jnp.float32)
         swa = jax.tree.map(lambda a, p: jnp.where(take, a + (p - a) * weight, a), state.swa, trained)
-        return updates, SwaState(inner, swa, taken, count)
+        return updates, SwaState(inner, swa, taken, count, state.stats)
 
     def eval_params(self, state: SwaState, params):
         if not self.evaluate_average:
             return self._trained_eval(state, params)
         trained = self._trained_eval(state, params)
         return jax.tree.map(lambda a, p: jnp.where(state.taken > 0, a, p), state.swa, trained)
+
+    def eval_model_state(self, state: SwaState, model_state):
+        """The statistics recomputed for the average, where it is evaluated and has any (else `model_state`)."""
+        if not self.evaluate_average or state.stats is None:
+            return model_state
+        return jax.tree.map(lambda s, m: jnp.where(state.taken > 0, s, m), state.stats, model_state)
+
+
+def recompute_stats(task, params, model_state, data_n, batch_size: int, key, layout=None):
+    """The model state (BatchNorm's statistics) after a forward pass in training mode over the whole batches of
+    `data_n` in order, from `model_state`, at `params`: the statistics of the averaged weights."""
+    n = jax.tree.leaves(data_n)[0].shape[0]
+    whole = max(n // batch_size, 1)
+    cut = lambda a: a[: whole * batch_size].reshape(whole, min(batch_size, n), *a.shape[1:])
+    batches = jax.tree.map(cut, data_n)
+
+    def body(state, inputs):
+        i, batch = inputs
+        batch = batch if layout is None else layout.rows(batch)
+        return task.apply(params, state, batch["x"], jax.random.fold_in(key, i), True)[1], None
+
+    return jax.lax.scan(body, model_state, (jnp.arange(whole), batches))[0]
+
+
+def keeps_stats(tx) -> bool:
+    """Whether `tx` is an SWA whose evaluated average needs the model's statistics recomputed (recompute_stats)."""
+    return isinstance(tx, SwaOptimizer) and tx.evaluate_average and tx.stats_like is not None
+
+
+def with_recomputed_stats(tx, task, state, data_n, batch_size: int, epoch, layout=None):
+    """`state` (a TrainState at the end of epoch `epoch`) whose SWA state holds the statistics recomputed for its
+    average, on the epochs whose end joined it (a real branch: the epoch is the same for a sweep's runs)."""
+
+    def recompute(opt_state):
+        key = jax.random.fold_in(jax.random.fold_in(state.key, STATS_STREAM), epoch)
+        params = tx.eval_params(opt_state, state.params)
+        return opt_state._replace(stats=recompute_stats(task, params, state.model_state, data_n, batch_size, key,
+                                                         layout))  # fmt: skip
+
+    opt_state = jax.lax.cond(epoch >= tx.start_epoch, recompute, lambda o: o, state.opt_state)
+    return state._replace(opt_state=opt_state)
 
 
 def with_decay(tx, opt_state, decay: float):

@@ -302,9 +302,16 @@ def make_optimizer(spec: Mapping[str, Any], steps_per_epoch: int, total_epochs: 
 
 def evaluation_state(tx, state):
     """`state` (a TrainState) as evaluation sees it: its parameters replaced by the optimizer's `eval_params`
-    where it has them (TrainerOptimizer), else `state` itself (the same object: nothing is traced for it)."""
+    where it has them (TrainerOptimizer), and its model state by `eval_model_state` where it has that (SWA's
+    statistics recomputed for its average), else `state` itself (the same object: nothing is traced for it)."""
     eval_params = getattr(tx, "eval_params", None)
-    return state if eval_params is None else state._replace(params=eval_params(state.opt_state, state.params))
+    if eval_params is None:
+        return state
+    state = state._replace(params=eval_params(state.opt_state, state.params))
+    eval_model_state = getattr(tx, "eval_model_state", None)
+    if eval_model_state is None:
+        return state
+    return state._replace(model_state=eval_model_state(state.opt_state, state.model_state))
 
 
 def evaluation_states(tx, states):

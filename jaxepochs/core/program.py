@@ -23,10 +23,12 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxepochs.core import averages, optim
 from jaxepochs.core import epoch as epoch_lib
-from jaxepochs.core import optim
 from jaxepochs.core.early_stopping import EarlyStopping, EarlyStoppingHParams, EarlyStoppingState
 from jaxepochs.core.task import Task
+
+TRAINED = "trained_"  # train.eval_weights "both": the trained weights' validation sums, val_trained_<metric>
 
 
 class RunCarry(NamedTuple):
@@ -79,7 +81,14 @@ class RunSpec:
     layout: Any = None  # core/layout.Layout: the batch over the mesh's data axis, the runs over its runs axis
     norms: bool = False  # logging.norms: each step's gradient, update and parameter norms in the training sums
     layers: tuple[str, ...] = ()  # logging.layer_norms: the top-level parameter groups whose norms are summed too
+    swa_stats: bool = False  # SWA on a model with state: its statistics recomputed for the average (core/averages)
+    eval_both: bool = False  # train.eval_weights "both": validation at the trained weights too (val_trained_*)
     eval_every: dict[str, int] = dataclasses.field(default_factory=dict)  # further evaluation sets: their cadence
+
+    @property
+    def val_metric_names(self) -> tuple[str, ...]:
+        """The structure of the validation split's sums: `metric_names`, and their trained weights' with both."""
+        return self.metric_names + (tuple(f"{TRAINED}{name}" for name in self.metric_names) if self.eval_both else ())
 
     @property
     def train_metric_names(self) -> tuple[str, ...]:
@@ -133,12 +142,19 @@ def _one_epoch(spec: RunSpec, carry: RunCarry, splits, es_hparams, epoch, test_d
         norms=spec.norms,
         layers=spec.layers,
     )
+    if spec.swa_stats:
+        state = averages.with_recomputed_stats(
+            spec.tx, spec.task, state, splits["train"], spec.batch_size, epoch, spec.layout
+        )
     zero = epoch_lib.Metrics.zeros(spec.metric_names)
     val_m = test_m = zero
     evaluated = optim.evaluation_state(spec.tx, state)
     # test_due and val_due are the same for every run: real branches under vmap.
     if "val" in spec.eval_batch_sizes:
         val_m = jax.lax.cond(val_due, lambda s: _evaluate(spec, "val", s, splits), lambda s: zero, evaluated)
+        if spec.eval_both:  # the trained weights too, in the same sums under TRAINED names
+            trained = jax.lax.cond(val_due, lambda s: _evaluate(spec, "val", s, splits), lambda s: zero, state)
+            val_m = val_m._replace(sums={**val_m.sums, **{TRAINED + k: v for k, v in trained.sums.items()}})
     if "test" in spec.eval_batch_sizes:
         test_m = jax.lax.cond(test_due, lambda s: _evaluate(spec, "test", s, splits), lambda s: zero, evaluated)
     evals = {
@@ -238,9 +254,8 @@ def make_run_epochs(spec: RunSpec, axis_name: str | None = None):
         metrics0 = lambda names: epoch_lib.Metrics({name: zeros() for name in names}, zeros())
         held_out0 = metrics0(spec.metric_names)
         train0, evals0 = metrics0(spec.train_metric_names), {name: held_out0 for name in spec.eval_every}
-        rows0 = EpochRows(
-            train0, held_out0, held_out0, zeros(), zeros(bool), jnp.zeros((), jnp.int32), carry.halted, evals0
-        )
+        val0 = metrics0(spec.val_metric_names)
+        rows0 = EpochRows(train0, val0, held_out0, zeros(), zeros(bool), jnp.zeros((), jnp.int32), carry.halted, evals0)
         count = jnp.minimum(num_epochs, k)
 
         def cond(loop):

@@ -138,7 +138,7 @@ def make_pieces(config, dataset: data_lib.Dataset, hooks: hooks_lib.Hooks, steps
         params = jax.eval_shape(lambda x: source.trace_init(config, x), first_example(dataset.train))[0]
         tx = finetune.configure(tx, tuning, params, steps_per_epoch)
     model_state = lambda: jax.eval_shape(lambda x: source.trace_init(config, x), first_example(dataset.train))[1]
-    tx = average_of(config.train, tx, steps_per_epoch, model_state)
+    tx = average_of(config.train, tx, steps_per_epoch, model_state, dataset.streamed)
     evals = tuple(dataset.evals)
     tracker, may_stop = make_tracker(config.early_stopping, has_validation, names, evals)
     pieces = Pieces(source, task, names, hooks, tx, tracker, may_stop, plateau, steps_per_epoch, None, None, keys,
@@ -146,22 +146,32 @@ def make_pieces(config, dataset: data_lib.Dataset, hooks: hooks_lib.Hooks, steps
     return pieces._replace(start=jax.jit(functools.partial(_start, pieces)))
 
 
-def average_of(t, tx, steps_per_epoch: int, model_state):
+def average_of(t, tx, steps_per_epoch: int, model_state, streamed: bool):
     """`tx` keeping the average of the parameters that train.ema_decay or train.swa_start_epoch asks for (`t`: the
-    config's train section), else `tx`. ConfigError for SWA on a model with state (`model_state()`: its shapes),
-    whose BatchNorm statistics would need recomputing for the averaged weights, which is not built."""
+    config's train section), else `tx`. SWA on a model with state (`model_state()`: its shapes) keeps its
+    statistics recomputed for the average; ConfigError where the data is streamed (a second pass over it each
+    epoch is not built)."""
     evaluate = t.eval_weights != "trained"
     if t.ema_decay:
         return averages.EmaOptimizer(tx, evaluate, decay=float(t.ema_decay))
     if not t.swa_start_epoch:
         return tx
-    if jax.tree.leaves(model_state()):
+    if streamed and t.eval_weights == "both":
         raise config_lib.ConfigError(
-            "train.swa_start_epoch with a model that keeps state (BatchNorm's statistics): the averaged weights "
-            "would need their statistics recomputed, which jaxepochs does not do yet. Use train.ema_decay, or a "
-            "model without BatchNorm."
+            'train.eval_weights = "both" on streamed data is not built yet; use "ema"/"swa" or data.stream = False.'
         )
-    return averages.SwaOptimizer(tx, evaluate, start_epoch=int(t.swa_start_epoch), steps_per_epoch=steps_per_epoch)
+    stats = model_state() if evaluate else None
+    if not jax.tree.leaves(stats):
+        stats = None
+    elif streamed:
+        raise config_lib.ConfigError(
+            "train.swa_start_epoch with a model that keeps state (BatchNorm's statistics) on streamed data: the "
+            "statistics of the averaged weights are recomputed by a pass over the training split on the device, "
+            "which streamed data does not allow yet. Use train.ema_decay, data.stream = False, or "
+            'train.eval_weights = "trained".'
+        )
+    return averages.SwaOptimizer(tx, evaluate, start_epoch=int(t.swa_start_epoch), steps_per_epoch=steps_per_epoch,
+                                 stats_like=stats)  # fmt: skip
 
 
 def make_optimizer(o, hooks: hooks_lib.Hooks, steps_per_epoch: int, epochs: int, direction=None):
@@ -246,7 +256,21 @@ def run_spec(
         norms=norms,
         eval_every=eval_every or {},
         layers=layers,
+        swa_stats=averages.keeps_stats(pieces.tx),
+        eval_both=_eval_both(t, eval_sizes),
     )
+
+
+def _eval_both(t, eval_sizes: dict[str, int]) -> bool:
+    """train.eval_weights "both" (`t`: the config's train section): ConfigError without a validation split."""
+    if t.eval_weights != "both":
+        return False
+    if "val" not in eval_sizes:
+        raise config_lib.ConfigError(
+            'train.eval_weights = "both" evaluates the validation split at the trained weights too, and this run '
+            'has none. Hold one out (data.validation_fraction > 0), or use "ema"/"swa".'
+        )
+    return True
 
 
 def eval_sizes(eval_batch_size: int, sizes: dict[str, int]) -> dict[str, int]:

@@ -135,7 +135,8 @@ def train_config() -> ml_collections.ConfigDict:
     # Averages of the parameters (core/averages.py): an exponential moving average updated after every step (0:
     # none; 0.999 remembers about 1,000 steps), or SWA's equal-weight average of the parameters at the end of each
     # epoch from swa_start_epoch on (0: none). eval_weights: what validation, test, the best epoch, `load` and the
-    # exports see: "ema" or "swa" (the average), "trained" (the trained parameters), "" (the average if one is kept).
+    # exports see: "ema" or "swa" (the average), "trained" (the trained parameters), "" (the average if one is kept);
+    # "both": the average, and the validation split at the trained parameters too (val_trained_<metric>).
     t.ema_decay = 0.0
     t.swa_start_epoch = 0
     t.eval_weights = ""

@@ -150,7 +150,7 @@ def _validate_train(t: ml_collections.ConfigDict) -> None:
         fail("train.profile_epochs", f"{tuple(t.profile_epochs)}", f"Name epochs of the run, 1 to {t.epochs}.")
 
 
-EVAL_WEIGHTS = ("", "ema", "swa", "trained")
+EVAL_WEIGHTS = ("", "ema", "swa", "both", "trained")
 
 
 def _validate_averages(t: ml_collections.ConfigDict, optimizer_name: str) -> None:
@@ -164,10 +164,12 @@ def _validate_averages(t: ml_collections.ConfigDict, optimizer_name: str) -> Non
         fail("train.swa_start_epoch", f"{start} with train.ema_decay = {decay}", "Keep one average: set one to 0.")
     if t.eval_weights not in EVAL_WEIGHTS:
         fail("train.eval_weights", f"{t.eval_weights!r}{suggest(t.eval_weights, EVAL_WEIGHTS[1:])}",
-             'Use "ema" or "swa" (the average), "trained", or "" (the average if one is kept).')  # fmt: skip
+             'Use "ema" or "swa" (the average), "both", "trained", or "" (the average if one is kept).')  # fmt: skip
     for name, key, value in (("ema", "train.ema_decay", decay), ("swa", "train.swa_start_epoch", start)):
         if t.eval_weights == name and not value:
             fail("train.eval_weights", f'"{name}" with {key} = 0', f"Set {key} to keep the average.")
+    if t.eval_weights == "both" and not (decay or start):
+        fail("train.eval_weights", '"both" without an average', "Set train.ema_decay or train.swa_start_epoch.")
     if (decay or start) and optimizer_name == "schedule_free_adamw":
         key = "train.ema_decay" if decay else "train.swa_start_epoch"
         fail(key, f"{decay or start} with optimizer schedule_free_adamw",
