@@ -44,6 +44,18 @@ def test_an_evaluation_set_is_evaluated_as_the_test_split_is_and_at_its_own_cade
     assert "whole_accuracy" in swept.summaries["r1"]
 
 
+def test_a_cross_validated_sweep_evaluates_the_whole_set_for_every_fold(tmp_path):
+    """The folds are cut from the training split (their validation splits); an evaluation set is shared by them."""
+    config = tiny_config({**WHOLE, "train.epochs": "2"})
+    result = jaxepochs.sweep(config, grid_lib.expand(config, {"seed": "0"}), tmp_path, cv=2, quiet=True)
+    assert len(result.histories) == 2  # one configuration, two folds
+    for history in result.histories.values():
+        for row in history:
+            assert row["whole_loss"] == pytest.approx(row["test_loss"], rel=1e-6)
+    first, second = (history[-1]["whole_loss"] for history in result.histories.values())
+    assert first != second  # each fold's model
+
+
 def test_early_stopping_may_watch_an_evaluation_set(tmp_path):
     stop = {
         "data.eval_splits": "('whole=test',)",
