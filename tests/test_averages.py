@@ -123,3 +123,10 @@ def test_swa_recomputes_batchnorm_statistics_for_its_average(tmp_path):
     with pytest.raises(ConfigError, match=r"swa_start_epoch with a model that keeps state.*on streamed data"):
         jaxepochs.train_and_evaluate(streamed, tmp_path / "streamed", quiet=True)
     assert not (tmp_path / "streamed").exists()
+
+
+def test_both_on_streamed_data_is_refused_before_anything_is_written(tmp_path):
+    config = tiny_config({"train.ema_decay": "0.9", "train.eval_weights": "both", "data.stream": "True"})
+    with pytest.raises(ConfigError, match=r'"both" on streamed data is not built yet'):
+        jaxepochs.train_and_evaluate(config, tmp_path / "run", quiet=True)
+    assert not (tmp_path / "run").exists()

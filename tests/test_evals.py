@@ -70,6 +70,7 @@ def test_early_stopping_may_watch_an_evaluation_set(tmp_path):
     assert summary["best_epoch_metric"] == "whole_loss" and summary["stop_reason"] == "patience"
     best = min(row["whole_loss"] for row in result.history)
     assert summary["best_value"] == pytest.approx(best, rel=1e-6)
+    assert jaxepochs.load(tmp_path, "best").step > 0  # run.json names the sets: its tracker is rebuilt with them
 
 
 GET_DATA = """
@@ -99,9 +100,13 @@ def test_get_data_may_return_more_evaluation_sets_and_bad_names_are_refused(tmp_
     result = jaxepochs.train_and_evaluate(jaxepochs.load_config_file(module), tmp_path / "run", quiet=True)
     assert {"shifted_loss", "shifted_accuracy"} <= set(result.history[-1]) <= set(result.history[0])
     assert result.history[-1]["shifted_loss"] != result.history[-1]["val_loss"]
-    for bad in ("Shifted", "shifted_far", "val"):
+    for bad, match in [
+        *((bad, rf'evaluation set "{bad}" needs a name of lowercase letters') for bad in ("Shifted", "shifted_far")),
+        ("val", r'evaluation set "val" needs a name'),
+        ("valid", r'the split "valid" reads as a misspelt "validation"'),
+    ]:
         module.write_text(textwrap.dedent(GET_DATA.replace("SETS", bad)))
-        with pytest.raises(DataError, match=rf'evaluation set "{bad}" needs a name of lowercase letters'):
+        with pytest.raises(DataError, match=match):
             jaxepochs.train_and_evaluate(jaxepochs.load_config_file(module), tmp_path / bad, quiet=True)
         assert not (tmp_path / bad).exists()
 
@@ -114,6 +119,17 @@ def test_get_data_may_return_more_evaluation_sets_and_bad_names_are_refused(tmp_
         ({"train.eval_every": "('whole',)"}, ConfigError, r'train\.eval_every.*"name=N"'),
         ({"train.eval_every": "('other=2',)"}, ConfigError, r"names no evaluation set; the sets are \['whole'\]"),
         ({"early_stopping.enabled": "True", "early_stopping.monitor": "other_loss"}, ConfigError, r"other_loss"),
+        (
+            {
+                "early_stopping.enabled": "True",
+                "early_stopping.monitor": "whole_loss",
+                "early_stopping.rule": "up",
+                "early_stopping.k": "3",
+                "train.eval_every": "('whole=2',)",
+            },
+            ConfigError,
+            r"early_stopping\.k = 3 .*the set whole's cadence \(2 epochs\).*multiples of 2",
+        ),  # fmt: skip
     ],
 )
 def test_bad_evaluation_settings_name_the_fix_before_anything_is_written(tmp_path, overrides, error, match):

@@ -104,7 +104,7 @@ class EmaOptimizer(_Averaging):
     def update(self, grads, state: EmaState, params=None):
         updates, inner = self.inner.update(grads, state.inner, params)
         trained = optax.apply_updates(params, updates)
-        ema = jax.tree.map(lambda e, p: state.decay * e + (1.0 - state.decay) * p, state.ema, trained)
+        ema = jax.tree.map(lambda e, p: (state.decay * e + (1.0 - state.decay) * p).astype(e.dtype), state.ema, trained)
         return updates, EmaState(inner, ema, state.decay)
 
     def eval_params(self, state: EmaState, params):
@@ -132,7 +132,7 @@ class SwaOptimizer(_Averaging):
         take = (count % self.steps_per_epoch == 0) & (count // self.steps_per_epoch >= self.start_epoch)
         taken = state.taken + take.astype(jnp.int32)
         weight = 1.0 / jnp.maximum(taken, 1).astype(jnp.float32)
-        swa = jax.tree.map(lambda a, p: jnp.where(take, a + (p - a) * weight, a), state.swa, trained)
+        swa = jax.tree.map(lambda a, p: jnp.where(take, a + (p - a) * weight, a).astype(a.dtype), state.swa, trained)
         return updates, SwaState(inner, swa, taken, count, state.stats)
 
     def eval_params(self, state: SwaState, params):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import re
 from typing import NamedTuple
 
@@ -57,6 +58,11 @@ RESERVED_NAMES = ("train", "val", "test", "validation", "final", "learning", "ex
 
 def check_eval_name(name: str, where: str) -> None:
     """DataError unless `name` can name an evaluation set (its rows' prefix)."""
+    if difflib.get_close_matches(name, ["validation"], n=1, cutoff=0.6):
+        raise DataError(
+            f'{where}: the split "{name}" reads as a misspelt "validation"; name the validation split "validation", '
+            "or give an evaluation set a name of its own."
+        )
     if not EVAL_NAME.match(name) or name in RESERVED_NAMES:
         raise DataError(
             f'{where}: the evaluation set "{name}" needs a name of lowercase letters and digits (no "_": it '

@@ -50,6 +50,7 @@ def shapes_of(dataset: data_lib.Dataset, steps_per_epoch: int, num_val_examples:
         "labels": jax.tree.map(lambda a: [list(a.shape[1:]), str(a.dtype)], dataset.train.y),  # a pytree (custom)
         "extra": jax.tree.map(lambda a: [list(a.shape[1:]), str(a.dtype)], dataset.train.extra),
         "num_val_examples": num_val_examples,
+        "eval_sets": sorted(dataset.evals),  # early stopping may watch one: its tracker is rebuilt with them
     }
 
 
@@ -80,7 +81,12 @@ def _dataset_of(shapes: dict) -> data_lib.Dataset:
     split = data_lib.Split(x, y, extra)
     empty = data_lib.take(split, slice(0, 0))
     return data_lib.Dataset(
-        "run.json", split, empty if not shapes["num_val_examples"] else split, split, shapes["num_classes"]
+        "run.json",
+        split,
+        empty if not shapes["num_val_examples"] else split,
+        split,
+        shapes["num_classes"],
+        evals={name: split for name in shapes.get("eval_sets", [])},
     )
 
 

@@ -59,7 +59,7 @@ def load_data(config: ml_collections.ConfigDict, hooks: hooks_lib.Hooks, quiet: 
     else:
         name = f"{pathlib.Path(hooks.module).stem}.get_data"
         dataset = data_lib.from_arrays(config, hooks.get_data(config), f"get_data in {hooks.module}", name)
-        arrays = [dataset.train, dataset.val, dataset.test]
+        arrays = [dataset.train, dataset.val, dataset.test, *dataset.evals.values()]
         size = sum(np.asarray(a).nbytes for split in arrays for a in jax.tree.leaves(tuple(split)))
         streams = streamed.wants_stream(config.data, config.train.steps_per_epoch, size)
         if streams and (dataset.train.extra is not None or not isinstance(dataset.train.y, np.ndarray)):
@@ -88,6 +88,16 @@ def check_shapes(model, batch_size: int, dataset: data_lib.Dataset, n_train: int
         raise config_lib.ConfigError(
             f"config.train.batch_size = {batch_size} is larger than the {n_train} training "
             f"examples of {dataset.name} (after holding out validation). Use batch_size <= {n_train}."
+        )
+
+
+def _check_metric_names(names: tuple[str, ...], norms: bool, both: bool) -> None:
+    """ConfigError for a metric whose name logging.norms or train.eval_weights "both" would write over."""
+    taken = [n for n in names if (norms and n.startswith(epoch_lib.NORMS)) or (both and n.startswith("trained_"))]
+    if taken:
+        raise config_lib.ConfigError(
+            f'The metrics {taken} have names that logging.norms (grad_norm, ...) or train.eval_weights = "both" '
+            "(trained_*) use for their own; rename them in metrics_fn."
         )
 
 
@@ -123,6 +133,7 @@ def make_pieces(config, dataset: data_lib.Dataset, hooks: hooks_lib.Hooks, steps
     trace_init = lambda x: source.trace_init(config, x)
     abstract = {k: jax.ShapeDtypeStruct((), jnp.float32) for k in keys} if keys else None
     names = seam.check(config.task, trace_init, source, task, hooks, dataset.train, dataset.num_classes, abstract)
+    _check_metric_names(names, config.logging.norms, config.train.eval_weights == "both")
     if "loss" + epoch_lib.WEIGHT in names and config.train.accumulate_steps > 1:
         raise config_lib.ConfigError(
             "A weighted loss (loss_fn giving (values, weights), a sample weight or train.class_weight) with "
@@ -152,14 +163,14 @@ def average_of(t, tx, steps_per_epoch: int, model_state, streamed: bool):
     statistics recomputed for the average; ConfigError where the data is streamed (a second pass over it each
     epoch is not built)."""
     evaluate = t.eval_weights != "trained"
-    if t.ema_decay:
-        return averages.EmaOptimizer(tx, evaluate, decay=float(t.ema_decay))
-    if not t.swa_start_epoch:
-        return tx
     if streamed and t.eval_weights == "both":
         raise config_lib.ConfigError(
             'train.eval_weights = "both" on streamed data is not built yet; use "ema"/"swa" or data.stream = False.'
         )
+    if t.ema_decay:
+        return averages.EmaOptimizer(tx, evaluate, decay=float(t.ema_decay))
+    if not t.swa_start_epoch:
+        return tx
     stats = model_state() if evaluate else None
     if not jax.tree.leaves(stats):
         stats = None

@@ -48,15 +48,20 @@ def known_names(task: str, module: str, monitor: str, has_validation: bool):
     return ("loss",) if monitor in logged else None
 
 
-def check_strips(e: ml_collections.ConfigDict, n: int) -> None:
+def check_strips(e: ml_collections.ConfigDict, n: int, eval_every=()) -> None:
     """Prechelt's pq and up measure at strip ends, every k epochs after start_from_epoch: on a validation metric
-    those must be epochs that validate (a strip end without a value is not measured); n is train.validate_every."""
-    if not (e.enabled and e.rule in ("pq", "up") and e.monitor.startswith("val_") and n > 1):
+    (or an evaluation set's) those must be epochs that evaluate it (a strip end without a value is not measured);
+    n is train.validate_every, `eval_every` train.eval_every's "name=N" entries."""
+    split = e.monitor.split("_", 1)[0]
+    if split not in ("train", "val"):  # an evaluation set's: its own cadence, else validation's
+        n = {k.strip(): int(v) for k, _, v in (str(x).partition("=") for x in eval_every)}.get(split, n)
+    if not (e.enabled and e.rule in ("pq", "up") and split != "train" and n > 1):
         return
     if e.k % n or e.start_from_epoch % n:
+        cadence = f"train.validate_every = {n}" if split == "val" else f"the set {split}'s cadence ({n} epochs)"
         fail(
             "early_stopping.k",
-            f"{e.k} (start_from_epoch {e.start_from_epoch}) ends strips on epochs that train.validate_every = {n} "
-            f'does not validate (rule "{e.rule}" measures {e.monitor} at strip ends)',
-            f"Use k and start_from_epoch multiples of {n}, or train.validate_every = 1.",
+            f"{e.k} (start_from_epoch {e.start_from_epoch}) ends strips on epochs that {cadence} does not "
+            f'evaluate (rule "{e.rule}" measures {e.monitor} at strip ends)',
+            f"Use k and start_from_epoch multiples of {n}, or evaluate {e.monitor} every epoch.",
         )

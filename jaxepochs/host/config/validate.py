@@ -322,7 +322,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         stopping.check(es, has_val, stopping.known_names(config.task, config.experiment.module, es.monitor, has_val))
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    stopping.check_strips(config.early_stopping, config.train.validate_every)
+    stopping.check_strips(config.early_stopping, config.train.validate_every, config.train.eval_every)
     k = config.checkpoint
     if k.every_epochs < 0 or k.every_seconds < 0 or k.max_to_keep < 1 or k.keep_best < 0:
         fail(
