@@ -85,3 +85,17 @@ def test_modular_addition_holds_every_pair_once_with_its_sum():
 def test_bad_dataset_and_model_settings(overrides, match):
     with pytest.raises(config_lib.ConfigError, match=match):
         tiny_config(overrides)
+
+
+def test_preparing_a_dataset_leaves_no_empty_directories_in_the_temporary_directory(tmp_path, monkeypatch):
+    """TFDS makes an (empty) temporary directory each time it makes the builder of a dataset not prepared yet; the
+    loader removes them."""
+    import tempfile
+
+    made, real = [], tempfile.mkdtemp
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    config = config_lib.apply_overrides(tiny_config(), {"data.name": "digits", "data.data_dir": str(tmp_path)})
+    data.load_dataset(config, quiet=True)
+    tfds_made = [path for path in made if path.endswith("tfds")]
+    assert tfds_made  # TFDS still makes them: the check below is not empty
+    assert not [path for path in tfds_made if __import__("os").path.exists(path)]

@@ -23,6 +23,7 @@ from jaxepochs.data.splits import (  # noqa: F401
     as_batch,
     check_eval_name,
     count,
+    eval_splits,
     fold_indices,
     take,
 )
@@ -69,7 +70,40 @@ def _prepare(make, name: str, directory: pathlib.Path, quiet: bool):
     return builder
 
 
+@contextlib.contextmanager
+def _no_leftover_metadata_dirs():
+    """TFDS makes a temporary directory each time it makes the builder of a dataset not prepared yet (for metadata
+    from its GCS bucket, which is off here: it stays empty) and leaves it behind; a first run left two or three in
+    the user's temporary directory, and each variant of a dataset more. Those it makes meanwhile are removed when
+    empty (os.rmdir removes nothing else)."""
+    from tensorflow_datasets.core import dataset_info
+
+    real, made = dataset_info.tempfile, []
+
+    class Recording:
+        def __getattr__(self, attribute):
+            return getattr(real, attribute)
+
+        def mkdtemp(self, *args, **kwargs):
+            made.append(real.mkdtemp(*args, **kwargs))
+            return made[-1]
+
+    dataset_info.tempfile = Recording()
+    try:
+        yield
+    finally:
+        dataset_info.tempfile = real
+        for path in made:
+            with contextlib.suppress(OSError):
+                os.rmdir(path)
+
+
 def _builder(name: str, directory: pathlib.Path, quiet: bool = False, data_config=None):
+    with _no_leftover_metadata_dirs():
+        return _make_builder(name, directory, quiet, data_config)
+
+
+def _make_builder(name: str, directory: pathlib.Path, quiet: bool = False, data_config=None):
     import tensorflow_datasets as tfds
 
     from jaxepochs.data import datasets
@@ -359,22 +393,3 @@ def load_dataset(config: ml_collections.ConfigDict, quiet: bool = False, streame
     for name, split in evals.items():
         check_split(split, num_classes, f'{d.name} evaluation set "{name}"', config.task)
     return _finish(config, d.name, full_train, test, None, num_classes)._replace(streamed=streamed, evals=evals)
-
-
-def eval_splits(entries, dataset: str, available) -> list[tuple[str, str]]:
-    """data.eval_splits' (name, TFDS split) pairs: "name=split" or "split" (then named as it is); DataError naming
-    the fix for a bad name or a split the dataset lacks."""
-    pairs = []
-    for entry in entries:
-        name, eq, source = str(entry).partition("=")
-        name, source = name.strip(), (source if eq else name).strip()
-        check_eval_name(name, f"data.eval_splits entry {entry!r}")
-        if source not in available:
-            raise DataError(
-                f"data.eval_splits entry {entry!r}: dataset {dataset} has no split {source!r}; its splits are "
-                f"{sorted(available)} (whole splits: TFDS's slices are not read here)."
-            )
-        pairs.append((name, source))
-    if len({name for name, _ in pairs}) < len(pairs):
-        raise DataError(f"data.eval_splits {tuple(entries)} names an evaluation set twice; give each its own name.")
-    return pairs

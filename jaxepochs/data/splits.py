@@ -82,3 +82,22 @@ def fold_indices(num_train: int, cv: int, fold: int, seed: int) -> tuple[np.ndar
     val = np.sort(order[fold * size : (fold + 1) * size])
     train = np.sort(np.concatenate([order[: fold * size], order[(fold + 1) * size :]]))
     return train, val
+
+
+def eval_splits(entries, dataset: str, available) -> list[tuple[str, str]]:
+    """data.eval_splits' (name, TFDS split) pairs: "name=split" or "split" (then named as it is); DataError naming
+    the fix for a bad name or a split the dataset lacks."""
+    pairs = []
+    for entry in entries:
+        name, eq, source = str(entry).partition("=")
+        name, source = name.strip(), (source if eq else name).strip()
+        check_eval_name(name, f"data.eval_splits entry {entry!r}")
+        if source not in available:
+            raise DataError(
+                f"data.eval_splits entry {entry!r}: dataset {dataset} has no split {source!r}; its splits are "
+                f"{sorted(available)} (whole splits: TFDS's slices are not read here)."
+            )
+        pairs.append((name, source))
+    if len({name for name, _ in pairs}) < len(pairs):
+        raise DataError(f"data.eval_splits {tuple(entries)} names an evaluation set twice; give each its own name.")
+    return pairs
