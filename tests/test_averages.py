@@ -40,12 +40,13 @@ def test_the_averages_are_the_decayed_and_the_equal_means_and_are_what_is_evalua
     weighted = lambda *ws: jax.tree.map(lambda *ps: sum(w * p for w, p in zip(ws, ps, strict=True)), p0, p1, p2, p3)
     ema, swa = weighted(0.125, 0.125, 0.25, 0.5), weighted(0, 0, 0.5, 0.5)  # decay 0.5; epochs 2 and 3 averaged
     runs = {}
+    # Kept but not evaluated: training and evaluation are the plain run's, exactly ("both" below: EMA's).
+    kept = run("kept", {"train.swa_start_epoch": "2", "train.eval_weights": "trained"})
+    assert untimed(kept.history) == untimed(plain.history)
+    _close(kept.state.opt_state.swa, swa)
     for key, value, average, field in (("ema_decay", "0.5", ema, "ema"), ("swa_start_epoch", "2", swa, "swa")):
-        # Kept but not evaluated: training and evaluation are the plain run's, exactly.
-        kept = run(f"kept_{field}", {f"train.{key}": value, "train.eval_weights": "trained"})
-        assert untimed(kept.history) == untimed(plain.history)
-        _close(getattr(kept.state.opt_state, field), average)
         evaluated = runs[field] = run(field, {f"train.{key}": value})
+        _close(getattr(evaluated.state.opt_state, field), average)
         assert [r["train_loss"] for r in evaluated.history] == [r["train_loss"] for r in plain.history]
         assert evaluated.history[-1]["val_loss"] != plain.history[-1]["val_loss"]
         _close(jaxepochs.load(tmp_path / field).params, average)  # what load, predict and export take
@@ -108,7 +109,7 @@ def test_swa_recomputes_batchnorm_statistics_for_its_average(tmp_path):
     (tmp_path / "fifth.py").write_text(DIGITS_FIFTH)
     config = jaxepochs.apply_overrides(
         jaxepochs.load_config_file(tmp_path / "fifth.py"),
-        {"train.swa_start_epoch": "2", "train.epochs": "3", "train.batch_size": "32", "mesh.data": "1"},
+        {"train.swa_start_epoch": "1", "train.epochs": "2", "train.batch_size": "32", "mesh.data": "1"},
     )
     result = jaxepochs.train_and_evaluate(config, tmp_path / "run", quiet=True)
     swa = result.state.opt_state
