@@ -126,8 +126,16 @@ def test_swa_recomputes_batchnorm_statistics_for_its_average(tmp_path):
     assert not (tmp_path / "streamed").exists()
 
 
-def test_both_on_streamed_data_is_refused_before_anything_is_written(tmp_path):
-    config = tiny_config({"train.ema_decay": "0.9", "train.eval_weights": "both", "data.stream": "True"})
-    with pytest.raises(ConfigError, match=r'"both" on streamed data is not built yet'):
-        jaxepochs.train_and_evaluate(config, tmp_path / "run", quiet=True)
-    assert not (tmp_path / "run").exists()
+def test_both_on_streamed_data_gives_the_resident_run_s_rows(tmp_path):
+    """Validation kept on the device (evaluated inside the concluding program) and read a chunk at a time (a
+    budget too small to keep it): both give the trained weights' rows beside the average's."""
+    both = {"train.ema_decay": "0.9", "train.eval_weights": "both", "train.epochs": "2"}
+    resident = jaxepochs.train_and_evaluate(tiny_config(both), tmp_path / "resident", quiet=True)
+    stream = {**both, "data.stream": "True", "train.steps_per_call": "5"}
+    small = {**stream, "data.device_memory_bytes": "400000", "data.device_memory_fraction": "0.5"}
+    close = lambda k, v: pytest.approx(v, abs=2e-3) if k.endswith("accuracy") else pytest.approx(v, rel=1e-4)
+    for name, overrides in (("kept", stream), ("read", small)):
+        streamed = jaxepochs.train_and_evaluate(tiny_config(overrides), tmp_path / name, quiet=True)
+        assert streamed.summary["streamed"]
+        for a, b in zip(untimed(resident.history), untimed(streamed.history), strict=True):
+            assert "val_trained_loss" in a and {k: close(k, v) for k, v in a.items()} == {k: b[k] for k in a}, name

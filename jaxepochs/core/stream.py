@@ -105,28 +105,43 @@ def make_conclude(spec: program_lib.RunSpec):
     return conclude
 
 
+def with_trained(spec: program_lib.RunSpec, val_m: epoch_lib.Metrics, trained: epoch_lib.Metrics):
+    """The validation sums `val_m` and, with train.eval_weights "both", the trained weights' (`trained`) beside
+    them under program.TRAINED names."""
+    if not spec.eval_both:
+        return val_m
+    return val_m._replace(sums={**val_m.sums, **{program_lib.TRAINED + k: v for k, v in trained.sums.items()}})
+
+
 def make_validate_and_conclude(spec: program_lib.RunSpec):
     """validate_and_conclude(carry_at_start_R, carry_R, train_R, val_chunks, test_R, es_hparams_R, epoch, val_due,
     evals_R, evals_due) -> (carry_R, rows): the validation split's chunks (kept on the device) evaluated when due,
     then `conclude`, in one call: a streamed epoch of small data ends in one program, not two."""
     eval_chunk, conclude = make_eval_chunk(spec), make_conclude(spec)
+    trained_chunk = make_eval_chunk(spec, trained=False)  # "both": the trained weights as they are
 
     def validate_and_conclude(start, carry, train_m, val_chunks, test_m, es_hparams, epoch, val_due, *evals):
-        zero = zero_sums(spec, carry.halted.shape[0])  # the validation split's
+        zero = zero_sums(spec, carry.halted.shape[0])
 
         def validate(state):
-            sums = zero
+            sums = trained = zero
             for chunk in val_chunks:
-                sums = eval_chunk(state, sums, {"x": chunk["x"], "y": chunk["y"]}, chunk["mask"])
-            return sums
+                batch = {"x": chunk["x"], "y": chunk["y"]}
+                sums = eval_chunk(state, sums, batch, chunk["mask"])
+                if spec.eval_both:
+                    trained = trained_chunk(state, trained, batch, chunk["mask"])
+            return with_trained(spec, sums, trained)
 
-        val_m = jax.lax.cond(val_due, validate, lambda state: zero, carry.state)
+        no_val = zero_sums(spec, carry.halted.shape[0], val=True)
+        val_m = jax.lax.cond(val_due, validate, lambda state: no_val, carry.state)
         return conclude(start, carry, train_m, val_m, test_m, es_hparams, epoch, val_due, *evals)
 
     return validate_and_conclude
 
 
-def zero_sums(spec: program_lib.RunSpec, runs: int, train: bool = False) -> epoch_lib.Metrics:
-    """Metric sums of no examples, for `runs` runs: a held-out split's, or (`train`) the training split's."""
-    zero = epoch_lib.Metrics.zeros(spec.train_metric_names if train else spec.metric_names)
+def zero_sums(spec: program_lib.RunSpec, runs: int, train: bool = False, val: bool = False) -> epoch_lib.Metrics:
+    """Metric sums of no examples, for `runs` runs: a held-out split's, (`train`) the training split's, or (`val`)
+    the validation split's (with train.eval_weights "both", its trained weights' too)."""
+    names = spec.train_metric_names if train else spec.val_metric_names if val else spec.metric_names
+    zero = epoch_lib.Metrics.zeros(names)
     return jax.tree.map(lambda a: jnp.zeros((runs, *a.shape), a.dtype), zero)

@@ -163,10 +163,6 @@ def average_of(t, tx, steps_per_epoch: int, model_state, streamed: bool):
     statistics recomputed for the average; ConfigError where the data is streamed (a second pass over it each
     epoch is not built)."""
     evaluate = t.eval_weights != "trained"
-    if streamed and t.eval_weights == "both":
-        raise config_lib.ConfigError(
-            'train.eval_weights = "both" on streamed data is not built yet; use "ema"/"swa" or data.stream = False.'
-        )
     if t.ema_decay:
         return averages.EmaOptimizer(tx, evaluate, decay=float(t.ema_decay))
     if not t.swa_start_epoch:

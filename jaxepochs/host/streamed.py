@@ -273,21 +273,24 @@ class StreamedEpochs:
 
 def _no_rows(loop: Loop, start):
     """A call's rows when it ended inside an epoch: no epoch ran."""
-    train, held_out = (jax.tree.map(lambda a: a[:, None], zero) for zero in (loop.zero, _held_out_zero(loop)))
+    zeros = (loop.zero, _held_out_zero(loop), _held_out_zero(loop, val=True))
+    train, held_out, val = (jax.tree.map(lambda a: a[:, None], zero) for zero in zeros)
     column = jnp.zeros((loop.zero.count.shape[0], 1))
-    return program_lib.EpochRows(train, held_out, held_out, column, column.astype(bool), jnp.zeros((), jnp.int32),
+    return program_lib.EpochRows(train, val, held_out, column, column.astype(bool), jnp.zeros((), jnp.int32),
                                  start.halted, {name: held_out for name in loop.spec.eval_every})  # fmt: skip
 
 
-def _held_out_zero(loop: Loop) -> epoch_lib.Metrics:
-    """A held-out split's metric sums of no examples (a split not evaluated this epoch)."""
-    return stream_lib.zero_sums(loop.spec, loop.zero.count.shape[0])
+def _held_out_zero(loop: Loop, val: bool = False) -> epoch_lib.Metrics:
+    """A held-out split's metric sums of no examples (a split not evaluated this epoch; `val`: the validation
+    split's, whose sums hold the trained weights' too with train.eval_weights "both")."""
+    return stream_lib.zero_sums(loop.spec, loop.zero.count.shape[0], val=val)
 
 
 def _conclude(loop: Loop, start, carry, sums, epoch: int):
     val_due = bool(program_lib.validation_due(loop.spec, epoch, loop.last_epoch))
     test_due = bool(program_lib.due_for_test(loop.spec, epoch, loop.last_epoch))
-    val = test = zero = _held_out_zero(loop)
+    test = zero = _held_out_zero(loop)
+    val = _held_out_zero(loop, val=True)
     if "test" in loop.held_out and test_due:
         test = evaluate(loop.programs, loop.spec, carry.state, loop.held_out["test"])
     due = {name: bool(d) for name, d in program_lib.evals_due_at(loop.spec, epoch, loop.last_epoch).items()}
@@ -300,4 +303,6 @@ def _conclude(loop: Loop, start, carry, sums, epoch: int):
         return loop.programs.validate_and_conclude(start, carry, sums, held.chunks(), test, *when, *more)
     if held is not None and val_due:
         val = evaluate(loop.programs, loop.spec, carry.state, held)
+        trained = evaluate(loop.programs, loop.spec, carry.state, held, final=True) if loop.spec.eval_both else None
+        val = stream_lib.with_trained(loop.spec, val, trained)
     return loop.programs.conclude(start, carry, sums, val, test, *when, *more)
