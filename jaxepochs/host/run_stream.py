@@ -60,7 +60,8 @@ def _epochs(run, position: streamed.Position, ckpt_in, checkpointing: bool, stop
     held = streamed.held_out_for_training(comp.stream_budget, spec, held_out(comp), examples)
     zero = stream_lib.zero_sums(spec, 1, train=True)
     loop = streamed.Loop(streamed.make_programs(spec), spec, batch.es_hparams(), comp.train, held, steps,
-                         comp.chunk_steps, zero, comp.loop.epochs)  # fmt: skip
+                         comp.chunk_steps, zero, comp.loop.epochs, stream_lib.zero_sums(spec, 1),
+                         stream_lib.zero_sums(spec, 1, val=True))  # fmt: skip
     key = setup.without_run_axis(position.start).state.key
     order = streamed.BatchOrder(key, data_lib.count(comp.train), spec.batch_size, spec.shuffle, steps)
     done_steps = (position.epoch - 1) * steps + position.step

@@ -223,6 +223,8 @@ class Loop(NamedTuple):
     per_chunk: int  # training batches per chunk (chunk_steps)
     zero: epoch_lib.Metrics  # training's metric sums of no examples (run axis 1): an epoch's start
     last_epoch: int
+    held_out_zero: epoch_lib.Metrics  # a held-out split's sums of no examples: one not evaluated this epoch
+    val_zero: epoch_lib.Metrics  # the validation split's (with train.eval_weights "both": the trained weights' too)
 
 
 class StreamedEpochs:
@@ -273,24 +275,18 @@ class StreamedEpochs:
 
 def _no_rows(loop: Loop, start):
     """A call's rows when it ended inside an epoch: no epoch ran."""
-    zeros = (loop.zero, _held_out_zero(loop), _held_out_zero(loop, val=True))
+    zeros = (loop.zero, loop.held_out_zero, loop.val_zero)
     train, held_out, val = (jax.tree.map(lambda a: a[:, None], zero) for zero in zeros)
     column = jnp.zeros((loop.zero.count.shape[0], 1))
     return program_lib.EpochRows(train, val, held_out, column, column.astype(bool), jnp.zeros((), jnp.int32),
                                  start.halted, {name: held_out for name in loop.spec.eval_every})  # fmt: skip
 
 
-def _held_out_zero(loop: Loop, val: bool = False) -> epoch_lib.Metrics:
-    """A held-out split's metric sums of no examples (a split not evaluated this epoch; `val`: the validation
-    split's, whose sums hold the trained weights' too with train.eval_weights "both")."""
-    return stream_lib.zero_sums(loop.spec, loop.zero.count.shape[0], val=val)
-
-
 def _conclude(loop: Loop, start, carry, sums, epoch: int):
     val_due = bool(program_lib.validation_due(loop.spec, epoch, loop.last_epoch))
     test_due = bool(program_lib.due_for_test(loop.spec, epoch, loop.last_epoch))
-    test = zero = _held_out_zero(loop)
-    val = _held_out_zero(loop, val=True)
+    test = zero = loop.held_out_zero
+    val = loop.val_zero
     if "test" in loop.held_out and test_due:
         test = evaluate(loop.programs, loop.spec, carry.state, loop.held_out["test"])
     due = {name: bool(d) for name, d in program_lib.evals_due_at(loop.spec, epoch, loop.last_epoch).items()}
