@@ -15,6 +15,7 @@ import sys
 import traceback
 
 from jaxepochs.host import ctrl_c  # imports nothing heavy: the command listens for Ctrl-C before JAX loads
+from jaxepochs.sweep import command as sweep_command  # nor does this
 
 
 class UsageError(ValueError):
@@ -84,21 +85,7 @@ def _parser() -> argparse.ArgumentParser:
         "same numbers (bit for bit on one device; elsewhere to float32 round-off, which a chaotic result such as "
         "grokking's epoch can amplify)",
     )
-    swp = sub.add_parser(
-        "sweep",
-        help="train a grid of configurations in one vmapped program",
-        epilog="Sweep any field: --sweep.optimizer.learning_rate=1e-3,1e-2 --sweep.seed=0,1,2 "
-        "(ranges with --random N: loguniform:1e-4:1e-1, uniform:A:B, randint:A:B).",
-    )
-    swp.add_argument("--config", required=True, help="experiment module, e.g. experiments/mnist1d_mlp.py")
-    swp.add_argument("--workdir", required=True, help="directory for sweep.jsonl, results.csv and sweep.png")
-    swp.add_argument("--random", type=int, default=0, help="draw N configurations instead of the grid")
-    swp.add_argument("--random-seed", type=int, default=0, help="seed of the --random draws")
-    swp.add_argument("--cv", type=int, default=0, help="K-fold cross-validation of the training split")
-    swp.add_argument("--refit", action="store_true", help="with --cv: retrain on all training data, report test")
-    swp.add_argument("--chunk", type=int, default=0, help="most runs trained at once (0: from free memory)")
-    swp.add_argument("--quiet", action="store_true", help="print nothing but errors")
-    swp.add_argument("--restart", action="store_true", help="discard a sweep already in the workdir")
+    swp = sweep_command.add_parser(sub)
     for command in (run, swp):
         _distributed_arguments(command)
     _lr_find_arguments(sub)
@@ -252,20 +239,7 @@ def _sweep(args, overrides: dict[str, str], specs: dict[str, str]) -> int:
 
     _refuse_experiment_keys(specs, "--sweep.")
     config = _load_config(args.config, overrides)
-    grid = sweep_lib.expand(config, specs, args.random, args.random_seed)
-    from jaxepochs.sweep import run as sweep_run
-
-    sweep_run.sweep(
-        config,
-        grid,
-        args.workdir,
-        cv=args.cv,
-        refit=args.refit,
-        chunk=args.chunk,
-        quiet=args.quiet,
-        restart=args.restart,
-    )
-    return 0
+    return sweep_command.run(args, config, sweep_lib.expand(config, specs, args.random, args.random_seed))
 
 
 _WHAT_TO_DO = {  # errno -> what a user can do about it

@@ -48,9 +48,11 @@ import jax.numpy as jnp
 
 MODES = ("auto", "min", "max")
 RULES = ("patience", "gl", "pq", "up")
-# index = EarlyStoppingState.stop_reason; "callback": the host wrote a user callback's stop (host/callbacks.py)
-STOP_REASONS = ("none", "patience", "gl", "pq", "up", "divergence", "callback")
-NO_STOP, PATIENCE, GL, PQ, UP, DIVERGENCE, CALLBACK = range(len(STOP_REASONS))
+# index = EarlyStoppingState.stop_reason; "callback": the host wrote a user callback's stop (host/callbacks.py);
+# "pruned": a pruned sweep's rung halted the run (sweep/prune.py). Both are written by the host, between calls.
+STOP_REASONS = ("none", "patience", "gl", "pq", "up", "divergence", "callback", "pruned")
+NO_STOP, PATIENCE, GL, PQ, UP, DIVERGENCE, CALLBACK, PRUNED = range(len(STOP_REASONS))
+HOST_STOPS = (CALLBACK, PRUNED)  # stops the host writes: they halt a run with early stopping off too
 TRAINER_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
 DEFAULT_ALPHA = {"gl": 5.0, "pq": 0.5}  # GL_5 and PQ_0.5, within the ranges Prechelt (1998) evaluates
 

@@ -29,7 +29,7 @@ from jaxepochs.core import epoch as epoch_lib
 from jaxepochs.core import layout as layout_lib
 from jaxepochs.core import optim
 from jaxepochs.core import program as program_lib
-from jaxepochs.core.early_stopping import CALLBACK
+from jaxepochs.core.early_stopping import HOST_STOPS
 from jaxepochs.host import checkpoint as checkpoint_lib
 from jaxepochs.host import devices, finetune, lineage, report, setup
 from jaxepochs.host.compose import Composition, Member
@@ -205,8 +205,9 @@ class RunBatch:
         self.non_finite.update(restored.non_finite)
         self.take_lineage(restored.lineage, restored.epoch, say)
         padded = [m.name for m in self.members]
-        es = restored.carry.es_state  # a callback's stop halts the run with early stopping off too
-        halted = np.asarray(es.should_stop) & (self.comp.pieces.may_stop | (np.asarray(es.stop_reason) == CALLBACK))
+        es = restored.carry.es_state  # a callback's stop or a rung's prune halts the run with early stopping off too
+        by_host = np.isin(np.asarray(es.stop_reason), HOST_STOPS)
+        halted = np.asarray(es.should_stop) & (self.comp.pieces.may_stop | by_host)
         halted = halted | np.array([name in self.non_finite for name in padded])
         return self.place(restored.carry._replace(halted=halted))
 

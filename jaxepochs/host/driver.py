@@ -155,6 +155,7 @@ def train_loop(
     profile_dir: pathlib.Path | None = None,
     checkpoints: Periodic | None = None,
     overlap: bool = True,
+    boundaries: frozenset[int] = frozenset(),
 ) -> Outcome:
     """`drive` at the config's pace and checkpoint cadence, then the final checkpoint (`save(carry,
     final_epoch(outcome))`): the loop of runs and sweeps alike. The caller holds the Ctrl-C handler
@@ -163,10 +164,11 @@ def train_loop(
     When `consume` cannot write (a full disk), the carry of the epochs it was given is still saved (if the disk
     takes it) before the OSError is raised: nothing trained is lost that can be kept.
 
-    train.profile_epochs: each named epoch runs as a call of its own, traced by jax.profiler into `profile_dir`."""
+    train.profile_epochs: each named epoch runs as a call of its own, traced by jax.profiler into `profile_dir`.
+    `boundaries`: further epochs a call must start at (a pruned sweep's rungs end a call)."""
     checkpoints = checkpoints or cadence_of(loop, checkpointing)
     profiled = set(loop.profile_epochs) if profile_dir is not None else set()
-    boundaries = {e for epoch in profiled for e in (epoch, epoch + 1)}
+    boundaries = {e for epoch in profiled for e in (epoch, epoch + 1)} | set(boundaries)
     pace = Pace(loop.epochs_per_call, loop.host_interval_seconds, limit, boundaries=boundaries)
     if profiled:
         call = _profiled(call, profiled, profile_dir)

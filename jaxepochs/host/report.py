@@ -224,8 +224,8 @@ def stop_reason(es_state, may_stop: bool, non_finite_epoch: int | None, interrup
     """Why a run ended, from its carry's early-stopping state (so a rerun of a stopped run says the same)."""
     if non_finite_epoch:
         return "non_finite_loss"
-    callback = int(es_state.stop_reason) == early_stopping_lib.CALLBACK  # a callback stops with or without ES
-    if (may_stop or callback) and bool(es_state.should_stop):
+    by_host = int(es_state.stop_reason) in early_stopping_lib.HOST_STOPS  # with or without early stopping
+    if (may_stop or by_host) and bool(es_state.should_stop):
         return early_stopping_lib.stop_reason_name(int(es_state.stop_reason))
     return "interrupted" if interrupted else "completed"
 

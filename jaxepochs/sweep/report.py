@@ -41,6 +41,7 @@ def results(runs, histories: dict, summaries: dict) -> list[dict]:
                 "best_epoch": summary["best_epoch"],
                 "stopped_epoch": summary["stopped_epoch"],
                 "stop_reason": summary["stop_reason"],
+                **{k: summary[k] for k in ("bracket", "rung") if k in summary},  # a pruned sweep's
                 f"best_{summary['best_epoch_metric']}": float("nan") if best is None else best,
                 **{f"final_{k}": v for k, v in summary.items() if k.startswith("test_")},
             }
@@ -51,7 +52,10 @@ def results(runs, histories: dict, summaries: dict) -> list[dict]:
     monitor = summaries[runs[0].name]["best_epoch_metric"]
     key = f"best_{monitor}"
     sign = 1.0 if _minimize(monitor) else -1.0
-    return sorted(rows, key=lambda r: (not math.isfinite(r[key]), sign * r[key] if math.isfinite(r[key]) else 0))
+    # A pruned run's best is of fewer epochs than a survivor's: the survivors first, then the later-pruned.
+    pruned = lambda r: r["stop_reason"] == "pruned"
+    return sorted(rows, key=lambda r: (pruned(r), -r["rung"] if pruned(r) else 0, not math.isfinite(r[key]),
+                                       sign * r[key] if math.isfinite(r[key]) else 0))  # fmt: skip
 
 
 def cross_validation(runs, histories: dict, cv: int) -> list[dict]:
@@ -115,9 +119,16 @@ def table(results_rows: list[dict], cv_rows: list[dict], top: int = 10) -> str:
 def write(workdir: pathlib.Path, runs, histories: dict, results_rows: list[dict], cv_rows: list[dict], grid) -> None:
     """sweep.jsonl, results.csv and cv.csv, each written whole (a temporary file renamed over it: a rerun that
     is killed while it rewrites them leaves the old ones), then sweep.png."""
+    ends = {
+        r["run"]: {"stop_reason": "pruned", "rung": r["rung"]} for r in results_rows if r["stop_reason"] == "pruned"
+    }
     lines = [
-        json.dumps({"run": run.name, **typed_values(run), **row}) + "\n" for run in runs for row in histories[run.name]
-    ]
+        json.dumps({"run": run.name, **typed_values(run), **row, **(ends.get(run.name, {}) if row is rows[-1] else {})})
+        + "\n"
+        for run in runs
+        for rows in [histories[run.name]]
+        for row in rows
+    ]  # a pruned run's last row says so, with the rung it passed
     report_lib.write_text(workdir / "sweep.jsonl", "".join(lines))
     columns = list(dict.fromkeys(k for row in results_rows for k in row))
     text = io.StringIO(newline="")
@@ -160,10 +171,13 @@ def plot(path: pathlib.Path, runs, histories: dict, results_rows: list[dict], gr
     fig.subplots_adjust(left=0.08, right=0.98, bottom=0.13, top=0.9, wspace=0.3)  # tight_layout: 0.3 s more
     ax = axes[0][0]
     best = results_rows[0]["run"]
+    pruned = {row["run"] for row in results_rows if row["stop_reason"] == "pruned"}
     for run in runs:
         points = [(row["epoch"], row[monitor]) for row in histories[run.name] if monitor in row]
         if not points:  # rows without the monitor: epochs not validated (train.validate_every)
             continue
+        if run.name in pruned:  # a cut curve, marked where its rung cut it
+            ax.plot(*points[-1], "x", color="grey", ms=4, alpha=0.7)
         ax.plot(
             *zip(*points, strict=True),
             color="C3" if run.name == best else "grey",

@@ -35,6 +35,8 @@ from jaxepochs.host import run as run_lib
 from jaxepochs.host import workdir as workdir_lib
 from jaxepochs.host.batch import RunBatch
 from jaxepochs.sweep import grid as sweep_lib
+from jaxepochs.sweep import lanes as lanes_lib
+from jaxepochs.sweep import prune as prune_lib
 from jaxepochs.sweep import report as sweep_report
 
 
@@ -83,9 +85,12 @@ class _Group:
         self.members = [compose_lib.member(r.config, r.name, r.fold, pieces, has_val) for r in runs]
         self.programs: dict = {}  # (chunk size, sharded) -> the compiled run program, shared by the chunks
 
-    def chunk_size(self, chunk: int) -> int:
-        """Runs per program: `chunk`, or as many as fit the free memory; whole shards of the run axis."""
+    def chunk_size(self, chunk: int, whole: bool = False) -> int:
+        """Runs per program: `chunk`, or as many as fit the free memory; whole shards of the run axis. `whole`: a
+        pruned sweep's rungs rank the runs of one program, so `chunk` 0 puts every run of the group in it."""
         comp, count = self.comp, len(self.members)
+        if whole and not chunk:
+            return -(-count // comp.runs_devices) * comp.runs_devices  # padded to whole shards
         x_1 = setup.first_example(comp.train)
         example, _, _ = jax.eval_shape(lambda x: comp.pieces.source.trace_init(self.members[0].config, x), x_1)
         batch_size = comp.spec.batch_size
@@ -106,43 +111,68 @@ class _Chunk(NamedTuple):
     compile_seconds: float
 
 
-def _train_chunk(group: _Group, members, size: int, workdir: pathlib.Path, progress, stop) -> _Chunk:
+def _train_chunk(group: _Group, members, size: int, workdir: pathlib.Path, progress, stop, pruning) -> _Chunk:
     """Trains `members` (padded to `size` with copies of the first, dropped after) to the end, resuming from
-    the chunk's checkpoint: a RunBatch through the host loop that a run goes through (driver.train_loop)."""
+    the chunk's checkpoint: a RunBatch through the host loop that a run goes through (driver.train_loop).
+    `pruning`: whether halted runs leave the program, and a pruned sweep's rungs (sweep/prune.py)."""
     batch = RunBatch(group.comp, batch_lib.pad(members, size), real=len(members))
     comp, loop = group.comp, group.comp.loop
     num_val = data_lib.count(comp.train) // comp.cv if comp.cv else data_lib.count(comp.dataset.val)
     shapes = lambda: saved_run.write_shapes(workdir / "run.json", comp.dataset, comp.pieces.steps_per_epoch, num_val)
     devices.on_primary(shapes)  # what `jaxepochs.load(SWEEPDIR, run=...)` rebuilds a member's state from
     key = (size, batch.sharding is not None)  # the chunks of a group share their size: one program for all
+    rungs = _rungs(batch, pruning)
     with checkpoint_lib.opened(workdir, loop.max_to_keep, loop.checkpointing) as ckpt:
         compiled = group.programs.get(key)
-        if compiled is None:
-            call, carry, compile_seconds = batch.prepare(ckpt, progress, "the sweep's program")
-            group.programs[key] = batch.compiled
-        else:
-            call, carry, compile_seconds = batch.prepare(ckpt, progress, compiled=compiled)
+        call, carry, compile_seconds = batch.prepare(ckpt, progress, "the sweep's program", compiled=compiled)
+        group.programs[key] = batch.compiled
+        compact = pruning.compact and (comp.pieces.may_stop or rungs is not None)  # runs may halt
+        lanes = lanes_lib.Lanes(batch, call, group.programs, compact, rungs.epochs() if rungs else ())
+        if rungs is not None:
+            rungs.restore(devices.fetch(carry.es_state))
+        marked = (lambda c: rungs.mark(c, lanes.lane_names())) if rungs is not None else (lambda c: c)
 
         def consume(rows, first: int, seconds: float, _carry) -> bool:  # the carry: a run's callbacks' (host/run.py)
             new = batch.take_rows(rows, first, {"seconds": seconds})
-            active = int(np.sum(~np.asarray(rows.halted)[: len(members)]))
-            progress.advance(first + int(rows.ran) - 1, active, len(members), new, group.comp.pieces.tracker.monitor)
-            return bool(np.all(rows.halted))
+            halted = np.asarray(rows.halted)[: len(members)]
+            if rungs is not None:
+                rungs.decide(
+                    batch.histories, dict(zip(batch.names, halted, strict=True)), first, first + int(rows.ran) - 1
+                )
+                halted = halted | np.array([name in rungs.pruned for name in batch.names])
+            progress.advance(
+                first + int(rows.ran) - 1, int(np.sum(~halted)), len(members), new, comp.pieces.tracker.monitor
+            )
+            return bool(np.all(halted))
 
         outcome = driver.train_loop(
-            loop, call, carry, batch.first_epoch(), limit=group.comp.spec.epochs_per_call, consume=consume,
-            save=lambda carry, epoch: batch.save(ckpt, carry, epoch), interrupted=stop,
+            loop, lambda c, first, count: lanes.call(marked(c), first, count), carry, batch.first_epoch(),
+            limit=comp.spec.epochs_per_call, consume=consume,
+            save=lambda carry, epoch: batch.save(ckpt, lanes.whole(marked(carry)), epoch), interrupted=stop,
             checkpointing=ckpt is not None, final_epoch=lambda outcome: batch.last_good_epoch(),
             profile_dir=workdir / "profile",  # the chunk's
+            boundaries=lanes.boundaries() | {epoch + 1 for epoch in (rungs.epochs() if rungs else ())},
         )  # fmt: skip
     asked = bool(devices.agree((int(stop()),))[0])  # process 0's Ctrl-C stops every process
     if asked and outcome.last_epoch < loop.epochs and not outcome.halted:
         raise KeyboardInterrupt  # saved: the sweep's rerun resumes this chunk
     dataset = group.comp.dataset
     test = {name: setup.on_device(split) for name, split in {"test": dataset.test, **dataset.evals}.items()}
-    endings = batch.finish(outcome.carry, False, batch.evaluator(test, group.programs))
+    endings = batch.finish(lanes.whole(marked(outcome.carry)), False, batch.evaluator(test, group.programs))
     summaries = {name: {k: v for k, v in e.fields.items() if k != "restored_best"} for name, e in endings.items()}
+    if rungs is not None:
+        for name, summary in summaries.items():
+            summary.update(bracket=rungs.bracket_of[name].index, rung=rungs.rung_of(name))
     return _Chunk(batch.histories, summaries, compile_seconds)
+
+
+def _rungs(batch: RunBatch, pruning: prune_lib.Plan) -> prune_lib.Rungs | None:
+    """A pruned sweep's chunk's rungs, ranked by early stopping's monitor in its direction."""
+    if pruning.spec is None:
+        return None
+    tracker = batch.comp.pieces.tracker
+    maximize = tracker.direction == "max"
+    return prune_lib.Rungs(batch.names, pruning.brackets, tracker.monitor, maximize, pruning.spec.eta)
 
 
 class _Progress:
@@ -236,10 +266,14 @@ def sweep(
     chunk: int = 0,
     quiet: bool = False,
     restart: bool = False,
+    prune: prune_lib.PruneSpec | None = None,
+    compact: bool = True,
 ) -> SweepResult:
     """Trains every configuration of `grid` (overrides of `config`, as from `sweep.expand`), K folds each with
     `cv` = K; `chunk` caps the runs trained at once (0: chosen from free memory). Resumes a sweep in `workdir`
-    (in the chunks it started with). Holds the workdir's lock; a Ctrl-C saves the chunk in flight and stops."""
+    (in the chunks it started with). Holds the workdir's lock; a Ctrl-C saves the chunk in flight and stops.
+    `prune`: successive halving or Hyperband over the runs of each chunk (sweep/prune.py); `compact`: runs that
+    halt leave the program (sweep/lanes.py; the numbers are the same without)."""
     start = time.perf_counter()
     workdir = workdir_lib.as_workdir(workdir)
     primary = devices.is_primary()  # process 0 writes the outputs and the checkpoints' arrays
@@ -247,6 +281,14 @@ def sweep(
     devices.on_primary(lambda: workdir_lib.check_kind(workdir, "sweep"))  # a run's, lr-find's, a study's: refused
     _check_arguments(cv, refit, chunk)
     config = config_lib.validate(config)
+    if prune is not None:
+        prune.check(config.train.epochs)
+        if chunk:
+            warnings.warn(
+                f"--chunk {chunk} with --prune: each chunk's rungs rank its own runs only (successive halving per "
+                "chunk). Leave --chunk out to rank every run of the sweep together.",
+                stacklevel=2,
+            )
     if config.checkpoint.keep_best:
         raise sweep_lib.SweepError(
             f"checkpoint.keep_best = {config.checkpoint.keep_best} keeps a run's best epochs' checkpoints; a sweep's "
@@ -271,12 +313,17 @@ def sweep(
         )
     groups = [_Group(members, cv, quiet, fresh) for members in sweep_lib.group_runs(runs, static)]  # data checked
     spec = {"config": json.loads(config.to_json_best_effort()), "grid": grid, "cv": cv, "programs": len(groups)}
+    plan = prune_lib.Plan(compact)
+    if prune is not None:
+        spec["prune"] = prune.as_dict()  # a rerun with other pruning is another sweep
+        configs = list(dict.fromkeys(prune_lib.config_of(run.name) for run in runs))
+        plan = plan._replace(spec=prune, brackets=prune_lib.brackets(prune, configs, config.train.epochs))
     ctrl_c.stop_if_pressed("the sweep")  # a Ctrl-C of the command's first seconds: nothing written yet
     with lock.hold(workdir, "sweep workdir") if primary else contextlib.nullcontext():
         progress = _Progress(max(r.config.train.epochs for r in runs), quiet)
         with driver.stop_on_ctrl_c(progress.message) as stop:
             devices.on_primary(lambda: _prepare(workdir, spec, restart, progress.message))  # the others wait
-            histories, summaries, compile_seconds = _train_groups(groups, workdir, chunk, progress, stop)
+            histories, summaries, compile_seconds = _train_groups(groups, workdir, chunk, progress, stop, plan)
             results = sweep_report.results(runs, histories, summaries)
             cv_rows = sweep_report.cross_validation(runs, histories, cv) if cv else []
             if refit:
@@ -301,7 +348,7 @@ def _check_arguments(cv: int, refit: bool, chunk: int) -> None:
         raise sweep_lib.SweepError("--refit retrains on the whole training split after --cv K; add --cv K.")
 
 
-def _train_groups(groups, workdir: pathlib.Path, chunk: int, progress, stop) -> tuple[dict, dict, float]:
+def _train_groups(groups, workdir: pathlib.Path, chunk: int, progress, stop, plan) -> tuple[dict, dict, float]:
     """Trains every group's chunks in turn: (histories, summaries, compile seconds)."""
     histories: dict[str, list[dict]] = {}
     summaries: dict[str, dict] = {}
@@ -309,12 +356,12 @@ def _train_groups(groups, workdir: pathlib.Path, chunk: int, progress, stop) -> 
     try:
         for g, group in enumerate(groups):
             members = group.members
-            size = group.chunk_size(chunk)
+            size = group.chunk_size(chunk, whole=plan.spec is not None)
             size = _recorded_chunk(workdir, g, size, progress.message) if devices.is_primary() else size
             size = devices.agree((size,))[0]  # process 0's record
             for c in range(0, len(members), size):
                 chunk_dir = workdir / "chunks" / f"group{g}_chunk{c // size}"
-                trained = _train_chunk(group, members[c : c + size], size, chunk_dir, progress, stop)
+                trained = _train_chunk(group, members[c : c + size], size, chunk_dir, progress, stop, plan)
                 compile_seconds += trained.compile_seconds
                 histories.update(trained.histories)
                 summaries.update(trained.summaries)

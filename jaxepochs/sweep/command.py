@@ -1,0 +1,51 @@
+"""`jaxepochs sweep`: its arguments, and the call they make (nothing heavy is imported until it runs).
+
+jaxepochs sweep --config ... --workdir DIR --sweep.a.b=V1,V2 ... [--random N] [--cv K [--refit]] [--chunk C]
+    [--prune sha|hyperband [--eta 3] [--min_epochs E]] [--no-compact]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    swp = sub.add_parser(
+        "sweep",
+        help="train a grid of configurations in one vmapped program",
+        epilog="Sweep any field: --sweep.optimizer.learning_rate=1e-3,1e-2 --sweep.seed=0,1,2 "
+        "(ranges with --random N: loguniform:1e-4:1e-1, uniform:A:B, randint:A:B).",
+    )
+    swp.add_argument("--config", required=True, help="experiment module, e.g. experiments/mnist1d_mlp.py")
+    swp.add_argument("--workdir", required=True, help="directory for sweep.jsonl, results.csv and sweep.png")
+    swp.add_argument("--random", type=int, default=0, help="draw N configurations instead of the grid")
+    swp.add_argument("--random-seed", type=int, default=0, help="seed of the --random draws")
+    swp.add_argument("--cv", type=int, default=0, help="K-fold cross-validation of the training split")
+    swp.add_argument("--refit", action="store_true", help="with --cv: retrain on all training data, report test")
+    swp.add_argument("--chunk", type=int, default=0, help="most runs trained at once (0: from free memory)")
+    swp.add_argument("--prune", choices=("sha", "hyperband"), default=None,
+                     help="successive halving or Hyperband: at each rung the best 1/eta of the runs go on")  # fmt: skip
+    swp.add_argument("--eta", type=int, default=3, help="with --prune: keep the best 1/eta at each rung (default 3)")
+    swp.add_argument("--min_epochs", type=int, default=1, help="with --prune: the first rung's epoch (default 1)")
+    swp.add_argument("--no-compact", dest="compact", action="store_false",
+                     help="keep halted runs' lanes in the program (for measuring compaction)")  # fmt: skip
+    swp.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    swp.add_argument("--restart", action="store_true", help="discard a sweep already in the workdir")
+    return swp
+
+
+def run(args, config, grid: list[dict[str, str]]) -> int:
+    """Trains the sweep the parsed arguments ask for: `config` with each of `grid`'s overrides."""
+    from jaxepochs.sweep import prune as prune_lib
+    from jaxepochs.sweep import run as sweep_run
+
+    if args.prune is None and (args.eta != 3 or args.min_epochs != 1):
+        raise prune_lib.PruneError(
+            "--eta and --min_epochs set successive halving's rungs: add --prune sha (or hyperband)."
+        )
+    prune = prune_lib.PruneSpec(args.prune, args.eta, args.min_epochs) if args.prune else None
+    sweep_run.sweep(
+        config, grid, args.workdir, cv=args.cv, refit=args.refit, chunk=args.chunk, quiet=args.quiet,
+        restart=args.restart, prune=prune, compact=args.compact,
+    )  # fmt: skip
+    return 0
