@@ -235,11 +235,9 @@ def _initialize_distributed(args) -> None:
 
 
 def _sweep(args, overrides: dict[str, str], specs: dict[str, str]) -> int:
-    from jaxepochs.sweep import grid as sweep_lib
-
     _refuse_experiment_keys(specs, "--sweep.")
     config = _load_config(args.config, overrides)
-    return sweep_command.run(args, config, sweep_lib.expand(config, specs, args.random, args.random_seed))
+    return sweep_command.run(args, config, specs)
 
 
 _WHAT_TO_DO = {  # errno -> what a user can do about it

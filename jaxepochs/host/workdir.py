@@ -43,13 +43,15 @@ KINDS = {
     "sweep": "a sweep (`jaxepochs sweep`)",
     "lr-find": "a learning-rate range test (`jaxepochs lr-find`)",
     "study": "a study (`jaxepochs reproduce`)",
+    "search": "an Optuna search (`jaxepochs sweep --search optuna`)",
 }
 
 
 def kind_of(workdir: pathlib.Path) -> str | None:
-    """What `workdir` holds: "run", "sweep", "lr-find", "study", or None (missing, empty, or none of these). Read
-    from its jaxepochs.json, else (a workdir written before it) from the files each kind writes: a sweep's
-    sweep.json, lr-find's lr_find.json and constant_rates/, a study's report.md, runs/ and histories/, a run's."""
+    """What `workdir` holds: "run", "sweep", "lr-find", "study", "search", or None (missing, empty, or none of
+    these). Read from its jaxepochs.json, else (a workdir written before it) from the files each kind writes: a
+    search's search.json and optuna.db, a sweep's sweep.json, lr-find's lr_find.json and constant_rates/, a
+    study's report.md, runs/ and histories/, a run's."""
     workdir = pathlib.Path(workdir)
     if not workdir.is_dir():
         return None
@@ -60,6 +62,8 @@ def kind_of(workdir: pathlib.Path) -> str | None:
     except (OSError, ValueError, AttributeError):  # no marker (or a damaged one): the files say
         pass
     has = lambda *names: any((workdir / name).exists() for name in names)
+    if has("search.json", "optuna.db"):
+        return "search"
     if has("sweep.json", "sweep.jsonl", "chunking.json"):
         return "sweep"
     if has("lr_find.json", "constant_rates"):

@@ -29,23 +29,58 @@ def add_parser(sub) -> argparse.ArgumentParser:
     swp.add_argument("--min_epochs", type=int, default=1, help="with --prune: the first rung's epoch (default 1)")
     swp.add_argument("--no-compact", dest="compact", action="store_false",
                      help="keep halted runs' lanes in the program (for measuring compaction)")  # fmt: skip
+    swp.add_argument("--search", choices=("optuna",), default=None,
+                     help="ask Optuna for the configurations (--sweep.* lists and ranges: its space)")  # fmt: skip
+    swp.add_argument("--trials", type=int, default=0, help="with --search: how many trials in all")
+    swp.add_argument("--batch", type=int, default=0, help="with --search: trials trained at once (one program)")
+    swp.add_argument("--sampler", default="tpe", help="with --search: Optuna's sampler (tpe, random, cmaes, gp, ...)")
+    swp.add_argument("--pruner", default="sha", help="with --search: Optuna's pruner (sha, hyperband, median, none)")
     swp.add_argument("--quiet", action="store_true", help="print nothing but errors")
     swp.add_argument("--restart", action="store_true", help="discard a sweep already in the workdir")
     return swp
 
 
-def run(args, config, grid: list[dict[str, str]]) -> int:
-    """Trains the sweep the parsed arguments ask for: `config` with each of `grid`'s overrides."""
+def run(args, config, specs: dict[str, str]) -> int:
+    """Trains the sweep (or the Optuna search) the parsed arguments ask for, over `config`."""
+    from jaxepochs.sweep import grid as sweep_lib
     from jaxepochs.sweep import prune as prune_lib
-    from jaxepochs.sweep import run as sweep_run
 
+    if args.search:
+        return _search(args, config, specs)
+    if args.trials or args.batch or args.sampler != "tpe" or args.pruner != "sha":
+        raise sweep_lib.SweepError("--trials, --batch, --sampler and --pruner belong to --search optuna; add it.")
     if args.prune is None and (args.eta != 3 or args.min_epochs != 1):
         raise prune_lib.PruneError(
             "--eta and --min_epochs set successive halving's rungs: add --prune sha (or hyperband)."
         )
+    from jaxepochs.sweep import run as sweep_run
+
+    grid = sweep_lib.expand(config, specs, args.random, args.random_seed)
     prune = prune_lib.PruneSpec(args.prune, args.eta, args.min_epochs) if args.prune else None
     sweep_run.sweep(
         config, grid, args.workdir, cv=args.cv, refit=args.refit, chunk=args.chunk, quiet=args.quiet,
         restart=args.restart, prune=prune, compact=args.compact,
+    )  # fmt: skip
+    return 0
+
+
+def _search(args, config, specs: dict[str, str]) -> int:
+    from jaxepochs.sweep import grid as sweep_lib
+
+    if args.prune or args.random or args.cv or args.refit or args.chunk:
+        raise sweep_lib.SweepError(
+            "--search optuna asks Optuna for each configuration and prunes with --pruner: leave out --prune, "
+            "--random, --cv, --refit and --chunk (--batch sets the trials trained at once)."
+        )
+    if args.trials < 1 or args.batch < 1:
+        raise sweep_lib.SweepError("--search optuna needs --trials N (in all) and --batch R (trained at once).")
+    if not specs:
+        raise sweep_lib.SweepError("Nothing to search: give --sweep.KEY=loguniform:A:B (or a list of values).")
+    from jaxepochs.sweep import search
+
+    search.search(
+        config, specs, args.workdir, trials=args.trials, batch=args.batch, sampler=args.sampler, pruner=args.pruner,
+        eta=args.eta, min_epochs=args.min_epochs, seed=args.random_seed, quiet=args.quiet, restart=args.restart,
+        compact=args.compact,
     )  # fmt: skip
     return 0

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -62,13 +62,18 @@ class PruneSpec:
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def rungs(self, names, configs, epochs: int, monitor: str, maximize: bool, workdir) -> Rungs:
+        """A chunk's rungs: its members `names` among the sweep's `configs`."""
+        return Rungs(names, brackets(self, list(configs), epochs), monitor, maximize, self.eta)
+
 
 class Plan(NamedTuple):
-    """What a sweep's chunks do with runs that halt: leave the program (`compact`), and a pruned sweep's rungs."""
+    """What a sweep's chunks do with runs that halt: leave the program (`compact`), and a pruned sweep's pruner
+    (a PruneSpec, or Optuna's: sweep/optuna_search.py) with every configuration's name."""
 
     compact: bool = True
-    spec: PruneSpec | None = None
-    brackets: dict | None = None  # configuration -> its Bracket
+    pruner: Any = None  # .rungs(names, configs, epochs, monitor, maximize, workdir) -> Rungs
+    configs: tuple[str, ...] = ()
 
 
 class Bracket(NamedTuple):
@@ -142,24 +147,29 @@ class Rungs:
         there are ranked by the monitor (mean over folds), the best 1/eta (at least one) kept."""
         for epoch in range(first, last + 1):
             for bracket in {b for b in self.bracket_of.values() if epoch in b.rungs}:
-                self._rank(bracket, epoch, histories, halted)
+                self.prune_at(epoch, self.training(bracket, epoch, histories, halted), histories)
 
-    def _rank(self, bracket: Bracket, epoch: int, histories, halted) -> None:
-        training: dict[str, list[str]] = {}  # configuration -> its members still training after `epoch`
+    def training(self, bracket: Bracket, epoch: int, histories, halted) -> dict[str, list[str]]:
+        """Each configuration of `bracket` still training after `epoch`, with its members that are."""
+        training: dict[str, list[str]] = {}
         for name in self.names:
             still = len(histories[name]) >= epoch and not halted[name] and name not in self.pruned
             if self.bracket_of[name] == bracket and still:
                 training.setdefault(config_of(name), []).append(name)
+        return training
+
+    def score(self, members: list[str], histories, epoch: int) -> float:
+        """A configuration's monitor at `epoch`: the mean over its members (a --cv configuration's folds)."""
+        return float(np.mean([_value_at(histories[name], epoch, self.monitor) for name in members]))
+
+    def prune_at(self, epoch: int, training: dict[str, list[str]], histories) -> None:
+        """Successive halving's rule: the best 1/eta of `training`'s configurations go on (NaN ranks last)."""
         if len(training) < 2:
             return
         sign = -1.0 if self.maximize else 1.0
-        score = {
-            c: float(np.mean([_value_at(histories[n], epoch, self.monitor) for n in ms])) for c, ms in training.items()
-        }
-        ranked = sorted(
-            training, key=lambda c: (math.isnan(score[c]), 0.0 if math.isnan(score[c]) else sign * score[c])
-        )
-        for config in ranked[max(1, len(ranked) // self.eta) :]:
+        score = {config: self.score(members, histories, epoch) for config, members in training.items()}
+        nan_last = lambda c: (math.isnan(score[c]), 0.0 if math.isnan(score[c]) else sign * score[c])
+        for config in sorted(training, key=nan_last)[max(1, len(training) // self.eta) :]:
             self.pruned.update({name: epoch for name in training[config]})
 
     def mark(self, carry, lane_names: list[str | None]):
@@ -182,7 +192,8 @@ class Rungs:
         like = lambda new, old: jax.device_put(new, old.sharding) if isinstance(old, jax.Array) else new
         return carry._replace(es_state=jax.tree.map(like, marked, carry.es_state), halted=like(halted, carry.halted))
 
-    def rung_of(self, name: str) -> int:
-        """How many rungs of its bracket the member passed (was kept at)."""
+    def fields(self, name: str) -> dict:
+        """results.csv's fields of a member: its bracket, and how many of its rungs it passed (was kept at)."""
         end = self.pruned.get(name)
-        return sum(1 for epoch in self.bracket_of[name].rungs if end is None or epoch < end)
+        passed = sum(1 for epoch in self.bracket_of[name].rungs if end is None or epoch < end)
+        return {"bracket": self.bracket_of[name].index, "rung": passed}

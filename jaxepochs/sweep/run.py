@@ -121,7 +121,7 @@ def _train_chunk(group: _Group, members, size: int, workdir: pathlib.Path, progr
     shapes = lambda: saved_run.write_shapes(workdir / "run.json", comp.dataset, comp.pieces.steps_per_epoch, num_val)
     devices.on_primary(shapes)  # what `jaxepochs.load(SWEEPDIR, run=...)` rebuilds a member's state from
     key = (size, batch.sharding is not None)  # the chunks of a group share their size: one program for all
-    rungs = _rungs(batch, pruning)
+    rungs = _rungs(batch, pruning, workdir)
     with checkpoint_lib.opened(workdir, loop.max_to_keep, loop.checkpointing) as ckpt:
         compiled = group.programs.get(key)
         call, carry, compile_seconds = batch.prepare(ckpt, progress, "the sweep's program", compiled=compiled)
@@ -162,17 +162,17 @@ def _train_chunk(group: _Group, members, size: int, workdir: pathlib.Path, progr
     summaries = {name: {k: v for k, v in e.fields.items() if k != "restored_best"} for name, e in endings.items()}
     if rungs is not None:
         for name, summary in summaries.items():
-            summary.update(bracket=rungs.bracket_of[name].index, rung=rungs.rung_of(name))
+            summary.update(rungs.fields(name))
     return _Chunk(batch.histories, summaries, compile_seconds)
 
 
-def _rungs(batch: RunBatch, pruning: prune_lib.Plan) -> prune_lib.Rungs | None:
+def _rungs(batch: RunBatch, pruning: prune_lib.Plan, workdir: pathlib.Path) -> prune_lib.Rungs | None:
     """A pruned sweep's chunk's rungs, ranked by early stopping's monitor in its direction."""
-    if pruning.spec is None:
+    if pruning.pruner is None:
         return None
-    tracker = batch.comp.pieces.tracker
+    tracker, epochs = batch.comp.pieces.tracker, batch.comp.loop.epochs
     maximize = tracker.direction == "max"
-    return prune_lib.Rungs(batch.names, pruning.brackets, tracker.monitor, maximize, pruning.spec.eta)
+    return pruning.pruner.rungs(batch.names, pruning.configs, epochs, tracker.monitor, maximize, workdir)
 
 
 class _Progress:
@@ -266,14 +266,15 @@ def sweep(
     chunk: int = 0,
     quiet: bool = False,
     restart: bool = False,
-    prune: prune_lib.PruneSpec | None = None,
+    prune=None,
     compact: bool = True,
 ) -> SweepResult:
     """Trains every configuration of `grid` (overrides of `config`, as from `sweep.expand`), K folds each with
     `cv` = K; `chunk` caps the runs trained at once (0: chosen from free memory). Resumes a sweep in `workdir`
     (in the chunks it started with). Holds the workdir's lock; a Ctrl-C saves the chunk in flight and stops.
-    `prune`: successive halving or Hyperband over the runs of each chunk (sweep/prune.py); `compact`: runs that
-    halt leave the program (sweep/lanes.py; the numbers are the same without)."""
+    `prune`: successive halving or Hyperband over the runs of each chunk (a sweep/prune.PruneSpec), or Optuna's
+    pruner (sweep/optuna_search.py); `compact`: runs that halt leave the program (sweep/lanes.py; the same numbers
+    to round-off without)."""
     start = time.perf_counter()
     workdir = workdir_lib.as_workdir(workdir)
     primary = devices.is_primary()  # process 0 writes the outputs and the checkpoints' arrays
@@ -313,11 +314,9 @@ def sweep(
         )
     groups = [_Group(members, cv, quiet, fresh) for members in sweep_lib.group_runs(runs, static)]  # data checked
     spec = {"config": json.loads(config.to_json_best_effort()), "grid": grid, "cv": cv, "programs": len(groups)}
-    plan = prune_lib.Plan(compact)
+    plan = prune_lib.Plan(compact, prune, tuple(dict.fromkeys(prune_lib.config_of(run.name) for run in runs)))
     if prune is not None:
         spec["prune"] = prune.as_dict()  # a rerun with other pruning is another sweep
-        configs = list(dict.fromkeys(prune_lib.config_of(run.name) for run in runs))
-        plan = plan._replace(spec=prune, brackets=prune_lib.brackets(prune, configs, config.train.epochs))
     ctrl_c.stop_if_pressed("the sweep")  # a Ctrl-C of the command's first seconds: nothing written yet
     with lock.hold(workdir, "sweep workdir") if primary else contextlib.nullcontext():
         progress = _Progress(max(r.config.train.epochs for r in runs), quiet)
@@ -356,7 +355,7 @@ def _train_groups(groups, workdir: pathlib.Path, chunk: int, progress, stop, pla
     try:
         for g, group in enumerate(groups):
             members = group.members
-            size = group.chunk_size(chunk, whole=plan.spec is not None)
+            size = group.chunk_size(chunk, whole=plan.pruner is not None)
             size = _recorded_chunk(workdir, g, size, progress.message) if devices.is_primary() else size
             size = devices.agree((size,))[0]  # process 0's record
             for c in range(0, len(members), size):
