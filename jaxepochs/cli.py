@@ -236,8 +236,18 @@ def _initialize_distributed(args) -> None:
 
 def _sweep(args, overrides: dict[str, str], specs: dict[str, str]) -> int:
     _refuse_experiment_keys(specs, "--sweep.")
+    options = sweep_command.search_options(args, specs) if args.search else sweep_command.sweep_options(args)
     config = _load_config(args.config, overrides)
-    return sweep_command.run(args, config, specs)
+    if args.search:
+        from jaxepochs.studies import search
+
+        search.search(config, specs, args.workdir, **options)
+        return 0
+    from jaxepochs.sweep import grid as sweep_lib
+    from jaxepochs.sweep import run as sweep_run
+
+    sweep_run.sweep(config, sweep_lib.expand(config, specs, args.random, args.random_seed), args.workdir, **options)
+    return 0
 
 
 _WHAT_TO_DO = {  # errno -> what a user can do about it

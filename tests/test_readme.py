@@ -63,7 +63,11 @@ def test_a_readme_command_parses_and_its_config_validates(argv, monkeypatch):
     if args.command in ("predict", "export"):
         return  # read a trained run: tested in test_predict.py
     config = config_lib.validate(config_lib.apply_overrides(config_lib.load_config_file(args.config), overrides))
-    if args.command == "sweep":
+    if args.command == "sweep" and args.search:
+        from jaxepochs.sweep import optuna_search
+
+        assert optuna_search.space(config, specs) and args.trials > 0 and args.batch > 0
+    elif args.command == "sweep":
         from jaxepochs.sweep import grid as grid_lib
 
         assert grid_lib.expand(config, specs, args.random, args.random_seed)

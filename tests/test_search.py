@@ -1,4 +1,4 @@
-"""`jaxepochs sweep --search optuna` (sweep/search.py, sweep/optuna_search.py): trials asked a batch at a time and
+"""`jaxepochs sweep --search optuna` (studies/search.py, sweep/optuna_search.py): trials asked a batch at a time and
 trained as one pruned program, Optuna's pruner deciding at the report epochs, the study told each result, and a
 search killed mid-batch resuming to the uninterrupted one's trials and values."""
 
@@ -13,7 +13,7 @@ from conftest import tiny_config
 
 from jaxepochs import cli
 from jaxepochs.host import batch as batch_lib
-from jaxepochs.sweep import search as search_lib
+from jaxepochs.studies import search as search_lib
 
 SPACE = {"optimizer.learning_rate": "loguniform:1e-4:1e-1", "seed": "0,1"}
 SETTINGS = {"train.epochs": "6", "checkpoint.every_epochs": "1"}

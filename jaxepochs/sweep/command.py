@@ -1,4 +1,5 @@
-"""`jaxepochs sweep`: its arguments, and the call they make (nothing heavy is imported until it runs).
+"""`jaxepochs sweep`: its arguments, and the keyword arguments they make for a sweep or an Optuna search (nothing
+heavy is imported).
 
 jaxepochs sweep --config ... --workdir DIR --sweep.a.b=V1,V2 ... [--random N] [--cv K [--refit]] [--chunk C]
     [--prune sha|hyperband [--eta 3] [--min_epochs E]] [--no-compact]
@@ -40,31 +41,24 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return swp
 
 
-def run(args, config, specs: dict[str, str]) -> int:
-    """Trains the sweep (or the Optuna search) the parsed arguments ask for, over `config`."""
+def sweep_options(args) -> dict:
+    """sweep.run.sweep's keyword arguments from the parsed arguments (checked: --search's belong to it)."""
     from jaxepochs.sweep import grid as sweep_lib
     from jaxepochs.sweep import prune as prune_lib
 
-    if args.search:
-        return _search(args, config, specs)
     if args.trials or args.batch or args.sampler != "tpe" or args.pruner != "sha":
         raise sweep_lib.SweepError("--trials, --batch, --sampler and --pruner belong to --search optuna; add it.")
     if args.prune is None and (args.eta != 3 or args.min_epochs != 1):
         raise prune_lib.PruneError(
             "--eta and --min_epochs set successive halving's rungs: add --prune sha (or hyperband)."
         )
-    from jaxepochs.sweep import run as sweep_run
-
-    grid = sweep_lib.expand(config, specs, args.random, args.random_seed)
     prune = prune_lib.PruneSpec(args.prune, args.eta, args.min_epochs) if args.prune else None
-    sweep_run.sweep(
-        config, grid, args.workdir, cv=args.cv, refit=args.refit, chunk=args.chunk, quiet=args.quiet,
-        restart=args.restart, prune=prune, compact=args.compact,
-    )  # fmt: skip
-    return 0
+    return dict(cv=args.cv, refit=args.refit, chunk=args.chunk, quiet=args.quiet, restart=args.restart, prune=prune,
+                compact=args.compact)  # fmt: skip
 
 
-def _search(args, config, specs: dict[str, str]) -> int:
+def search_options(args, specs: dict[str, str]) -> dict:
+    """studies.search.search's keyword arguments from the parsed arguments (checked: a grid's do not apply)."""
     from jaxepochs.sweep import grid as sweep_lib
 
     if args.prune or args.random or args.cv or args.refit or args.chunk:
@@ -76,11 +70,6 @@ def _search(args, config, specs: dict[str, str]) -> int:
         raise sweep_lib.SweepError("--search optuna needs --trials N (in all) and --batch R (trained at once).")
     if not specs:
         raise sweep_lib.SweepError("Nothing to search: give --sweep.KEY=loguniform:A:B (or a list of values).")
-    from jaxepochs.sweep import search
-
-    search.search(
-        config, specs, args.workdir, trials=args.trials, batch=args.batch, sampler=args.sampler, pruner=args.pruner,
-        eta=args.eta, min_epochs=args.min_epochs, seed=args.random_seed, quiet=args.quiet, restart=args.restart,
-        compact=args.compact,
-    )  # fmt: skip
-    return 0
+    return dict(trials=args.trials, batch=args.batch, sampler=args.sampler, pruner=args.pruner, eta=args.eta,
+                min_epochs=args.min_epochs, seed=args.random_seed, quiet=args.quiet, restart=args.restart,
+                compact=args.compact)  # fmt: skip

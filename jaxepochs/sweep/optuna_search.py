@@ -193,15 +193,16 @@ def tell(study, entries: list[dict], result, prefix: str) -> None:
             study.tell(entry["number"], state=optuna.trial.TrialState.FAIL)
 
 
-def direction(config) -> str:
+def direction(monitor: str) -> str:
     """The study's direction: early stopping's monitor's (a loss is minimised)."""
-    return "minimize" if "loss" in config.early_stopping.monitor else "maximize"
+    return "minimize" if "loss" in monitor else "maximize"
 
 
-def check_config(config, min_epochs: int, eta: int) -> None:
-    prune_lib.PruneSpec("sha", eta, min_epochs).check(config.train.epochs)
-    if config.early_stopping.mode not in ("auto", "min" if direction(config) == "minimize" else "max"):
+def check_settings(epochs: int, monitor: str, mode: str, min_epochs: int, eta: int) -> None:
+    """The search's rungs against the run's epochs, and early stopping's mode against the study's direction."""
+    prune_lib.PruneSpec("sha", eta, min_epochs).check(epochs)
+    if mode not in ("auto", "min" if direction(monitor) == "minimize" else "max"):
         raise config_lib.ConfigError(
-            f"early_stopping.mode {config.early_stopping.mode} disagrees with the direction the search infers "
-            f"from early_stopping.monitor {config.early_stopping.monitor}; leave the mode at auto."
+            f"early_stopping.mode {mode} disagrees with the direction the search infers from early_stopping.monitor "
+            f"{monitor}; leave the mode at auto."
         )

@@ -5,6 +5,8 @@ devices when there are several), through the same host loop as a run, then the o
 Writes into the workdir: sweep.json (the specification, for resuming), sweep.jsonl (one row per run per
 epoch), results.csv (one row per run), cv.csv with --cv, sweep.png, and checkpoints/ per chunk (honouring the
 config's checkpoint section). A chunk of one run is the run's own program: the same numbers as `jaxepochs run`.
+Runs that halt leave the chunk's program at its compaction points (sweep/lanes.py); a pruned sweep halts runs at
+its rungs (sweep/prune.py: successive halving, Hyperband, or Optuna's pruner for studies/search.py's batches).
 """
 
 from __future__ import annotations

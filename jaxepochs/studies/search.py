@@ -4,7 +4,8 @@
 
 Writes into the workdir: search.json (the specification, for resuming), optuna.db (the study), asked.json
 (each batch's trials), batches/bK/ (each batch's sweep, with its decisions.json) and search.csv (one row per
-trial). See sweep/optuna_search.py for what makes a killed search resume exactly.
+trial). See sweep/optuna_search.py for the pieces, and what makes a killed search resume exactly. (A study: it
+drives sweeps, as the LR finder does.)
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ def search(
     if trials < 1 or batch < 1:
         raise sweep_lib.SweepError(f"--trials {trials} --batch {batch}: give 1 or more of each.")
     config = config_lib.validate(config)
-    optuna_lib.check_config(config, min_epochs, eta)
+    stopping = config.early_stopping
+    optuna_lib.check_settings(config.train.epochs, stopping.monitor, stopping.mode, min_epochs, eta)
     distributions = optuna_lib.space(config, specs)
     optuna_lib._sampler(sampler, seed), optuna_lib._pruner(pruner, eta, min_epochs, config.train.epochs)  # names
     spec = {"config": json.loads(config.to_json_best_effort()), "specs": specs, "trials": trials, "batch": batch,
@@ -67,7 +69,7 @@ def search(
         asked = json.loads(asked_path.read_text()) if asked_path.exists() else {}
         for b in range(math.ceil(trials / batch)):
             study = optuna.create_study(
-                storage=storage, study_name="jaxepochs", direction=optuna_lib.direction(config),
+                storage=storage, study_name="jaxepochs", direction=optuna_lib.direction(stopping.monitor),
                 sampler=optuna_lib._sampler(sampler, seed + b), load_if_exists=True,
                 pruner=optuna_lib._pruner(pruner, eta, min_epochs, config.train.epochs),
             )  # fmt: skip
