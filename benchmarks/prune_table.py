@@ -5,7 +5,8 @@
 
 Part "grid": MNIST-1D's default MLP (experiments/mnist1d_mlp.py) with AdamW over an 81-configuration grid,
 9 learning rates x 3 weight decays x 3 seeds, for `--epochs` epochs, each run ending with its best epoch's
-parameters by validation accuracy (early stopping's tracker, patience past the last epoch: nothing stops early).
+parameters by `--monitor` (val_loss by default: early stopping's tracker, patience past the last epoch, so nothing
+stops early), which the rungs rank by too.
 Trained whole, with successive halving (eta 3, first rung `--min_epochs`) and with Hyperband (same eta and first
 rung), and with Optuna's TPE sampler and its successive-halving pruner when optuna is installed. For each: the
 run-epochs trained (and their fraction of the grid's), the wall time, and the test accuracy of the configuration
@@ -84,8 +85,8 @@ def _chosen(result, grid) -> dict:
     return {"values": grid[int(first["run"][1:])], "test_accuracy": first["final_test_accuracy"]}
 
 
-def grid_table(epochs: int, min_epochs: int, workdir: pathlib.Path) -> list[dict]:
-    tracking = {"early_stopping.enabled": "True", "early_stopping.monitor": "val_accuracy"}
+def grid_table(epochs: int, min_epochs: int, workdir: pathlib.Path, monitor: str) -> list[dict]:
+    tracking = {"early_stopping.enabled": "True", "early_stopping.monitor": monitor}
     tracking.update({"early_stopping.patience": str(epochs + 1), "early_stopping.restore_best": "True"})
     config = _config(epochs, tracking)
     grid = grid_lib.expand(config, GRID)
@@ -166,10 +167,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=150)
     parser.add_argument("--min_epochs", type=int, default=5)
     parser.add_argument("--part", choices=("grid", "compaction", "both"), default="both")
+    parser.add_argument("--monitor", default="val_loss", help="what the rungs rank by and each run ends at its best of")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         if args.part in ("grid", "both"):
-            print(_markdown(grid_table(args.epochs, args.min_epochs, pathlib.Path(tmp))))
+            print(_markdown(grid_table(args.epochs, args.min_epochs, pathlib.Path(tmp), args.monitor)))
         if args.part in ("compaction", "both"):
             print(_markdown(compaction_table(args.epochs, pathlib.Path(tmp))))
 

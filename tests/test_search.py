@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import csv
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import optuna
 import pytest
-from conftest import tiny_config
+from conftest import REPO, tiny_config
 
 from jaxepochs import cli
 from jaxepochs.host import batch as batch_lib
@@ -96,3 +100,37 @@ def test_search_options_are_checked_before_anything_runs(tmp_path, capsys):
         assert cli.main([*base, rates, *extra]) != 0
         assert said in capsys.readouterr().err, extra
     assert not (tmp_path / "s").exists()
+
+
+MODULE = """from jaxepochs import apply_overrides, base_config
+
+
+def get_config():  # conftest.tiny_config with the search's settings
+    return apply_overrides(base_config(), {overrides!r})
+"""
+
+
+def test_a_search_killed_with_sigkill_resumes_to_the_uninterrupted_trials(searched, tmp_path):
+    """`jaxepochs sweep --search optuna` SIGKILLed once the second batch has a checkpoint, then run again: its
+    trials (values, states, runs) are the uninterrupted search's (the module fixture's, computed in this process
+    with the same XLA flags and devices)."""
+    workdir, _ = searched
+    overrides = {"model.hidden_sizes": "(16,)", "train.batch_size": "64", "mesh.data": "1", "logging.curves": "False"}
+    module = tmp_path / "tiny.py"
+    module.write_text(MODULE.format(overrides={**overrides, **SETTINGS}))
+    command = [sys.executable, "-m", "jaxepochs.cli", "sweep", "--config", str(module), "--workdir",
+               str(tmp_path / "s"), "--search", "optuna", "--trials", "8", "--batch", "4", "--min_epochs", "2",
+               "--quiet", *(f"--sweep.{k}={v}" for k, v in SPACE.items())]  # fmt: skip
+    checkpoints = tmp_path / "s" / "batches" / "b1" / "chunks" / "group0_chunk0" / "checkpoints"
+    with (tmp_path / "err").open("w") as err:
+        child = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=err)
+    deadline = time.monotonic() + 240
+    while not (checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())):
+        assert child.poll() is None and time.monotonic() < deadline, (tmp_path / "err").read_text()[-3000:]
+        time.sleep(0.01)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert not (tmp_path / "s" / "search.csv").exists()  # killed mid-search
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _table(tmp_path / "s") == _table(workdir)

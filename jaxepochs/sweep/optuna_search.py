@@ -135,20 +135,39 @@ class OptunaRungs(prune_lib.Rungs):
         self.decisions = json.loads(path.read_text()) if path.exists() else {}
 
     def prune_at(self, epoch: int, training: dict[str, list[str]], histories) -> None:
+        """Each configuration still training reports its monitor at `epoch`, in the batch's order, and Optuna's
+        pruner decides. The decisions are taken on a copy of the study and recorded before the study itself is
+        written: a search killed while it reports finds them on its rerun (and a storage holding some of the
+        epoch's reports already cannot change them); then the reports and the pruner's bookkeeping (its rungs'
+        attributes) go to the study, skipping what the killed search wrote."""
+        values = {config: self.score(members, histories, epoch) for config, members in training.items()}
         recorded = self.decisions.get(str(epoch))
         if recorded is None:
-            recorded = []
-            for config, members in training.items():
-                trial = self.optuna.trial.Trial(self.study, self.trials[config]["id"])
-                value = self.score(members, histories, epoch)
-                if math.isfinite(value):
-                    trial.report(value, epoch)
-                if trial.should_prune():
-                    recorded.append(config)
+            recorded = self._decide(epoch, values, self._copy())
             self.decisions[str(epoch)] = recorded
             report.write_text(self.path, json.dumps(self.decisions) + "\n")
+        self._decide(epoch, values, self.study)
         for config in recorded:
             self.pruned.update({name: epoch for name in training.get(config, [])})
+
+    def _copy(self):
+        """The study as it is, in memory (a scratch copy to decide on)."""
+        optuna = self.optuna
+        memory = optuna.storages.InMemoryStorage()
+        optuna.copy_study(from_study_name=self.study.study_name, from_storage=self.study._storage, to_storage=memory)
+        return optuna.load_study(study_name=self.study.study_name, storage=memory, pruner=self.study.pruner)
+
+    def _decide(self, epoch: int, values: dict[str, float], study) -> list[str]:
+        trials = study.get_trials(deepcopy=False)
+        pruned = []
+        for config, value in values.items():
+            frozen = trials[self.trials[config]["number"]]
+            trial = self.optuna.trial.Trial(study, frozen._trial_id)
+            if math.isfinite(value) and epoch not in frozen.intermediate_values:
+                trial.report(value, epoch)
+            if trial.should_prune():
+                pruned.append(config)
+        return pruned
 
 
 def batch_trials(study, distributions: dict, count: int, asked: dict, key: str, path: pathlib.Path) -> list[dict]:
