@@ -348,5 +348,5 @@ def test_validate_monitor_and_reason_names():
         validate_monitor("val_acc")
     with pytest.raises(ValueError, match="Valid monitors: loss, acc"):
         validate_monitor("val_loss", ["loss", "acc"])
-    assert STOP_REASONS == ("none", "patience", "gl", "pq", "up", "divergence", "callback")
+    assert STOP_REASONS == ("none", "patience", "gl", "pq", "up", "divergence", "callback", "pruned")
     assert stop_reason_name(jnp.asarray(3)) == "pq"

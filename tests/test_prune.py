@@ -14,6 +14,7 @@ from conftest import TIMED, tiny_config
 import jaxepochs
 from jaxepochs import cli
 from jaxepochs.host import batch as batch_lib
+from jaxepochs.studies import compare as compare_lib
 from jaxepochs.sweep import grid as grid_lib
 from jaxepochs.sweep import lanes as lanes_lib
 from jaxepochs.sweep import prune as prune_lib
@@ -77,6 +78,11 @@ def test_successive_halving_keeps_the_best_third_at_each_rung(sweeps):
     assert {name: row.get("stop_reason") for name, row in last.items()} == {
         name: ("pruned" if name not in kept_3 else None) for name in names
     }
+    compared = {row["name"]: row for row in compare_lib.compare([directory / "sha"], directory / "compare")}
+    assert sorted((row["stop_reason"], row["epochs_run"]) for row in compared.values()) == sorted(
+        (by_run[name]["stop_reason"], by_run[name]["epochs_run"]) for name in names
+    )
+    assert (directory / "compare.png").exists() and (directory / "sha" / "sweep.png").exists()
 
 
 def test_a_killed_pruned_sweep_resumes_to_the_uninterrupted_rows(sweeps, tmp_path, monkeypatch):

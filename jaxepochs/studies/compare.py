@@ -3,8 +3,9 @@
 Each DIR is a run's workdir (metrics.jsonl, summary.json) or a sweep's (sweep.jsonl, results.csv): a sweep adds
 each of its members, named "DIR/run". One PNG overlays their monitored validation curves (the metric their best
 epoch is chosen by: val_loss unless the run says otherwise), each curve's best epoch marked with a dot and its
-early-stopping epoch with a cross; a table on the terminal and in a CSV gives each one's best epoch and value, its
-stopping epoch and reason, its test metrics and its time.
+early-stopping epoch with a cross (a pruned sweep's pruned runs dotted, cut at their rung); a table on the
+terminal and in a CSV gives each one's best epoch and value, its stopping epoch and reason, its test metrics and
+its time.
 """
 
 from __future__ import annotations
@@ -174,14 +175,16 @@ def plot(curves: list[Curve], path: pathlib.Path) -> None:
         if not points:
             continue
         color = f"C{i % 10}"
-        ax.plot(list(points), list(points.values()), color=color, lw=1.2, label=f"{curve.name} ({metric})")
+        pruned = curve.fields.get("stop_reason") == "pruned"  # a pruned sweep's: cut at its rung, dotted
+        ax.plot(list(points), list(points.values()), color=color, lw=1.2, ls=":" if pruned else "-",
+                label=f"{curve.name} ({metric}{', pruned' if pruned else ''})")  # fmt: skip
         for key, marker in (("best_epoch", "o"), ("stopped_epoch", "x")):
             epoch = curve.fields.get(key)
             if epoch and epoch in points and not math.isnan(points[epoch]):
                 ax.scatter([epoch], [points[epoch]], color=color, marker=marker, s=45, zorder=3)
     ax.set_xlabel("epoch")
     ax.set_ylabel(", ".join(metrics))
-    ax.set_title("best epoch: dot; early stopping: cross")
+    ax.set_title("best epoch: dot; early stopping: cross; pruned: dotted, cut at its rung")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", ncol=1 if len(curves) <= 12 else 2)
     fig.tight_layout()
