@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import csv
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
-from conftest import TIMED, tiny_config
+from conftest import REPO, TIMED, tiny_config
 
 import jaxepochs
 from jaxepochs import cli
@@ -177,3 +181,38 @@ def test_pruning_settings_are_checked_before_anything_runs(tmp_path, capsys):
     with pytest.raises(prune_lib.PruneError, match="choose one of sha, hyperband"):
         prune_lib.PruneSpec("asha").check(10)
     assert np.isnan(prune_lib._value_at([{"epoch": 1}], 1, "val_loss"))
+
+
+MODULE = """from jaxepochs import apply_overrides, base_config
+
+
+def get_config():  # conftest.tiny_config with this module's settings
+    return apply_overrides(base_config(), {overrides!r})
+"""
+
+
+def test_a_pruned_sweep_killed_with_sigkill_resumes_to_the_uninterrupted_rows(sweeps, tmp_path):
+    """`jaxepochs sweep --prune sha` SIGKILLed once it has a checkpoint past the second rung (pruned and
+    compacted), then run again: its rows are the uninterrupted sweep's (the module fixture's, computed in this
+    process with the same XLA flags and devices), bit for bit."""
+    directory = sweeps[-1]
+    tiny = {"model.hidden_sizes": "(16,)", "train.batch_size": "64", "mesh.data": "1", "logging.curves": "False"}
+    module = tmp_path / "tiny.py"
+    module.write_text(MODULE.format(overrides={**tiny, **SETTINGS}))
+    workdir = tmp_path / "s"
+    command = [sys.executable, "-m", "jaxepochs.cli", "sweep", "--config", str(module), "--workdir", str(workdir),
+               "--prune", "sha", "--quiet", f"--sweep.optimizer.learning_rate={RATES}"]  # fmt: skip
+    checkpoints = workdir / "chunks" / "group0_chunk0" / "checkpoints"
+    with (tmp_path / "err").open("w") as err:
+        child = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=err)
+    deadline = time.monotonic() + 240
+    while not (checkpoints.is_dir() and any(p.name.isdigit() and int(p.name) >= 4 for p in checkpoints.iterdir())):
+        assert child.poll() is None and time.monotonic() < deadline, (tmp_path / "err").read_text()[-3000:]
+        time.sleep(0.01)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert not (workdir / "results.csv").exists()  # killed mid-sweep
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = lambda path: _untimed(json.loads(line) for line in (path / "sweep.jsonl").read_text().splitlines())
+    assert rows(workdir) == rows(directory / "sha") and len(rows(workdir)) == 21
