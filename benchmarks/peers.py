@@ -54,6 +54,11 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+# The XLA flags this command was started with: every contender's process starts from them, before anything of
+# jaxepochs runs (`import jaxepochs` adds XLA:CPU's classic emitters to its own process's: jaxepochs' rows and the
+# bare scan, which builds jaxepochs' model, get them; Keras and PyTorch keep XLA's defaults, as their users do).
+STARTED_XLA_FLAGS = os.environ.get("XLA_FLAGS")
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SKIPPED = "skipped (not installed: pip install -e .[bench])"
 # The last epoch's mean train loss must be within max(25% of, 0.1) of the bare scan's: same initial parameters,
@@ -77,6 +82,7 @@ WORKLOADS = {
 CONTENDERS = {
     "jaxepochs": "jaxepochs, defaults (whole epoch: `seconds`)",
     "jaxepochs-off": "jaxepochs, checkpoints off, quiet (whole epoch: `seconds`)",
+    "jaxepochs-warm": "jaxepochs, checkpoints off, its compilation cache warm (an earlier process filled it)",
     "bare": "bare lax.scan (limit)",
     "keras": "Keras 3 (JAX), steps_per_execution=1",
     "keras-spe": "Keras 3 (JAX), steps_per_execution=steps/epoch",
@@ -101,12 +107,13 @@ def _from_ends(start: float, ends: list[float], final_loss: float, steps: int) -
     return {"first_epoch_s": ends[0] - start, "epoch_s": epoch_s, "final_loss": float(final_loss), "steps": steps}
 
 
-def run_jaxepochs(data: dict, meta: dict, epochs: int, checkpoints: bool) -> dict:
+def run_jaxepochs(data: dict, meta: dict, epochs: int, checkpoints: bool, cache: str = "") -> dict:
+    """`cache`: a compilation cache directory that outlives the process (the warm contender's), else a fresh one."""
     from jaxepochs.host import config as config_lib
     from jaxepochs.host import run as train
 
     with tempfile.TemporaryDirectory() as tmp:
-        overrides = {"train.epochs": str(epochs), "train.compilation_cache_dir": f"{tmp}/xla"}
+        overrides = {"train.epochs": str(epochs), "train.compilation_cache_dir": cache or f"{tmp}/xla"}
         overrides |= {} if checkpoints else {"checkpoint.enabled": "False"}
         config = config_lib.apply_overrides(config_lib.load_config_file(ROOT / meta["experiment"]), overrides)
         first: list[float] = []  # when the first metrics row is written: the end of the first epoch
@@ -331,6 +338,7 @@ def child(contender: str, data_path: str, epochs: int, copies: int) -> dict:
     runners = {
         "jaxepochs": lambda: run_jaxepochs(data, meta, epochs, checkpoints=True),
         "jaxepochs-off": lambda: run_jaxepochs(data, meta, epochs, checkpoints=False),
+        "jaxepochs-warm": lambda: run_jaxepochs(data, meta, epochs, checkpoints=False, cache=f"{data_path}.xla"),
         "bare": lambda: run_bare(data, meta, epochs),
         "epoch": lambda: run_train_epoch(data, meta, epochs),
         "keras": lambda: run_keras(data, meta, epochs, whole_epoch=False),
@@ -390,7 +398,8 @@ def prepare(name: str, tmp: str) -> str:
 def run_child(workload: str, contender: str, data_path: str, epochs: int, copies: int = 1) -> dict:
     """One contender in a fresh process; adds steps/s (the median over the epochs after the first)."""
     cmd = [sys.executable, __file__, "--one", workload, contender, "--data", data_path, "--epochs", str(epochs)]
-    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}  # every contender compiles cold
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_COMPILATION_CACHE_DIR", "XLA_FLAGS")}  # cold
+    env.update({"XLA_FLAGS": STARTED_XLA_FLAGS} if STARTED_XLA_FLAGS is not None else {})
     start = time.perf_counter()
     try:
         done = subprocess.run(
@@ -450,10 +459,19 @@ def target(name: str, num: dict | None, den: dict | None, need: float) -> tuple[
     return name, f"{'PASS' if got >= need else 'FAIL'}: {got:.2f}x (need >= {need}x){flagged}"
 
 
+def target_at_most(name: str, num: dict | None, den: dict | None, key: str, most: float) -> tuple[str, str]:
+    """`num[key]` at most `most` times `den[key]` (seconds, MiB: lower is better)."""
+    if not (num and den and key in num and key in den):
+        return name, "SKIP (a contender is missing)"
+    got = num[key] / den[key]
+    return name, f"{'PASS' if got <= most else 'FAIL'}: {num[key]:.2f} vs {den[key]:.2f}, {got:.2f}x (need <= {most}x)"
+
+
 def best_of_rounds(name: str, data_path: str, epochs: int, rounds: int) -> list[dict]:
     """Every contender once per round, rounds in turn; per contender the fastest round's row (the one least
     disturbed by other processes: on a shared machine identical runs differ by up to 30%), with all rounds'
     steps/s kept in `rounds_steps_per_s`."""
+    run_child(name, "jaxepochs-warm", data_path, epochs)  # fills the warm contender's cache (not counted)
     runs = [[run_child(name, contender, data_path, epochs) for contender in CONTENDERS] for _ in range(rounds)]
     rows = []
     for column in zip(*runs, strict=True):
@@ -487,6 +505,14 @@ def peers(
     ]
     keras = [by[c] for c in ("keras", "keras-spe") if "steps_per_s" in by[c]]
     best_keras = max(keras, key=lambda row: row["steps_per_s"]) if keras else None
+    keras = by["keras"] if "steps_per_s" in by["keras"] else None
+    targets += [  # issue #33: the first result sooner, and the memory of a peer
+        target_at_most(f"{name}: first epoch (cold cache) <= Keras's", off, keras, "first_epoch_s", 1.0),
+        target_at_most(
+            f"{name}: first epoch (warm cache) <= Keras's", by["jaxepochs-warm"], keras, "first_epoch_s", 1.0
+        ),
+        target_at_most(f"{name}: peak RSS <= 1.1x Keras's", off, keras, "peak_rss_mib", 1.1),
+    ]
     if name == "mlp":
         targets.append(target("mlp: jaxepochs >= 1.0x Keras (best steps_per_execution)", off, best_keras, 1.0))
         targets.append(target("mlp: jaxepochs >= 3x PyTorch eager", off, torch, 3.0))

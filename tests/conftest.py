@@ -122,7 +122,7 @@ def pytest_pyfunc_call(pyfuncitem):
     if pyfuncitem.get_closest_marker("xla_defaults") is None or XLA_DEFAULTS:
         return None
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
-    env.update(JAXEPOCHS_TEST_XLA_DEFAULTS="1", XLA_FLAGS=USER_XLA_FLAGS)
+    env.update(JAXEPOCHS_TEST_XLA_DEFAULTS="1", XLA_FLAGS=USER_XLA_FLAGS, JAXEPOCHS_XLA_DEFAULTS="1")
     env["JAXEPOCHS_TEST_SHARED_DIR"] = str(_SHARED_BASE[0])
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", pyfuncitem.nodeid]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
