@@ -1,0 +1,51 @@
+"""Prechelt's 14 criteria on recorded curves (studies/prechelt_criteria.py): the trainer's own GL/PQ/UP rules,
+vmapped over runs and thresholds, stop where the definitions say, and the measures are Prechelt's."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from jaxepochs.studies import prechelt_criteria as criteria
+
+
+def test_the_fourteen_criteria_stop_where_their_definitions_say():
+    # GL: E_opt(5) = 0.7; GL(4) = 2.86 and GL(5) = 7.14, then the curve goes on falling.
+    gl_val = [1.0, 0.8, 0.7, 0.72, 0.75] + [0.6] * 15
+    # UP (strips of 5): strip ends 0.9, 0.8, 0.85, 0.87 at epochs 5, 10, 15, 20 rise at 15 and 20.
+    up_val = [1.0, 0.95, 0.93, 0.92, 0.9, 0.88, 0.86, 0.84, 0.82, 0.8] + [0.85] * 5 + [0.87] * 5
+    # PQ: the docstring's example of core/early_stopping.py, GL / P_5 = 0.04 at epoch 5 and 1.73 at 10.
+    pq_train = [1.2, 1.1, 1.0, 0.95, 0.9, 0.89, 0.885, 0.88, 0.88, 0.88] + [0.88] * 10
+    pq_val = [1.0, 0.9, 0.85, 0.87, 0.9] + [0.9] * 15
+    val = np.array([gl_val, up_val, pq_val])
+    train = np.array([[1.0] * 20, [1.0] * 20, pq_train])
+    stops = criteria.stopping_epochs(val, train)
+    assert list(stops) == ["GL1", "GL2", "GL3", "GL5", "PQ0.5", "PQ0.75", "PQ1", "PQ2", "PQ3",
+                           "UP2", "UP3", "UP4", "UP6", "UP8"]  # fmt: skip
+    assert [stops[c][0] for c in ("GL1", "GL2", "GL3", "GL5")] == [4, 4, 5, 5]
+    assert [stops[c][1] for c in ("UP2", "UP3", "UP4")] == [20, 20, 20]  # UP2 fires at 20; the others never
+    assert [stops[c][1] for c in ("GL1", "GL5")] == [11, 11]  # GL(11) = 100 * (0.85 / 0.8 - 1) = 6.25
+    assert stops["PQ0.5"][2] == 10 and stops["PQ1"][2] == 10  # GL / P_5 = 1.73 at epoch 10
+    assert stops["PQ2"][2] == stops["PQ3"][2] == 15  # no progress in the third strip: P_5 = 0, the quotient inf
+    assert stops["GL5"][2] == 5  # GL(5) = 100 * (0.9 / 0.85 - 1) = 5.88
+
+
+def test_the_measures_are_relative_to_the_fastest_criterion_and_the_best_reachable_test_error():
+    val = np.array([[1.0, 0.8, 0.7, 0.72, 0.75, 0.6, 0.6, 0.6, 0.6, 0.6]])
+    test = np.array([[1.0, 0.8, 0.72, 0.7, 0.8, 0.65, 0.6, 0.6, 0.6, 0.6]])
+    stops = {"fast": np.array([4]), "slow": np.array([8])}
+    table = criteria.measures(stops, val, test)
+    # The lowest validation error is at epoch 6 (the first of the 0.6s): its test error 0.65 is the best reachable.
+    assert table["fast"] == pytest.approx(
+        {
+            "mean_stop_epoch": 4,
+            "relative_time": 1.0,
+            "test_error": 0.7,
+            "generalisation_loss": 0.7 / 0.65 - 1,
+            "near_best_fraction": 0.0,
+        }  # fmt: skip
+    )
+    assert table["slow"]["relative_time"] == 2.0 and table["slow"]["generalisation_loss"] == pytest.approx(
+        0.6 / 0.65 - 1
+    )
+    assert table["slow"]["near_best_fraction"] == 1.0
