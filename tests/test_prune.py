@@ -119,7 +119,7 @@ def test_hyperband_spreads_the_grid_over_brackets_that_halve_later_and_later(swe
     rungs = {b.index: b.rungs for b in brackets.values()}
     # Li et al.'s n_s = 27, 12, 6, 4 (s = 3..0) scaled to the 81 configurations; rungs from 150 / 3**s.
     assert sizes == {3: 45, 2: 20, 1: 10, 0: 6}
-    assert rungs == {3: (6, 18, 54), 2: (17, 51), 1: (50,), 0: ()}
+    assert rungs == {3: (6, 17, 50), 2: (17, 50), 1: (50,), 0: ()}  # 150 / 3**(s - i), rounded
     assert prune_lib.brackets(prune_lib.PruneSpec("sha", 3, 2), ["a"], 150)["a"].rungs == (2, 6, 18, 54)
 
     base, grid, full, _, _ = sweeps
@@ -216,3 +216,20 @@ def test_a_pruned_sweep_killed_with_sigkill_resumes_to_the_uninterrupted_rows(sw
     assert done.returncode == 0, done.stderr[-3000:]
     rows = lambda path: _untimed(json.loads(line) for line in (path / "sweep.jsonl").read_text().splitlines())
     assert rows(workdir) == rows(directory / "sha") and len(rows(workdir)) == 21
+
+
+def test_a_cv_configuration_is_ranked_by_all_its_folds_and_a_failed_fold_ranks_it_last():
+    """Rungs alone (no training): r0's fold 0 halted early (its last value counts), r1's folds all train, r2's
+    fold 1 met a non-finite loss (NaN: last). At rung 2 with eta 3 one of the three configurations stays."""
+    names = [f"r{c}_fold{k}" for c in range(3) for k in range(3)]
+    bracket = prune_lib.Bracket(0, (2,))
+    rungs = prune_lib.Rungs(names, {f"r{c}": bracket for c in range(3)}, "val_loss", False, 3)
+    loss = {"r0_fold0": [0.9], "r0_fold1": [0.5, 0.30], "r0_fold2": [0.5, 0.30], "r1_fold0": [0.5, 0.35],
+            "r1_fold1": [0.5, 0.35], "r1_fold2": [0.5, 0.35], "r2_fold0": [0.5, 0.1], "r2_fold1": [0.5],
+            "r2_fold2": [0.5, 0.1]}  # fmt: skip
+    histories = {name: [{"epoch": e + 1, "val_loss": v} for e, v in enumerate(values)] for name, values in loss.items()}
+    halted = {name: name in ("r0_fold0", "r2_fold1") for name in names}
+    rungs.decide(histories, halted, {"r2_fold1"}, 1, 2)
+    # r0's mean over all folds (0.9 + 0.3 + 0.3) / 3 = 0.5 is worse than r1's 0.35; r2 failed: NaN, last.
+    assert set(rungs.pruned) == {"r0_fold1", "r0_fold2", "r2_fold0", "r2_fold2"}
+    assert set(rungs.pruned.values()) == {2}

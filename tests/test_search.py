@@ -58,7 +58,7 @@ def test_trials_train_a_batch_at_a_time_and_optuna_prunes_and_is_told(searched):
         assert trial.intermediate_values == {2: history[1]["val_loss"]}  # its monitor, as logged at the rung
         if trial.state.name == "COMPLETE":  # told its best value
             assert trial.value == pytest.approx(min(row["val_loss"] for row in history), rel=1e-6)  # (float32)
-    decisions = json.loads((workdir / "batches" / "b0" / "chunks" / "group0_chunk0" / "decisions.json").read_text())
+    decisions = json.loads((workdir / "decisions" / "b0" / "group0_chunk0.json").read_text())
     pruned_b0 = {t.user_attrs["run"].rsplit("/", 1)[1] for t in trials if t.state.name == "PRUNED" and "b0" in
                  t.user_attrs["run"]}  # fmt: skip
     assert set(decisions["2"]) == pruned_b0

@@ -3,7 +3,7 @@
     search(config, specs, workdir, trials=64, batch=16)   # -> search.csv's rows, best first
 
 Writes into the workdir: search.json (the specification, for resuming), optuna.db (the study), asked.json
-(each batch's trials), batches/bK/ (each batch's sweep, with its decisions.json) and search.csv (one row per
+(each batch's trials), batches/bK/ (each batch's sweep), decisions/bK/ (its rungs' prunes) and search.csv (one row per
 trial). See sweep/optuna_search.py for the pieces, and what makes a killed search resume exactly. (A study: it
 drives sweeps, as the LR finder does.)
 """
@@ -79,7 +79,8 @@ def search(
             if all(entry["number"] in finished for entry in entries):
                 continue  # trained and told before the search was stopped
             grid = [entry["values"] for entry in entries]
-            prune = optuna_lib.OptunaPruner(study, tuple(entries), pruner, eta, min_epochs)
+            decisions = workdir / "decisions" / f"b{b}"
+            prune = optuna_lib.OptunaPruner(study, tuple(entries), pruner, eta, min_epochs, decisions)
             result = sweep_run.sweep(config, grid, workdir / "batches" / f"b{b}", quiet=True, prune=prune,
                                      compact=compact)  # fmt: skip
             optuna_lib.tell(study, entries, result, f"batches/b{b}")
@@ -95,6 +96,7 @@ def _prepare(workdir: pathlib.Path, spec: dict, restart: bool) -> None:
         for name in SEARCH_FILES:
             (workdir / name).unlink(missing_ok=True)
         shutil.rmtree(workdir / "batches", ignore_errors=True)
+        shutil.rmtree(workdir / "decisions", ignore_errors=True)
     if path.exists() and json.loads(path.read_text()) != spec:
         raise sweep_lib.SweepError(
             f"{workdir} holds another search (its search.json differs). Use a new --workdir, or --restart to "
@@ -127,6 +129,8 @@ def _summary(rows: list[dict], study) -> str:
     states = {}
     for row in rows:
         states[row["state"]] = states.get(row["state"], 0) + 1
+    if not any(row["state"] == "COMPLETE" for row in rows):
+        return f"{len(rows)} trials ({', '.join(f'{n} {s.lower()}' for s, n in states.items())}); none completed."
     best = study.best_trial
     return (
         f"{len(rows)} trials ({', '.join(f'{n} {s.lower()}' for s, n in states.items())}). Best: trial {best.number} "

@@ -12,9 +12,10 @@ that it was pruned. The study lives in WORKDIR/optuna.db (SQLite): `optuna-dashb
 shows it, and search.csv lists every trial.
 
 A killed search resumes where it stopped, asking and pruning what the uninterrupted search did: asked.json
-records each batch's trials before it trains (the rerun resumes that batch's sweep from its checkpoint), each
-batch's decisions.json its report epochs' prunes (a rerun that recomputes an epoch prunes the same trials,
-whatever the storage holds by then), and the sampler is seeded per batch (seed + batch index).
+records each batch's trials before it trains (the rerun resumes that batch's sweep from its checkpoint),
+WORKDIR/decisions/bK/ each batch's prunes at each rung, taken on a copy of the study before the study is written
+(a rerun that recomputes an epoch prunes the same trials, whatever the storage holds by then; they live outside
+the batch's sweep, which a rerun may start afresh), and the sampler is seeded per batch (seed + batch index).
 """
 
 from __future__ import annotations
@@ -105,6 +106,7 @@ class OptunaPruner:
     name: str
     eta: int
     min_epochs: int
+    decisions: pathlib.Path  # the rungs' decisions' directory, outside the sweep (a fresh start keeps them)
 
     def check(self, epochs: int) -> None:
         prune_lib.PruneSpec("sha", self.eta, self.min_epochs).check(epochs)
@@ -123,7 +125,7 @@ class OptunaPruner:
         report_epochs = prune_lib.brackets(prune_lib.PruneSpec("sha", self.eta, self.min_epochs), ["_"], epochs)["_"]
         trials = {config: self.trials[i] for i, config in enumerate(configs)}
         return OptunaRungs(names, {c: report_epochs for c in configs}, monitor, maximize, self.eta, self, trials,
-                           pathlib.Path(workdir) / "decisions.json")  # fmt: skip
+                           self.decisions / f"{pathlib.Path(workdir).name}.json")  # fmt: skip
 
 
 class OptunaRungs(prune_lib.Rungs):
@@ -140,11 +142,12 @@ class OptunaRungs(prune_lib.Rungs):
         written: a search killed while it reports finds them on its rerun (and a storage holding some of the
         epoch's reports already cannot change them); then the reports and the pruner's bookkeeping (its rungs'
         attributes) go to the study, skipping what the killed search wrote."""
-        values = {config: self.score(members, histories, epoch) for config, members in training.items()}
+        values = {config: self.score(config, histories, epoch) for config in training}
         recorded = self.decisions.get(str(epoch))
         if recorded is None:
             recorded = self._decide(epoch, values, self._copy())
             self.decisions[str(epoch)] = recorded
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             report.write_text(self.path, json.dumps(self.decisions) + "\n")
         self._decide(epoch, values, self.study)
         for config in recorded:

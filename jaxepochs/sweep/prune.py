@@ -31,6 +31,7 @@ import jax
 import numpy as np
 
 from jaxepochs.core import early_stopping as early_stopping_lib
+from jaxepochs.host import devices
 
 KINDS = ("sha", "hyperband")
 
@@ -103,9 +104,10 @@ def brackets(spec: PruneSpec, configs: list[str], epochs: int) -> dict[str, Brac
     total, out, dealt = sum(sizes.values()), {}, 0
     for s, n in sizes.items():
         share = len(configs) - dealt if s == 0 else min(round(n / total * len(configs)), len(configs) - dealt)
-        first = max(spec.min_epochs, round(epochs / spec.eta**s)) if s else epochs
+        # Rung i of bracket s at epochs / eta**(s - i): each rounded on its own, so none lands past the last.
+        rungs = sorted({max(spec.min_epochs, round(epochs / spec.eta ** (s - i))) for i in range(s)})
         for i in order[dealt : dealt + share]:
-            out[configs[i]] = Bracket(s, _rungs(first, spec.eta, epochs))
+            out[configs[i]] = Bracket(s, tuple(epoch for epoch in rungs if epoch < epochs))
         dealt += share
     return out
 
@@ -129,6 +131,10 @@ class Rungs:
     def __init__(self, names: list[str], bracket_of: dict[str, Bracket], monitor: str, maximize: bool, eta: int):
         self.names, self.monitor, self.maximize, self.eta = names, monitor, maximize, eta
         self.bracket_of = {name: bracket_of[config_of(name)] for name in names}
+        self.members_of: dict[str, list[str]] = {}  # configuration -> its members (a --cv configuration's folds)
+        for name in names:
+            self.members_of.setdefault(config_of(name), []).append(name)
+        self.failed: set[str] = set()  # members whose training loss was not finite
         self.pruned: dict[str, int] = {}  # member -> the rung epoch it was pruned at
 
     def epochs(self) -> set[int]:
@@ -142,15 +148,18 @@ class Rungs:
             if reasons[r] == early_stopping_lib.PRUNED:
                 self.pruned[name] = int(epochs[r])
 
-    def decide(self, histories: dict[str, list[dict]], halted: dict[str, bool], first: int, last: int) -> None:
+    def decide(self, histories: dict[str, list[dict]], halted: dict[str, bool], failed: set[str], first: int,
+               last: int) -> None:  # fmt: skip
         """The rungs among epochs first..last (a call's): at each, the configurations of a bracket still training
-        there are ranked by the monitor (mean over folds), the best 1/eta (at least one) kept."""
+        there are ranked by the monitor (the mean over all their folds; a fold whose loss was not finite makes
+        it NaN, ranked last), the best 1/eta (at least one) kept. `failed`: the members with a non-finite loss."""
+        self.failed = set(failed)
         for epoch in range(first, last + 1):
             for bracket in {b for b in self.bracket_of.values() if epoch in b.rungs}:
                 self.prune_at(epoch, self.training(bracket, epoch, histories, halted), histories)
 
     def training(self, bracket: Bracket, epoch: int, histories, halted) -> dict[str, list[str]]:
-        """Each configuration of `bracket` still training after `epoch`, with its members that are."""
+        """Each configuration of `bracket` with a member still training after `epoch`, with those members."""
         training: dict[str, list[str]] = {}
         for name in self.names:
             still = len(histories[name]) >= epoch and not halted[name] and name not in self.pruned
@@ -158,8 +167,12 @@ class Rungs:
                 training.setdefault(config_of(name), []).append(name)
         return training
 
-    def score(self, members: list[str], histories, epoch: int) -> float:
-        """A configuration's monitor at `epoch`: the mean over its members (a --cv configuration's folds)."""
+    def score(self, config: str, histories, epoch: int) -> float:
+        """A configuration's monitor at `epoch`: the mean over all its members (a --cv configuration's folds,
+        the halted ones at their last value; NaN if one's loss was not finite)."""
+        members = self.members_of[config]
+        if any(name in self.failed for name in members):
+            return float("nan")
         return float(np.mean([_value_at(histories[name], epoch, self.monitor) for name in members]))
 
     def prune_at(self, epoch: int, training: dict[str, list[str]], histories) -> None:
@@ -167,7 +180,7 @@ class Rungs:
         if len(training) < 2:
             return
         sign = -1.0 if self.maximize else 1.0
-        score = {config: self.score(members, histories, epoch) for config, members in training.items()}
+        score = {config: self.score(config, histories, epoch) for config in training}
         nan_last = lambda c: (math.isnan(score[c]), 0.0 if math.isnan(score[c]) else sign * score[c])
         for config in sorted(training, key=nan_last)[max(1, len(training) // self.eta) :]:
             self.pruned.update({name: epoch for name in training[config]})
@@ -179,7 +192,7 @@ class Rungs:
         if not mask.any():
             return carry
         epochs = np.array([self.pruned.get(name, 0) for name in lane_names], np.int32)
-        es = jax.device_get(carry.es_state)
+        es = devices.fetch(carry.es_state)
         fresh = mask & ~np.asarray(es.should_stop)
         if not fresh.any():
             return carry
@@ -188,7 +201,7 @@ class Rungs:
             stop_reason=np.where(fresh, early_stopping_lib.PRUNED, es.stop_reason).astype(es.stop_reason.dtype),
             stop_epoch=np.where(fresh, epochs, es.stop_epoch).astype(es.stop_epoch.dtype),
         )
-        halted = np.asarray(jax.device_get(carry.halted)) | fresh
+        halted = np.asarray(devices.fetch(carry.halted)) | fresh
         like = lambda new, old: jax.device_put(new, old.sharding) if isinstance(old, jax.Array) else new
         return carry._replace(es_state=jax.tree.map(like, marked, carry.es_state), halted=like(halted, carry.halted))
 

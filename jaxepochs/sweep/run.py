@@ -138,9 +138,8 @@ def _train_chunk(group: _Group, members, size: int, workdir: pathlib.Path, progr
             new = batch.take_rows(rows, first, {"seconds": seconds})
             halted = np.asarray(rows.halted)[: len(members)]
             if rungs is not None:
-                rungs.decide(
-                    batch.histories, dict(zip(batch.names, halted, strict=True)), first, first + int(rows.ran) - 1
-                )
+                still = {name: bool(h) for name, h in zip(batch.names, halted, strict=True)}
+                rungs.decide(batch.histories, still, set(batch.non_finite), first, first + int(rows.ran) - 1)
                 halted = halted | np.array([name in rungs.pruned for name in batch.names])
             progress.advance(
                 first + int(rows.ran) - 1, int(np.sum(~halted)), len(members), new, comp.pieces.tracker.monitor
@@ -153,6 +152,8 @@ def _train_chunk(group: _Group, members, size: int, workdir: pathlib.Path, progr
             save=lambda carry, epoch: batch.save(ckpt, lanes.whole(marked(carry)), epoch), interrupted=stop,
             checkpointing=ckpt is not None, final_epoch=lambda outcome: batch.last_good_epoch(),
             profile_dir=workdir / "profile",  # the chunk's
+            # Marks and compaction act on the carry of the call before: no call dispatched ahead of its rows.
+            overlap=not (lanes.enabled or rungs is not None),
             boundaries=lanes.boundaries() | {epoch + 1 for epoch in (rungs.epochs() if rungs else ())},
         )  # fmt: skip
     asked = bool(devices.agree((int(stop()),))[0])  # process 0's Ctrl-C stops every process
