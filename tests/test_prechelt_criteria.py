@@ -49,3 +49,39 @@ def test_the_measures_are_relative_to_the_fastest_criterion_and_the_best_reachab
         0.6 / 0.65 - 1
     )
     assert table["slow"]["near_best_fraction"] == 1.0
+
+
+def test_the_claims_are_judged_on_the_slowest_and_the_fastest_criterion():
+    from jaxepochs.studies import common, prechelt
+
+    reference = common.load_reference("prechelt")
+    per_problem = {
+        "a": {
+            "GL1": {"mean_stop_epoch": 10.0, "test_error": 0.20},
+            "UP8": {"mean_stop_epoch": 40.0, "test_error": 0.19},
+        },
+        "b": {
+            "GL1": {"mean_stop_epoch": 20.0, "test_error": 2.00},
+            "UP8": {"mean_stop_epoch": 80.0, "test_error": 1.94},
+        },
+    }
+    rows = prechelt.judge(reference, prechelt.pooled(per_problem), per_problem)
+    assert [r["mean"] for r in rows] == pytest.approx([4.0, 4.0])  # 60 / 15 epochs; 5% and 3% better: 4% mean
+    assert all(r["passed"] for r in rows) and "UP8" in rows[0]["what"] and "GL1" in rows[0]["what"]
+    per_problem["a"]["UP8"]["mean_stop_epoch"] = 11.0  # barely slower and 3% worse on b: both claims fail
+    per_problem["b"]["UP8"] = {"mean_stop_epoch": 21.0, "test_error": 2.2}
+    assert not any(r["passed"] for r in prechelt.judge(reference, prechelt.pooled(per_problem), per_problem))
+
+
+def test_reproduce_prechelt_quick_end_to_end(tmp_path):
+    """`jaxepochs reproduce prechelt --quick`: two problems' sweeps (3 sizes, 1 seed, 60 epochs) with their whole
+    curves, the 14 criteria on them, the judged claims, report.md and the trade-off plot."""
+    from jaxepochs.studies import reproduce
+
+    rows = reproduce.reproduce("prechelt", tmp_path, quick=True, quiet=True)
+    assert len(rows) == 2 and "training time" in rows[0]["what"] and "improvement" in rows[1]["what"]
+    report = (tmp_path / "report.md").read_text()
+    assert all(f"| {name} |" in report for name in criteria.stopping_epochs(np.ones((1, 5)), np.ones((1, 5))))
+    assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")
+    lines = (tmp_path / "sweeps" / "cancer" / "sweep.jsonl").read_text().splitlines()
+    assert len(lines) == 3 * 60 and '"test_accuracy"' in lines[0] and '"val_loss"' in lines[0]

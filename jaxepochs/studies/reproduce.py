@@ -14,7 +14,7 @@ import pathlib
 import numpy as np
 
 from jaxepochs.host import workdir as workdir_lib
-from jaxepochs.studies import double_descent, grokking, transfer
+from jaxepochs.studies import double_descent, grokking, prechelt, transfer
 from jaxepochs.studies.common import load_reference, load_rerun, row, run_seeds, write_report
 
 QUICK = {"seeds": 1, "epochs": 8}  # --quick: the direction of every gap, not the published values
@@ -154,6 +154,8 @@ def reproduce(
         return grokking.reproduce(reference, workdir, seeds, quick, quiet, vmap)
     if kind == "transfer":
         return transfer.reproduce(reference, workdir, seeds, quick, quiet, vmap)
+    if kind == "prechelt":
+        return prechelt.reproduce(reference, workdir, seeds, quick, quiet, vmap)
     epochs = QUICK["epochs"] if quick else None
     names = reference.get("quick_order", []) if quick else _experiments(reference)
     histories = {exp: _run_seeds(exp, reference, workdir, seeds, epochs, quiet, vmap) for exp in names}

@@ -167,10 +167,10 @@ class Rungs:
                 training.setdefault(config_of(name), []).append(name)
         return training
 
-    def score(self, config: str, histories, epoch: int) -> float:
+    def score(self, configuration: str, histories, epoch: int) -> float:
         """A configuration's monitor at `epoch`: the mean over all its members (a --cv configuration's folds,
         the halted ones at their last value; NaN if one's loss was not finite)."""
-        members = self.members_of[config]
+        members = self.members_of[configuration]
         if any(name in self.failed for name in members):
             return float("nan")
         return float(np.mean([_value_at(histories[name], epoch, self.monitor) for name in members]))

@@ -1,0 +1,118 @@
+"""`jaxepochs reproduce prechelt`: Prechelt's trade-off between stopping sooner and generalising better.
+
+Each problem of the reference (an experiment module) trains its grid of MLP sizes x seeds as one sweep, early
+stopping off and the test split logged every epoch, so every run's whole training, validation and test curves are
+recorded once; Prechelt's 14 criteria are then evaluated on those curves (studies/prechelt_criteria.py, the
+trainer's own rules), and his measures computed per problem and averaged over the problems. The claims judged:
+the slowest criterion trains about 4 times as long as the fastest, and buys about 4% lower test error.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+
+from jaxepochs.host import config as config_lib
+from jaxepochs.studies import common, prechelt_criteria
+from jaxepochs.sweep import grid as grid_lib
+from jaxepochs.sweep import run as sweep_run
+
+
+def _curves(histories: dict[str, list[dict]], task: str) -> tuple[np.ndarray, ...]:
+    """[R, T] validation loss, training loss and test error (1 - accuracy, or the test loss of a regression)."""
+    names = sorted(histories)
+    test = (lambda row: 1.0 - row["test_accuracy"]) if task == "classification" else (lambda row: row["test_loss"])
+    val = np.array([[row["val_loss"] for row in histories[n]] for n in names])
+    train = np.array([[row["train_loss"] for row in histories[n]] for n in names])
+    return val, train, np.array([[test(row) for row in histories[n]] for n in names])
+
+
+def run_problem(problem: dict, workdir: pathlib.Path, seeds: int, epochs: int | None, quiet: bool) -> dict:
+    """One problem's sweep and its criteria's measures ({criterion: measures})."""
+    config = config_lib.load_config_file(common.experiment_module(problem["experiment"]))
+    overrides = {"early_stopping.enabled": "False", "train.log_test": "True", "logging.curves": "False"}
+    if epochs is not None:
+        overrides["train.epochs"] = str(epochs)
+    config = config_lib.apply_overrides(config, overrides)
+    specs = {"model.hidden_sizes": problem["hidden_sizes"], "seed": ",".join(str(s) for s in range(seeds))}
+    result = sweep_run.sweep(config, grid_lib.expand(config, specs), workdir / problem["id"], quiet=True, restart=True)
+    val, train, test = _curves(result.histories, config.task)
+    stops = prechelt_criteria.stopping_epochs(val, train)
+    if not quiet:
+        print(f"{problem['id']}: {val.shape[0]} runs of {val.shape[1]} epochs", flush=True)
+    return prechelt_criteria.measures(stops, val, test)
+
+
+def pooled(per_problem: dict[str, dict]) -> dict[str, dict[str, float]]:
+    """Each criterion's measures averaged over the problems (each problem counts once, as in Prechelt's tables)."""
+    criteria = next(iter(per_problem.values()))
+    return {
+        name: {key: float(np.mean([p[name][key] for p in per_problem.values()])) for key in criteria[name]}
+        for name in criteria
+    }
+
+
+def judge(reference: dict, table: dict[str, dict[str, float]], per_problem: dict[str, dict]) -> list[dict]:
+    """The claims: the slowest criterion's training time over the fastest's (averaged over the problems), and
+    its test error's improvement on the fastest's (each problem's relative improvement, averaged: the problems'
+    errors are on other scales)."""
+    slowest = max(table, key=lambda c: table[c]["mean_stop_epoch"])
+    fastest = min(table, key=lambda c: table[c]["mean_stop_epoch"])
+    time_ratio = table[slowest]["mean_stop_epoch"] / table[fastest]["mean_stop_epoch"]
+    gains = [100.0 * (1.0 - m[slowest]["test_error"] / m[fastest]["test_error"]) for m in per_problem.values()]
+    claims = reference["claims"]
+    return [
+        common.row(f"training time, slowest ({slowest}) over fastest ({fastest}) criterion",
+                   tuple(claims["time_ratio"]["range"]), np.array([time_ratio]), 0.0),
+        common.row(f"test error improvement of {slowest} over {fastest}, % (mean over problems)",
+                   tuple(claims["generalisation_gain_percent"]["range"]), np.array(gains), 0.0),
+    ]  # fmt: skip
+
+
+def plot(path: pathlib.Path, table: dict[str, dict[str, float]]) -> None:
+    """The trade-off: each criterion's training time (relative to the fastest) against its generalisation loss."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for name, m in table.items():
+        ax.scatter(m["relative_time"], 100 * m["generalisation_loss"], color=f"C{'GPU'.index(name[0])}", s=25)
+        ax.annotate(name, (m["relative_time"], 100 * m["generalisation_loss"]), fontsize=7, xytext=(3, 2),
+                    textcoords="offset points")  # fmt: skip
+    ax.set_xlabel("training time relative to the fastest criterion")
+    ax.set_ylabel("test error above the best reachable, %")
+    ax.set_title("Prechelt's trade-off: GL blue, PQ orange, UP green")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _table_lines(table: dict[str, dict[str, float]]) -> list[str]:
+    lines = ["| criterion | mean stop epoch | time vs fastest | test error | vs best reachable | near best |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for name, m in table.items():
+        lines.append(
+            f"| {name} | {m['mean_stop_epoch']:.1f} | {m['relative_time']:.2f}x | {m['test_error']:.4f} | "
+            f"{100 * m['generalisation_loss']:+.1f}% | {100 * m['near_best_fraction']:.0f}% |"
+        )
+    return lines
+
+
+def reproduce(reference: dict, workdir: pathlib.Path, seeds: int, quick: bool, quiet: bool, vmap: bool) -> list[dict]:
+    """Every problem's sweep, the criteria on its curves, the pooled table judged; report.md and curves.png."""
+    problems = [p for p in reference["problems"] if p.get("quick") or not quick]
+    epochs = reference["quick_epochs"] if quick else None
+    per_problem = {p["id"]: run_problem(p, workdir / "sweeps", seeds, epochs, quiet) for p in problems}
+    table = pooled(per_problem)
+    rows = judge(reference, table, per_problem)
+    extra = ["## Every criterion, averaged over the problems", "", *_table_lines(table), ""]
+    extra += [f"Problems: {', '.join(per_problem)}. The curves: workdir/sweeps/<problem>/sweep.jsonl."]
+    common.write_report(workdir / "report.md", reference, rows, seeds, quick, extra)
+    plot(workdir / "curves.png", table)
+    if not quiet:
+        print((workdir / "report.md").read_text())
+    return rows
