@@ -58,10 +58,11 @@ def search(
     stopping = config.early_stopping
     optuna_lib.check_settings(config.train.epochs, stopping.monitor, stopping.mode, min_epochs, eta)
     distributions = optuna_lib.space(config, specs)
-    optuna_lib._sampler(sampler, seed), optuna_lib._pruner(pruner, eta, min_epochs, config.train.epochs)  # names
+    optuna_lib.make_sampler(sampler, seed)  # unknown names refused now, before anything is written
+    optuna_lib.make_pruner(pruner, eta, min_epochs, config.train.epochs)
     spec = {"config": json.loads(config.to_json_best_effort()), "specs": specs, "trials": trials, "batch": batch,
             "sampler": sampler, "pruner": pruner, "eta": eta, "min_epochs": min_epochs, "seed": seed}  # fmt: skip
-    optuna = optuna_lib._optuna()
+    optuna = optuna_lib.import_optuna()
     with lock.hold(workdir, "search workdir"):
         _prepare(workdir, spec, restart)
         storage = f"sqlite:///{workdir / 'optuna.db'}"
@@ -70,8 +71,8 @@ def search(
         for b in range(math.ceil(trials / batch)):
             study = optuna.create_study(
                 storage=storage, study_name="jaxepochs", direction=optuna_lib.direction(stopping.monitor),
-                sampler=optuna_lib._sampler(sampler, seed + b), load_if_exists=True,
-                pruner=optuna_lib._pruner(pruner, eta, min_epochs, config.train.epochs),
+                sampler=optuna_lib.make_sampler(sampler, seed + b), load_if_exists=True,
+                pruner=optuna_lib.make_pruner(pruner, eta, min_epochs, config.train.epochs),
             )  # fmt: skip
             entries = optuna_lib.batch_trials(study, distributions, min(batch, trials - b * batch), asked, str(b),
                                               asked_path)  # fmt: skip

@@ -34,7 +34,7 @@ from jaxepochs.sweep import prune as prune_lib
 PRUNERS = ("sha", "hyperband", "median", "none")
 
 
-def _optuna():
+def import_optuna():
     try:
         import optuna
     except ImportError:
@@ -48,7 +48,7 @@ def _optuna():
 def space(base, specs: dict[str, str]) -> dict[str, Any]:
     """Optuna's distributions of the --sweep.* specs: ranges (loguniform:A:B, uniform:A:B, randint:A:B) as
     numbers, lists as categorical choices (override text); every value checked against the config now."""
-    optuna = _optuna()
+    optuna = import_optuna()
     out = {}
     for key, text in specs.items():
         kind, _, bounds = text.partition(":")
@@ -68,8 +68,8 @@ def space(base, specs: dict[str, str]) -> dict[str, Any]:
     return out
 
 
-def _sampler(name: str, seed: int):
-    optuna = _optuna()
+def make_sampler(name: str, seed: int):
+    optuna = import_optuna()
     short = {"tpe": "TPESampler", "random": "RandomSampler", "cmaes": "CmaEsSampler", "gp": "GPSampler",
              "qmc": "QMCSampler"}  # fmt: skip
     cls = getattr(optuna.samplers, short.get(name, name), None)
@@ -84,8 +84,8 @@ def _sampler(name: str, seed: int):
         ) from None
 
 
-def _pruner(name: str, eta: int, min_epochs: int, epochs: int):
-    optuna = _optuna()
+def make_pruner(name: str, eta: int, min_epochs: int, epochs: int):
+    optuna = import_optuna()
     if name == "sha":
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=min_epochs, reduction_factor=eta)
     if name == "hyperband":
@@ -122,7 +122,7 @@ class OptunaPruner:
         }
 
     def rungs(self, names, configs, epochs: int, monitor: str, maximize: bool, workdir) -> prune_lib.Rungs:
-        report_epochs = prune_lib.brackets(prune_lib.PruneSpec("sha", self.eta, self.min_epochs), ["_"], epochs)["_"]
+        report_epochs = prune_lib.Bracket(0, prune_lib.sha_rungs(self.min_epochs, self.eta, epochs))
         trials = {config: self.trials[i] for i, config in enumerate(configs)}
         return OptunaRungs(names, {c: report_epochs for c in configs}, monitor, maximize, self.eta, self, trials,
                            self.decisions / f"{pathlib.Path(workdir).name}.json")  # fmt: skip
@@ -133,7 +133,7 @@ class OptunaRungs(prune_lib.Rungs):
 
     def __init__(self, names, bracket_of, monitor, maximize, eta, pruner: OptunaPruner, trials: dict, path):
         super().__init__(names, bracket_of, monitor, maximize, eta)
-        self.optuna, self.study, self.trials, self.path = _optuna(), pruner.study, trials, path
+        self.optuna, self.study, self.trials, self.path = import_optuna(), pruner.study, trials, path
         self.decisions = json.loads(path.read_text()) if path.exists() else {}
 
     def prune_at(self, epoch: int, training: dict[str, list[str]], histories) -> None:
@@ -176,7 +176,7 @@ class OptunaRungs(prune_lib.Rungs):
 def batch_trials(study, distributions: dict, count: int, asked: dict, key: str, path: pathlib.Path) -> list[dict]:
     """Batch `key`'s trials: asked.json's, or `count` asked now and recorded before anything trains (a trial a
     killed search asked but had not recorded is failed: it never trained)."""
-    optuna = _optuna()
+    optuna = import_optuna()
     if key in asked:
         return asked[key]
     known = {entry["number"] for entries in asked.values() for entry in entries}
@@ -195,7 +195,7 @@ def batch_trials(study, distributions: dict, count: int, asked: dict, key: str, 
 
 def tell(study, entries: list[dict], result, prefix: str) -> None:
     """Each of a batch's trials told its best monitored value, or that it was pruned (or failed: no value)."""
-    optuna = _optuna()
+    optuna = import_optuna()
     by_run = {row["run"]: row for row in result.results}
     for i, entry in enumerate(entries):
         name = f"r{i:0{len(str(len(entries) - 1))}d}"

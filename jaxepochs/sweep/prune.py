@@ -82,7 +82,8 @@ class Bracket(NamedTuple):
     rungs: tuple[int, ...]  # the epochs at which its runs are ranked
 
 
-def _rungs(first: int, eta: int, epochs: int) -> tuple[int, ...]:
+def sha_rungs(first: int, eta: int, epochs: int) -> tuple[int, ...]:
+    """Successive halving's rungs: `first`, then times `eta`, while before the last epoch."""
     out, epoch = [], first
     while epoch < epochs:
         out.append(epoch)
@@ -96,7 +97,7 @@ def brackets(spec: PruneSpec, configs: list[str], epochs: int) -> dict[str, Brac
     a share of the configurations proportional to Hyperband's n_s = ceil((s_max + 1) / (s + 1) * eta**s); the
     configurations are dealt to the brackets in a fixed shuffled order (a grid is ordered by its keys)."""
     if spec.kind == "sha":
-        bracket = Bracket(0, _rungs(spec.min_epochs, spec.eta, epochs))
+        bracket = Bracket(0, sha_rungs(spec.min_epochs, spec.eta, epochs))
         return {name: bracket for name in configs}
     s_max = int(math.floor(math.log(epochs / spec.min_epochs, spec.eta) + 1e-9))
     sizes = {s: math.ceil((s_max + 1) / (s + 1) * spec.eta**s) for s in range(s_max, -1, -1)}
