@@ -43,45 +43,55 @@ def test_the_measures_are_relative_to_the_fastest_criterion_and_the_best_reachab
             "test_error": 0.7,
             "generalisation_loss": 0.7 / 0.65 - 1,
             "near_best_fraction": 0.0,
+            "error_floor": 0.0,
         }  # fmt: skip
     )
     assert table["slow"]["relative_time"] == 2.0 and table["slow"]["generalisation_loss"] == pytest.approx(
         0.6 / 0.65 - 1
     )
     assert table["slow"]["near_best_fraction"] == 1.0
+    # A classifier's best reachable test error can be 0: the relative loss divides by one test example's share.
+    perfect = criteria.measures({"late": np.array([3])}, [[0.5, 0.4, 0.45]], [[0.1, 0.0, 0.05]], floor=0.05)
+    assert perfect["late"]["generalisation_loss"] == pytest.approx(1.0)  # one example more wrong than the best
 
 
-def test_the_claims_are_judged_on_the_slowest_and_the_fastest_criterion():
+def _measures(epoch, error, near=0.5, loss=0.1):
+    return {"mean_stop_epoch": epoch, "test_error": error, "near_best_fraction": near, "generalisation_loss": loss}
+
+
+def test_the_claims_are_judged_on_the_slowest_and_the_fastest_criterion_and_the_classes():
     from jaxepochs.studies import common, prechelt
 
     reference = common.load_reference("prechelt")
     per_problem = {
-        "a": {
-            "GL1": {"mean_stop_epoch": 10.0, "test_error": 0.20},
-            "UP8": {"mean_stop_epoch": 40.0, "test_error": 0.19},
-        },
-        "b": {
-            "GL1": {"mean_stop_epoch": 20.0, "test_error": 2.00},
-            "UP8": {"mean_stop_epoch": 80.0, "test_error": 1.94},
-        },
-    }
-    rows = prechelt.judge(reference, prechelt.pooled(per_problem), per_problem)
-    assert [r["mean"] for r in rows] == pytest.approx([4.0, 4.0])  # 60 / 15 epochs; 5% and 3% better: 4% mean
+        "a": {"GL1": _measures(10.0, 0.20, near=0.6, loss=0.2), "PQ1": _measures(12.0, 0.21),
+              "UP8": _measures(40.0, 0.19, near=0.4, loss=0.05)},
+        "b": {"GL1": _measures(20.0, 2.00, near=0.6, loss=0.2), "PQ1": _measures(21.0, 2.1),
+              "UP8": _measures(80.0, 1.94, near=0.4, loss=0.05)},
+    }  # fmt: skip
+    rows = prechelt.judge(reference, prechelt.pooled(per_problem), per_problem, "X: ")
+    # 60 / 15 epochs; 5% and 3% better: 4% mean; GL ends near the best in 0.6 of runs, PQ in 0.5: +0.1; GL's
+    # generalisation loss 20%, UP's 5%: +15 points
+    assert [r["mean"] for r in rows] == pytest.approx([4.0, 4.0, 0.1, 15.0])
     assert all(r["passed"] for r in rows) and "UP8" in rows[0]["what"] and "GL1" in rows[0]["what"]
-    per_problem["a"]["UP8"]["mean_stop_epoch"] = 11.0  # barely slower and 3% worse on b: both claims fail
-    per_problem["b"]["UP8"] = {"mean_stop_epoch": 21.0, "test_error": 2.2}
+    assert all(r["what"].startswith("X: ") for r in rows)
+    for problem in per_problem.values():  # barely slower and 3% worse on b; GL not the likeliest near the best,
+        problem["GL1"] |= {"near_best_fraction": 0.3, "generalisation_loss": 0.01}  # and the best on average
+    per_problem["a"]["UP8"]["mean_stop_epoch"] = 11.0
+    per_problem["b"]["UP8"] = _measures(21.0, 2.2, near=0.4, loss=0.05)
     assert not any(r["passed"] for r in prechelt.judge(reference, prechelt.pooled(per_problem), per_problem))
 
 
 def test_reproduce_prechelt_quick_end_to_end(tmp_path):
-    """`jaxepochs reproduce prechelt --quick`: two problems' sweeps (3 sizes, 1 seed, 60 epochs) with their whole
+    """`jaxepochs reproduce prechelt --quick`: RPROP's full-batch sweeps of two problems (3 sizes, 1 seed, 60 epochs) with their whole
     curves, the 14 criteria on them, the judged claims, report.md and the trade-off plot."""
     from jaxepochs.studies import reproduce
 
     rows = reproduce.reproduce("prechelt", tmp_path, quick=True, quiet=True)
-    assert len(rows) == 2 and "training time" in rows[0]["what"] and "improvement" in rows[1]["what"]
+    assert len(rows) == 4 and "training time" in rows[0]["what"] and "improvement" in rows[1]["what"]
+    assert all(r["what"].startswith("RPROP: ") for r in rows)  # quick: the paper's condition only
     report = (tmp_path / "report.md").read_text()
     assert all(f"| {name} |" in report for name in criteria.stopping_epochs(np.ones((1, 5)), np.ones((1, 5))))
     assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")
-    lines = (tmp_path / "sweeps" / "cancer" / "sweep.jsonl").read_text().splitlines()
+    lines = (tmp_path / "sweeps" / "rprop" / "cancer" / "sweep.jsonl").read_text().splitlines()
     assert len(lines) == 3 * 60 and '"test_accuracy"' in lines[0] and '"val_loss"' in lines[0]

@@ -151,6 +151,21 @@ def test_optax_aliases_and_a_sweep_over_their_rate_stays_one_program(make_config
     assert jnp.all(updates["w"] < 0) and float(tx.learning_rate(state)) == pytest.approx(1e-3)
 
 
+def test_rprop_steps_by_the_sign_from_the_learning_rate_as_its_first_step(make_config):
+    """optimizer.name = "rprop" (Prechelt's optimizer, for full batches), optax's iRprop-: the first update only
+    records the gradient (no sign to compare yet), the next steps the rate against the gradient's sign; a gradient
+    of the same sign grows the step by 1.2, a flipped one halves it and skips that update and the next."""
+    config = make_config({"optimizer.name": "rprop", "optimizer.learning_rate": "0.01"})
+    tx, _ = setup.make_optimizer(config.optimizer, hooks_lib.Hooks(""), 1, 3)
+    params = {"w": jnp.zeros(2)}
+    state = tx.init(params)
+    steps = []
+    for g in ([3.0, -0.5], [0.1, -2.0], [0.2, -1.0], [-1.0, -1.0], [-1.0, -1.0]):
+        updates, state = tx.update({"w": jnp.array(g)}, state, params)
+        steps.append(np.asarray(updates["w"]))
+    np.testing.assert_allclose(steps, [[0, 0], [-0.01, 0.01], [-0.012, 0.012], [0, 0.0144], [0, 0.01728]], rtol=1e-6)
+
+
 def test_class_weights_find_more_of_the_rare_class(tmp_path):
     """experiments/imbalanced_class_weight.py, reduced to 5 epochs: "balanced" recalls more of the 5% positives
     than the unweighted loss, at some accuracy on the common class (the docstring's figures are for 30)."""

@@ -31,6 +31,9 @@ ALIASES = {
     "adafactor": (lambda o: optax.adafactor(1.0, multiply_by_parameter_scale=False), False),
     "adagrad": (lambda o: optax.adagrad(1.0), False),
     "sgd_nesterov": (lambda o: optax.sgd(1.0, momentum=o["momentum"], nesterov=True), False),
+    # RPROP (optax.rprop, iRprop-) for full batches: the learning rate is its initial step, and its steps stay
+    # within 1e-6 and 50 times the rate (optax's bounds at rate 1). Meant for train.batch_size >= the split.
+    "rprop": (lambda o: optax.rprop(1.0), False),
 }
 
 

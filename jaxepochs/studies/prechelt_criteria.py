@@ -65,17 +65,21 @@ def stopping_epochs(val_error_rt, train_error_rt) -> dict[str, np.ndarray]:
     return out
 
 
-def measures(stops: dict[str, np.ndarray], val_error_rt, test_error_rt) -> dict[str, dict[str, float]]:
+def measures(
+    stops: dict[str, np.ndarray], val_error_rt, test_error_rt, floor: float = 0.0
+) -> dict[str, dict[str, float]]:
     """Per criterion, over the runs: the mean stopping epoch, the training time relative to the fastest
     criterion (each run's epochs against that run's fewest over the criteria, averaged), the test error at the
     stop, and the generalisation loss relative to the best reachable (each run's test error at its stop against
     its test error at the epoch of its lowest validation error, the best a stopping rule could pick from the
     validation curve; as a fraction, averaged), and how often the criterion stopped at an epoch whose test
-    error is within 1% of that best."""
+    error is within 1% of that best. `floor`: the smallest error the relative measures divide by (a classifier's
+    test error can be 0; one test example's share, 1 / n, is the step it moves by)."""
     val, test = np.asarray(val_error_rt, np.float64), np.asarray(test_error_rt, np.float64)
     runs = np.arange(val.shape[0])
     fastest = np.min(np.stack(list(stops.values())), axis=0)
     best_test = test[runs, np.argmin(val, axis=1)]
+    relative_to = np.maximum(best_test, floor)
     out = {}
     for name, epoch in stops.items():
         at_stop = test[runs, epoch - 1]
@@ -83,7 +87,8 @@ def measures(stops: dict[str, np.ndarray], val_error_rt, test_error_rt) -> dict[
             "mean_stop_epoch": float(np.mean(epoch)),
             "relative_time": float(np.mean(epoch / fastest)),
             "test_error": float(np.mean(at_stop)),
-            "generalisation_loss": float(np.mean(at_stop / best_test - 1.0)),
+            "generalisation_loss": float(np.mean((at_stop - best_test) / relative_to)),
             "near_best_fraction": float(np.mean(at_stop <= 1.01 * best_test)),
+            "error_floor": float(floor),
         }
     return out
