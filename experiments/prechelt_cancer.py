@@ -8,7 +8,7 @@ standardised by the training set's statistics); a small MLP. One of `jaxepochs r
 import numpy as np
 
 from jaxepochs import base_config
-from jaxepochs.data.splits import proben1_split
+from jaxepochs.data import proben1
 
 
 def get_config():
@@ -24,4 +24,7 @@ def get_data(config):
     from sklearn.datasets import load_breast_cancer
 
     x, y = load_breast_cancer(return_X_y=True)
-    return proben1_split(x, y.astype(np.int32))
+    return proben1.split(x, y.astype(np.int32))
+
+
+metrics_fn = proben1.classifier_metrics  # accuracy, and Proben1's squared error percentage

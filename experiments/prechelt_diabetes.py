@@ -8,7 +8,7 @@ mean squared error. One of `jaxepochs reproduce prechelt`'s problems.
 import numpy as np
 
 from jaxepochs import base_config
-from jaxepochs.data.splits import proben1_split
+from jaxepochs.data import proben1
 
 
 def get_config():
@@ -25,4 +25,4 @@ def get_data(config):
     from sklearn.datasets import load_diabetes
 
     x, y = load_diabetes(return_X_y=True)
-    return proben1_split(x, (y / 100.0).astype(np.float32))
+    return proben1.split(x, (y / 100.0).astype(np.float32))

@@ -7,7 +7,7 @@ small MLP. One of `jaxepochs reproduce prechelt`'s problems (Proben1's own are n
 import numpy as np
 
 from jaxepochs import base_config
-from jaxepochs.data.splits import proben1_split
+from jaxepochs.data import proben1
 
 
 def get_config():
@@ -23,4 +23,7 @@ def get_data(config):
     from sklearn.datasets import load_wine
 
     x, y = load_wine(return_X_y=True)
-    return proben1_split(x, y.astype(np.int32))
+    return proben1.split(x, y.astype(np.int32))
+
+
+metrics_fn = proben1.classifier_metrics  # accuracy, and Proben1's squared error percentage

@@ -83,8 +83,8 @@ def test_the_claims_are_judged_on_the_slowest_and_the_fastest_criterion_and_the_
 
 
 def test_reproduce_prechelt_quick_end_to_end(tmp_path):
-    """`jaxepochs reproduce prechelt --quick`: RPROP's full-batch sweeps of two problems (3 sizes, 1 seed, 60 epochs) with their whole
-    curves, the 14 criteria on them, the judged claims, report.md and the trade-off plot."""
+    """`jaxepochs reproduce prechelt --quick`: RPROP's full-batch sweeps of two problems (3 sizes, 1 seed, 60
+    epochs) with their whole curves, the 14 criteria on them, the judged claims, report.md and the trade-off plot."""
     from jaxepochs.studies import reproduce
 
     rows = reproduce.reproduce("prechelt", tmp_path, quick=True, quiet=True)

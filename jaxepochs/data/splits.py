@@ -101,14 +101,3 @@ def eval_splits(entries, dataset: str, available) -> list[tuple[str, str]]:
     if len({name for name, _ in pairs}) < len(pairs):
         raise DataError(f"data.eval_splits {tuple(entries)} names an evaluation set twice; give each its own name.")
     return pairs
-
-
-def proben1_split(x: np.ndarray, y: np.ndarray, seed: int = 0) -> dict:
-    """`get_data`'s dict for arrays split as Proben1 splits its problems (Prechelt 1994): half for training, a
-    quarter each for validation and test, in a seeded random order, inputs standardised by the training half's
-    mean and spread."""
-    order = np.random.default_rng(seed).permutation(len(y))
-    train, val, test = np.split(order, [len(y) // 2, 3 * len(y) // 4])
-    mean, std = x[train].mean(0), x[train].std(0) + 1e-8
-    part = lambda idx: {"x": ((x[idx] - mean) / std).astype(np.float32), "y": y[idx]}
-    return {"train": part(train), "validation": part(val), "test": part(test)}

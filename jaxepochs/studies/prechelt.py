@@ -20,17 +20,19 @@ from jaxepochs.sweep import run as sweep_run
 
 
 def _curves(histories: dict[str, list[dict]], task: str) -> tuple[np.ndarray, ...]:
-    """[R, T] validation loss, training loss and test error (1 - accuracy, or the test loss of a regression)."""
+    """[R, T] validation, training and test errors: Prechelt's squared error percentage ("sqerr", a classifier's
+    metric from data/proben1.py), or the loss of a regression (its mean squared error)."""
     names = sorted(histories)
-    test = (lambda row: 1.0 - row["test_accuracy"]) if task == "classification" else (lambda row: row["test_loss"])
-    val = np.array([[row["val_loss"] for row in histories[n]] for n in names])
-    train = np.array([[row["train_loss"] for row in histories[n]] for n in names])
-    return val, train, np.array([[test(row) for row in histories[n]] for n in names])
+    field = "sqerr" if task == "classification" else "loss"
+    curve = lambda split: np.array([[row[f"{split}_{field}"] for row in histories[n]] for n in names])
+    if task == "classification" and "val_sqerr" not in histories[names[0]][0]:
+        raise ValueError("a classification problem of reproduce prechelt needs metrics_fn = proben1.classifier_metrics")
+    return curve("val"), curve("train"), curve("test")
 
 
-def _split_sizes(config) -> tuple[int, int]:
-    """The training and test splits' sizes of the experiment `config` names (RPROP's full batch; the step of a
-    classifier's test error)."""
+def _split_sizes(config) -> tuple[int, int, int]:
+    """The training and test splits' sizes and the classes of the experiment `config` names (RPROP's full batch;
+    the step of a classifier's test error)."""
     import jax
 
     from jaxepochs.host import hooks as hooks_lib
@@ -38,7 +40,7 @@ def _split_sizes(config) -> tuple[int, int]:
 
     dataset = setup.load_data(config, hooks_lib.load_hooks(config), quiet=True)
     size = lambda split: int(jax.tree.leaves(split.x)[0].shape[0])
-    return size(dataset.train), size(dataset.test)
+    return size(dataset.train), size(dataset.test), dataset.num_classes
 
 
 def run_problem(problem: dict, condition: dict, workdir: pathlib.Path, seeds: int, epochs: int | None,
@@ -50,7 +52,7 @@ def run_problem(problem: dict, condition: dict, workdir: pathlib.Path, seeds: in
     if epochs is not None:
         overrides["train.epochs"] = str(epochs)
     config = config_lib.apply_overrides(config, overrides)
-    n_train, n_test = _split_sizes(config)
+    n_train, n_test, classes = _split_sizes(config)
     if condition.get("full_batch"):
         config = config_lib.apply_overrides(config, {"train.batch_size": str(n_train)})
     specs = {"model.hidden_sizes": problem["hidden_sizes"], "seed": ",".join(str(s) for s in range(seeds))}
@@ -60,7 +62,8 @@ def run_problem(problem: dict, condition: dict, workdir: pathlib.Path, seeds: in
     stops = prechelt_criteria.stopping_epochs(val, train)
     if not quiet:
         print(f"{condition['id']} {problem['id']}: {val.shape[0]} runs of {val.shape[1]} epochs", flush=True)
-    floor = 1.0 / n_test if config.task == "classification" else 0.0
+    # A classifier's test sqerr can near 0: relative measures divide by at least one test example wholly wrong.
+    floor = 100.0 * 2.0 / (classes * n_test) if config.task == "classification" else 0.0
     return prechelt_criteria.measures(stops, val, test, floor)
 
 

@@ -74,7 +74,7 @@ def measures(
     its test error at the epoch of its lowest validation error, the best a stopping rule could pick from the
     validation curve; as a fraction, averaged), and how often the criterion stopped at an epoch whose test
     error is within 1% of that best. `floor`: the smallest error the relative measures divide by (a classifier's
-    test error can be 0; one test example's share, 1 / n, is the step it moves by)."""
+    test error can near 0: one test example wholly wrong is a sensible unit)."""
     val, test = np.asarray(val_error_rt, np.float64), np.asarray(test_error_rt, np.float64)
     runs = np.arange(val.shape[0])
     fastest = np.min(np.stack(list(stops.values())), axis=0)
