@@ -4,8 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
+DOCS_STAMP := $(VENV)/.installed-docs
 
-.PHONY: run test test-all lint bench clean
+.PHONY: run test test-all lint bench docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,5 +39,14 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/stream_speed.py speed --epochs 15 --rounds 4
 	$(BIN)/python benchmarks/optax_hook.py
 
+# The docs site (docs/, mkdocs.yml) into site/, offline; --strict: a warning (a broken link, a docstring that
+# does not resolve) fails the build.
+$(DOCS_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[test,docs]'
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	$(BIN)/mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs site

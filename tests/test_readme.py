@@ -1,6 +1,8 @@
-"""The README's commands, as written: every `jaxepochs ...` line in its shell blocks parses, names an experiment
-that loads, and sets config keys and values that exist and validate (sweep specs expand, references exist,
-lr-find's flags pass its checks); and after `make run`'s set-up, `jaxepochs` answers in a fresh shell."""
+"""The README's and the docs pages' commands, as written: every `jaxepochs ...` line in their shell blocks parses,
+names an experiment that loads, and sets config keys and values that exist and validate (sweep specs expand,
+references exist, lr-find's flags pass its checks); every config key a page names exists; the README stays short,
+every page opens with its promise and smallest example and is in the site's nav, and the site builds with no
+warning; and after `make run`'s set-up, `jaxepochs` answers in a fresh shell."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 
 import pytest
 from conftest import REPO
@@ -16,15 +19,19 @@ from jaxepochs import cli
 from jaxepochs.host import config as config_lib
 
 
-def readme_commands() -> list[tuple[int, list[str]]]:
-    """(line, argv after `jaxepochs`) of each command in the README's shell blocks (indented ones and ```bash
-    fences), continuation lines joined and comments dropped; `srun ... .venv/bin/jaxepochs run ...` counts from
-    `jaxepochs`. Lines inside other fences (```python) are code, not commands."""
-    lines = (REPO / "README.md").read_text().splitlines()
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
+def page_commands(path) -> list[tuple[int, list[str]]]:
+    """(line, argv after `jaxepochs`) of each command in a page's shell blocks (indented ones and ```bash fences,
+    a list item's indented fence too), continuation lines joined and comments dropped; `srun ...
+    .venv/bin/jaxepochs run ...` counts from `jaxepochs`. Lines inside other fences (```python, ```text: an
+    error shown as the user sees it) are not commands."""
+    lines = path.read_text().splitlines()
     commands, i, fence = [], 0, None
     while i < len(lines):
-        if lines[i].startswith("```"):
-            fence = None if fence is not None else (lines[i][3:].strip() or "text")
+        if lines[i].lstrip().startswith("```"):
+            fence = None if fence is not None else (lines[i].lstrip()[3:].strip() or "text")
             i += 1
             continue
         shell = fence in ("bash", "sh", "shell") or (fence is None and lines[i].startswith("    "))
@@ -39,15 +46,16 @@ def readme_commands() -> list[tuple[int, list[str]]]:
     return commands
 
 
-COMMANDS = readme_commands()
+COMMANDS = [(f"{path.stem}:{line}", argv) for path in PAGES for line, argv in page_commands(path)]
 
 
-def test_the_readme_shows_the_commands_it_documents():
-    assert {argv[0] for _, argv in COMMANDS} >= {"run", "sweep", "reproduce", "lr-find"}
-    assert len(COMMANDS) >= 20
+def test_the_pages_show_the_commands_they_document():
+    assert {argv[0] for _, argv in COMMANDS} >= {"run", "sweep", "reproduce", "lr-find", "predict", "export"}
+    assert len(COMMANDS) >= 40
+    assert {argv[0] for _, argv in page_commands(REPO / "README.md")} >= {"run", "sweep"}
 
 
-@pytest.mark.parametrize("argv", [argv for _, argv in COMMANDS], ids=[f"line{line}" for line, _ in COMMANDS])
+@pytest.mark.parametrize("argv", [argv for _, argv in COMMANDS], ids=[where for where, _ in COMMANDS])
 def test_a_readme_command_parses_and_its_config_validates(argv, monkeypatch):
     monkeypatch.chdir(REPO)
     rest, overrides = cli._split_overrides(argv)
@@ -88,3 +96,58 @@ def test_jaxepochs_answers_in_a_fresh_shell_once_the_environment_is_activated():
     )  # fmt: skip
     assert shell.returncode == 0, shell.stderr
     assert "run" in shell.stdout and "sweep" in shell.stdout and "compare" in shell.stdout
+
+
+def test_the_readme_is_a_front_page_of_at_most_150_lines_that_maps_the_docs():
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.splitlines()) <= 150
+    for heading in ("## Install", "## Your own experiment", "## One sweep", "## Resume and restart", "## The docs"):
+        assert heading in readme
+    linked = set(re.findall(r"\]\(docs/([a-z-]+\.md)", readme))
+    assert linked == {path.name for path in PAGES[1:]} - {"index.md"}
+
+
+def test_every_page_is_in_the_sites_nav_and_opens_with_its_promise_and_smallest_example():
+    nav = re.findall(r"^  - [^:]+: ([a-z-]+\.md)$", (REPO / "mkdocs.yml").read_text(), flags=re.M)
+    assert sorted(nav) == sorted(path.name for path in PAGES[1:])
+    for path in PAGES[1:]:
+        lines = path.read_text().splitlines()
+        assert lines[0].startswith("# ") and lines[1] == "", path.name
+        assert lines[2] and not lines[2].startswith(("#", "`", "|", "-")), f"{path.name}: the promise, one line"
+        assert lines[3] == "" and lines[4].startswith("```"), f"{path.name}: the smallest example after the promise"
+
+
+def _config_keys_named(text: str) -> list[str]:
+    """`section.key` (or `section.key = value`) in backticks, for the config's own sections."""
+    return [f"{m[0]}.{m[1]}" for m in re.findall(r"`([a-z_]+)\.([a-z_][a-z0-9_.]*)(?: = [^`]*)?`", text)]
+
+
+@pytest.mark.parametrize("path", PAGES, ids=[path.name for path in PAGES])
+def test_every_config_key_a_page_names_exists(path):
+    base = config_lib.base_config()
+    unknown = []
+    for key in _config_keys_named(path.read_text()):
+        section, *rest = key.split(".")
+        if section not in base or section == "hparams":  # hparams: each experiment's own keys
+            continue
+        node = base[section]
+        for part in rest:
+            if not hasattr(node, "keys") or part not in node:
+                unknown.append(key)
+                break
+            node = node[part]
+    assert not unknown, f"{path.name} names config keys that do not exist: {unknown}"
+
+
+def test_the_docs_site_builds_with_no_warning(tmp_path):
+    """`make docs` is `mkdocs build --strict`: a broken link, a page missing from the nav or an API name that does
+    not resolve fails it."""
+    pytest.importorskip("mkdocs")
+    pytest.importorskip("mkdocstrings")
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
+    build = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stderr[-3000:]
+    assert (tmp_path / "site" / "api" / "index.html").read_text().count("train_and_evaluate") >= 2
