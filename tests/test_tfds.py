@@ -188,3 +188,37 @@ def test_digits_80_20_split():
     np.testing.assert_array_equal(dataset.train.y, y_train)
     np.testing.assert_allclose(dataset.test.x, x_test, atol=1e-6)
     np.testing.assert_array_equal(dataset.test.y, y_test)
+
+
+def test_a_split_read_once_is_read_again_from_its_decoded_copy(tfds_data_dir, tmp_path, monkeypatch):
+    """The first read decodes the split example by example and keeps a decoded copy beside its TFDS files; a later
+    process reads that copy (no decoding, the same arrays, bit for bit); a source file that changes makes a new
+    copy."""
+    import shutil
+
+    from jaxepochs.data import rows as rows_lib
+    from jaxepochs.data import tfds_read
+
+    load_dataset(tiny_config({"data.name": "digits"}))  # prepared in the session's data dir
+    data_dir = tmp_path / "data"
+    shutil.copytree(tfds_data_dir / "digits", data_dir / "digits")
+    config = tiny_config({"data.name": "digits", "data.data_dir": str(data_dir)})
+    for copy in data_dir.rglob(rows_lib.ROWS_DIR):
+        shutil.rmtree(copy)
+    monkeypatch.setattr(tfds_read, "_DECODED", {})  # as a new process finds it
+    first = load_dataset(config)
+    copies = sorted(p.name for p in next(data_dir.rglob(rows_lib.ROWS_DIR)).iterdir() if p.is_dir())
+    assert copies == ["test-x-label", "train-x-label"]
+    decoded = []
+    as_arrays = tfds_read.as_arrays
+    monkeypatch.setattr(tfds_read, "as_arrays", lambda *a: decoded.append(1) or as_arrays(*a))
+    monkeypatch.setattr(tfds_read, "_DECODED", {})
+    again = load_dataset(config)
+    assert not decoded
+    for a, b in ((first.train.x, again.train.x), (first.train.y, again.train.y), (first.test.x, again.test.x)):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+    record = next(data_dir.rglob("digits-train.array_record*"))
+    os.utime(record, ns=(record.stat().st_atime_ns, record.stat().st_mtime_ns + 1))  # prepared again, say
+    monkeypatch.setattr(tfds_read, "_DECODED", {})
+    np.testing.assert_array_equal(load_dataset(config).train.x, first.train.x)
+    assert decoded  # the train split decoded anew

@@ -13,7 +13,7 @@ import sys
 import ml_collections
 import numpy as np
 
-from jaxepochs.data import lock
+from jaxepochs.data import lock, tfds_read
 from jaxepochs.data import rows as rows_lib
 from jaxepochs.data.checks import check_like_train, check_numeric, check_split  # noqa: F401  (loading's names)
 from jaxepochs.data.splits import (  # noqa: F401
@@ -143,96 +143,6 @@ def _make_builder(name: str, directory: pathlib.Path, quiet: bool = False, data_
             "(or point data.data_dir / $TFDS_DATA_DIR at a directory that holds it)."
         )
     return builder
-
-
-def _source(builder, split: str):
-    """The split's TFDS data source (array_record), and its files."""
-    if split not in builder.info.splits:
-        raise DataError(
-            f'Dataset {builder.name} has no split "{split}"; it has {sorted(builder.info.splits)}. '
-            "Set data.train_split / data.test_split."
-        )
-    files = [str(f) for f in builder.info.splits[split].filepaths]
-    return builder.as_data_source(split=split), files
-
-
-def _damaged(builder, split: str, files: list[str], e: Exception) -> DataError:
-    return DataError(
-        f'Split "{split}" of {builder.name} in {builder.data_path} cannot be read ({type(e).__name__}: {e}); '
-        f"its files ({', '.join(pathlib.Path(f).name for f in files)}) are damaged. Delete {builder.data_path} and "
-        "prepare it again (a built-in dataset is prepared again by the next run)."
-    )
-
-
-def _as_arrays_of(examples: list, x_key: str, y_key: str) -> tuple[np.ndarray, np.ndarray]:
-    """Decoded examples as the trainer's (x, y) arrays."""
-    x = np.stack([np.asarray(e[x_key]) for e in examples])
-    y = np.asarray([e[y_key] for e in examples])
-    if x.dtype == np.uint8:  # images: pixels to [0, 1]
-        x = x.astype(np.float32) / 255.0
-    # Other integer inputs are tokens, kept as int32 for an embedding.
-    x = x.astype(np.int32) if np.issubdtype(x.dtype, np.integer) else x.astype(np.float32)
-    # Integer labels are class ids; any other labels are kept as float targets (the task decides what they mean).
-    y = y.astype(np.int32) if np.issubdtype(y.dtype, np.integer) or y.dtype == bool else y.astype(np.float32)
-    return x, y
-
-
-# Decoded splits of this process, newest last: {(files with their sizes and times, x_key, y_key): (x, y)}. A run
-# after the first (in a notebook, a study, a test session) skips TFDS's example-by-example decoding; a file that
-# changes (prepared again, damaged) is another key. Read-only arrays, and only small splits are kept.
-_DECODED: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
-_DECODED_KEEP, _DECODED_MAX_BYTES = 4, 64 << 20
-
-
-def _read_split(builder, split: str, x_key: str, y_key: str) -> Split:
-    source, files = _source(builder, split)
-    try:
-        key = (tuple((f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files), x_key, y_key)
-    except OSError:  # not local files: read as they are
-        key = None
-    if key in _DECODED:
-        return Split(*_DECODED[key])
-    try:
-        examples = source.__getitems__(list(range(len(source))))
-    except Exception as e:  # array_record and TFDS raise RuntimeError, OSError, ValueError... for damaged files
-        raise _damaged(builder, split, files, e) from None
-    if not examples:
-        raise DataError(f'Split "{split}" of {builder.name} is empty; choose a split that holds examples.')
-    x, y = _as_arrays_of(examples, x_key, y_key)
-    if key is not None and x.nbytes + y.nbytes <= _DECODED_MAX_BYTES:
-        x.flags.writeable = y.flags.writeable = False
-        _DECODED[key] = (x, y)
-        while len(_DECODED) > _DECODED_KEEP:
-            del _DECODED[next(iter(_DECODED))]
-    return Split(x, y)
-
-
-def _rows_split(builder, split: str, x_key: str, y_key: str, quiet: bool) -> Split:
-    """The split as Rows on the host's disk (a decoded copy, written once beside the TFDS files): for a streamed
-    run. Scalar labels are read whole (4 bytes an example); other labels stay rows."""
-    source, files = _source(builder, split)
-    if len(source) == 0:
-        raise DataError(f'Split "{split}" of {builder.name} is empty; choose a split that holds examples.')
-    directory = pathlib.Path(str(builder.data_path)) / rows_lib.ROWS_DIR / f"{split}-{x_key}-{y_key}"
-
-    def check(x, y):
-        if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
-            raise DataError(f"{builder.name} {split} split: inputs contain NaN or inf; clean the data before training.")
-
-    with lock.wait_for(directory.parent / f".{directory.name}.lock", f"decoding {builder.name} {split}", quiet):
-        try:
-            x, y = rows_lib.build_tfds_rows(
-                source, directory, files, lambda examples: _as_arrays_of(examples, x_key, y_key), check
-            )
-        except DataError:
-            raise
-        except OSError as e:
-            if e.filename and rows_lib.ROWS_DIR in str(e.filename):
-                raise
-            raise _damaged(builder, split, files, e) from None
-        except Exception as e:
-            raise _damaged(builder, split, files, e) from None
-    return Split(x, np.asarray(y) if y.ndim == 1 else y)
 
 
 def add_label_noise(split: Split, fraction: float, num_classes: int, seed: int) -> Split:
@@ -383,8 +293,8 @@ def load_dataset(config: ml_collections.ConfigDict, quiet: bool = False, streame
                 f"Dataset {d.name} has no {what} feature {key!r}; its features are {features}. Set data.input_key "
                 "and data.label_key."
             )
-    read = (lambda split: _rows_split(builder, split, x_key, y_key, quiet)) if streamed else (
-        lambda split: _read_split(builder, split, x_key, y_key))  # fmt: skip
+    read = (lambda split: tfds_read.rows_split(builder, split, x_key, y_key, quiet)) if streamed else (
+        lambda split: tfds_read.read_split(builder, split, x_key, y_key, quiet))  # fmt: skip
     full_train, test = read(d.train_split), read(d.test_split)
     evals = {name: read(source) for name, source in eval_splits(d.eval_splits, d.name, builder.info.splits)}
     label_feature = builder.info.features[y_key]

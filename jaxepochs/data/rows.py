@@ -110,7 +110,7 @@ def _open(directory: pathlib.Path) -> tuple[Rows, Rows] | None:
 
 
 def _sources_stamp(files: list[str]) -> list:
-    return [[pathlib.Path(f).name, os.stat(f).st_size, int(os.stat(f).st_mtime)] for f in files]
+    return [[pathlib.Path(f).name, os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in files]
 
 
 def build_tfds_rows(source, directory: pathlib.Path, files: list[str], convert, check) -> tuple[Rows, Rows]:
