@@ -18,7 +18,6 @@ from conftest import REPO
 from jaxepochs import cli
 from jaxepochs.host import config as config_lib
 
-
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
 
