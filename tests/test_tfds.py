@@ -222,3 +222,22 @@ def test_a_split_read_once_is_read_again_from_its_decoded_copy(tfds_data_dir, tm
     monkeypatch.setattr(tfds_read, "_DECODED", {})
     np.testing.assert_array_equal(load_dataset(config).train.x, first.train.x)
     assert decoded  # the train split decoded anew
+
+
+def test_a_data_dir_that_cannot_hold_the_decoded_copy_is_read_as_before(tfds_data_dir, monkeypatch):
+    """A shared, read-only TFDS directory (or a full disk): the split is decoded in memory, as it was before the
+    decoded copies; the same arrays."""
+    from jaxepochs.data import rows as rows_lib
+    from jaxepochs.data import tfds_read
+
+    config = tiny_config({"data.name": "digits"})
+    expected = load_dataset(config)
+
+    def unwritable(source, directory, *args):
+        raise PermissionError(13, "Permission denied", str(directory))
+
+    monkeypatch.setattr(rows_lib, "build_tfds_rows", unwritable)
+    monkeypatch.setattr(tfds_read, "_DECODED", {})
+    again = load_dataset(config)
+    np.testing.assert_array_equal(again.train.x, expected.train.x)
+    np.testing.assert_array_equal(again.test.y, expected.test.y)

@@ -5,6 +5,7 @@ time. Damaged files raise a DataError that says to prepare the dataset again.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 
@@ -68,9 +69,11 @@ def read_split(builder, split: str, x_key: str, y_key: str, quiet: bool = True) 
         return Split(*_DECODED[key])
     if len(data_source) == 0:
         raise DataError(f'Split "{split}" of {builder.name} is empty; choose a split that holds examples.')
+    x = y = None
     if key is not None and split_bytes(builder, split, x_key, y_key) <= _COPY_MAX_BYTES:
-        x, y = (np.array(a) for a in decoded_rows(builder, split, x_key, y_key, quiet, lambda x, y: None))
-    else:
+        with contextlib.suppress(OSError):  # a data dir this process may not write to (or a full disk): decoded here
+            x, y = (np.array(a) for a in decoded_rows(builder, split, x_key, y_key, quiet))
+    if x is None:
         try:
             x, y = as_arrays(data_source.__getitems__(list(range(len(data_source)))), x_key, y_key)
         except Exception as e:  # array_record and TFDS raise RuntimeError, OSError, ValueError... for damaged files
@@ -92,9 +95,15 @@ def split_bytes(builder, split: str, x_key: str, y_key: str) -> int:
     return per_example * builder.info.splits[split].num_examples
 
 
-def decoded_rows(builder, split: str, x_key: str, y_key: str, quiet: bool, check) -> tuple:
-    """The split's decoded copy beside its TFDS files (built once, under a lock), as memory-mapped Rows."""
+def decoded_rows(builder, split: str, x_key: str, y_key: str, quiet: bool) -> tuple:
+    """The split's decoded copy beside its TFDS files (built once, under a lock, its inputs checked finite: a copy
+    is checked once, whichever path builds it), as memory-mapped Rows. OSError where the copy cannot be written."""
     data_source, files = source(builder, split)
+
+    def check(x, y):
+        if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+            raise DataError(f"{builder.name} {split} split: inputs contain NaN or inf; clean the data before training.")
+
     directory = pathlib.Path(str(builder.data_path)) / rows_lib.ROWS_DIR / f"{split}-{x_key}-{y_key}"
     with lock.wait_for(directory.parent / f".{directory.name}.lock", f"decoding {builder.name} {split}", quiet):
         try:
@@ -118,9 +127,5 @@ def rows_split(builder, split: str, x_key: str, y_key: str, quiet: bool) -> Spli
     if len(data_source) == 0:
         raise DataError(f'Split "{split}" of {builder.name} is empty; choose a split that holds examples.')
 
-    def check(x, y):
-        if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
-            raise DataError(f"{builder.name} {split} split: inputs contain NaN or inf; clean the data before training.")
-
-    x, y = decoded_rows(builder, split, x_key, y_key, quiet, check)
+    x, y = decoded_rows(builder, split, x_key, y_key, quiet)
     return Split(x, np.asarray(y) if y.ndim == 1 else y)
