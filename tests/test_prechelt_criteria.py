@@ -55,6 +55,16 @@ def test_the_measures_are_relative_to_the_fastest_criterion_and_the_best_reachab
     assert perfect["late"]["generalisation_loss"] == pytest.approx(1.0)  # one example more wrong than the best
 
 
+def test_a_run_that_diverged_is_left_out_of_the_curves():
+    """A run whose loss turned non-finite stopped there, its rows with it: the study goes on without it."""
+    from jaxepochs.studies import prechelt
+
+    row = lambda v: {"val_loss": v, "train_loss": v, "test_loss": v}
+    histories = {"r0": [row(1.0), row(0.5), row(0.4)], "r1": [row(1.0)], "r2": [row(2.0), row(1.5), row(1.2)]}
+    val, train, test = prechelt._curves(histories, "regression")
+    assert val.shape == (2, 3) and val[1, 2] == 1.2
+
+
 def _measures(epoch, error, near=0.5, loss=0.1):
     return {"mean_stop_epoch": epoch, "test_error": error, "near_best_fraction": near, "generalisation_loss": loss}
 

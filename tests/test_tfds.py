@@ -217,6 +217,12 @@ def test_a_split_read_once_is_read_again_from_its_decoded_copy(tfds_data_dir, tm
     assert not decoded
     for a, b in ((first.train.x, again.train.x), (first.train.y, again.train.y), (first.test.x, again.test.x)):
         assert a.dtype == b.dtype and np.array_equal(a, b)
+    info = next(data_dir.rglob("train-x-label")) / "rows.json"  # a copy of an older format: built again
+    info.write_text(json.dumps({k: v for k, v in json.loads(info.read_text()).items() if k != "format"}))
+    monkeypatch.setattr(tfds_read, "_DECODED", {})
+    np.testing.assert_array_equal(load_dataset(config).train.x, first.train.x)
+    assert decoded and json.loads(info.read_text())["format"] == rows_lib.ROWS_FORMAT
+    decoded.clear()
     record = next(data_dir.rglob("digits-train.array_record*"))
     os.utime(record, ns=(record.stat().st_atime_ns, record.stat().st_mtime_ns + 1))  # prepared again, say
     monkeypatch.setattr(tfds_read, "_DECODED", {})
@@ -225,16 +231,16 @@ def test_a_split_read_once_is_read_again_from_its_decoded_copy(tfds_data_dir, tm
 
 
 def test_a_data_dir_that_cannot_hold_the_decoded_copy_is_read_as_before(tfds_data_dir, monkeypatch):
-    """A shared, read-only TFDS directory (or a full disk): the split is decoded in memory, as it was before the
-    decoded copies; the same arrays."""
+    """A full disk (or a shared, read-only TFDS directory): the split is decoded in memory, as it was before the
+    decoded copies; the same arrays, and no advice to delete the dataset."""
     from jaxepochs.data import rows as rows_lib
     from jaxepochs.data import tfds_read
 
     config = tiny_config({"data.name": "digits"})
     expected = load_dataset(config)
 
-    def unwritable(source, directory, *args):
-        raise PermissionError(13, "Permission denied", str(directory))
+    def unwritable(source, directory, *args):  # numpy's memmap on a full disk: an OSError without a filename
+        raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(rows_lib, "build_tfds_rows", unwritable)
     monkeypatch.setattr(tfds_read, "_DECODED", {})

@@ -13,10 +13,12 @@ import numpy as np
 
 def split(x: np.ndarray, y: np.ndarray, seed: int = 0) -> dict:
     """`get_data`'s dict for arrays split as Proben1 splits its problems: half for training, a quarter each for
-    validation and test, in a seeded random order, inputs standardised by the training half's mean and spread."""
+    validation and test, in a seeded random order, inputs standardised by the training half's mean and spread (a
+    feature constant there is only centred, so a rare value elsewhere is not blown up by a zero spread)."""
     order = np.random.default_rng(seed).permutation(len(y))
     train, val, test = np.split(order, [len(y) // 2, 3 * len(y) // 4])
-    mean, std = x[train].mean(0), x[train].std(0) + 1e-8
+    mean, std = x[train].mean(0), x[train].std(0)
+    std = np.where(std > 0, std, 1.0)  # a feature constant in training (a digit's corner pixel): only centred
     part = lambda idx: {"x": ((x[idx] - mean) / std).astype(np.float32), "y": y[idx]}
     return {"train": part(train), "validation": part(val), "test": part(test)}
 

@@ -16,6 +16,7 @@ rows from a memory map costs well under a microsecond a row.
 
 from __future__ import annotations
 
+import errno
 import json
 import mmap
 import os
@@ -25,6 +26,8 @@ import shutil
 import numpy as np
 
 ROWS_DIR = "jaxepochs_rows"
+# 2: every copy had its inputs checked finite when built (a copy of format 1 may not have been): built again.
+ROWS_FORMAT = 2
 BUILD_BLOCK = 4096  # examples decoded at once while building: the memory the build holds
 RELEASE_ROWS = 2048  # rows gathered between releases of the memory map's pages: the pages a read holds at most
 
@@ -109,6 +112,18 @@ def _open(directory: pathlib.Path) -> tuple[Rows, Rows] | None:
     return Rows(x), Rows(y)
 
 
+def _reserve(path: pathlib.Path) -> None:
+    """Allocates a memory-mapped file's blocks now: a full disk is an OSError here, not a SIGBUS at a page write."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # a filesystem that cannot: as before
+                raise
+
+
 def _sources_stamp(files: list[str]) -> list:
     return [[pathlib.Path(f).name, os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in files]
 
@@ -120,7 +135,8 @@ def build_tfds_rows(source, directory: pathlib.Path, files: list[str], convert, 
     a lock: two processes never build one split at once."""
     stamp = _sources_stamp(files)
     opened = _open(directory)
-    if opened is not None and json.loads((directory / "rows.json").read_text()).get("sources") == stamp:
+    info = json.loads((directory / "rows.json").read_text()) if opened is not None else {}
+    if opened is not None and info.get("sources") == stamp and info.get("format") == ROWS_FORMAT:
         return opened
     n = len(source)
     tmp = directory.with_name(directory.name + ".tmp")
@@ -133,10 +149,11 @@ def build_tfds_rows(source, directory: pathlib.Path, files: list[str], convert, 
         if x_out is None:
             x_out = np.lib.format.open_memmap(tmp / "x.npy", "w+", x.dtype, (n, *x.shape[1:]))
             y_out = np.lib.format.open_memmap(tmp / "y.npy", "w+", y.dtype, (n, *y.shape[1:]))
+            _reserve(tmp / "x.npy"), _reserve(tmp / "y.npy")
         x_out[start : start + len(x)], y_out[start : start + len(y)] = x, y
     x_out.flush(), y_out.flush()
     del x_out, y_out
-    (tmp / "rows.json").write_text(json.dumps({"num_examples": n, "sources": stamp}))
+    (tmp / "rows.json").write_text(json.dumps({"num_examples": n, "sources": stamp, "format": ROWS_FORMAT}))
     shutil.rmtree(directory, ignore_errors=True)
     os.replace(tmp, directory)
     return _open(directory)

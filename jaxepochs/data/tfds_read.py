@@ -71,7 +71,9 @@ def read_split(builder, split: str, x_key: str, y_key: str, quiet: bool = True) 
         raise DataError(f'Split "{split}" of {builder.name} is empty; choose a split that holds examples.')
     x = y = None
     if key is not None and split_bytes(builder, split, x_key, y_key) <= _COPY_MAX_BYTES:
-        with contextlib.suppress(OSError):  # a data dir this process may not write to (or a full disk): decoded here
+        # The copy saves time only: where it cannot be built (a data dir this process may not write to, a full
+        # disk, damaged files, inputs that are not finite) the split is decoded here, whose errors say what is wrong.
+        with contextlib.suppress(OSError, DataError):
             x, y = (np.array(a) for a in decoded_rows(builder, split, x_key, y_key, quiet))
     if x is None:
         try:

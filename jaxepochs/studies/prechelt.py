@@ -21,8 +21,10 @@ from jaxepochs.sweep import run as sweep_run
 
 def _curves(histories: dict[str, list[dict]], task: str) -> tuple[np.ndarray, ...]:
     """[R, T] validation, training and test errors: Prechelt's squared error percentage ("sqerr", a classifier's
-    metric from data/proben1.py), or the loss of a regression (its mean squared error)."""
-    names = sorted(histories)
+    metric from data/proben1.py), or the loss of a regression (its mean squared error); of the runs that trained
+    every epoch (one whose loss turned non-finite stopped there, and its rows with it: it is left out)."""
+    longest = max(len(rows) for rows in histories.values())
+    names = sorted(name for name, rows in histories.items() if len(rows) == longest)
     field = "sqerr" if task == "classification" else "loss"
     curve = lambda split: np.array([[row[f"{split}_{field}"] for row in histories[n]] for n in names])
     if task == "classification" and "val_sqerr" not in histories[names[0]][0]:
@@ -44,8 +46,9 @@ def _split_sizes(config) -> tuple[int, int, int]:
 
 
 def run_problem(problem: dict, condition: dict, workdir: pathlib.Path, seeds: int, epochs: int | None,
-                quiet: bool) -> dict:  # fmt: skip
-    """One problem's sweep under one condition (optimizer) and its criteria's measures ({criterion: measures})."""
+                quiet: bool, notes: list[str]) -> dict:  # fmt: skip
+    """One problem's sweep under one condition (optimizer) and its criteria's measures ({criterion: measures});
+    a line on its runs appended to `notes`."""
     config = config_lib.load_config_file(common.experiment_module(problem["experiment"]))
     overrides = {"early_stopping.enabled": "False", "train.log_test": "True", "logging.curves": "False"}
     overrides |= {**problem.get("overrides", {}), **condition.get("overrides", {})}
@@ -60,8 +63,12 @@ def run_problem(problem: dict, condition: dict, workdir: pathlib.Path, seeds: in
     result = sweep_run.sweep(config, grid_lib.expand(config, specs), where, quiet=True, restart=True)
     val, train, test = _curves(result.histories, config.task)
     stops = prechelt_criteria.stopping_epochs(val, train)
+    left_out = len(result.histories) - val.shape[0]
+    note = f"{condition['label']} {problem['id']}: {val.shape[0]} runs of {val.shape[1]} epochs" + (
+        f" ({left_out} diverged: a non-finite loss ended them, left out)" if left_out else "")  # fmt: skip
+    notes.append(note)
     if not quiet:
-        print(f"{condition['id']} {problem['id']}: {val.shape[0]} runs of {val.shape[1]} epochs", flush=True)
+        print(note, flush=True)
     # A classifier's test sqerr can near 0: relative measures divide by at least one test example wholly wrong.
     floor = 100.0 * 2.0 / (classes * n_test) if config.task == "classification" else 0.0
     return prechelt_criteria.measures(stops, val, test, floor)
@@ -166,15 +173,16 @@ def reproduce(reference: dict, workdir: pathlib.Path, seeds: int, quick: bool, q
     problems = [p for p in reference["problems"] if p.get("quick") or not quick]
     conditions = [c for c in reference["conditions"] if c.get("quick") or not quick]
     epochs = reference["quick_epochs"] if quick else None
-    rows, extra, tables = [], [], {}
+    rows, extra, tables, notes = [], [], {}, []
     for condition in conditions:
-        per_problem = {p["id"]: run_problem(p, condition, workdir / "sweeps", seeds, epochs, quiet) for p in problems}
+        per_problem = {p["id"]: run_problem(p, condition, workdir / "sweeps", seeds, epochs, quiet, notes)
+                       for p in problems}  # fmt: skip
         tables[condition["label"]] = table = pooled(per_problem)
         rows += judge(reference, table, per_problem, f"{condition['label']}: ")
         extra += [f"## {condition['label']}: every criterion, averaged over the problems", "", *_table_lines(table)]
         extra += ["", "By class (each class's criteria averaged):", "", *_class_lines(table), ""]
     extra += [f"Problems: {', '.join(p['id'] for p in problems)}. The curves: "
-              "workdir/sweeps/<condition>/<problem>/sweep.jsonl."]  # fmt: skip
+              "workdir/sweeps/<condition>/<problem>/sweep.jsonl.", "", "Runs: " + "; ".join(notes) + "."]  # fmt: skip
     common.write_report(workdir / "report.md", reference, rows, seeds, quick, extra)
     plot(workdir / "curves.png", tables)
     if not quiet:
