@@ -261,17 +261,18 @@ def as_streamed(dataset: Dataset) -> Dataset:
     )
 
 
+def _feature_keys(d, builder) -> tuple[str, str]:
+    """The input and label features: data.input_key and data.label_key, else the dataset's supervised keys."""
+    keys = builder.info.supervised_keys or ()
+    return d.input_key or (keys[0] if len(keys) == 2 else ""), d.label_key or (keys[1] if len(keys) == 2 else "")
+
+
 def estimated_bytes(config: ml_collections.ConfigDict, quiet: bool = False) -> int:
     """The bytes the dataset of `config.data` takes as the trainer's arrays (float32 or int32 inputs and labels),
     from its TFDS metadata: nothing is read. Prepares a built-in dataset first."""
     d = config.data
     builder = _builder(d.name, data_dir(d), quiet, d)
-    keys = builder.info.supervised_keys or ()
-    per_example = 0
-    for key in (d.input_key or (keys[0] if len(keys) == 2 else ""), d.label_key or (keys[1] if len(keys) == 2 else "")):
-        if key in builder.info.features:
-            shape = getattr(builder.info.features[key], "shape", ()) or ()
-            per_example += 4 * int(np.prod([s or 1 for s in shape], dtype=np.int64))
+    per_example = tfds_read.example_bytes(builder, _feature_keys(d, builder))
     examples = sum(
         builder.info.splits[s].num_examples for s in (d.train_split, d.test_split) if s in builder.info.splits
     )
@@ -283,9 +284,7 @@ def load_dataset(config: ml_collections.ConfigDict, quiet: bool = False, streame
     `streamed`: the splits' inputs are Rows on the host's disk (data/rows.py), read a chunk at a time."""
     d = config.data
     builder = _builder(d.name, data_dir(d), quiet, d)
-    keys = builder.info.supervised_keys or ()
-    x_key = d.input_key or (keys[0] if len(keys) == 2 else "")
-    y_key = d.label_key or (keys[1] if len(keys) == 2 else "")
+    x_key, y_key = _feature_keys(d, builder)
     features = list(builder.info.features)
     for key, what in ((x_key, "input"), (y_key, "label")):
         if key not in features:

@@ -70,11 +70,11 @@ def read_split(builder, split: str, x_key: str, y_key: str, quiet: bool = True) 
     if len(data_source) == 0:
         raise DataError(f'Split "{split}" of {builder.name} is empty; choose a split that holds examples.')
     x = y = None
-    if key is not None and split_bytes(builder, split, x_key, y_key) <= _COPY_MAX_BYTES:
+    if key is not None and example_bytes(builder, (x_key, y_key)) * len(data_source) <= _COPY_MAX_BYTES:
         # The copy saves time only: where it cannot be built (a data dir this process may not write to, a full
         # disk, damaged files, inputs that are not finite) the split is decoded here, whose errors say what is wrong.
         with contextlib.suppress(OSError, DataError):
-            x, y = (np.array(a) for a in decoded_rows(builder, split, x_key, y_key, quiet))
+            x, y = (np.array(a) for a in decoded_rows(builder, split, data_source, files, x_key, y_key, quiet))
     if x is None:
         try:
             x, y = as_arrays(data_source.__getitems__(list(range(len(data_source)))), x_key, y_key)
@@ -88,19 +88,20 @@ def read_split(builder, split: str, x_key: str, y_key: str, quiet: bool = True) 
     return Split(x, y)
 
 
-def split_bytes(builder, split: str, x_key: str, y_key: str) -> int:
-    """The split's bytes as decoded arrays (4 bytes an element), from its TFDS metadata."""
+def example_bytes(builder, keys) -> int:
+    """An example's bytes as the trainer's arrays (4 bytes an element: float32 or int32) of the features `keys`
+    that the dataset has, from its TFDS metadata."""
     features, per_example = builder.info.features, 0
-    for key in (x_key, y_key):
-        shape = getattr(features[key], "shape", ()) or ()
-        per_example += 4 * int(np.prod([s or 1 for s in shape], dtype=np.int64))
-    return per_example * builder.info.splits[split].num_examples
+    for key in keys:
+        if key in features:
+            shape = getattr(features[key], "shape", ()) or ()
+            per_example += 4 * int(np.prod([s or 1 for s in shape], dtype=np.int64))
+    return per_example
 
 
-def decoded_rows(builder, split: str, x_key: str, y_key: str, quiet: bool) -> tuple:
+def decoded_rows(builder, split: str, data_source, files: list[str], x_key: str, y_key: str, quiet: bool) -> tuple:
     """The split's decoded copy beside its TFDS files (built once, under a lock, its inputs checked finite: a copy
     is checked once, whichever path builds it), as memory-mapped Rows. OSError where the copy cannot be written."""
-    data_source, files = source(builder, split)
 
     def check(x, y):
         if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
@@ -125,9 +126,8 @@ def decoded_rows(builder, split: str, x_key: str, y_key: str, quiet: bool) -> tu
 def rows_split(builder, split: str, x_key: str, y_key: str, quiet: bool) -> Split:
     """The split as Rows on the host's disk (a decoded copy, written once beside the TFDS files): for a streamed
     run. Scalar labels are read whole (4 bytes an example); other labels stay rows."""
-    data_source, _ = source(builder, split)
+    data_source, files = source(builder, split)
     if len(data_source) == 0:
         raise DataError(f'Split "{split}" of {builder.name} is empty; choose a split that holds examples.')
-
-    x, y = decoded_rows(builder, split, x_key, y_key, quiet)
+    x, y = decoded_rows(builder, split, data_source, files, x_key, y_key, quiet)
     return Split(x, np.asarray(y) if y.ndim == 1 else y)
