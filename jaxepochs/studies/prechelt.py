@@ -35,14 +35,12 @@ def _curves(histories: dict[str, list[dict]], task: str) -> tuple[np.ndarray, ..
 def _split_sizes(config) -> tuple[int, int, int]:
     """The training and test splits' sizes and the classes of the experiment `config` names (RPROP's full batch;
     the step of a classifier's test error)."""
-    import jax
-
+    from jaxepochs.data.splits import count
     from jaxepochs.host import hooks as hooks_lib
     from jaxepochs.host import setup
 
     dataset = setup.load_data(config, hooks_lib.load_hooks(config), quiet=True)
-    size = lambda split: int(jax.tree.leaves(split.x)[0].shape[0])
-    return size(dataset.train), size(dataset.test), dataset.num_classes
+    return count(dataset.train), count(dataset.test), dataset.num_classes
 
 
 def run_problem(problem: dict, condition: dict, workdir: pathlib.Path, seeds: int, epochs: int | None,
